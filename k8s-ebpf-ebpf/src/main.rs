@@ -1,0 +1,500 @@
+//! k8s-ebpf kernel programs.
+//!
+//! Every program funnels into [`observe`]: drop events on unwatched ports (one array
+//! lookup) or other network namespaces, fold repeats of a (kind, port, peer) into the
+//! dedup window, and write one [`ConnRecord`] per first sighting into the ring buffer.
+//! Every event on a watched port ends in exactly one counter: emitted, deduplicated or
+//! ringbuf_full.
+//!
+//! Kernel struct and tracepoint field offsets are not compiled in: userspace reads them
+//! from the running kernel's BTF and tracepoint format files and passes them in
+//! [`OFFSETS`].
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+// Rust's bpf target has no compare-and-swap, so `AtomicU64::fetch_add` is not offered;
+// the intrinsic lowers to the BPF atomic add instruction that kernels have had since 3.18.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+    use aya_ebpf::{
+        bindings::BPF_NOEXIST,
+        helpers::{
+            bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+            bpf_ktime_get_ns, bpf_probe_read_kernel,
+        },
+        macros::{fexit, kretprobe, map, tracepoint},
+        maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+        programs::{FExitContext, RetProbeContext, TracePointContext},
+        Global,
+    };
+    use k8s_ebpf_common::{
+        counter, inbound_source, setting, ConnRecord, DedupKey, DedupWindow, EventKind,
+        HookKind, KernelOffsets, AF_INET, AF_INET6, COMM_LEN,
+    };
+
+    /// Offsets into kernel structs and tracepoint records, from the running kernel.
+    #[unsafe(no_mangle)]
+    static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_family: 0,
+        skc_net: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        net_ns_inum: 0,
+        skb_dev: 0,
+        dev_nd_net: 0,
+        tp_skaddr: 0,
+        tp_oldstate: 0,
+        tp_newstate: 0,
+        tp_sport: 0,
+        tp_dport: 0,
+        tp_family: 0,
+        tp_protocol: 0,
+        tp_saddr: 0,
+        tp_daddr: 0,
+        tp_saddr_v6: 0,
+        tp_daddr_v6: 0,
+        rst_skbaddr: 0,
+        rst_skaddr: 0,
+        rst_saddr: 0,
+        rst_daddr: 0,
+    });
+
+    /// Network-namespace inode to watch; 0 watches every namespace.
+    #[unsafe(no_mangle)]
+    static TARGET_NETNS: Global<u32> = Global::new(0);
+
+    /// Length of the dedup window in nanoseconds; 0 disables folding.
+    #[unsafe(no_mangle)]
+    static DEDUP_WINDOW_NS: Global<u64> = Global::new(0);
+
+    /// Records for userspace. Size set by the loader.
+    #[map]
+    static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+    /// Indexed by port: non-zero when the port is watched. An array lookup is the cheapest
+    /// filter the kernel offers, and it is the only work unwatched traffic costs.
+    #[map]
+    static WATCHED_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+
+    #[map]
+    static DEDUP: LruHashMap<DedupKey, DedupWindow> = LruHashMap::with_max_entries(16384, 0);
+
+    #[map]
+    static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+    #[map]
+    static SETTINGS: Array<u32> = Array::with_max_entries(setting::COUNT, 0);
+
+    // include/net/tcp_states.h
+    const TCP_ESTABLISHED: i32 = 1;
+    const TCP_SYN_SENT: i32 = 2;
+    const TCP_SYN_RECV: i32 = 3;
+    const TCP_CLOSE: i32 = 7;
+    const TCP_LISTEN: i32 = 10;
+    const IPPROTO_TCP: u16 = 6;
+
+    #[inline(always)]
+    fn count(index: u32) {
+        if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+            // Per-CPU slot: no other CPU writes it, and BPF programs do not nest on one CPU
+            // for these hooks, so a plain increment is exact.
+            unsafe { *slot += 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn is_watched(port: u16) -> bool {
+        matches!(WATCHED_PORTS.get(u32::from(port)), Some(v) if *v != 0)
+    }
+
+    /// What a hook saw, before filtering.
+    struct Event {
+        kind: EventKind,
+        hook: HookKind,
+        family: u16,
+        local_port: u16,
+        remote_port: u16,
+        local_addr: [u8; 16],
+        remote_addr: [u8; 16],
+        netns: u32,
+        /// Whether the hook runs in the context of the process that owns the socket.
+        process_context: bool,
+    }
+
+    impl Event {
+        fn watched_port(&self) -> u16 {
+            match self.kind {
+                EventKind::Outbound => self.remote_port,
+                _ => self.local_port,
+            }
+        }
+    }
+
+    /// `::ffff:a.b.c.d` → `a.b.c.d` (in place); returns whether the address was mapped.
+    #[inline(always)]
+    fn unmap_v4(addr: &mut [u8; 16]) -> bool {
+        let mapped = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff;
+        if mapped {
+            addr.copy_within(12..16, 0);
+            addr[4..].fill(0);
+        }
+        mapped
+    }
+
+    fn normalise(ev: &mut Event) {
+        if ev.family == AF_INET6 {
+            let mut local = ev.local_addr;
+            let mut remote = ev.remote_addr;
+            // A v4 peer on a dual-stack socket has both ends v4-mapped.
+            if unmap_v4(&mut remote) && unmap_v4(&mut local) {
+                ev.family = AF_INET;
+                ev.local_addr = local;
+                ev.remote_addr = remote;
+            }
+        }
+    }
+
+    /// One more event in a window another CPU may be counting at the same time.
+    #[inline(always)]
+    fn add_atomic(count: &mut u64) {
+        // SAFETY: `count` is a valid, aligned u64 in map memory for this program run.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1) };
+    }
+
+    /// Fold into the dedup window. Returns `None` when the event was folded, else the
+    /// previous window's (count, start) to carry in the record (zeros when none).
+    #[inline(always)]
+    fn dedup(ev: &Event, now: u64) -> Option<(u32, u64)> {
+        let window = DEDUP_WINDOW_NS.load();
+        if window == 0 || matches!(ev.kind, EventKind::Listen | EventKind::ListenClose) {
+            return Some((0, 0));
+        }
+        let key = DedupKey {
+            kind: ev.kind as u32,
+            port: ev.watched_port(),
+            family: ev.family,
+            peer: ev.remote_addr,
+        };
+        if let Some(slot) = DEDUP.get_ptr_mut(&key) {
+            let slot = unsafe { &mut *slot };
+            if now.wrapping_sub(slot.start_ns) < window {
+                add_atomic(&mut slot.count);
+                count(counter::DEDUPLICATED);
+                return None;
+            }
+            // The window closed: open a new one, and tell userspace what the old one held
+            // in case it has not swept it yet.
+            let prev = (slot.count.min(u64::from(u32::MAX)) as u32, slot.start_ns);
+            slot.start_ns = now;
+            slot.count = 1;
+            return Some(prev);
+        }
+        let fresh = DedupWindow {
+            start_ns: now,
+            count: 1,
+        };
+        if DEDUP.insert(&key, &fresh, u64::from(BPF_NOEXIST)).is_err() {
+            // Lost a race with another CPU that opened the same window: fold into it.
+            if let Some(slot) = DEDUP.get_ptr_mut(&key) {
+                add_atomic(unsafe { &mut (*slot).count });
+                count(counter::DEDUPLICATED);
+                return None;
+            }
+            count(counter::DEDUP_UPDATE_ERRORS);
+        }
+        Some((0, 0))
+    }
+
+    /// Everything after the port filter, which each hook applies first because it is the
+    /// cheapest way out for unwatched traffic.
+    fn observe(mut ev: Event) {
+        let target = TARGET_NETNS.load();
+        if target != 0 && ev.netns != target {
+            count(counter::FILTERED);
+            return;
+        }
+        count(counter::SEEN);
+        normalise(&mut ev);
+        let now = unsafe { bpf_ktime_get_ns() };
+        let Some((prev_count, prev_window_start_ns)) = dedup(&ev, now) else {
+            return;
+        };
+        let Some(mut entry) = EVENTS.reserve::<ConnRecord>(0) else {
+            count(counter::RINGBUF_FULL);
+            return;
+        };
+        let (pid, tgid, cgroup_id, comm) = if ev.process_context {
+            let id = bpf_get_current_pid_tgid();
+            (
+                id as u32,
+                (id >> 32) as u32,
+                unsafe { bpf_get_current_cgroup_id() },
+                bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
+            )
+        } else {
+            (0, 0, 0, [0u8; COMM_LEN])
+        };
+        entry.write(ConnRecord {
+            kind: ev.kind as u32,
+            hook: ev.hook as u32,
+            ts_ns: now,
+            pid,
+            tgid,
+            cgroup_id,
+            netns: ev.netns,
+            family: ev.family,
+            local_port: ev.local_port,
+            remote_port: ev.remote_port,
+            _pad: 0,
+            prev_count,
+            prev_window_start_ns,
+            local_addr: ev.local_addr,
+            remote_addr: ev.remote_addr,
+            comm,
+        });
+        entry.submit(0);
+        count(counter::EMITTED);
+    }
+
+    #[inline(always)]
+    unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i64> {
+        bpf_probe_read_kernel(base.wrapping_add(offset as usize) as *const T).map_err(i64::from)
+    }
+
+    /// Inode of the network namespace behind a `possible_net_t` at `holder + offset`.
+    #[inline(always)]
+    unsafe fn netns_inum(holder: *const u8, net_offset: u32) -> u32 {
+        let offsets = OFFSETS.load();
+        match read_at::<*const u8>(holder, net_offset) {
+            Ok(net) if !net.is_null() => read_at::<u32>(net, offsets.net_ns_inum).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    #[tracepoint(category = "sock", name = "inet_sock_set_state")]
+    pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+        match unsafe { try_inet_sock_set_state(&ctx) } {
+            Ok(()) => 0,
+            Err(_) => {
+                count(counter::READ_ERRORS);
+                0
+            }
+        }
+    }
+
+    unsafe fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+        let o = OFFSETS.load();
+        let protocol: u16 = ctx.read_at(o.tp_protocol as usize)?;
+        if protocol != IPPROTO_TCP {
+            return Ok(());
+        }
+        let old: i32 = ctx.read_at(o.tp_oldstate as usize)?;
+        let new: i32 = ctx.read_at(o.tp_newstate as usize)?;
+        let kind = match (old, new) {
+            (TCP_SYN_RECV, TCP_ESTABLISHED) => {
+                let source = SETTINGS.get(setting::INBOUND_SOURCE).copied().unwrap_or(0);
+                if source != inbound_source::TRACEPOINT {
+                    return Ok(());
+                }
+                EventKind::Inbound
+            }
+            (TCP_CLOSE, TCP_SYN_SENT) => EventKind::Outbound,
+            (TCP_CLOSE, TCP_LISTEN) => EventKind::Listen,
+            (TCP_LISTEN, TCP_CLOSE) => EventKind::ListenClose,
+            _ => return Ok(()),
+        };
+        // The tracepoint reports ports in host order; sport is always our side.
+        let sport: u16 = ctx.read_at(o.tp_sport as usize)?;
+        let dport: u16 = ctx.read_at(o.tp_dport as usize)?;
+        let watched = if kind == EventKind::Outbound { dport } else { sport };
+        if !is_watched(watched) {
+            count(counter::FILTERED);
+            return Ok(());
+        }
+        let family: u16 = ctx.read_at(o.tp_family as usize)?;
+        let (local_addr, remote_addr) = if family == AF_INET6 {
+            (
+                ctx.read_at::<[u8; 16]>(o.tp_saddr_v6 as usize)?,
+                ctx.read_at::<[u8; 16]>(o.tp_daddr_v6 as usize)?,
+            )
+        } else {
+            let mut l = [0u8; 16];
+            let mut r = [0u8; 16];
+            l[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(o.tp_saddr as usize)?);
+            r[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(o.tp_daddr as usize)?);
+            (l, r)
+        };
+        let sk: *const u8 = ctx.read_at(o.tp_skaddr as usize)?;
+        let netns = netns_inum(sk, o.skc_net);
+        observe(Event {
+            kind,
+            hook: HookKind::Tracepoint,
+            family,
+            local_port: sport,
+            remote_port: dport,
+            local_addr,
+            remote_addr,
+            netns,
+            // Connect and listen run in the syscall of the owning process; the SYN_RECV →
+            // ESTABLISHED step runs in softirq, where "current" is whoever was on the CPU.
+            process_context: kind != EventKind::Inbound,
+        });
+        Ok(())
+    }
+
+    /// Inbound from the socket `inet_csk_accept` returns, in the accepting process.
+    unsafe fn accepted(sk: *const u8, hook: HookKind) -> Result<(), i64> {
+        if sk.is_null() {
+            return Ok(());
+        }
+        let o = OFFSETS.load();
+        let local_port: u16 = read_at(sk, o.skc_num)?;
+        if !is_watched(local_port) {
+            count(counter::FILTERED);
+            return Ok(());
+        }
+        let family: u16 = read_at(sk, o.skc_family)?;
+        let remote_port = u16::from_be(read_at::<u16>(sk, o.skc_dport)?);
+        let (local_addr, remote_addr) = if family == AF_INET6 {
+            (
+                read_at::<[u8; 16]>(sk, o.skc_v6_rcv_saddr)?,
+                read_at::<[u8; 16]>(sk, o.skc_v6_daddr)?,
+            )
+        } else if family == AF_INET {
+            let mut l = [0u8; 16];
+            let mut r = [0u8; 16];
+            l[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, o.skc_rcv_saddr)?);
+            r[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, o.skc_daddr)?);
+            (l, r)
+        } else {
+            return Ok(());
+        };
+        observe(Event {
+            kind: EventKind::Inbound,
+            hook,
+            family,
+            local_port,
+            remote_port,
+            local_addr,
+            remote_addr,
+            netns: netns_inum(sk, o.skc_net),
+            process_context: true,
+        });
+        Ok(())
+    }
+
+    #[kretprobe]
+    pub fn inet_csk_accept_kretprobe(ctx: RetProbeContext) -> u32 {
+        let sk: *const u8 = ctx.ret();
+        if unsafe { accepted(sk, HookKind::Kretprobe) }.is_err() {
+            count(counter::READ_ERRORS);
+        }
+        0
+    }
+
+    /// `bpf_get_func_ret` (5.17+) reads the return value wherever the kernel's signature
+    /// puts it, so one program serves both `inet_csk_accept(sk, flags, err, kern)` and the
+    /// 6.10+ `inet_csk_accept(sk, arg)`.
+    #[fexit(function = "inet_csk_accept")]
+    pub fn inet_csk_accept_fexit(ctx: FExitContext) -> u32 {
+        let sk: *const u8 = match ctx.ret() {
+            Ok(sk) => sk,
+            Err(_) => {
+                count(counter::READ_ERRORS);
+                return 0;
+            }
+        };
+        if unsafe { accepted(sk, HookKind::Fexit) }.is_err() {
+            count(counter::READ_ERRORS);
+        }
+        0
+    }
+
+    /// A reset sent without a socket (skaddr NULL): a SYN or segment reached a port nothing
+    /// listens on. The 6.10+ tracepoint carries the addresses of the segment that caused
+    /// it; userspace leaves this program unattached on kernels whose format lacks them.
+    #[tracepoint(category = "tcp", name = "tcp_send_reset")]
+    pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+        if unsafe { try_tcp_send_reset(&ctx) }.is_err() {
+            count(counter::READ_ERRORS);
+        }
+        0
+    }
+
+    unsafe fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
+        let o = OFFSETS.load();
+        let sk: u64 = ctx.read_at(o.rst_skaddr as usize)?;
+        if sk != 0 {
+            return Ok(());
+        }
+        // struct sockaddr_in / sockaddr_in6 as the tracepoint stores them: family, then
+        // the port in network order, then the address (at 4 for v4, at 8 for v6).
+        let local = o.rst_saddr as usize;
+        let remote = o.rst_daddr as usize;
+        let local_port = u16::from_be(ctx.read_at::<u16>(local + 2)?);
+        if !is_watched(local_port) {
+            count(counter::FILTERED);
+            return Ok(());
+        }
+        let family: u16 = ctx.read_at(local)?;
+        let remote_port = u16::from_be(ctx.read_at::<u16>(remote + 2)?);
+        let (local_addr, remote_addr) = if family == AF_INET6 {
+            (
+                ctx.read_at::<[u8; 16]>(local + 8)?,
+                ctx.read_at::<[u8; 16]>(remote + 8)?,
+            )
+        } else {
+            let mut l = [0u8; 16];
+            let mut r = [0u8; 16];
+            l[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(local + 4)?);
+            r[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(remote + 4)?);
+            (l, r)
+        };
+        let skb: *const u8 = ctx.read_at(o.rst_skbaddr as usize)?;
+        let dev: *const u8 = if skb.is_null() {
+            core::ptr::null()
+        } else {
+            read_at(skb, o.skb_dev)?
+        };
+        let netns = if dev.is_null() {
+            0
+        } else {
+            netns_inum(dev, o.dev_nd_net)
+        };
+        observe(Event {
+            kind: EventKind::Refused,
+            hook: HookKind::ResetTracepoint,
+            family,
+            local_port,
+            remote_port,
+            local_addr,
+            remote_addr,
+            netns,
+            process_context: false,
+        });
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+/// The crate only means something for the bpf target; on the host it is an empty binary so
+/// that workspace-wide `cargo` commands (clippy, fmt) work.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,490 @@
+//! The sensor: loads the kernel programs, picks the best inbound hook this kernel allows,
+//! keeps the watched-ports map in step with the policy, and hands the ring buffer and dedup
+//! map to the [`reader`].
+
+pub mod decode;
+pub mod observation;
+pub mod offsets;
+pub mod reader;
+
+use std::{collections::BTreeSet, fmt, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{FExit, KProbe, TracePoint},
+    Btf, Ebpf, EbpfLoader,
+};
+use k8s_ebpf_common::{counter, inbound_source, setting, DedupKey, DedupWindow};
+use tracing::{info, warn};
+
+pub use self::observation::{EventKind, HookKind, Observation, ProcessInfo};
+use self::offsets::ResetTracepoint;
+
+/// The kernel object, built by build.rs and embedded so the binary is self-contained.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/k8s-ebpf"));
+
+/// How inbound connections are hooked, as chosen with `--attach`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Best available: fentry, then kprobe, then tracepoint.
+    Auto,
+    /// `sock/inet_sock_set_state` only (SYN_RECV → ESTABLISHED); no accepting process.
+    Tracepoint,
+    /// `kretprobe/inet_csk_accept`: needs CONFIG_KPROBES.
+    Kprobe,
+    /// `fexit/inet_csk_accept`: needs BTF, BPF trampolines and Linux 5.17+.
+    Fentry,
+}
+
+/// The inbound hook actually attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundMechanism {
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl InboundMechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fentry => "fentry",
+            Self::Kprobe => "kprobe",
+            Self::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+impl fmt::Display for InboundMechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which network namespaces are watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetnsScope {
+    /// The daemon's own (the host's, in a hostNetwork pod).
+    Own,
+    All,
+    /// A namespace by inode number.
+    Inode(u32),
+}
+
+impl std::str::FromStr for NetnsScope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "self" | "own" => Ok(Self::Own),
+            "all" => Ok(Self::All),
+            other => other.parse().map(Self::Inode).map_err(|_| {
+                format!("expected `self`, `all` or a network-namespace inode, got `{other}`")
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    pub attach: AttachMode,
+    pub netns: NetnsScope,
+    /// In-kernel dedup window; zero disables folding.
+    pub window: Duration,
+    /// Ring-buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            attach: AttachMode::Auto,
+            netns: NetnsScope::Own,
+            window: Duration::from_secs(10),
+            ring_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Offsets(#[from] offsets::OffsetError),
+    #[error("{0}")]
+    Tracefs(String),
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("{program}: {source}")]
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("--attach {mechanism} cannot work on this kernel: {reason}")]
+    MechanismUnavailable {
+        mechanism: &'static str,
+        reason: String,
+    },
+    #[error("cannot read this process's network namespace: {0}")]
+    Netns(std::io::Error),
+    #[error("ring buffer size {0} is not a power of two of at least 4096 bytes")]
+    RingSize(u32),
+}
+
+impl CaptureError {
+    /// Whether the error comes from what the user asked for (exit 64) rather than the host.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::MechanismUnavailable { .. } | Self::RingSize(_))
+    }
+}
+
+/// The loaded, attached kernel side.
+pub struct Capture {
+    // Holds the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    inbound: InboundMechanism,
+    refused: bool,
+    netns: u32,
+    watched_map: Array<MapData, u8>,
+    watched: BTreeSet<u16>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// What the [`reader`] consumes.
+pub struct CaptureStreams {
+    pub ring: RingBuf<MapData>,
+    pub dedup: HashMap<MapData, DedupKey, DedupWindow>,
+    pub window: Duration,
+}
+
+const TRACEPOINT_PROGRAM: &str = "inet_sock_set_state";
+const RESET_PROGRAM: &str = "tcp_send_reset";
+const KRETPROBE_PROGRAM: &str = "inet_csk_accept_kretprobe";
+const FEXIT_PROGRAM: &str = "inet_csk_accept_fexit";
+const ACCEPT_FUNCTION: &str = "inet_csk_accept";
+
+impl Capture {
+    /// Loads and attaches everything. On error nothing stays attached.
+    pub fn load(
+        config: &CaptureConfig,
+        ports: &BTreeSet<u16>,
+    ) -> Result<(Self, CaptureStreams), CaptureError> {
+        if config.ring_bytes < 4096 || !config.ring_bytes.is_power_of_two() {
+            return Err(CaptureError::RingSize(config.ring_bytes));
+        }
+        ensure_tracefs()?;
+        raise_memlock_limit();
+        let (offsets, reset_tp) = offsets::kernel_offsets()?;
+        let netns = match config.netns {
+            NetnsScope::All => 0,
+            NetnsScope::Inode(inode) => inode,
+            NetnsScope::Own => own_netns().map_err(CaptureError::Netns)?,
+        };
+        let window_ns = u64::try_from(config.window.as_nanos()).unwrap_or(u64::MAX);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .override_global("TARGET_NETNS", &netns, true)
+            .override_global("DEDUP_WINDOW_NS", &window_ns, true)
+            .map_max_entries("EVENTS", config.ring_bytes)
+            .load(EBPF_OBJECT)?;
+
+        let mut settings: Array<MapData, u32> = take_map(&mut ebpf, "SETTINGS")?;
+        let mut watched_map: Array<MapData, u8> = take_map(&mut ebpf, "WATCHED_PORTS")?;
+        for port in ports {
+            watched_map
+                .set(u32::from(*port), 1, 0)
+                .map_err(|source| CaptureError::Map {
+                    map: "WATCHED_PORTS",
+                    source,
+                })?;
+        }
+
+        // The tracepoint carries outbound and listen events on every kernel, so it must load.
+        let tp: &mut TracePoint = program(&mut ebpf, TRACEPOINT_PROGRAM)?;
+        tp.load().map_err(|source| program_error(TRACEPOINT_PROGRAM, source))?;
+        tp.attach("sock", "inet_sock_set_state")
+            .map_err(|source| program_error(TRACEPOINT_PROGRAM, source))?;
+
+        let inbound = attach_inbound(&mut ebpf, config.attach)?;
+        let source = match inbound {
+            InboundMechanism::Tracepoint => inbound_source::TRACEPOINT,
+            _ => inbound_source::ACCEPT_HOOK,
+        };
+        settings
+            .set(setting::INBOUND_SOURCE, source, 0)
+            .map_err(|source| CaptureError::Map {
+                map: "SETTINGS",
+                source,
+            })?;
+
+        let refused = match reset_tp {
+            ResetTracepoint::WithAddresses => {
+                let rst: &mut TracePoint = program(&mut ebpf, RESET_PROGRAM)?;
+                match rst.load().and_then(|()| rst.attach("tcp", "tcp_send_reset").map(drop)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(error = %e, "refused attempts are not captured: tcp/tcp_send_reset did not attach");
+                        false
+                    }
+                }
+            }
+            ResetTracepoint::Unavailable => {
+                warn!("refused attempts are not captured: this kernel's tcp/tcp_send_reset tracepoint carries no addresses (Linux < 6.10)");
+                false
+            }
+        };
+
+        let ring: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
+        let dedup: HashMap<MapData, DedupKey, DedupWindow> = take_map(&mut ebpf, "DEDUP")?;
+        let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "COUNTERS")?;
+        info!(
+            inbound = %inbound,
+            refused,
+            netns = if netns == 0 { "all".to_owned() } else { netns.to_string() },
+            ports = ?ports,
+            "kernel programs attached"
+        );
+        Ok((
+            Self {
+                _ebpf: ebpf,
+                inbound,
+                refused,
+                netns,
+                watched_map,
+                watched: ports.clone(),
+                counters,
+            },
+            CaptureStreams {
+                ring,
+                dedup,
+                window: config.window,
+            },
+        ))
+    }
+
+    pub fn inbound(&self) -> InboundMechanism {
+        self.inbound
+    }
+
+    /// Whether refused attempts (resets from closed watched ports) are captured.
+    pub fn captures_refused(&self) -> bool {
+        self.refused
+    }
+
+    /// The watched network namespace's inode, 0 for all.
+    pub fn netns(&self) -> u32 {
+        self.netns
+    }
+
+    pub fn watched_ports(&self) -> &BTreeSet<u16> {
+        &self.watched
+    }
+
+    /// Replaces the watched-port set in the kernel map.
+    pub fn set_watched_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), CaptureError> {
+        let map_err = |source| CaptureError::Map {
+            map: "WATCHED_PORTS",
+            source,
+        };
+        for port in ports.difference(&self.watched) {
+            self.watched_map
+                .set(u32::from(*port), 1, 0)
+                .map_err(map_err)?;
+        }
+        for port in self.watched.difference(ports) {
+            self.watched_map
+                .set(u32::from(*port), 0, 0)
+                .map_err(map_err)?;
+        }
+        self.watched = ports.clone();
+        Ok(())
+    }
+
+    /// Per-CPU counters summed over CPUs, indexed by [`counter`].
+    pub fn counters(&self) -> Result<KernelCounters, CaptureError> {
+        let mut totals = [0u64; counter::COUNT as usize];
+        for (index, total) in totals.iter_mut().enumerate() {
+            let values = self
+                .counters
+                .get(&(index as u32), 0)
+                .map_err(|source| CaptureError::Map {
+                    map: "COUNTERS",
+                    source,
+                })?;
+            *total = values.iter().sum();
+        }
+        Ok(KernelCounters(totals))
+    }
+}
+
+/// Totals of the kernel's per-CPU outcome counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters(pub [u64; counter::COUNT as usize]);
+
+impl KernelCounters {
+    pub fn get(&self, index: u32) -> u64 {
+        self.0[index as usize]
+    }
+
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        counter::NAMES.iter().copied().zip(self.0.iter().copied())
+    }
+}
+
+fn attach_inbound(ebpf: &mut Ebpf, mode: AttachMode) -> Result<InboundMechanism, CaptureError> {
+    let order: &[InboundMechanism] = match mode {
+        AttachMode::Auto => &[
+            InboundMechanism::Fentry,
+            InboundMechanism::Kprobe,
+            InboundMechanism::Tracepoint,
+        ],
+        AttachMode::Fentry => &[InboundMechanism::Fentry],
+        AttachMode::Kprobe => &[InboundMechanism::Kprobe],
+        AttachMode::Tracepoint => &[InboundMechanism::Tracepoint],
+    };
+    let mut last = None;
+    for mechanism in order {
+        let attempt = match mechanism {
+            InboundMechanism::Fentry => attach_fexit(ebpf),
+            InboundMechanism::Kprobe => attach_kretprobe(ebpf),
+            InboundMechanism::Tracepoint => return Ok(InboundMechanism::Tracepoint),
+        };
+        match attempt {
+            Ok(()) => return Ok(*mechanism),
+            Err(reason) => {
+                if mode == AttachMode::Auto {
+                    info!(mechanism = %mechanism, %reason, "inbound hook unavailable, trying the next");
+                }
+                last = Some((mechanism.as_str(), reason));
+            }
+        }
+    }
+    let (mechanism, reason) = last.unwrap_or(("tracepoint", String::new()));
+    Err(CaptureError::MechanismUnavailable { mechanism, reason })
+}
+
+fn attach_fexit(ebpf: &mut Ebpf) -> Result<(), String> {
+    let btf = Btf::from_sys_fs().map_err(|e| {
+        format!("kernel BTF unavailable ({e}); fentry needs CONFIG_DEBUG_INFO_BTF")
+    })?;
+    let prog: &mut FExit = program(ebpf, FEXIT_PROGRAM).map_err(|e| e.to_string())?;
+    prog.load(ACCEPT_FUNCTION, &btf).map_err(|e| {
+        format!(
+            "fexit/{ACCEPT_FUNCTION} was refused at load ({}); fentry/fexit needs BPF trampolines \
+             (CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS), bpf_get_func_ret (Linux 5.17+) and no \
+             lockdown policy forbidding it",
+            source_chain(&e)
+        )
+    })?;
+    prog.attach()
+        .map(drop)
+        .map_err(|e| format!("fexit/{ACCEPT_FUNCTION} did not attach: {}", source_chain(&e)))
+}
+
+fn attach_kretprobe(ebpf: &mut Ebpf) -> Result<(), String> {
+    if !Path::new("/sys/kernel/tracing/kprobe_events").exists() {
+        return Err("the kernel has no kprobe support (CONFIG_KPROBES is not set: \
+                    /sys/kernel/tracing/kprobe_events is missing)"
+            .to_owned());
+    }
+    let prog: &mut KProbe = program(ebpf, KRETPROBE_PROGRAM).map_err(|e| e.to_string())?;
+    prog.load()
+        .map_err(|e| format!("kretprobe program was refused at load: {}", source_chain(&e)))?;
+    prog.attach(ACCEPT_FUNCTION, 0).map(drop).map_err(|e| {
+        format!(
+            "kretprobe/{ACCEPT_FUNCTION} did not attach ({}); kretprobes need CONFIG_KPROBES",
+            source_chain(&e)
+        )
+    })
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(CaptureError::Program {
+        program: name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    prog.try_into().map_err(|source| program_error(name, source))
+}
+
+fn program_error(program: &'static str, source: aya::programs::ProgramError) -> CaptureError {
+    CaptureError::Program { program, source }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(CaptureError::Map {
+        map: name,
+        source: aya::maps::MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    })?;
+    T::try_from(map).map_err(|source| CaptureError::Map { map: name, source })
+}
+
+/// Inode of this process's network namespace.
+pub fn own_netns() -> std::io::Result<u32> {
+    Ok(std::fs::metadata("/proc/self/ns/net")?.ino() as u32)
+}
+
+/// aya resolves tracepoint ids through tracefs; a fresh host may not have it mounted.
+fn ensure_tracefs() -> Result<(), CaptureError> {
+    let root = offsets::tracefs_root();
+    if root.join("events").is_dir() {
+        return Ok(());
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: all pointers are valid NUL-terminated strings; data may be null.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 && root.join("events").is_dir() {
+        info!("mounted tracefs at /sys/kernel/tracing");
+        return Ok(());
+    }
+    Err(CaptureError::Tracefs(format!(
+        "tracefs is not mounted at /sys/kernel/tracing and mounting it failed ({}); run \
+         `mount -t tracefs nodev /sys/kernel/tracing` (in a pod: mount the host's \
+         /sys/kernel/tracing)",
+        std::io::Error::last_os_error()
+    )))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads one rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+        // Harmless on 5.11+ (memcg accounting), where containers often forbid raising it.
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK ({}); on kernels before 5.11 map creation may fail",
+            std::io::Error::last_os_error()
+        );
+    }
+}

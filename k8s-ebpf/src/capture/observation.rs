@@ -1,0 +1,84 @@
+//! The decoded, kernel-independent form of a capture record: what the rest of the
+//! daemon (policy, correlation, outputs) sees.
+
+use std::{net::SocketAddr, time::SystemTime};
+
+pub use k8s_ebpf_common::{EventKind, HookKind};
+
+/// The local process a record was attributed to (connect, listen, accept hooks only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Thread id (the kernel's pid).
+    pub tid: u32,
+    /// `comm`, the task name, at most 15 bytes.
+    pub name: String,
+    /// cgroup v2 id of the task.
+    pub cgroup_id: u64,
+}
+
+/// One observation on a watched port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    pub kind: EventKind,
+    pub hook: HookKind,
+    /// Wall-clock time of the event (first event of the window for a summary).
+    pub at: SystemTime,
+    /// Our side: for inbound/listen/refused the watched port is `local.port()`; for
+    /// outbound it is `remote.port()`. IPv4-mapped IPv6 addresses arrive as IPv4.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub process: Option<ProcessInfo>,
+    /// Network-namespace inode of the socket (0 when unknown).
+    pub netns: u32,
+    /// How many events this observation stands for: 1 for a first sighting; for a
+    /// [`Observation::window_summary`] the number of events the closed window folded,
+    /// including the first sighting.
+    pub count: u64,
+    /// True when this is the report of a closed dedup window rather than a live event.
+    pub window_summary: bool,
+}
+
+impl Observation {
+    /// The watched port this observation is about.
+    pub fn watched_port(&self) -> u16 {
+        match self.kind {
+            EventKind::Outbound => self.remote.port(),
+            _ => self.local.port(),
+        }
+    }
+}
+
+impl Observation {
+    /// The raw, one-line JSON form printed by `k8s-ebpf capture`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let kind = match self.kind {
+            EventKind::Inbound => "inbound",
+            EventKind::Outbound => "outbound",
+            EventKind::Listen => "listen",
+            EventKind::ListenClose => "listen-close",
+            EventKind::Refused => "refused",
+        };
+        let hook = match self.hook {
+            HookKind::Tracepoint => "tracepoint",
+            HookKind::Kretprobe => "kretprobe",
+            HookKind::Fexit => "fexit",
+            HookKind::ResetTracepoint => "reset-tracepoint",
+        };
+        let p = self.process.as_ref();
+        serde_json::json!({
+            "kind": kind,
+            "hook": hook,
+            "local": self.local.to_string(),
+            "remote": self.remote.to_string(),
+            "pid": p.map_or(0, |p| p.pid),
+            "tid": p.map_or(0, |p| p.tid),
+            "comm": p.map_or("", |p| p.name.as_str()),
+            "cgroup_id": p.map_or(0, |p| p.cgroup_id),
+            "netns": self.netns,
+            "count": self.count,
+            "window_summary": self.window_summary,
+        })
+    }
+}

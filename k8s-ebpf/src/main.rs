@@ -1,0 +1,170 @@
+//! The `k8s-ebpf` command line.
+
+use std::{collections::BTreeSet, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use k8s_ebpf::capture::{
+    reader::{Reader, ReaderStats},
+    AttachMode, Capture, CaptureConfig, CaptureError, NetnsScope,
+};
+use tokio::sync::{mpsc, watch};
+
+/// Exit status for bad command lines and configuration (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "k8s-ebpf", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print raw capture records as JSON lines (a debugging and test tool).
+    Capture(CaptureArgs),
+}
+
+#[derive(clap::Args)]
+struct CaptureArgs {
+    /// Inbound hook: auto picks fentry, then kprobe, then tracepoint.
+    #[arg(long, value_enum, default_value = "auto")]
+    attach: AttachMode,
+    /// Ports to watch, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ports: Vec<u16>,
+    /// Network namespaces to watch: `self`, `all`, or an inode number.
+    #[arg(long, default_value = "self")]
+    netns: NetnsScope,
+    /// In-kernel dedup window (e.g. 10s, 500ms); 0 disables folding.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    window: Duration,
+    /// Stop after this many records.
+    #[arg(long)]
+    max_records: Option<u64>,
+    /// Stop after this long.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Ring-buffer size in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    ring_bytes: u32,
+    /// Print the kernel counters as a final JSON line.
+    #[arg(long)]
+    counters: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration `{s}`"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("invalid duration unit in `{s}` (use ms, s, m or h)")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("k8s-ebpf: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Capture(args) => capture(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("k8s-ebpf: {e:#}");
+            let usage = e
+                .downcast_ref::<CaptureError>()
+                .is_some_and(CaptureError::is_usage);
+            ExitCode::from(if usage { EXIT_USAGE } else { 1 })
+        }
+    }
+}
+
+async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
+    let config = CaptureConfig {
+        attach: args.attach,
+        netns: args.netns,
+        window: args.window,
+        ring_bytes: args.ring_bytes,
+    };
+    let ports: BTreeSet<u16> = args.ports.into_iter().collect();
+    let (capture, streams) = Capture::load(&config, &ports)?;
+    println!(
+        "{}",
+        serde_json::json!({"status": "attached", "inbound": capture.inbound().as_str(),
+            "refused": capture.captures_refused(), "netns": capture.netns()})
+    );
+    let stats = Arc::new(ReaderStats::default());
+    let reader = Reader::new(streams, stats.clone()).context("ring buffer")?;
+    let (tx, mut rx) = mpsc::channel(1024);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reader = tokio::spawn(reader.run(tx, stop_rx));
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut printed = 0u64;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            o = rx.recv() => {
+                let Some(o) = o else { break };
+                println!("{}", o.to_json());
+                printed += 1;
+                if args.max_records.is_some_and(|m| printed >= m) { break; }
+            }
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    let _ = stop_tx.send(true);
+    drop(rx);
+    let _ = reader.await;
+    if args.counters {
+        let counters = capture.counters()?;
+        let mut obj = serde_json::Map::new();
+        for (name, value) in counters.named() {
+            obj.insert(name.to_owned(), value.into());
+        }
+        obj.insert(
+            "decode_errors".into(),
+            stats.decode_errors.load(std::sync::atomic::Ordering::Relaxed).into(),
+        );
+        println!("{}", serde_json::json!({ "counters": obj }));
+    }
+    Ok(())
+}
