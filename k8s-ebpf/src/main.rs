@@ -65,7 +65,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("invalid duration unit in `{s}` (use ms, s, m or h)")),
+        _ => Err(format!(
+            "invalid duration unit in `{s}` (use ms, s, m or h)"
+        )),
     }
 }
 
@@ -151,9 +153,16 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    // Stop the reader and print what it still delivers: the last records and the counts of
+    // dedup windows still open.
     let _ = stop_tx.send(true);
-    drop(rx);
-    let _ = reader.await;
+    while let Some(o) = rx.recv().await {
+        println!("{}", o.to_json());
+    }
+    reader
+        .await
+        .context("reader task")?
+        .context("reading the ring buffer")?;
     if args.counters {
         let counters = capture.counters()?;
         let mut obj = serde_json::Map::new();
@@ -162,7 +171,10 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         }
         obj.insert(
             "decode_errors".into(),
-            stats.decode_errors.load(std::sync::atomic::Ordering::Relaxed).into(),
+            stats
+                .decode_errors
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .into(),
         );
         println!("{}", serde_json::json!({ "counters": obj }));
     }

@@ -1,1 +1,182 @@
+//! Shared fixtures for the root-only integration tests: network namespaces the test owns
+//! (removed on drop, even when the test panics), veth links between them, running code
+//! inside a namespace, and the daemon binary.
+//!
+//! Traffic only ever goes to loopback or to addresses inside these namespaces, all from
+//! the documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32).
 
+use std::{
+    fs::File,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// Set by `cargo xtask test`: a test that cannot run (not root) fails instead of skipping.
+pub const REQUIRE_ENV: &str = "K8S_EBPF_REQUIRE_PRIVILEGED_TESTS";
+
+/// Whether privileged tests can run here. Without root they print why and skip, unless
+/// [`REQUIRE_ENV`] is set, in which case they fail: CI must never skip them silently.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os(REQUIRE_ENV).is_some() {
+        panic!("{test}: needs root (CAP_BPF, CAP_NET_ADMIN), and {REQUIRE_ENV} is set");
+    }
+    eprintln!("skipped {test}: needs root to load eBPF and create network namespaces");
+    false
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace created for one test and deleted when dropped.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> Self {
+        let name = format!(
+            "k8se-{}-{}-{tag}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// The namespace's inode, as the kernel programs see it.
+    pub fn inode(&self) -> u32 {
+        std::fs::metadata(self.path())
+            .unwrap_or_else(|e| panic!("stat {}: {e}", self.path().display()))
+            .ino() as u32
+    }
+
+    /// `ip ARGS` inside the namespace.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        ip(&full);
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// Runs `f` on a thread that has joined this namespace: sockets it creates live here.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let file = File::open(self.path())
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.path().display()));
+        std::thread::spawn(move || {
+            // SAFETY: setns on a valid namespace fd affects only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Like [`NetNs::enter`] but returns at once with the thread's handle.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let file = File::open(self.path())
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.path().display()));
+        std::thread::spawn(move || {
+            // SAFETY: as in `enter`.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace also removes the veth ends inside it.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Connects two namespaces with a veth pair and gives each end its addresses (CIDR
+/// notation, v4 or v6). Each side gets on-link routes to the other side's networks.
+pub fn link(a: &NetNs, a_addrs: &[&str], b: &NetNs, b_addrs: &[&str]) {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (a_if, b_if) = (format!("ka{n}"), format!("kb{n}"));
+    ip(&[
+        "link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if, "netns",
+        &b.name,
+    ]);
+    for (ns, ifname, addrs, other) in [(a, &a_if, a_addrs, b_addrs), (b, &b_if, b_addrs, a_addrs)] {
+        for addr in addrs {
+            if addr.contains(':') {
+                ns.ip(&["-6", "addr", "add", addr, "dev", ifname, "nodad"]);
+            } else {
+                ns.ip(&["addr", "add", addr, "dev", ifname]);
+            }
+        }
+        ns.ip(&["link", "set", ifname, "up"]);
+        for addr in other {
+            let host = addr.split('/').next().unwrap_or(addr);
+            let route = if host.contains(':') {
+                format!("{host}/128")
+            } else {
+                format!("{host}/32")
+            };
+            // A host route to each of the other side's addresses, unless it is on-link.
+            let _ = Command::new("ip")
+                .args(["-n", &ns.name, "route", "add", &route, "dev", ifname])
+                .output();
+        }
+    }
+}
+
+/// The daemon binary under test: `$K8S_EBPF_BIN` (set by `cargo xtask test`), else the
+/// release build in this workspace's target dir.
+pub fn daemon_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("K8S_EBPF_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/k8s-ebpf");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --release -p k8s-ebpf` or `cargo xtask test`",
+        p.display()
+    );
+    p
+}

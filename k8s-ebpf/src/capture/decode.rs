@@ -64,7 +64,9 @@ pub fn record_from_bytes(bytes: &[u8]) -> Result<ConnRecord, DecodeError> {
 
 pub fn ip(family: u16, addr: &[u8; 16]) -> Result<IpAddr, DecodeError> {
     match family {
-        AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))),
+        AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(
+            addr[0], addr[1], addr[2], addr[3],
+        ))),
         AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(*addr))),
         other => Err(DecodeError::Family(other)),
     }

@@ -203,7 +203,8 @@ impl Capture {
 
         // The tracepoint carries outbound and listen events on every kernel, so it must load.
         let tp: &mut TracePoint = program(&mut ebpf, TRACEPOINT_PROGRAM)?;
-        tp.load().map_err(|source| program_error(TRACEPOINT_PROGRAM, source))?;
+        tp.load()
+            .map_err(|source| program_error(TRACEPOINT_PROGRAM, source))?;
         tp.attach("sock", "inet_sock_set_state")
             .map_err(|source| program_error(TRACEPOINT_PROGRAM, source))?;
 
@@ -222,7 +223,10 @@ impl Capture {
         let refused = match reset_tp {
             ResetTracepoint::WithAddresses => {
                 let rst: &mut TracePoint = program(&mut ebpf, RESET_PROGRAM)?;
-                match rst.load().and_then(|()| rst.attach("tcp", "tcp_send_reset").map(drop)) {
+                match rst
+                    .load()
+                    .and_then(|()| rst.attach("tcp", "tcp_send_reset").map(drop))
+                {
                     Ok(()) => true,
                     Err(e) => {
                         warn!(error = %e, "refused attempts are not captured: tcp/tcp_send_reset did not attach");
@@ -306,13 +310,13 @@ impl Capture {
     pub fn counters(&self) -> Result<KernelCounters, CaptureError> {
         let mut totals = [0u64; counter::COUNT as usize];
         for (index, total) in totals.iter_mut().enumerate() {
-            let values = self
-                .counters
-                .get(&(index as u32), 0)
-                .map_err(|source| CaptureError::Map {
-                    map: "COUNTERS",
-                    source,
-                })?;
+            let values =
+                self.counters
+                    .get(&(index as u32), 0)
+                    .map_err(|source| CaptureError::Map {
+                        map: "COUNTERS",
+                        source,
+                    })?;
             *total = values.iter().sum();
         }
         Ok(KernelCounters(totals))
@@ -366,9 +370,8 @@ fn attach_inbound(ebpf: &mut Ebpf, mode: AttachMode) -> Result<InboundMechanism,
 }
 
 fn attach_fexit(ebpf: &mut Ebpf) -> Result<(), String> {
-    let btf = Btf::from_sys_fs().map_err(|e| {
-        format!("kernel BTF unavailable ({e}); fentry needs CONFIG_DEBUG_INFO_BTF")
-    })?;
+    let btf = Btf::from_sys_fs()
+        .map_err(|e| format!("kernel BTF unavailable ({e}); fentry needs CONFIG_DEBUG_INFO_BTF"))?;
     let prog: &mut FExit = program(ebpf, FEXIT_PROGRAM).map_err(|e| e.to_string())?;
     prog.load(ACCEPT_FUNCTION, &btf).map_err(|e| {
         format!(
@@ -378,20 +381,29 @@ fn attach_fexit(ebpf: &mut Ebpf) -> Result<(), String> {
             source_chain(&e)
         )
     })?;
-    prog.attach()
-        .map(drop)
-        .map_err(|e| format!("fexit/{ACCEPT_FUNCTION} did not attach: {}", source_chain(&e)))
+    prog.attach().map(drop).map_err(|e| {
+        format!(
+            "fexit/{ACCEPT_FUNCTION} did not attach: {}",
+            source_chain(&e)
+        )
+    })
 }
 
 fn attach_kretprobe(ebpf: &mut Ebpf) -> Result<(), String> {
     if !Path::new("/sys/kernel/tracing/kprobe_events").exists() {
-        return Err("the kernel has no kprobe support (CONFIG_KPROBES is not set: \
+        return Err(
+            "the kernel has no kprobe support (CONFIG_KPROBES is not set: \
                     /sys/kernel/tracing/kprobe_events is missing)"
-            .to_owned());
+                .to_owned(),
+        );
     }
     let prog: &mut KProbe = program(ebpf, KRETPROBE_PROGRAM).map_err(|e| e.to_string())?;
-    prog.load()
-        .map_err(|e| format!("kretprobe program was refused at load: {}", source_chain(&e)))?;
+    prog.load().map_err(|e| {
+        format!(
+            "kretprobe program was refused at load: {}",
+            source_chain(&e)
+        )
+    })?;
     prog.attach(ACCEPT_FUNCTION, 0).map(drop).map_err(|e| {
         format!(
             "kretprobe/{ACCEPT_FUNCTION} did not attach ({}); kretprobes need CONFIG_KPROBES",
@@ -419,7 +431,8 @@ where
         program: name,
         source: aya::programs::ProgramError::UnexpectedProgramType,
     })?;
-    prog.try_into().map_err(|source| program_error(name, source))
+    prog.try_into()
+        .map_err(|source| program_error(name, source))
 }
 
 fn program_error(program: &'static str, source: aya::programs::ProgramError) -> CaptureError {

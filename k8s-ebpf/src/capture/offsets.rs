@@ -12,10 +12,7 @@ pub enum OffsetError {
         "cannot read kernel BTF at {path}: {source} (k8s-ebpf needs a kernel built with \
          CONFIG_DEBUG_INFO_BTF=y, Linux 5.4 or later)"
     )]
-    Btf {
-        path: String,
-        source: btf_rs::Error,
-    },
+    Btf { path: String, source: btf_rs::Error },
     #[error("kernel BTF has no struct {0}")]
     MissingStruct(String),
     #[error("kernel BTF: struct {strukt} has no member {member}")]
@@ -51,12 +48,11 @@ pub fn member_offset(btf: &Btf, strukt: &str, path: &[&str]) -> Result<u32, Offs
         .ok_or_else(|| OffsetError::MissingStruct(strukt.to_owned()))?;
     let mut total_bits = 0u32;
     for (i, name) in path.iter().enumerate() {
-        let (bits, member) = find_member(btf, &current, name)?.ok_or_else(|| {
-            OffsetError::MissingMember {
+        let (bits, member) =
+            find_member(btf, &current, name)?.ok_or_else(|| OffsetError::MissingMember {
                 strukt: strukt.to_owned(),
                 member: path[..=i].join("."),
-            }
-        })?;
+            })?;
         total_bits += bits;
         if i + 1 < path.len() {
             current = struct_of(btf, &member)?.ok_or_else(|| OffsetError::MissingMember {
@@ -264,11 +260,26 @@ mod tests {
         }
         let btf = Btf::from_file(VMLINUX_BTF).expect("vmlinux BTF parses");
         // struct sock_common starts with the skc_addrpair union: daddr at 0, rcv_saddr at 4.
-        assert_eq!(member_offset(&btf, "sock_common", &["skc_daddr"]).unwrap(), 0);
-        assert_eq!(member_offset(&btf, "sock_common", &["skc_rcv_saddr"]).unwrap(), 4);
-        assert_eq!(member_offset(&btf, "sock_common", &["skc_dport"]).unwrap(), 12);
-        assert_eq!(member_offset(&btf, "sock_common", &["skc_num"]).unwrap(), 14);
-        assert_eq!(member_offset(&btf, "sock_common", &["skc_family"]).unwrap(), 16);
+        assert_eq!(
+            member_offset(&btf, "sock_common", &["skc_daddr"]).unwrap(),
+            0
+        );
+        assert_eq!(
+            member_offset(&btf, "sock_common", &["skc_rcv_saddr"]).unwrap(),
+            4
+        );
+        assert_eq!(
+            member_offset(&btf, "sock_common", &["skc_dport"]).unwrap(),
+            12
+        );
+        assert_eq!(
+            member_offset(&btf, "sock_common", &["skc_num"]).unwrap(),
+            14
+        );
+        assert_eq!(
+            member_offset(&btf, "sock_common", &["skc_family"]).unwrap(),
+            16
+        );
         assert!(member_offset(&btf, "net", &["ns", "inum"]).unwrap() > 0);
         assert!(matches!(
             member_offset(&btf, "sock_common", &["no_such_member"]),

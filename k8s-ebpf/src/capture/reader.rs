@@ -78,7 +78,8 @@ impl Reader {
         tx: mpsc::Sender<Observation>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> std::io::Result<()> {
-        let sweep_every = (self.window / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let sweep_every =
+            (self.window / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut sweep = tokio::time::interval(sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::new();
@@ -90,7 +91,7 @@ impl Reader {
                     guard.clear_ready();
                 }
                 _ = sweep.tick(), if !self.window.is_zero() => {
-                    let summaries = self.sweep();
+                    let summaries = self.sweep(self.window + SWEEP_GRACE);
                     for o in summaries {
                         if tx.send(o).await.is_err() { return Ok(()); }
                     }
@@ -98,7 +99,9 @@ impl Reader {
                 }
                 _ = shutdown.changed() => {
                     drain(self.ring.get_mut(), &mut batch);
-                    let out = self.process(&mut batch);
+                    let mut out = self.process(&mut batch);
+                    // Windows still open would otherwise never be reported.
+                    out.extend(self.sweep(Duration::ZERO));
                     for o in out {
                         if tx.send(o).await.is_err() { break; }
                     }
@@ -166,11 +169,10 @@ impl Reader {
         Some(summary)
     }
 
-    /// Reports windows that have closed since the last sweep.
-    fn sweep(&mut self) -> Vec<Observation> {
+    /// Reports windows at least `min_age` old that have not been reported yet.
+    fn sweep(&mut self, min_age: Duration) -> Vec<Observation> {
         let now = monotonic_ns();
-        let window = self.window + SWEEP_GRACE;
-        let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        let window_ns = u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX);
         let mut closed = Vec::new();
         for entry in self.dedup.iter() {
             match entry {
