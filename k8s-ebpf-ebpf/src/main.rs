@@ -32,8 +32,8 @@ mod programs {
         Global,
     };
     use k8s_ebpf_common::{
-        counter, inbound_source, setting, ConnRecord, DedupKey, DedupWindow, EventKind,
-        HookKind, KernelOffsets, AF_INET, AF_INET6, COMM_LEN,
+        counter, inbound_source, setting, ConnRecord, DedupKey, DedupWindow, EventKind, HookKind,
+        KernelOffsets, AF_INET, AF_INET6, COMM_LEN,
     };
 
     /// Offsets into kernel structs and tracepoint records, from the running kernel.
@@ -314,7 +314,11 @@ mod programs {
         // The tracepoint reports ports in host order; sport is always our side.
         let sport: u16 = ctx.read_at(o.tp_sport as usize)?;
         let dport: u16 = ctx.read_at(o.tp_dport as usize)?;
-        let watched = if kind == EventKind::Outbound { dport } else { sport };
+        let watched = if kind == EventKind::Outbound {
+            dport
+        } else {
+            sport
+        };
         if !is_watched(watched) {
             count(counter::FILTERED);
             return Ok(());
