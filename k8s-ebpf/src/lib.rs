@@ -1,6 +1,17 @@
 //! k8s-ebpf: who actually reaches etcd, the API server and the kubelets on this node.
 //!
-//! Data flows one way: [`capture`] (kernel programs, ring buffer, decode) → policy and
-//! verdicts → correlation → outputs and metrics. See the README's architecture section.
+//! Data flows one way: [`capture`] (kernel programs, ring buffer, decode) → [`verdict`]
+//! under the [`policy`] (built on the [`ports`] table) → [`correlate`] (windows, counts,
+//! port scans) → [`alert`] records written by [`output`], with [`metrics`] alongside.
+//! See the README's architecture section.
 
+pub mod alert;
 pub mod capture;
+pub mod correlate;
+pub mod daemon;
+pub mod exposure;
+pub mod metrics;
+pub mod output;
+pub mod policy;
+pub mod ports;
+pub mod verdict;

@@ -1,12 +1,21 @@
 //! The `k8s-ebpf` command line.
 
-use std::{collections::BTreeSet, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use k8s_ebpf::capture::{
-    reader::{Reader, ReaderStats},
-    AttachMode, Capture, CaptureConfig, CaptureError, NetnsScope,
+use k8s_ebpf::{
+    capture::{
+        reader::{Reader, ReaderStats},
+        AttachMode, Capture, CaptureConfig, CaptureError, NetnsScope,
+    },
+    daemon::{self, DaemonConfig, UsageError},
+    metrics::DEFAULT_METRICS_ADDR,
+    output::{Destination, Rotation, DEFAULT_KEEP, DEFAULT_MAX_BYTES},
+    policy::Policy,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -22,8 +31,69 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the monitor: attach, judge every connection on watched ports against the
+    /// policy, write ECS JSON alerts, serve metrics and health.
+    Run(RunArgs),
+    /// Validate a policy file; prints each error as file:line:column.
+    CheckConfig {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Print the Kubernetes port knowledge base.
+    Ports {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print raw capture records as JSON lines (a debugging and test tool).
     Capture(CaptureArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Policy file (YAML); without it, the embedded default policy. Re-read when it
+    /// changes and on SIGHUP.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Inbound hook: auto picks fentry, then kprobe, then tracepoint.
+    #[arg(long, value_enum, default_value = "auto")]
+    attach: AttachMode,
+    /// Network namespaces to watch: `self` (this process's), `all`, or an inode number.
+    #[arg(long, default_value = "self")]
+    netns: NetnsScope,
+    /// Address for /metrics, /healthz and /readyz, or `off`.
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = parse_metrics_addr)]
+    metrics_addr: MetricsAddr,
+    /// Where alerts go: `-` for stdout, or a file (rotated by size).
+    #[arg(long, default_value = "-")]
+    output: String,
+    /// Rotate the alert file before it passes this many bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_BYTES)]
+    output_max_bytes: u64,
+    /// Rotated alert files to keep.
+    #[arg(long, default_value_t = DEFAULT_KEEP)]
+    output_keep: usize,
+    /// Also write expected connections, as `event.kind: event` records.
+    #[arg(long)]
+    log_allowed: bool,
+    /// Ring-buffer size in bytes (a power of two, at least 4096).
+    #[arg(long, default_value_t = 1 << 22)]
+    ring_bytes: u32,
+    /// `host.hostname` in alerts (default: $NODE_NAME, else the kernel's hostname).
+    #[arg(long)]
+    hostname: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+struct MetricsAddr(Option<SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|_| format!("`{s}` is not an address:port (e.g. 127.0.0.1:9477) or `off`"))
 }
 
 #[derive(clap::Args)]
@@ -85,6 +155,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -103,6 +174,19 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::CheckConfig { file } => check_config(&file),
+            Command::Ports { json } => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&k8s_ebpf::ports::to_json())?
+                    );
+                } else {
+                    print!("{}", k8s_ebpf::ports::render_table());
+                }
+                Ok(())
+            }
             Command::Capture(args) => capture(args).await,
         }
     });
@@ -112,8 +196,51 @@ fn main() -> ExitCode {
             eprintln!("k8s-ebpf: {e:#}");
             let usage = e
                 .downcast_ref::<CaptureError>()
-                .is_some_and(CaptureError::is_usage);
+                .is_some_and(CaptureError::is_usage)
+                || e.downcast_ref::<UsageError>().is_some();
             ExitCode::from(if usage { EXIT_USAGE } else { 1 })
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let output = if args.output == "-" {
+        Destination::Stdout
+    } else {
+        Destination::File(Rotation {
+            path: args.output.into(),
+            max_bytes: args.output_max_bytes,
+            keep: args.output_keep,
+        })
+    };
+    daemon::run(DaemonConfig {
+        policy_path: args.policy,
+        attach: args.attach,
+        netns: args.netns,
+        metrics_addr: args.metrics_addr.0,
+        output,
+        log_allowed: args.log_allowed,
+        ring_bytes: args.ring_bytes,
+        hostname: args.hostname.unwrap_or_else(daemon::default_hostname),
+    })
+    .await
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    match Policy::read_file(file) {
+        Ok(policy) => {
+            let ports: Vec<String> = policy.watched_ports().iter().map(u16::to_string).collect();
+            println!(
+                "{}: ok ({} rules; watched ports {})",
+                file.display(),
+                policy.rules().count(),
+                ports.join(", ")
+            );
+            Ok(())
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            Err(UsageError(format!("{}: invalid policy", file.display())).into())
         }
     }
 }

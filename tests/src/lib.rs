@@ -5,12 +5,16 @@
 //! Traffic only ever goes to loopback or to addresses inside these namespaces, all from
 //! the documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32).
 
+pub mod daemon;
+
 use std::{
     fs::File,
+    net::{SocketAddr, TcpListener, TcpStream},
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::PathBuf,
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 /// Set by `cargo xtask test`: a test that cannot run (not root) fails instead of skipping.
@@ -96,16 +100,19 @@ impl NetNs {
 
     /// Runs `f` on a thread that has joined this namespace: sockets it creates live here.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let file = File::open(self.path())
-            .unwrap_or_else(|e| panic!("open {}: {e}", self.path().display()));
-        std::thread::spawn(move || {
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        enter_netns(&self.path(), f)
+    }
+
+    /// A listening socket bound inside this namespace (sockets keep their namespace).
+    pub fn listen(&self, addr: &str) -> TcpListener {
+        let addr: SocketAddr = addr.parse().expect("socket address");
+        self.enter(move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")))
+    }
+
+    /// One TCP connection from inside this namespace, closed at once (2 s timeout).
+    pub fn connect(&self, addr: &str) -> std::io::Result<()> {
+        let addr: SocketAddr = addr.parse().expect("socket address");
+        self.enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(drop))
     }
 
     /// Like [`NetNs::enter`] but returns at once with the thread's handle.
@@ -131,6 +138,22 @@ impl Drop for NetNs {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// Runs `f` on a thread that has joined the network namespace at `path`.
+pub fn enter_netns<T: Send + 'static>(
+    path: &std::path::Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    std::thread::spawn(move || {
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 /// Connects two namespaces with a veth pair and gives each end its addresses (CIDR

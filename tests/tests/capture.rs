@@ -104,13 +104,11 @@ impl Session {
 }
 
 fn listen(ns: &NetNs, addr: &str) -> TcpListener {
-    let addr: SocketAddr = addr.parse().expect("address");
-    ns.enter(move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")))
+    ns.listen(addr)
 }
 
 fn connect_from(ns: &NetNs, addr: &str) -> std::io::Result<()> {
-    let addr: SocketAddr = addr.parse().expect("address");
-    ns.enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(drop))
+    ns.connect(addr)
 }
 
 fn ip(s: &str) -> IpAddr {

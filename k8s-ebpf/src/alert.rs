@@ -1,0 +1,646 @@
+//! The alert record: one Elastic Common Schema (ECS) JSON object per line, nested as ECS
+//! nests its fields (`event.action`, `source.ip`, …), with the daemon's own fields under
+//! `k8s_ebpf.*`. Building the record and its human `message` is this module's one job;
+//! deciding when to emit one is [`crate::correlate`]'s.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Serialize, Serializer};
+
+use crate::{
+    capture::{EventKind, HookKind, Observation},
+    ports::Severity,
+    verdict::Finding,
+};
+
+/// ECS `event.kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordKind {
+    /// Something the policy did not expect.
+    Alert,
+    /// An expected connection, logged only with `log_allowed`.
+    Event,
+}
+
+impl RecordKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Alert => "alert",
+            Self::Event => "event",
+        }
+    }
+}
+
+/// ECS `event.action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    UnexpectedInbound,
+    UnexpectedOutbound,
+    ExposedListener,
+    RefusedAttempt,
+    PortScan,
+    AllowedInbound,
+    AllowedOutbound,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnexpectedInbound => "unexpected-inbound",
+            Self::UnexpectedOutbound => "unexpected-outbound",
+            Self::ExposedListener => "exposed-listener",
+            Self::RefusedAttempt => "refused-attempt",
+            Self::PortScan => "port-scan",
+            Self::AllowedInbound => "allowed-inbound",
+            Self::AllowedOutbound => "allowed-outbound",
+        }
+    }
+
+    pub fn record_kind(self) -> RecordKind {
+        match self {
+            Self::AllowedInbound | Self::AllowedOutbound => RecordKind::Event,
+            _ => RecordKind::Alert,
+        }
+    }
+
+    /// ECS `event.type`: values ECS allows with `event.category: network`.
+    pub fn event_types(self) -> &'static [&'static str] {
+        match self {
+            Self::UnexpectedInbound | Self::UnexpectedOutbound => &["connection", "start"],
+            Self::AllowedInbound | Self::AllowedOutbound => &["connection", "allowed"],
+            Self::ExposedListener => &["start"],
+            Self::RefusedAttempt => &["connection", "denied"],
+            Self::PortScan => &["connection"],
+        }
+    }
+
+    /// The allowed-event action for an expected observation of `kind`, if it gets one.
+    pub fn allowed(kind: EventKind) -> Option<Self> {
+        match kind {
+            EventKind::Inbound => Some(Self::AllowedInbound),
+            EventKind::Outbound => Some(Self::AllowedOutbound),
+            EventKind::Listen | EventKind::ListenClose | EventKind::Refused => None,
+        }
+    }
+}
+
+impl From<Finding> for Action {
+    fn from(f: Finding) -> Self {
+        match f {
+            Finding::UnexpectedInbound => Self::UnexpectedInbound,
+            Finding::UnexpectedOutbound => Self::UnexpectedOutbound,
+            Finding::ExposedListener => Self::ExposedListener,
+            Finding::RefusedAttempt => Self::RefusedAttempt,
+        }
+    }
+}
+
+/// RFC 3339 UTC with milliseconds; times outside humantime's range are clamped to it
+/// rather than panicking (before 1970) or failing (after 9999).
+pub fn rfc3339(t: SystemTime) -> String {
+    const LAST: Duration = Duration::from_secs(253_402_300_799);
+    let since = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .min(LAST);
+    humantime::format_rfc3339_millis(UNIX_EPOCH + since).to_string()
+}
+
+fn ser_time<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t))
+}
+
+fn ser_opt_time<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&rfc3339(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// ECS `event.*`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EventFields {
+    pub kind: RecordKind,
+    pub category: [&'static str; 1],
+    #[serde(rename = "type")]
+    pub types: &'static [&'static str],
+    pub action: Action,
+    pub module: &'static str,
+    pub severity: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk_score: Option<f64>,
+    /// For summaries: the window the count covers.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_time"
+    )]
+    pub start: Option<SystemTime>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_time"
+    )]
+    pub end: Option<SystemTime>,
+}
+
+/// ECS `source.*` / `destination.*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(a: SocketAddr) -> Self {
+        Self {
+            ip: a.ip(),
+            port: Some(a.port()),
+        }
+    }
+}
+
+/// ECS `network.*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct NetworkFields {
+    pub transport: &'static str,
+    #[serde(rename = "type")]
+    pub ip_version: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: Option<&'static str>,
+}
+
+impl NetworkFields {
+    fn tcp(ip: IpAddr, direction: Option<&'static str>) -> Self {
+        Self {
+            transport: "tcp",
+            ip_version: if ip.is_ipv4() { "ipv4" } else { "ipv6" },
+            direction,
+        }
+    }
+}
+
+/// ECS `process.*`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProcessFields {
+    pub pid: u32,
+    pub name: String,
+}
+
+/// ECS `container.*`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ContainerFields {
+    pub id: String,
+}
+
+/// ECS `host.*`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HostFields {
+    pub hostname: String,
+}
+
+/// ECS `rule.*`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleFields {
+    pub name: String,
+    /// The policy the rule came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ruleset: Option<String>,
+}
+
+/// `k8s_ebpf.*`: what ECS has no field for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Extension {
+    /// Events this record stands for (1 for a first sighting).
+    pub count: u64,
+    /// True for the record that closes a window and reports its count.
+    #[serde(skip_serializing_if = "is_false")]
+    pub summary: bool,
+    pub component: String,
+    /// Port-scan: the watched ports the peer touched, sorted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<u16>>,
+    /// The kernel hook that saw it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+}
+
+/// One alert or event record.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AlertEvent {
+    #[serde(rename = "@timestamp", serialize_with = "ser_time")]
+    pub timestamp: SystemTime,
+    pub event: EventFields,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<Endpoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Endpoint>,
+    pub network: NetworkFields,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessFields>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerFields>,
+    pub host: HostFields,
+    pub rule: RuleFields,
+    pub message: String,
+    pub k8s_ebpf: Extension,
+}
+
+/// What a record is about, besides the observation.
+#[derive(Clone, Copy, Debug)]
+pub struct Subject<'a> {
+    pub rule_name: &'a str,
+    pub component: &'a str,
+    pub severity: Severity,
+    /// The policy's origin, reported as `rule.ruleset`.
+    pub ruleset: Option<&'a str>,
+    pub hostname: &'a str,
+    pub container_id: Option<&'a str>,
+}
+
+pub fn hook_name(h: HookKind) -> &'static str {
+    match h {
+        HookKind::Tracepoint => "tracepoint",
+        HookKind::Kretprobe => "kretprobe",
+        HookKind::Fexit => "fexit",
+        HookKind::ResetTracepoint => "reset-tracepoint",
+    }
+}
+
+impl AlertEvent {
+    /// The record for one observation (a first sighting: `count` 1).
+    pub fn for_observation(obs: &Observation, action: Action, subject: &Subject<'_>) -> Self {
+        let port = obs.watched_port();
+        let (source, destination, direction) = match obs.kind {
+            EventKind::Outbound => (
+                Some(obs.local.into()),
+                Some(obs.remote.into()),
+                Some("egress"),
+            ),
+            EventKind::Listen | EventKind::ListenClose => (None, Some(obs.local.into()), None),
+            EventKind::Inbound | EventKind::Refused => (
+                Some(obs.remote.into()),
+                Some(obs.local.into()),
+                Some("ingress"),
+            ),
+        };
+        let peer_ip = match obs.kind {
+            EventKind::Listen | EventKind::ListenClose => obs.local.ip(),
+            _ => obs.remote.ip(),
+        };
+        let process = obs.process.as_ref().map(|p| ProcessFields {
+            pid: p.pid,
+            name: p.name.clone(),
+        });
+        let who = obs
+            .process
+            .as_ref()
+            .map(|p| format!("{} (pid {})", p.name, p.pid))
+            .unwrap_or_else(|| "an unknown process".to_owned());
+        let what = format!("{} port {port} ({})", subject.component, subject.rule_name);
+        let message = match action {
+            Action::UnexpectedInbound => format!(
+                "unexpected inbound connection to {what} from {}",
+                obs.remote.ip()
+            ),
+            Action::AllowedInbound => format!(
+                "expected inbound connection to {what} from {}",
+                obs.remote.ip()
+            ),
+            Action::UnexpectedOutbound => format!(
+                "{who} connected to {what} on {}, and is not an expected client",
+                obs.remote.ip()
+            ),
+            Action::AllowedOutbound => format!("{who} connected to {what} on {}", obs.remote.ip()),
+            Action::ExposedListener => format!(
+                "{what} is listening on {} (by {who}): a loopback-only port exposed to the network",
+                obs.local.ip()
+            ),
+            Action::RefusedAttempt => format!(
+                "refused connection attempt to {what} from {}: nothing listens there",
+                obs.remote.ip()
+            ),
+            Action::PortScan => format!("port scan touching {what} from {}", obs.remote.ip()),
+        };
+        Self {
+            timestamp: obs.at,
+            event: event_fields(action, subject.severity),
+            source,
+            destination,
+            network: NetworkFields::tcp(peer_ip, direction),
+            process,
+            container: subject
+                .container_id
+                .map(|id| ContainerFields { id: id.to_owned() }),
+            host: HostFields {
+                hostname: subject.hostname.to_owned(),
+            },
+            rule: RuleFields {
+                name: subject.rule_name.to_owned(),
+                ruleset: subject.ruleset.map(str::to_owned),
+            },
+            message,
+            k8s_ebpf: Extension {
+                count: 1,
+                summary: false,
+                component: subject.component.to_owned(),
+                ports: None,
+                hook: Some(hook_name(obs.hook)),
+                cgroup_id: obs
+                    .process
+                    .as_ref()
+                    .map(|p| p.cgroup_id)
+                    .filter(|&id| id != 0),
+                netns: (obs.netns != 0).then_some(obs.netns),
+            },
+        }
+    }
+
+    /// The `port-scan` record: `peer` touched `ports` (sorted) within `window`.
+    pub fn port_scan(
+        peer: IpAddr,
+        ports: Vec<u16>,
+        count: u64,
+        window: Duration,
+        at: SystemTime,
+        severity: Severity,
+        hostname: &str,
+    ) -> Self {
+        let list = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self {
+            timestamp: at,
+            event: event_fields(Action::PortScan, severity),
+            source: Some(Endpoint {
+                ip: peer,
+                port: None,
+            }),
+            destination: None,
+            network: NetworkFields::tcp(peer, Some("ingress")),
+            process: None,
+            container: None,
+            host: HostFields {
+                hostname: hostname.to_owned(),
+            },
+            rule: RuleFields {
+                name: "port-scan".to_owned(),
+                ruleset: None,
+            },
+            message: format!(
+                "port scan from {peer}: {} watched ports touched within {} ({list})",
+                ports.len(),
+                humantime::format_duration(window)
+            ),
+            k8s_ebpf: Extension {
+                count,
+                summary: false,
+                component: "node".to_owned(),
+                ports: Some(ports),
+                hook: None,
+                cgroup_id: None,
+                netns: None,
+            },
+        }
+    }
+
+    /// The record closing a window: same subject, the window's total `count`, timed at
+    /// `end`, with `event.start`/`event.end` bounding it.
+    pub fn summary(&self, count: u64, start: SystemTime, end: SystemTime) -> Self {
+        let mut s = self.clone();
+        s.timestamp = end;
+        s.event.start = Some(start);
+        s.event.end = Some(end);
+        s.k8s_ebpf.count = count;
+        s.k8s_ebpf.summary = true;
+        let span = end.duration_since(start).unwrap_or(Duration::ZERO);
+        let span = Duration::from_secs(span.as_secs());
+        s.message = format!(
+            "{} ({count} times in {})",
+            self.message,
+            humantime::format_duration(span)
+        );
+        s
+    }
+
+    pub fn kind(&self) -> RecordKind {
+        self.event.kind
+    }
+
+    /// One JSON object, no trailing newline.
+    pub fn to_json_line(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
+    }
+}
+
+fn event_fields(action: Action, severity: Severity) -> EventFields {
+    EventFields {
+        kind: action.record_kind(),
+        category: ["network"],
+        types: action.event_types(),
+        action,
+        module: "k8s_ebpf",
+        severity: severity.ecs_severity(),
+        risk_score: (action.record_kind() == RecordKind::Alert).then(|| severity.risk_score()),
+        start: None,
+        end: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+    use crate::verdict::tests::obs;
+
+    fn subject() -> Subject<'static> {
+        Subject {
+            rule_name: "kubelet",
+            component: "kubelet",
+            severity: Severity::Critical,
+            ruleset: Some("policy.yaml"),
+            hostname: "node-1",
+            container_id: None,
+        }
+    }
+
+    fn parse(a: &AlertEvent) -> Value {
+        let line = a.to_json_line().expect("serializes");
+        assert!(!line.contains('\n'));
+        serde_json::from_str(&line).expect("valid JSON")
+    }
+
+    #[test]
+    fn inbound_alert_nests_like_ecs() {
+        let mut o = obs(
+            EventKind::Inbound,
+            "10.0.0.2:10250",
+            "192.0.2.9:43210",
+            Some("kubelet"),
+        );
+        o.at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let v = parse(&AlertEvent::for_observation(
+            &o,
+            Action::UnexpectedInbound,
+            &subject(),
+        ));
+        assert_eq!(v["@timestamp"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["event"]["kind"], "alert");
+        assert_eq!(v["event"]["category"], serde_json::json!(["network"]));
+        assert_eq!(
+            v["event"]["type"],
+            serde_json::json!(["connection", "start"])
+        );
+        assert_eq!(v["event"]["action"], "unexpected-inbound");
+        assert_eq!(v["event"]["severity"], 99);
+        assert_eq!(v["event"]["risk_score"], 99.0);
+        assert_eq!(v["source"]["ip"], "192.0.2.9");
+        assert_eq!(v["source"]["port"], 43210);
+        assert_eq!(v["destination"]["ip"], "10.0.0.2");
+        assert_eq!(v["destination"]["port"], 10250);
+        assert_eq!(v["network"]["transport"], "tcp");
+        assert_eq!(v["network"]["type"], "ipv4");
+        assert_eq!(v["network"]["direction"], "ingress");
+        assert_eq!(v["process"]["pid"], 4242);
+        assert_eq!(v["process"]["name"], "kubelet");
+        assert_eq!(v["host"]["hostname"], "node-1");
+        assert_eq!(v["rule"]["name"], "kubelet");
+        assert_eq!(v["rule"]["ruleset"], "policy.yaml");
+        assert_eq!(v["k8s_ebpf"]["count"], 1);
+        assert_eq!(v["k8s_ebpf"]["hook"], "tracepoint");
+        assert!(v["k8s_ebpf"].get("summary").is_none());
+        assert!(v.get("container").is_none());
+        assert!(v["event"].get("start").is_none());
+        let msg = v["message"].as_str().expect("message");
+        assert!(
+            msg.contains("kubelet port 10250") && msg.contains("192.0.2.9"),
+            "{msg}"
+        );
+        // No dotted keys: ECS nests.
+        assert!(v
+            .as_object()
+            .expect("object")
+            .keys()
+            .all(|k| !k.contains('.')));
+    }
+
+    #[test]
+    fn outbound_is_egress_from_the_local_side() {
+        let o = obs(
+            EventKind::Outbound,
+            "[fd00::2]:50000",
+            "[fd00::3]:2379",
+            Some("curl"),
+        );
+        let s = Subject {
+            container_id: Some("abc"),
+            ..subject()
+        };
+        let v = parse(&AlertEvent::for_observation(
+            &o,
+            Action::UnexpectedOutbound,
+            &s,
+        ));
+        assert_eq!(v["source"]["ip"], "fd00::2");
+        assert_eq!(v["destination"]["port"], 2379);
+        assert_eq!(v["network"]["type"], "ipv6");
+        assert_eq!(v["network"]["direction"], "egress");
+        assert_eq!(v["container"]["id"], "abc");
+        assert!(v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("curl (pid 4242)")));
+    }
+
+    #[test]
+    fn listener_has_no_source_and_no_direction() {
+        let o = obs(EventKind::Listen, "0.0.0.0:2381", "0.0.0.0:0", None);
+        let v = parse(&AlertEvent::for_observation(
+            &o,
+            Action::ExposedListener,
+            &subject(),
+        ));
+        assert!(v.get("source").is_none());
+        assert!(v.get("process").is_none());
+        assert_eq!(v["destination"]["ip"], "0.0.0.0");
+        assert!(v["network"].get("direction").is_none());
+        assert_eq!(v["event"]["type"], serde_json::json!(["start"]));
+    }
+
+    #[test]
+    fn allowed_events_are_events_without_risk() {
+        let o = obs(EventKind::Inbound, "10.0.0.2:6443", "10.0.0.10:1", None);
+        let v = parse(&AlertEvent::for_observation(
+            &o,
+            Action::AllowedInbound,
+            &subject(),
+        ));
+        assert_eq!(v["event"]["kind"], "event");
+        assert_eq!(
+            v["event"]["type"],
+            serde_json::json!(["connection", "allowed"])
+        );
+        assert!(v["event"].get("risk_score").is_none());
+        assert_eq!(Action::allowed(EventKind::Refused), None);
+    }
+
+    #[test]
+    fn summary_and_port_scan() {
+        let o = obs(EventKind::Refused, "10.0.0.2:10255", "192.0.2.9:1", None);
+        let a = AlertEvent::for_observation(&o, Action::RefusedAttempt, &subject());
+        let end = UNIX_EPOCH + Duration::from_secs(10);
+        let v = parse(&a.summary(57, UNIX_EPOCH, end));
+        assert_eq!(v["k8s_ebpf"]["count"], 57);
+        assert_eq!(v["k8s_ebpf"]["summary"], true);
+        assert_eq!(v["event"]["start"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["event"]["end"], "1970-01-01T00:00:10.000Z");
+        assert!(v["message"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("(57 times in 10s)")));
+
+        let scan = AlertEvent::port_scan(
+            "192.0.2.9".parse().expect("ip"),
+            vec![2379, 6443, 10250],
+            3,
+            Duration::from_secs(60),
+            end,
+            Severity::High,
+            "node-1",
+        );
+        let v = parse(&scan);
+        assert_eq!(v["event"]["action"], "port-scan");
+        assert_eq!(
+            v["k8s_ebpf"]["ports"],
+            serde_json::json!([2379, 6443, 10250])
+        );
+        assert_eq!(v["source"]["ip"], "192.0.2.9");
+        assert!(v["source"].get("port").is_none());
+        assert_eq!(v["rule"]["name"], "port-scan");
+    }
+
+    #[test]
+    fn timestamps_clamp_instead_of_panicking() {
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX) * 100))
+                .starts_with("9999-")
+        );
+    }
+}

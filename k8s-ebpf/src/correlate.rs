@@ -1,0 +1,456 @@
+//! The correlation engine: turns judged observations into alert records over time.
+//!
+//! - **Windows.** The first sighting of a (finding, port, peer) alerts at once. Repeats
+//!   inside the policy's `defaults.window` fold into a count, reported by one summary
+//!   record (`k8s_ebpf.count`, `k8s_ebpf.summary: true`, `event.start`/`event.end`) when
+//!   the window closes. The kernel already deduplicates: its live record counts 1 and its
+//!   window summary carries the kernel window's total *including* that first event, so a
+//!   summary adds `count - 1`. A kernel summary arriving after our window closed opens a
+//!   count-only window (no new alert) that reports at its own close.
+//! - **Port scans.** One peer reaching `defaults.scan.ports` distinct watched ports with
+//!   *unexpected* inbound connections or refused attempts within `defaults.scan.window`
+//!   (a fixed window from its first such contact) raises one `port-scan` alert listing
+//!   the ports. From then until that scan window ends, the peer's per-port
+//!   unexpected-inbound / refused-attempt alerts are suppressed and their counts fold
+//!   into the scan, reported by a closing `port-scan` summary. The per-port alerts sent
+//!   *before* the threshold was crossed have already gone out: that is the price of
+//!   alerting on the first contact at once. Expected peers never count toward a scan, so
+//!   a monitoring host scraping several ports is not a scanner.
+//! - **Allowed events.** With `log_allowed`, expected inbound/outbound connections give
+//!   `event.kind: event` records, windowed the same way.
+//! - **Bounds.** Open windows and tracked scan peers are capped; at the cap the oldest
+//!   entry is evicted (its pending count is lost) and the eviction counted.
+//!
+//! Time is the caller's wall clock (`now`); a clock stepping backwards only delays
+//! window closes. Expiry runs on [`Engine::tick`] and at the start of every
+//! [`Engine::observe`], so records leave in time order.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use crate::{
+    alert::{Action, AlertEvent, RecordKind, Subject},
+    capture::{EventKind, Observation},
+    metrics::Metrics,
+    policy::Policy,
+    ports::Severity,
+    verdict::{judge, ClientContext, Verdict},
+};
+
+pub const DEFAULT_MAX_WINDOWS: usize = 65_536;
+pub const DEFAULT_MAX_SCAN_PEERS: usize = 16_384;
+
+/// How the engine runs, apart from the policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineSettings {
+    /// `host.hostname` on every record.
+    pub hostname: String,
+    /// Emit `event.kind: event` records for expected connections.
+    pub log_allowed: bool,
+    /// Cap on open (finding, port, peer) windows.
+    pub max_windows: usize,
+    /// Cap on peers tracked for port-scan detection.
+    pub max_scan_peers: usize,
+}
+
+impl EngineSettings {
+    pub fn new(hostname: impl Into<String>) -> Self {
+        Self {
+            hostname: hostname.into(),
+            log_allowed: false,
+            max_windows: DEFAULT_MAX_WINDOWS,
+            max_scan_peers: DEFAULT_MAX_SCAN_PEERS,
+        }
+    }
+}
+
+/// What the engine holds and has thrown away.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub open_windows: usize,
+    pub scan_peers: usize,
+    pub windows_evicted: u64,
+    pub scan_peers_evicted: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct WindowKey {
+    action: Action,
+    port: u16,
+    /// The remote peer; for listeners, the bound address.
+    peer: IpAddr,
+}
+
+/// Insertion-ordered position: (open time, sequence) so equal times stay distinct.
+type Slot = (SystemTime, u64);
+
+struct Window {
+    slot: Slot,
+    /// The record that opened it (or would have), cloned into the summary.
+    template: AlertEvent,
+    /// Events seen in the window.
+    total: u64,
+    /// Events already reported by the opening record.
+    reported: u64,
+}
+
+struct ScanPeer {
+    slot: Slot,
+    ports: BTreeSet<u16>,
+    events: u64,
+    /// Events at the moment the scan was declared (`None` until it is).
+    declared_at_events: Option<u64>,
+    severity: Severity,
+}
+
+/// The correlation engine; see the module docs for its rules.
+pub struct Engine {
+    policy: Arc<Policy>,
+    settings: EngineSettings,
+    metrics: Option<Arc<Metrics>>,
+    windows: HashMap<WindowKey, Window>,
+    window_order: BTreeMap<Slot, WindowKey>,
+    scans: HashMap<IpAddr, ScanPeer>,
+    scan_order: BTreeMap<Slot, IpAddr>,
+    seq: u64,
+    windows_evicted: u64,
+    scan_peers_evicted: u64,
+}
+
+fn kind_label(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Inbound => "inbound",
+        EventKind::Outbound => "outbound",
+        EventKind::Listen => "listen",
+        EventKind::ListenClose => "listen_close",
+        EventKind::Refused => "refused",
+    }
+}
+
+/// Events an observation adds: a kernel window summary's count includes the live first
+/// event we were already sent.
+fn added_events(obs: &Observation) -> u64 {
+    if obs.window_summary {
+        obs.count.saturating_sub(1)
+    } else {
+        obs.count.max(1)
+    }
+}
+
+impl Engine {
+    pub fn new(policy: Arc<Policy>, settings: EngineSettings) -> Self {
+        Self {
+            policy,
+            settings,
+            metrics: None,
+            windows: HashMap::new(),
+            window_order: BTreeMap::new(),
+            scans: HashMap::new(),
+            scan_order: BTreeMap::new(),
+            seq: 0,
+            windows_evicted: 0,
+            scan_peers_evicted: 0,
+        }
+    }
+
+    /// Records connections, alerts and evictions in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Swaps the policy (hot reload). Open windows keep the rule they opened under and
+    /// close on the new policy's window length.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            open_windows: self.windows.len(),
+            scan_peers: self.scans.len(),
+            windows_evicted: self.windows_evicted,
+            scan_peers_evicted: self.scan_peers_evicted,
+        }
+    }
+
+    /// [`Engine::observe_with`] with nothing known beyond the observation.
+    pub fn observe(&mut self, obs: &Observation, now: SystemTime) -> Vec<AlertEvent> {
+        self.observe_with(obs, &ClientContext::default(), now)
+    }
+
+    /// Judges one observation and returns the records to emit now (including summaries
+    /// of windows that closed before it).
+    pub fn observe_with(
+        &mut self,
+        obs: &Observation,
+        client: &ClientContext<'_>,
+        now: SystemTime,
+    ) -> Vec<AlertEvent> {
+        let mut out = self.tick(now);
+        let policy = Arc::clone(&self.policy);
+        let Some(judgement) = judge(&policy, obs, client) else {
+            return out;
+        };
+        let rule = judgement.rule;
+        let added = added_events(obs);
+        if let Some(m) = &self.metrics {
+            m.connections
+                .with_label_values(&[
+                    &rule.port.to_string(),
+                    kind_label(obs.kind),
+                    judgement.verdict.as_str(),
+                ])
+                .inc_by(added);
+        }
+        let action = match judgement.verdict {
+            Verdict::Unexpected { reason } => Action::from(reason),
+            Verdict::Expected if self.settings.log_allowed => match Action::allowed(obs.kind) {
+                Some(a) => a,
+                None => return out,
+            },
+            Verdict::Expected => return out,
+        };
+        if added == 0 {
+            return out;
+        }
+        let peer = match obs.kind {
+            EventKind::Listen | EventKind::ListenClose => obs.local.ip(),
+            _ => obs.remote.ip(),
+        };
+
+        if matches!(action, Action::UnexpectedInbound | Action::RefusedAttempt) {
+            let (declared, scan_alert) =
+                self.scan_touch(peer, rule.port, rule.severity, added, obs.at, now);
+            if let Some(a) = scan_alert {
+                out.push(a);
+            }
+            if declared {
+                return out;
+            }
+        }
+
+        let key = WindowKey {
+            action,
+            port: rule.port,
+            peer,
+        };
+        if let Some(w) = self.windows.get_mut(&key) {
+            w.total += added;
+            return out;
+        }
+        let subject = Subject {
+            rule_name: &rule.name,
+            component: &rule.component,
+            severity: rule.severity,
+            ruleset: Some(policy.origin()),
+            hostname: &self.settings.hostname,
+            container_id: client.container_id,
+        };
+        let mut record = AlertEvent::for_observation(obs, action, &subject);
+        let reported = if obs.window_summary {
+            // Our window for this already closed; report the rest at this one's close.
+            0
+        } else {
+            record.k8s_ebpf.count = added;
+            if let Some(m) = &self.metrics {
+                if action.record_kind() == RecordKind::Alert {
+                    m.record_alert(&rule.name, action.as_str());
+                }
+            }
+            out.push(record.clone());
+            added
+        };
+        self.open_window(key, record, added, reported, now);
+        out
+    }
+
+    /// Closes every window and scan whose time is up; returns their summaries.
+    pub fn tick(&mut self, now: SystemTime) -> Vec<AlertEvent> {
+        self.close(now, false)
+    }
+
+    /// Closes every open window and scan now (at shutdown), so no folded count is lost.
+    pub fn close_all(&mut self, now: SystemTime) -> Vec<AlertEvent> {
+        self.close(now, true)
+    }
+
+    fn close(&mut self, now: SystemTime, all: bool) -> Vec<AlertEvent> {
+        let mut out = Vec::new();
+        let window = self.policy.window();
+        while let Some((&slot, &key)) = self.window_order.first_key_value() {
+            if !all && !expired(slot.0, window, now) {
+                break;
+            }
+            self.window_order.remove(&slot);
+            if let Some(w) = self.windows.remove(&key) {
+                if w.total > w.reported {
+                    out.push(w.template.summary(w.total, slot.0, now));
+                }
+            }
+        }
+        let scan_window = self.policy.scan().window;
+        while let Some((&slot, &peer)) = self.scan_order.first_key_value() {
+            if !all && !expired(slot.0, scan_window, now) {
+                break;
+            }
+            self.scan_order.remove(&slot);
+            if let Some(s) = self.scans.remove(&peer) {
+                if s.declared_at_events.is_some_and(|at| s.events > at) {
+                    let scan = self.scan_record(peer, &s, now);
+                    out.push(scan.summary(s.events, slot.0, now));
+                }
+            }
+        }
+        out
+    }
+
+    fn next_slot(&mut self, at: SystemTime) -> Slot {
+        self.seq += 1;
+        (at, self.seq)
+    }
+
+    fn open_window(
+        &mut self,
+        key: WindowKey,
+        template: AlertEvent,
+        total: u64,
+        reported: u64,
+        now: SystemTime,
+    ) {
+        while self.windows.len() >= self.settings.max_windows.max(1) {
+            let Some((_, oldest)) = self.window_order.pop_first() else {
+                break;
+            };
+            self.windows.remove(&oldest);
+            self.windows_evicted += 1;
+            if let Some(m) = &self.metrics {
+                m.correlation_evictions
+                    .with_label_values(&["windows"])
+                    .inc();
+            }
+        }
+        let slot = self.next_slot(now);
+        self.window_order.insert(slot, key);
+        self.windows.insert(
+            key,
+            Window {
+                slot,
+                template,
+                total,
+                reported,
+            },
+        );
+    }
+
+    /// Counts an unexpected contact from `peer` toward a port scan. Returns whether the
+    /// peer is (now) a declared scanner, and the `port-scan` alert if this contact
+    /// declared it.
+    fn scan_touch(
+        &mut self,
+        peer: IpAddr,
+        port: u16,
+        severity: Severity,
+        added: u64,
+        at: SystemTime,
+        now: SystemTime,
+    ) -> (bool, Option<AlertEvent>) {
+        if !self.scans.contains_key(&peer) {
+            while self.scans.len() >= self.settings.max_scan_peers.max(1) {
+                let Some((_, oldest)) = self.scan_order.pop_first() else {
+                    break;
+                };
+                self.scans.remove(&oldest);
+                self.scan_peers_evicted += 1;
+                if let Some(m) = &self.metrics {
+                    m.correlation_evictions
+                        .with_label_values(&["scan_peers"])
+                        .inc();
+                }
+            }
+            let slot = self.next_slot(now);
+            self.scan_order.insert(slot, peer);
+            self.scans.insert(
+                peer,
+                ScanPeer {
+                    slot,
+                    ports: BTreeSet::new(),
+                    events: 0,
+                    declared_at_events: None,
+                    severity,
+                },
+            );
+        }
+        let threshold = self.policy.scan().ports;
+        let Some(s) = self.scans.get_mut(&peer) else {
+            return (false, None);
+        };
+        s.ports.insert(port);
+        s.events += added;
+        s.severity = s.severity.max(severity);
+        if s.declared_at_events.is_some() {
+            return (true, None);
+        }
+        if s.ports.len() < threshold {
+            return (false, None);
+        }
+        s.declared_at_events = Some(s.events);
+        let snapshot = ScanPeer {
+            slot: s.slot,
+            ports: s.ports.clone(),
+            events: s.events,
+            declared_at_events: s.declared_at_events,
+            severity: s.severity,
+        };
+        // The peer's open per-port windows end here: their pending counts belong to the
+        // scan now, and nothing more will be reported under them.
+        let swallowed: Vec<WindowKey> = self
+            .windows
+            .keys()
+            .filter(|k| {
+                k.peer == peer
+                    && matches!(k.action, Action::UnexpectedInbound | Action::RefusedAttempt)
+            })
+            .copied()
+            .collect();
+        for k in swallowed {
+            if let Some(w) = self.windows.remove(&k) {
+                self.window_order.remove(&w.slot);
+            }
+        }
+        let mut alert = self.scan_record(peer, &snapshot, at);
+        alert.k8s_ebpf.count = snapshot.events;
+        if let Some(m) = &self.metrics {
+            m.record_alert("port-scan", Action::PortScan.as_str());
+        }
+        (true, Some(alert))
+    }
+
+    fn scan_record(&self, peer: IpAddr, s: &ScanPeer, at: SystemTime) -> AlertEvent {
+        let scan = self.policy.scan();
+        AlertEvent::port_scan(
+            peer,
+            s.ports.iter().copied().collect(),
+            s.events,
+            scan.window,
+            at,
+            s.severity.max(Severity::High),
+            &self.settings.hostname,
+        )
+    }
+}
+
+fn expired(opened: SystemTime, window: Duration, now: SystemTime) -> bool {
+    opened.checked_add(window).is_some_and(|end| end <= now)
+}
+
+#[cfg(test)]
+mod tests;

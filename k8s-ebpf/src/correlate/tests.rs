@@ -1,0 +1,293 @@
+use std::time::UNIX_EPOCH;
+
+use serde_json::Value;
+
+use super::*;
+use crate::verdict::tests::obs;
+
+const POLICY: &str = "\
+version: 1
+defaults:
+  window: 10s
+  scan: {ports: 3, window: 60s}
+peers:
+  cp: [10.0.0.10]
+rules:
+  - {name: etcd-client, port: 2379, expected_peers: [loopback, \"@cp\"]}
+  - {name: kube-apiserver, port: 6443, expected_peers: [loopback, \"@cp\"]}
+  - {name: kubelet, port: 10250, expected_peers: [loopback, \"@cp\"], expected_clients: {processes: [kube-apiserver]}}
+  - {name: kubelet-readonly, port: 10255, expected_peers: [loopback]}
+  - {name: etcd-metrics, port: 2381, bind: loopback, expected_peers: [loopback]}
+";
+
+fn t(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+fn engine() -> Engine {
+    Engine::new(
+        Arc::new(Policy::parse(POLICY, "t.yaml").expect("policy")),
+        EngineSettings::new("node-1"),
+    )
+}
+
+fn inbound(port: u16, peer: &str) -> Observation {
+    obs(
+        EventKind::Inbound,
+        &format!("10.0.0.2:{port}"),
+        &format!("{peer}:40000"),
+        None,
+    )
+}
+
+fn json(a: &AlertEvent) -> Value {
+    serde_json::from_str(&a.to_json_line().expect("serializes")).expect("json")
+}
+
+fn actions(records: &[AlertEvent]) -> Vec<&'static str> {
+    records.iter().map(|r| r.event.action.as_str()).collect()
+}
+
+#[test]
+fn first_sighting_alerts_at_once_and_repeats_fold_into_a_summary() {
+    let mut e = engine();
+    let o = inbound(10250, "192.0.2.9");
+    let first = e.observe(&o, t(0));
+    assert_eq!(actions(&first), ["unexpected-inbound"]);
+    assert_eq!(first[0].k8s_ebpf.count, 1);
+    assert_eq!(first[0].rule.name, "kubelet");
+    for s in 1..5 {
+        assert!(e.observe(&o, t(s)).is_empty());
+    }
+    assert!(e.tick(t(9)).is_empty(), "window still open");
+    let closed = e.tick(t(10));
+    assert_eq!(actions(&closed), ["unexpected-inbound"]);
+    let v = json(&closed[0]);
+    assert_eq!(v["k8s_ebpf"]["count"], 5);
+    assert_eq!(v["k8s_ebpf"]["summary"], true);
+    assert_eq!(e.stats().open_windows, 0);
+    // A new window alerts again at once.
+    assert_eq!(e.observe(&o, t(11)).len(), 1);
+}
+
+#[test]
+fn a_lone_sighting_has_no_summary() {
+    let mut e = engine();
+    assert_eq!(e.observe(&inbound(6443, "192.0.2.9"), t(0)).len(), 1);
+    assert!(e.tick(t(30)).is_empty());
+}
+
+#[test]
+fn kernel_window_summaries_add_their_counts() {
+    let mut e = engine();
+    let live = inbound(2379, "192.0.2.9");
+    let mut summary = live.clone();
+    summary.window_summary = true;
+    summary.count = 100;
+    assert_eq!(e.observe(&live, t(0)).len(), 1);
+    assert!(e.observe(&summary, t(5)).is_empty());
+    let closed = e.tick(t(10));
+    assert_eq!(closed.len(), 1);
+    assert_eq!(
+        closed[0].k8s_ebpf.count, 100,
+        "1 live + 99 more from the kernel"
+    );
+
+    // A kernel summary after our window closed: no new alert, reported at its close.
+    assert!(e.observe(&summary, t(12)).is_empty());
+    let late = e.tick(t(22));
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0].k8s_ebpf.count, 99);
+    assert!(late[0].k8s_ebpf.summary);
+}
+
+#[test]
+fn expected_contacts_are_silent_unless_log_allowed() {
+    let mut e = engine();
+    let ok = inbound(10250, "10.0.0.10");
+    assert!(e.observe(&ok, t(0)).is_empty());
+
+    let mut settings = EngineSettings::new("node-1");
+    settings.log_allowed = true;
+    let mut e = Engine::new(Arc::clone(e.policy()), settings);
+    let recs = e.observe(&ok, t(0));
+    assert_eq!(actions(&recs), ["allowed-inbound"]);
+    assert_eq!(recs[0].kind(), RecordKind::Event);
+    let out = obs(
+        EventKind::Outbound,
+        "10.0.0.2:5000",
+        "10.0.0.3:10250",
+        Some("kube-apiserver"),
+    );
+    assert_eq!(actions(&e.observe(&out, t(1))), ["allowed-outbound"]);
+    // Listener open/close never produce allowed events.
+    let close = obs(EventKind::ListenClose, "0.0.0.0:2381", "0.0.0.0:0", None);
+    assert!(e.observe(&close, t(2)).is_empty());
+}
+
+#[test]
+fn outbound_listen_and_refused_findings() {
+    let mut e = engine();
+    let out = obs(
+        EventKind::Outbound,
+        "10.0.0.2:5000",
+        "10.0.0.3:10250",
+        Some("curl"),
+    );
+    let r = e.observe(&out, t(0));
+    assert_eq!(actions(&r), ["unexpected-outbound"]);
+    assert_eq!(json(&r[0])["process"]["name"], "curl");
+
+    let listen = obs(EventKind::Listen, "0.0.0.0:2381", "0.0.0.0:0", Some("etcd"));
+    assert_eq!(actions(&e.observe(&listen, t(1))), ["exposed-listener"]);
+
+    let refused = obs(EventKind::Refused, "10.0.0.2:10255", "192.0.2.1:1", None);
+    assert_eq!(actions(&e.observe(&refused, t(2))), ["refused-attempt"]);
+}
+
+#[test]
+fn unwatched_ports_are_ignored() {
+    let mut e = engine();
+    assert!(e.observe(&inbound(22, "192.0.2.9"), t(0)).is_empty());
+    assert_eq!(e.stats(), EngineStats::default());
+}
+
+#[test]
+fn port_scan_is_declared_once_and_suppresses_per_port_alerts() {
+    let mut e = engine();
+    let peer = "192.0.2.66";
+    assert_eq!(
+        actions(&e.observe(&inbound(2379, peer), t(0))),
+        ["unexpected-inbound"]
+    );
+    let refused = obs(
+        EventKind::Refused,
+        "10.0.0.2:10255",
+        &format!("{peer}:1"),
+        None,
+    );
+    assert_eq!(actions(&e.observe(&refused, t(1))), ["refused-attempt"]);
+    let scan = e.observe(&inbound(6443, peer), t(2));
+    assert_eq!(
+        actions(&scan),
+        ["port-scan"],
+        "the third port declares the scan"
+    );
+    let v = json(&scan[0]);
+    assert_eq!(
+        v["k8s_ebpf"]["ports"],
+        serde_json::json!([2379, 6443, 10255])
+    );
+    assert_eq!(v["source"]["ip"], peer);
+    assert_eq!(v["event"]["severity"], 99, "max of the touched rules");
+
+    // After the declaration: no per-port alerts, not even for new ports or repeats.
+    assert!(e.observe(&inbound(10250, peer), t(3)).is_empty());
+    assert!(e.observe(&inbound(2379, peer), t(4)).is_empty());
+    // The suppressed per-port windows report nothing at their close.
+    assert!(e.tick(t(20)).is_empty());
+    // The scan window's close reports the whole scan.
+    let closed = e.tick(t(60));
+    assert_eq!(actions(&closed), ["port-scan"]);
+    let v = json(&closed[0]);
+    assert_eq!(
+        v["k8s_ebpf"]["ports"],
+        serde_json::json!([2379, 6443, 10250, 10255])
+    );
+    assert_eq!(v["k8s_ebpf"]["count"], 5);
+    assert_eq!(v["k8s_ebpf"]["summary"], true);
+
+    // A new scan window starts afresh.
+    assert_eq!(
+        actions(&e.observe(&inbound(2379, peer), t(61))),
+        ["unexpected-inbound"]
+    );
+}
+
+#[test]
+fn expected_peers_never_count_as_scanners() {
+    let mut e = engine();
+    for (i, port) in [2379, 6443, 10250].into_iter().enumerate() {
+        assert!(e
+            .observe(&inbound(port, "10.0.0.10"), t(i as u64))
+            .is_empty());
+    }
+    assert_eq!(e.stats().scan_peers, 0);
+}
+
+#[test]
+fn scan_threshold_counts_distinct_ports_only() {
+    let mut e = engine();
+    for s in 0..10 {
+        let r = e.observe(&inbound(2379, "192.0.2.7"), t(s));
+        assert!(actions(&r).iter().all(|a| *a != "port-scan"));
+    }
+}
+
+#[test]
+fn tracked_state_is_bounded_and_evictions_counted() {
+    let metrics = Arc::new(Metrics::new());
+    let mut settings = EngineSettings::new("node-1");
+    settings.max_windows = 2;
+    settings.max_scan_peers = 2;
+    let mut e =
+        Engine::new(Arc::clone(engine().policy()), settings).with_metrics(Arc::clone(&metrics));
+    for (i, peer) in ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(e.observe(&inbound(2379, peer), t(i as u64)).len(), 1);
+    }
+    let stats = e.stats();
+    assert_eq!((stats.open_windows, stats.scan_peers), (2, 2));
+    assert_eq!((stats.windows_evicted, stats.scan_peers_evicted), (2, 2));
+    let text = metrics.encode_text();
+    assert!(
+        text.contains("k8s_ebpf_correlation_evictions_total{table=\"windows\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("k8s_ebpf_correlation_evictions_total{table=\"scan_peers\"} 2"),
+        "{text}"
+    );
+}
+
+#[test]
+fn metrics_count_connections_and_alerts() {
+    let metrics = Arc::new(Metrics::new());
+    let mut e = engine().with_metrics(Arc::clone(&metrics));
+    let o = inbound(10250, "192.0.2.9");
+    e.observe(&o, t(0));
+    e.observe(&o, t(1));
+    e.observe(&inbound(10250, "10.0.0.10"), t(2));
+    let text = metrics.encode_text();
+    assert!(
+        text.contains("k8s_ebpf_connections_total{direction=\"inbound\",port=\"10250\",verdict=\"unexpected\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("k8s_ebpf_connections_total{direction=\"inbound\",port=\"10250\",verdict=\"expected\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("k8s_ebpf_alerts_total{action=\"unexpected-inbound\",rule=\"kubelet\"} 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn policy_hot_reload_changes_verdicts() {
+    let mut e = engine();
+    let o = inbound(10250, "192.0.2.9");
+    assert_eq!(e.observe(&o, t(0)).len(), 1);
+    let relaxed =
+        "version: 1\nrules:\n  - {name: kubelet, port: 10250, expected_peers: [192.0.2.10/32]}\n";
+    e.set_policy(Arc::new(
+        Policy::parse(relaxed, "new.yaml").expect("policy"),
+    ));
+    assert!(e.observe(&inbound(10250, "192.0.2.10"), t(1)).is_empty());
+    // Still unexpected: folds into the window opened under the old policy, which reports.
+    assert!(e.observe(&o, t(2)).is_empty());
+    assert_eq!(e.tick(t(10)).len(), 1);
+    assert_eq!(e.policy().origin(), "new.yaml");
+}

@@ -1,0 +1,432 @@
+//! `k8s-ebpf run`: the long-running daemon that ties the pieces together.
+//!
+//! ```text
+//! Capture (kernel) ─▶ Reader ─▶ mpsc ─▶ this loop: Engine::observe ─▶ AlertSender ─▶ writer
+//!                                          │  every second: Engine::tick, kernel counters → metrics
+//!                                          │  SIGHUP / file change: policy reload (kernel map + engine)
+//!                                          └─ SIGTERM / SIGINT: drain, report open windows, exit 0
+//! ```
+//!
+//! Start-up order is chosen so that a failure is reported before anything runs half-way:
+//! the policy is parsed first (a bad file is a usage error), then the metrics server binds
+//! (so `/healthz` answers while the kernel side loads), then the alert output opens, then
+//! the programs attach and readiness turns on.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, watch},
+};
+use tracing::{info, warn};
+
+use crate::{
+    capture::{
+        reader::{Reader, ReaderStats},
+        AttachMode, Capture, CaptureConfig, KernelCounters, NetnsScope, Observation,
+    },
+    correlate::{Engine, EngineSettings},
+    metrics::{Metrics, MetricsServer, Readiness},
+    output::{self, AlertSender, Destination, OutputSettings},
+    policy::{Policy, PolicyErrors},
+    verdict::ClientContext,
+};
+use k8s_ebpf_common::{counter, EventKind};
+
+/// How often the policy file is re-read to notice changes (ConfigMap volume updates swap
+/// a symlink, which inotify on the file itself would miss; a read every 2 s is cheap).
+pub const POLICY_POLL: Duration = Duration::from_secs(2);
+
+/// Everything `run` needs, already validated by the command line.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// `None`: the embedded default policy.
+    pub policy_path: Option<PathBuf>,
+    pub attach: AttachMode,
+    pub netns: NetnsScope,
+    /// `None`: no metrics or health endpoint.
+    pub metrics_addr: Option<SocketAddr>,
+    pub output: Destination,
+    pub log_allowed: bool,
+    pub ring_bytes: u32,
+    pub hostname: String,
+}
+
+/// A configuration problem the user must fix (exit status 64), as opposed to a runtime
+/// failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Loads the policy named on the command line, or the embedded default.
+pub fn load_policy(path: Option<&Path>) -> Result<Policy, PolicyErrors> {
+    match path {
+        Some(p) => Policy::read_file(p),
+        None => Ok(Policy::embedded_default()),
+    }
+}
+
+/// The node name for `host.hostname`: `NODE_NAME` (set from the downward API in the
+/// DaemonSet), else the kernel's hostname.
+pub fn default_hostname() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let policy = load_policy(config.policy_path.as_deref())
+        .map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
+    let policy = Arc::new(policy);
+    info!(
+        policy = policy.origin(),
+        ports = ?policy.watched_ports(),
+        "policy loaded"
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::new());
+    metrics.record_policy_reload(true);
+    readiness.set_policy_loaded(true);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = match config.metrics_addr {
+        Some(addr) => {
+            let server = MetricsServer::bind(addr, Arc::clone(&metrics), Arc::clone(&readiness))
+                .await
+                .with_context(|| format!("metrics endpoint on {addr}"))?;
+            info!(addr = %server.local_addr()?, "serving /metrics, /healthz and /readyz");
+            let mut rx = stop_rx.clone();
+            Some(tokio::spawn(server.run(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })))
+        }
+        None => None,
+    };
+
+    let (sender, output_handle) = output::spawn(
+        OutputSettings::new(config.output.clone()),
+        Some(Arc::clone(&metrics)),
+    )?;
+
+    let capture_config = CaptureConfig {
+        attach: config.attach,
+        netns: config.netns,
+        window: policy.window(),
+        ring_bytes: config.ring_bytes,
+    };
+    let (mut capture, streams) = Capture::load(&capture_config, &policy.watched_ports())?;
+    info!(
+        inbound = capture.inbound().as_str(),
+        refused = capture.captures_refused(),
+        netns = capture.netns(),
+        "kernel programs attached"
+    );
+    metrics.set_attach_mechanism(capture.inbound().as_str());
+    readiness.set_attached(true);
+
+    let reader_stats = Arc::new(ReaderStats::default());
+    let reader = Reader::new(streams, Arc::clone(&reader_stats)).context("ring buffer")?;
+    let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(4096);
+    let reader_task = tokio::spawn(reader.run(obs_tx, stop_rx.clone()));
+
+    let mut engine = Engine::new(Arc::clone(&policy), {
+        let mut s = EngineSettings::new(config.hostname.clone());
+        s.log_allowed = config.log_allowed;
+        s
+    })
+    .with_metrics(Arc::clone(&metrics));
+
+    // The listeners already there: a wide bind on a loopback-only port is an alert at
+    // start, not only when the next one binds.
+    let mut inventory = Inventory::default();
+    inventory.rescan(&policy.watched_ports(), &metrics);
+    for obs in inventory.start_observations() {
+        emit(&sender, &mut engine, &obs).await;
+    }
+
+    let mut reload = PolicyWatch::new(config.policy_path.clone(), &policy);
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(POLICY_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drops = DropWatch::default();
+
+    loop {
+        tokio::select! {
+            obs = obs_rx.recv() => match obs {
+                Some(obs) => {
+                    inventory.track(&obs, &metrics);
+                    emit(&sender, &mut engine, &obs).await;
+                }
+                None => {
+                    warn!("the ring-buffer reader stopped");
+                    break;
+                }
+            },
+            _ = tick.tick() => {
+                for alert in engine.tick(SystemTime::now()) {
+                    sender.send(alert).await;
+                }
+                match capture.counters() {
+                    Ok(c) => drops.update(&c, &reader_stats, &metrics),
+                    Err(e) => warn!(error = %e, "cannot read the kernel counters"),
+                }
+            }
+            _ = poll.tick() => reload.check(false, &mut capture, &mut engine, &metrics),
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the policy");
+                reload.check(true, &mut capture, &mut engine, &metrics);
+            }
+            _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { info!("SIGINT: stopping"); break; }
+        }
+    }
+
+    // Shutdown: stop reading, report what the kernel still holds, close every window.
+    readiness.set_attached(false);
+    let _ = stop_tx.send(true);
+    while let Some(obs) = obs_rx.recv().await {
+        emit(&sender, &mut engine, &obs).await;
+    }
+    match reader_task.await {
+        Ok(Err(e)) => warn!(error = %e, "ring-buffer reader failed"),
+        Err(e) => warn!(error = %e, "ring-buffer reader panicked"),
+        Ok(Ok(())) => {}
+    }
+    for alert in engine.close_all(SystemTime::now()) {
+        sender.send(alert).await;
+    }
+    if let Ok(c) = capture.counters() {
+        drops.update(&c, &reader_stats, &metrics);
+    }
+    drop(sender);
+    let counts = output_handle.finish().await?;
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    info!(
+        written = counts.written,
+        dropped_alerts = counts.dropped_alerts,
+        write_errors = counts.write_errors,
+        "stopped"
+    );
+    Ok(())
+}
+
+async fn emit(sender: &AlertSender, engine: &mut Engine, obs: &Observation) {
+    let cgroup = obs
+        .process
+        .as_ref()
+        .filter(|_| obs.kind == EventKind::Outbound)
+        .and_then(|p| proc_cgroup(p.pid));
+    let container = cgroup.as_deref().and_then(container_id);
+    let client = ClientContext {
+        cgroup_path: cgroup.as_deref(),
+        container_id: container,
+    };
+    for alert in engine.observe_with(obs, &client, SystemTime::now()) {
+        sender.send(alert).await;
+    }
+}
+
+/// The cgroup v2 path of a process (`0::/kubepods/...`), if it still exists.
+fn proc_cgroup(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// The container id in a cgroup path: the last 64-hex-digit run in it, as containerd,
+/// CRI-O and Docker name their scopes (`cri-containerd-<id>.scope`, `crio-<id>.scope`,
+/// `/docker/<id>`).
+pub fn container_id(cgroup_path: &str) -> Option<&str> {
+    cgroup_path
+        .rsplit(|c: char| !c.is_ascii_hexdigit())
+        .find(|s| s.len() == 64)
+}
+
+/// Notices policy changes: a poll of the file's contents, or SIGHUP. A policy that does
+/// not parse, or a file that disappeared, keeps the last good policy running.
+struct PolicyWatch {
+    path: Option<PathBuf>,
+    last_text: Option<String>,
+    /// The last failure reported, so a broken file warns once, not every poll.
+    last_error: Option<String>,
+}
+
+impl PolicyWatch {
+    fn new(path: Option<PathBuf>, _current: &Policy) -> Self {
+        let last_text = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
+        Self {
+            path,
+            last_text,
+            last_error: None,
+        }
+    }
+
+    fn check(&mut self, forced: bool, capture: &mut Capture, engine: &mut Engine, m: &Metrics) {
+        let Some(path) = &self.path else {
+            if forced {
+                info!("no policy file: the embedded default stays");
+            }
+            return;
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = format!("cannot read {}: {e}", path.display());
+                if forced || self.last_error.as_deref() != Some(msg.as_str()) {
+                    warn!("{msg}; keeping the last good policy");
+                    m.record_policy_reload(false);
+                    self.last_error = Some(msg);
+                }
+                return;
+            }
+        };
+        if !forced && self.last_text.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        self.last_text = Some(text.clone());
+        match Policy::parse(&text, &path.display().to_string()) {
+            Ok(policy) => {
+                let old_window = engine.policy().window();
+                let ports = policy.watched_ports();
+                if let Err(e) = capture.set_watched_ports(&ports) {
+                    warn!(error = %e, "cannot update the kernel's watched ports; keeping the last good policy");
+                    m.record_policy_reload(false);
+                    return;
+                }
+                if policy.window() != old_window {
+                    warn!(
+                        old = ?old_window, new = ?policy.window(),
+                        "the in-kernel dedup window is fixed at load; the new window applies to alerts now and to the kernel after a restart"
+                    );
+                }
+                info!(ports = ?ports, "policy reloaded from {}", path.display());
+                engine.set_policy(Arc::new(policy));
+                m.record_policy_reload(true);
+                self.last_error = None;
+            }
+            Err(errors) => {
+                let msg = errors.to_string();
+                if forced || self.last_error.as_deref() != Some(msg.as_str()) {
+                    warn!("policy reload failed; keeping the last good policy:\n{msg}");
+                    m.record_policy_reload(false);
+                    self.last_error = Some(msg);
+                }
+            }
+        }
+    }
+}
+
+/// Turns growth of the kernel's loss counters into metrics and a warning line.
+#[derive(Default)]
+struct DropWatch {
+    ringbuf_full: u64,
+    decode_errors: u64,
+}
+
+impl DropWatch {
+    fn update(&mut self, c: &KernelCounters, reader: &ReaderStats, m: &Metrics) {
+        for (name, value) in c.named() {
+            m.set_kernel_counter(name, value);
+        }
+        let full = c.get(counter::RINGBUF_FULL);
+        if full > self.ringbuf_full {
+            warn!(
+                lost = full - self.ringbuf_full,
+                total = full,
+                "ring buffer full: kernel records were dropped (raise --ring-bytes)"
+            );
+            self.ringbuf_full = full;
+        }
+        let decode = reader.decode_errors.load(Ordering::Relaxed);
+        if decode > self.decode_errors {
+            m.decode_errors.inc_by(decode - self.decode_errors);
+            self.decode_errors = decode;
+        }
+    }
+}
+
+/// The listeners on watched ports, from a sock_diag scan at start, kept current by the
+/// kernel's listen / listen-close records; published as the `listeners` gauge.
+#[derive(Default)]
+struct Inventory {
+    listeners: BTreeSet<SocketAddr>,
+}
+
+impl Inventory {
+    fn rescan(&mut self, _ports: &BTreeSet<u16>, m: &Metrics) {
+        self.publish(m);
+    }
+
+    /// Listen observations for the listeners found at start, so the policy judges them.
+    fn start_observations(&self) -> Vec<Observation> {
+        Vec::new()
+    }
+
+    fn track(&mut self, obs: &Observation, m: &Metrics) {
+        match obs.kind {
+            EventKind::Listen => {
+                self.listeners.insert(obs.local);
+            }
+            EventKind::ListenClose => {
+                self.listeners.remove(&obs.local);
+            }
+            _ => return,
+        }
+        self.publish(m);
+    }
+
+    fn publish(&self, m: &Metrics) {
+        m.listeners.reset();
+        for addr in &self.listeners {
+            let component = crate::ports::lookup(addr.port()).map_or("unknown", |p| p.component);
+            let scope = if crate::policy::is_loopback(addr.ip()) {
+                "loopback"
+            } else {
+                "any"
+            };
+            m.listeners
+                .with_label_values(&[&addr.port().to_string(), component, scope])
+                .inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::container_id;
+
+    #[test]
+    fn container_ids_from_cgroup_paths() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            container_id(&format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-{id}.scope")),
+            Some(id)
+        );
+        assert_eq!(container_id(&format!("/docker/{id}")), Some(id));
+        assert_eq!(
+            container_id("/user.slice/user-0.slice/session-1.scope"),
+            None
+        );
+    }
+}

@@ -1,0 +1,274 @@
+//! Every Prometheus metric the daemon exports, defined once here with its help text and
+//! labels (prefix `k8s_ebpf_`; never a peer address as a label: label values come from
+//! the policy and fixed vocabularies, so cardinality stays bounded), plus the HTTP
+//! server that exposes them ([`server`]).
+
+pub mod server;
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+pub use self::server::{MetricsServer, MetricsServerError, Readiness, DEFAULT_METRICS_ADDR};
+
+/// The kernel's per-CPU outcome counters, as `k8s_ebpf_kernel_events_total{outcome}`.
+pub const KERNEL_OUTCOMES: &[&str] = &[
+    "filtered",
+    "seen",
+    "emitted",
+    "deduplicated",
+    "ringbuf_full",
+    "read_errors",
+    "dedup_update_errors",
+];
+
+/// The daemon's metrics and the registry they live in.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Observations judged, by watched port, direction and verdict.
+    pub connections: IntCounterVec,
+    /// Alerts raised, by rule and action: first sightings and port-scan declarations
+    /// (window summaries report counts of the same alert and are not counted again).
+    pub alerts: IntCounterVec,
+    /// Kernel outcome counters (set absolutely with [`Metrics::set_kernel_counter`]).
+    pub kernel_events: IntCounterVec,
+    /// Records the output dropped, by kind (`alert` / `event`).
+    pub output_dropped: IntCounterVec,
+    pub output_write_errors: IntCounter,
+    /// Policy loads and reloads, by result (`ok` / `error`).
+    pub policy_reloads: IntCounterVec,
+    /// 1 for the inbound attach mechanism in use.
+    pub attach_info: IntGaugeVec,
+    /// 1, labelled with the daemon's version.
+    pub build_info: IntGaugeVec,
+    /// Current listeners on watched ports, by port, component and scope (`loopback`/`any`).
+    pub listeners: IntGaugeVec,
+    /// Ring-buffer records that could not be decoded.
+    pub decode_errors: IntCounter,
+    /// Correlation state dropped to stay within bounds, by table (`windows` / `scan_peers`).
+    pub correlation_evictions: IntCounterVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric names are unique");
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Defines every metric in a fresh registry. The definitions are constants, so the
+    /// `expect`s here can only fire on a programming error (covered by the unit tests).
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let m = Self {
+            connections: counter_vec(
+                &r,
+                "k8s_ebpf_connections_total",
+                "Observations on watched ports, by port, direction and policy verdict.",
+                &["port", "direction", "verdict"],
+            ),
+            alerts: counter_vec(
+                &r,
+                "k8s_ebpf_alerts_total",
+                "Alerts raised (first sightings and scan declarations; window summaries are not counted), by rule and action.",
+                &["rule", "action"],
+            ),
+            kernel_events: counter_vec(
+                &r,
+                "k8s_ebpf_kernel_events_total",
+                "Kernel-side outcome counters, summed over CPUs.",
+                &["outcome"],
+            ),
+            output_dropped: counter_vec(
+                &r,
+                "k8s_ebpf_output_dropped_total",
+                "Records dropped because the output queue was full, by record kind.",
+                &["kind"],
+            ),
+            output_write_errors: counter(
+                &r,
+                "k8s_ebpf_output_write_errors_total",
+                "Records that could not be written to the output and went to stderr instead.",
+            ),
+            policy_reloads: counter_vec(
+                &r,
+                "k8s_ebpf_policy_reloads_total",
+                "Policy loads and reloads, by result.",
+                &["result"],
+            ),
+            attach_info: gauge_vec(
+                &r,
+                "k8s_ebpf_attach_info",
+                "1 for the inbound hook mechanism attached.",
+                &["mechanism"],
+            ),
+            build_info: gauge_vec(
+                &r,
+                "k8s_ebpf_build_info",
+                "1, labelled with the k8s-ebpf version.",
+                &["version"],
+            ),
+            listeners: gauge_vec(
+                &r,
+                "k8s_ebpf_listeners",
+                "Listening sockets on watched ports, by port, component and bind scope.",
+                &["port", "component", "scope"],
+            ),
+            decode_errors: counter(
+                &r,
+                "k8s_ebpf_decode_errors_total",
+                "Ring-buffer records that could not be decoded.",
+            ),
+            correlation_evictions: counter_vec(
+                &r,
+                "k8s_ebpf_correlation_evictions_total",
+                "Correlation entries evicted to stay within their bound, by table.",
+                &["table"],
+            ),
+            registry: r,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for outcome in KERNEL_OUTCOMES {
+            m.kernel_events.with_label_values(&[outcome]).reset();
+        }
+        m
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Sets a kernel outcome counter to `total` (the sum of the per-CPU values). The
+    /// counter only moves up by the difference; if the kernel's count went backwards
+    /// (maps recreated) it restarts from `total`, which Prometheus reads as a reset.
+    pub fn set_kernel_counter(&self, outcome: &str, total: u64) {
+        let c = self.kernel_events.with_label_values(&[outcome]);
+        let current = c.get();
+        if total >= current {
+            c.inc_by(total - current);
+        } else {
+            c.reset();
+            c.inc_by(total);
+        }
+    }
+
+    /// Marks `mechanism` as the attached inbound hook (and no other).
+    pub fn set_attach_mechanism(&self, mechanism: &str) {
+        self.attach_info.reset();
+        self.attach_info.with_label_values(&[mechanism]).set(1);
+    }
+
+    pub fn record_connection(&self, port: u16, direction: &str, verdict: &str) {
+        self.connections
+            .with_label_values(&[&port.to_string(), direction, verdict])
+            .inc();
+    }
+
+    pub fn record_alert(&self, rule: &str, action: &str) {
+        self.alerts.with_label_values(&[rule, action]).inc();
+    }
+
+    pub fn record_policy_reload(&self, ok: bool) {
+        self.policy_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    pub fn set_listeners(&self, port: u16, component: &str, scope: &str, count: i64) {
+        self.listeners
+            .with_label_values(&[&port.to_string(), component, scope])
+            .set(count);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode_text(&self) -> String {
+        let mut buf = Vec::new();
+        let families = self.registry.gather();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_prefixed_and_encodes() {
+        let m = Metrics::new();
+        m.record_connection(10250, "ingress", "unexpected");
+        m.record_alert("kubelet", "unexpected-inbound");
+        m.output_dropped.with_label_values(&["event"]).inc();
+        m.output_write_errors.inc();
+        m.record_policy_reload(true);
+        m.set_attach_mechanism("tracepoint");
+        m.set_listeners(2381, "etcd", "any", 1);
+        m.decode_errors.inc();
+        m.correlation_evictions
+            .with_label_values(&["windows"])
+            .inc();
+        let text = m.encode_text();
+        for family in m.registry().gather() {
+            assert!(family.name().starts_with("k8s_ebpf_"), "{}", family.name());
+        }
+        for name in [
+            "k8s_ebpf_connections_total{direction=\"ingress\",port=\"10250\",verdict=\"unexpected\"} 1",
+            "k8s_ebpf_alerts_total{action=\"unexpected-inbound\",rule=\"kubelet\"} 1",
+            "k8s_ebpf_kernel_events_total{outcome=\"ringbuf_full\"} 0",
+            "k8s_ebpf_output_dropped_total{kind=\"event\"} 1",
+            "k8s_ebpf_output_write_errors_total 1",
+            "k8s_ebpf_policy_reloads_total{result=\"ok\"} 1",
+            "k8s_ebpf_attach_info{mechanism=\"tracepoint\"} 1",
+            "k8s_ebpf_build_info{version=\"",
+            "k8s_ebpf_listeners{component=\"etcd\",port=\"2381\",scope=\"any\"} 1",
+            "k8s_ebpf_decode_errors_total 1",
+            "k8s_ebpf_correlation_evictions_total{table=\"windows\"} 1",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn kernel_counters_are_set_absolutely() {
+        let m = Metrics::new();
+        m.set_kernel_counter("emitted", 10);
+        m.set_kernel_counter("emitted", 25);
+        assert_eq!(m.kernel_events.with_label_values(&["emitted"]).get(), 25);
+        m.set_kernel_counter("emitted", 3);
+        assert_eq!(m.kernel_events.with_label_values(&["emitted"]).get(), 3);
+    }
+
+    #[test]
+    fn attach_mechanism_is_exclusive() {
+        let m = Metrics::new();
+        m.set_attach_mechanism("fentry");
+        m.set_attach_mechanism("tracepoint");
+        let text = m.encode_text();
+        assert!(!text.contains("mechanism=\"fentry\""));
+        assert!(text.contains("mechanism=\"tracepoint\"} 1"));
+    }
+}

@@ -1,0 +1,617 @@
+//! The alert writer: records leave the engine through a bounded queue and are written one
+//! JSON object per line to stdout or to a size-rotated file (`alerts.json`,
+//! `alerts.json.1`, …). Under pressure plain events are dropped before alerts, every drop
+//! is counted, and a line that cannot be written goes to stderr instead: the writer
+//! never stops for a full disk.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+
+use crate::{
+    alert::{AlertEvent, RecordKind},
+    metrics::Metrics,
+};
+
+pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
+/// How long an alert may wait for room in a full queue before it is dropped.
+pub const DEFAULT_ALERT_WAIT: Duration = Duration::from_millis(100);
+pub const DEFAULT_MAX_BYTES: u64 = 100 * 1024 * 1024;
+pub const DEFAULT_KEEP: usize = 5;
+
+/// Size-based rotation of the alert file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    pub path: PathBuf,
+    /// Rotate before a line would take the file past this size.
+    pub max_bytes: u64,
+    /// Rotated files kept (`path.1` … `path.keep`); 0 truncates instead.
+    pub keep: usize,
+}
+
+impl Rotation {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            max_bytes: DEFAULT_MAX_BYTES,
+            keep: DEFAULT_KEEP,
+        }
+    }
+}
+
+/// Where records go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    Stdout,
+    File(Rotation),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputSettings {
+    pub destination: Destination,
+    pub queue_capacity: usize,
+    pub alert_wait: Duration,
+}
+
+impl OutputSettings {
+    pub fn new(destination: Destination) -> Self {
+        Self {
+            destination,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            alert_wait: DEFAULT_ALERT_WAIT,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("cannot open the alert file {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("the alert writer has stopped")]
+    Closed,
+    #[error("the alert writer failed: {0}")]
+    Writer(String),
+}
+
+/// Counters kept by the queue and the writer (mirrored into [`Metrics`] when given).
+#[derive(Debug, Default)]
+pub struct OutputStats {
+    pub written: AtomicU64,
+    pub dropped_alerts: AtomicU64,
+    pub dropped_events: AtomicU64,
+    pub write_errors: AtomicU64,
+}
+
+/// A plain copy of [`OutputStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutputCounts {
+    pub written: u64,
+    pub dropped_alerts: u64,
+    pub dropped_events: u64,
+    pub write_errors: u64,
+}
+
+impl OutputStats {
+    pub fn snapshot(&self) -> OutputCounts {
+        OutputCounts {
+            written: self.written.load(Ordering::Relaxed),
+            dropped_alerts: self.dropped_alerts.load(Ordering::Relaxed),
+            dropped_events: self.dropped_events.load(Ordering::Relaxed),
+            write_errors: self.write_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+enum Message {
+    Record(Box<AlertEvent>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The engine's end of the queue. Cheap to clone.
+#[derive(Clone)]
+pub struct AlertSender {
+    tx: mpsc::Sender<Message>,
+    capacity: usize,
+    alert_wait: Duration,
+    stats: Arc<OutputStats>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl AlertSender {
+    fn dropped(&self, kind: RecordKind) {
+        let counter = match kind {
+            RecordKind::Alert => &self.stats.dropped_alerts,
+            RecordKind::Event => &self.stats.dropped_events,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.output_dropped.with_label_values(&[kind.as_str()]).inc();
+        }
+    }
+
+    /// Plain events only take the lower half of the queue, leaving the rest to alerts.
+    fn event_has_room(&self) -> bool {
+        let used = self.capacity.saturating_sub(self.tx.capacity());
+        used * 2 < self.capacity
+    }
+
+    /// Queues a record. Events are dropped at once when the queue is half full; alerts
+    /// wait up to the configured time for room, then are dropped. Returns whether the
+    /// record was queued.
+    pub async fn send(&self, record: AlertEvent) -> bool {
+        let kind = record.kind();
+        if kind == RecordKind::Event {
+            return self.try_send(record);
+        }
+        match self.tx.try_send(Message::Record(Box::new(record))) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                match tokio::time::timeout(self.alert_wait, self.tx.send(msg)).await {
+                    Ok(Ok(())) => true,
+                    _ => {
+                        self.dropped(kind);
+                        false
+                    }
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.dropped(kind);
+                false
+            }
+        }
+    }
+
+    /// Queues a record without waiting (for synchronous callers): dropped and counted
+    /// when there is no room.
+    pub fn try_send(&self, record: AlertEvent) -> bool {
+        let kind = record.kind();
+        if kind == RecordKind::Event && !self.event_has_room() {
+            self.dropped(kind);
+            return false;
+        }
+        if self.tx.try_send(Message::Record(Box::new(record))).is_err() {
+            self.dropped(kind);
+            return false;
+        }
+        true
+    }
+
+    /// Waits until every record queued before this call is written and flushed.
+    pub async fn flush(&self) -> Result<(), OutputError> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Message::Flush(ack))
+            .await
+            .map_err(|_| OutputError::Closed)?;
+        done.await.map_err(|_| OutputError::Closed)
+    }
+
+    pub fn stats(&self) -> &Arc<OutputStats> {
+        &self.stats
+    }
+}
+
+/// The writer task. Drop every [`AlertSender`], then [`OutputHandle::finish`] to drain,
+/// flush and stop it.
+pub struct OutputHandle {
+    task: JoinHandle<()>,
+    stats: Arc<OutputStats>,
+}
+
+impl OutputHandle {
+    pub async fn finish(self) -> Result<OutputCounts, OutputError> {
+        self.task
+            .await
+            .map_err(|e| OutputError::Writer(e.to_string()))?;
+        Ok(self.stats.snapshot())
+    }
+}
+
+/// Opens the destination and starts the writer on tokio's blocking pool.
+pub fn spawn(
+    settings: OutputSettings,
+    metrics: Option<Arc<Metrics>>,
+) -> Result<(AlertSender, OutputHandle), OutputError> {
+    let sink: Box<dyn LineSink> = match settings.destination {
+        Destination::Stdout => Box::new(StdoutSink),
+        Destination::File(rotation) => Box::new(RotatingFile::open(rotation)?),
+    };
+    let capacity = settings.queue_capacity.max(2);
+    let (tx, rx) = mpsc::channel(capacity);
+    let stats = Arc::new(OutputStats::default());
+    let writer = Writer {
+        sink,
+        stats: Arc::clone(&stats),
+        metrics: metrics.clone(),
+    };
+    let task = tokio::task::spawn_blocking(move || writer.run(rx));
+    Ok((
+        AlertSender {
+            tx,
+            capacity,
+            alert_wait: settings.alert_wait,
+            stats: Arc::clone(&stats),
+            metrics,
+        },
+        OutputHandle { task, stats },
+    ))
+}
+
+/// Somewhere lines go.
+trait LineSink: Send {
+    /// Writes one line (`line` has no newline).
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+struct StdoutSink;
+
+impl LineSink for StdoutSink {
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        out.write_all(line)?;
+        out.write_all(b"\n")
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().lock().flush()
+    }
+}
+
+/// An append-only file rotated by size. Each line is one `write` so a failure is
+/// attributable to one record; after a failure the file is reopened on the next line.
+struct RotatingFile {
+    rotation: Rotation,
+    file: Option<File>,
+    size: u64,
+}
+
+fn numbered(path: &Path, n: usize) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+fn ignore_missing(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+impl RotatingFile {
+    fn open(rotation: Rotation) -> Result<Self, OutputError> {
+        let mut f = Self {
+            rotation,
+            file: None,
+            size: 0,
+        };
+        f.reopen().map_err(|source| OutputError::Open {
+            path: f.rotation.path.clone(),
+            source,
+        })?;
+        Ok(f)
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.rotation.path)?;
+        self.size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        self.file = Some(file);
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.file = None;
+        let path = &self.rotation.path;
+        if self.rotation.keep == 0 {
+            ignore_missing(fs::remove_file(path))?;
+        } else {
+            ignore_missing(fs::remove_file(numbered(path, self.rotation.keep)))?;
+            for n in (1..self.rotation.keep).rev() {
+                ignore_missing(fs::rename(numbered(path, n), numbered(path, n + 1)))?;
+            }
+            ignore_missing(fs::rename(path, numbered(path, 1)))?;
+        }
+        self.reopen()
+    }
+}
+
+impl LineSink for RotatingFile {
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        let len = line.len() as u64 + 1;
+        if self.file.is_none() {
+            self.reopen()?;
+        }
+        if self.size > 0 && self.size.saturating_add(len) > self.rotation.max_bytes {
+            self.rotate()?;
+        }
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line);
+        buf.push(b'\n');
+        let Some(file) = self.file.as_mut() else {
+            return Err(io::Error::other("alert file not open"));
+        };
+        match file.write_all(&buf) {
+            Ok(()) => {
+                self.size += len;
+                Ok(())
+            }
+            Err(e) => {
+                self.file = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
+
+struct Writer {
+    sink: Box<dyn LineSink>,
+    stats: Arc<OutputStats>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+        while let Some(msg) = rx.blocking_recv() {
+            match msg {
+                Message::Record(record) => self.write(&record),
+                Message::Flush(ack) => {
+                    self.flush();
+                    let _ = ack.send(());
+                }
+            }
+        }
+        self.flush();
+    }
+
+    fn write(&mut self, record: &AlertEvent) {
+        let line = match record.to_json_line() {
+            Ok(l) => l,
+            Err(e) => {
+                self.failed(&format!("cannot serialize a record: {e}"), None);
+                return;
+            }
+        };
+        match self.sink.write_line(line.as_bytes()) {
+            Ok(()) => {
+                self.stats.written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.failed(&format!("cannot write a record: {e}"), Some(&line)),
+        }
+    }
+
+    /// Counts a failed record and puts it (or the reason) on stderr.
+    fn failed(&mut self, reason: &str, line: Option<&str>) {
+        self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.output_write_errors.inc();
+        }
+        let mut err = io::stderr().lock();
+        let _ = match line {
+            Some(line) => writeln!(err, "{line}"),
+            None => writeln!(err, "k8s-ebpf: {reason}"),
+        };
+        tracing::warn!("{reason}; the record went to stderr");
+    }
+
+    fn flush(&mut self) {
+        if let Err(e) = self.sink.flush() {
+            tracing::warn!(error = %e, "flushing the alert output failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+    use crate::{
+        alert::{Action, Subject},
+        capture::EventKind,
+        ports::Severity,
+        verdict::tests::obs,
+    };
+
+    fn record(action: Action) -> AlertEvent {
+        let o = obs(
+            EventKind::Inbound,
+            "10.0.0.2:10250",
+            "192.0.2.9:40000",
+            None,
+        );
+        let s = Subject {
+            rule_name: "kubelet",
+            component: "kubelet",
+            severity: Severity::Critical,
+            ruleset: None,
+            hostname: "node-1",
+            container_id: None,
+        };
+        let mut r = AlertEvent::for_observation(&o, action, &s);
+        r.timestamp = UNIX_EPOCH;
+        r
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("k8s-ebpf-output-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    fn sender(capacity: usize, wait: Duration) -> (AlertSender, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let s = AlertSender {
+            tx,
+            capacity,
+            alert_wait: wait,
+            stats: Arc::new(OutputStats::default()),
+            metrics: Some(Arc::new(Metrics::new())),
+        };
+        (s, rx)
+    }
+
+    #[tokio::test]
+    async fn events_are_dropped_before_alerts() {
+        let (s, _rx) = sender(4, Duration::from_millis(20));
+        assert!(s.send(record(Action::AllowedInbound)).await);
+        assert!(s.send(record(Action::AllowedInbound)).await);
+        // Half full: events no longer fit, alerts still do.
+        assert!(!s.send(record(Action::AllowedInbound)).await);
+        assert!(s.send(record(Action::UnexpectedInbound)).await);
+        assert!(s.send(record(Action::UnexpectedInbound)).await);
+        // Full: an alert waits briefly, then is dropped.
+        assert!(!s.send(record(Action::UnexpectedInbound)).await);
+        assert!(!s.try_send(record(Action::UnexpectedInbound)));
+        let c = s.stats().snapshot();
+        assert_eq!((c.dropped_events, c.dropped_alerts), (1, 2));
+        let text = s.metrics.as_ref().expect("metrics").encode_text();
+        assert!(
+            text.contains("k8s_ebpf_output_dropped_total{kind=\"alert\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("k8s_ebpf_output_dropped_total{kind=\"event\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_json_lines_and_rotates_by_size() {
+        let dir = scratch("rotate");
+        let path = dir.join("alerts.json");
+        let line_len = record(Action::UnexpectedInbound)
+            .to_json_line()
+            .expect("json")
+            .len() as u64
+            + 1;
+        let rotation = Rotation {
+            path: path.clone(),
+            max_bytes: line_len * 2,
+            keep: 2,
+        };
+        let (tx, handle) =
+            spawn(OutputSettings::new(Destination::File(rotation)), None).expect("open");
+        for _ in 0..7 {
+            assert!(tx.send(record(Action::UnexpectedInbound)).await);
+        }
+        tx.flush().await.expect("flush");
+        drop(tx);
+        let counts = handle.finish().await.expect("writer stops");
+        assert_eq!(counts.written, 7);
+        // 7 lines, 2 per file: alerts.json has 1, .1 and .2 have 2 each, the oldest 2 are gone.
+        let lines = |p: &Path| {
+            let text = fs::read_to_string(p).expect("read");
+            for l in text.lines() {
+                serde_json::from_str::<serde_json::Value>(l).expect("each line is JSON");
+            }
+            text.lines().count()
+        };
+        assert_eq!(lines(&path), 1);
+        assert_eq!(lines(&numbered(&path, 1)), 2);
+        assert_eq!(lines(&numbered(&path, 2)), 2);
+        assert!(!numbered(&path, 3).exists());
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn appends_to_an_existing_file_and_flushes() {
+        let dir = scratch("append");
+        let path = dir.join("alerts.json");
+        fs::write(&path, "{\"old\":1}\n").expect("seed");
+        let (tx, handle) = spawn(
+            OutputSettings::new(Destination::File(Rotation::new(&path))),
+            None,
+        )
+        .expect("open");
+        tx.send(record(Action::UnexpectedInbound)).await;
+        tx.flush().await.expect("flush");
+        assert_eq!(fs::read_to_string(&path).expect("read").lines().count(), 2);
+        drop(tx);
+        handle.finish().await.expect("stops");
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    /// /dev/full fails every write with ENOSPC: each record is counted and the writer
+    /// keeps going.
+    #[tokio::test]
+    async fn a_full_disk_is_counted_and_survived() {
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            eprintln!("skipped: no /dev/full");
+            return;
+        }
+        let rotation = Rotation {
+            path: full.to_path_buf(),
+            max_bytes: u64::MAX,
+            keep: 1,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let (tx, handle) = spawn(
+            OutputSettings::new(Destination::File(rotation)),
+            Some(Arc::clone(&metrics)),
+        )
+        .expect("open");
+        assert!(tx.send(record(Action::UnexpectedInbound)).await);
+        assert!(tx.send(record(Action::UnexpectedInbound)).await);
+        tx.flush().await.expect("writer still alive");
+        drop(tx);
+        let counts = handle.finish().await.expect("stops");
+        assert_eq!((counts.written, counts.write_errors), (0, 2));
+        assert!(metrics
+            .encode_text()
+            .contains("k8s_ebpf_output_write_errors_total 2"));
+    }
+
+    #[test]
+    fn open_failure_names_the_path() {
+        let err = RotatingFile::open(Rotation::new("/nonexistent-dir/alerts.json"))
+            .err()
+            .expect("cannot open");
+        assert!(
+            err.to_string().contains("/nonexistent-dir/alerts.json"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn keep_zero_truncates() {
+        let dir = scratch("keep0");
+        let path = dir.join("a.json");
+        let mut f = RotatingFile::open(Rotation {
+            path: path.clone(),
+            max_bytes: 10,
+            keep: 0,
+        })
+        .expect("open");
+        f.write_line(b"0123456789").expect("write");
+        f.write_line(b"abc").expect("write");
+        assert_eq!(fs::read_to_string(&path).expect("read"), "abc\n");
+        assert!(!numbered(&path, 1).exists());
+        let _ = fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,578 @@
+//! The YAML policy: which ports are watched and, for each, who is expected to reach it,
+//! which local processes may reach it elsewhere, and where it may listen. Parsing and
+//! validation live here; judging an observation against a rule is [`crate::verdict`]'s job.
+//!
+//! # Format (version 1)
+//!
+//! ```yaml
+//! version: 1                      # required; the only version there is
+//! defaults:                       # optional
+//!   window: 10s                   # alert dedup window: first sighting alerts at once,
+//!                                 # repeats are counted and reported when it closes
+//!   scan:
+//!     ports: 3                    # one peer touching this many distinct watched ports…
+//!     window: 60s                 # …within this long is a port scan
+//! peers:                          # optional named groups of peers, referenced as "@name"
+//!   control_plane: [10.0.0.10/32, 10.0.0.11/32]
+//!   monitoring: [10.0.5.0/24]
+//!   cluster: [10.244.0.0/16, "fd00:10:244::/56"]
+//! rules:                          # one rule per watched port
+//!   - name: etcd-client           # required, unique; becomes the alert's rule.name
+//!     port: 2379                  # required, unique, 1-65535
+//!     component: etcd             # optional; default from the port table, else "unknown"
+//!     severity: critical          # optional: low | medium | high | critical (default: table)
+//!     bind: any                   # optional: loopback | any: where a listener may bind
+//!     expected_peers:             # inbound: who may connect (default: nobody)
+//!       - loopback                # 127.0.0.0/8 and ::1
+//!       - "@control_plane"        # a named group
+//!       - 192.0.2.7               # an address (= /32 or /128) or a CIDR
+//!     expected_clients:           # outbound from this node to this port elsewhere
+//!       processes: [kube-apiserver]  # task names (compared on the kernel's first 15 bytes)
+//!       cgroups: [1234, /system.slice/kubelet.service]  # cgroup v2 ids or path prefixes
+//!       containers: [3f2a9c1b7e4d]   # container ids (a listed prefix matches)
+//! ```
+//!
+//! Unknown keys anywhere are errors. Durations are humantime strings (`500ms`, `10s`, `2m`).
+//! Loopback destinations are always expected for outbound connections; inbound from
+//! loopback is expected only where a rule lists `loopback`. Cgroup path prefixes and
+//! container ids match only when the caller resolved them for the observation.
+
+mod error;
+mod schema;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+    str::FromStr,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde_saphyr::Spanned;
+
+pub use self::error::{PolicyError, PolicyErrors, Position};
+use self::schema::{RawCgroup, RawClients, RawPolicy, RawRule};
+use crate::ports::{self, BindScope, Severity};
+
+/// The policy the daemon runs with when none is given: every port of [`crate::ports`],
+/// loopback expected, the peer groups empty for the operator to fill in.
+pub const EMBEDDED_DEFAULT_YAML: &str = include_str!("../../policy/default.yaml");
+
+/// Origin name used for [`EMBEDDED_DEFAULT_YAML`] in errors.
+pub const EMBEDDED_ORIGIN: &str = "<embedded default policy>";
+
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
+pub const DEFAULT_SCAN_PORTS: usize = 3;
+pub const DEFAULT_SCAN_WINDOW: Duration = Duration::from_secs(60);
+
+/// The kernel keeps at most this many bytes of a task name (`TASK_COMM_LEN` - 1).
+const COMM_MAX: usize = 15;
+
+/// True for 127.0.0.0/8, ::1 and their IPv4-mapped forms.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// Port-scan detection settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScanSettings {
+    /// Distinct watched ports one peer must touch to count as a scan (>= 2).
+    pub ports: usize,
+    pub window: Duration,
+}
+
+/// A set of peers: loopback and/or networks, groups already expanded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerSet {
+    loopback: bool,
+    nets: Vec<IpNet>,
+}
+
+impl PeerSet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        (self.loopback && is_loopback(ip)) || self.nets.iter().any(|n| n.contains(&ip))
+    }
+
+    pub fn includes_loopback(&self) -> bool {
+        self.loopback
+    }
+
+    pub fn networks(&self) -> &[IpNet] {
+        &self.nets
+    }
+
+    /// True when nobody (not even loopback) is expected.
+    pub fn is_empty(&self) -> bool {
+        !self.loopback && self.nets.is_empty()
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Local processes expected to connect out to a watched port on another host.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExpectedClients {
+    /// Task names, already cut to the kernel's 15 bytes.
+    pub processes: Vec<String>,
+    pub cgroup_ids: Vec<u64>,
+    pub cgroup_paths: Vec<String>,
+    pub containers: Vec<String>,
+}
+
+impl ExpectedClients {
+    pub fn is_empty(&self) -> bool {
+        self.processes.is_empty()
+            && self.cgroup_ids.is_empty()
+            && self.cgroup_paths.is_empty()
+            && self.containers.is_empty()
+    }
+
+    pub fn allows_process(&self, comm: &str) -> bool {
+        let comm = truncate_comm(comm);
+        self.processes.iter().any(|p| p == comm)
+    }
+
+    pub fn allows_cgroup_id(&self, id: u64) -> bool {
+        self.cgroup_ids.contains(&id)
+    }
+
+    /// `path` is under one of the listed prefixes (whole path components only).
+    pub fn allows_cgroup_path(&self, path: &str) -> bool {
+        self.cgroup_paths.iter().any(|prefix| {
+            path.strip_prefix(prefix.as_str()).is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/')
+            })
+        })
+    }
+
+    /// `id` starts with one of the listed (possibly short) container ids.
+    pub fn allows_container(&self, id: &str) -> bool {
+        self.containers.iter().any(|c| id.starts_with(c.as_str()))
+    }
+}
+
+fn truncate_comm(name: &str) -> &str {
+    if name.len() <= COMM_MAX {
+        return name;
+    }
+    let mut end = COMM_MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+/// The policy for one watched port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub port: u16,
+    pub component: String,
+    pub severity: Severity,
+    /// Where a listener on this port may bind.
+    pub bind: BindScope,
+    /// Who may connect in.
+    pub expected_peers: PeerSet,
+    /// Which local processes may connect out to this port elsewhere.
+    pub expected_clients: ExpectedClients,
+}
+
+/// A validated policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    origin: String,
+    window: Duration,
+    scan: ScanSettings,
+    rules: BTreeMap<u16, Rule>,
+}
+
+impl Policy {
+    /// Parses and validates `text`; `origin` names it in errors (usually the file path).
+    pub fn parse(text: &str, origin: &str) -> Result<Self, PolicyErrors> {
+        let raw: RawPolicy = serde_saphyr::from_str(text).map_err(|e| {
+            let position = e.location().and_then(Position::from_location);
+            let message = e.without_snippet().to_string();
+            PolicyErrors::new(
+                origin,
+                vec![PolicyError::at(position, strip_location(&message))],
+            )
+        })?;
+        Validator::default().validate(raw, origin)
+    }
+
+    /// Reads and parses a policy file.
+    pub fn read_file(path: &Path) -> Result<Self, PolicyErrors> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            PolicyErrors::new(
+                &origin,
+                vec![PolicyError::at(None, format!("cannot read: {e}"))],
+            )
+        })?;
+        Self::parse(&text, &origin)
+    }
+
+    /// The built-in policy (`k8s-ebpf/policy/default.yaml`).
+    pub fn embedded_default() -> Self {
+        Self::parse(EMBEDDED_DEFAULT_YAML, EMBEDDED_ORIGIN)
+            .expect("the embedded default policy is valid (checked by unit tests)")
+    }
+
+    /// Where the policy came from.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The alert dedup window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    pub fn scan(&self) -> ScanSettings {
+        self.scan
+    }
+
+    pub fn rule(&self, port: u16) -> Option<&Rule> {
+        self.rules.get(&port)
+    }
+
+    /// Rules in port order.
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.values()
+    }
+
+    /// The ports the kernel should watch.
+    pub fn watched_ports(&self) -> BTreeSet<u16> {
+        self.rules.keys().copied().collect()
+    }
+}
+
+/// serde-saphyr's plain messages may end with " at line N column M"; we print the
+/// position ourselves, in front.
+fn strip_location(message: &str) -> String {
+    let first = message.lines().next().unwrap_or(message).trim();
+    match first.rfind(" at line ") {
+        Some(i) => first[..i].to_owned(),
+        None => first.to_owned(),
+    }
+}
+
+fn pos<T>(s: &Spanned<T>) -> Option<Position> {
+    Position::from_location(s.referenced)
+}
+
+/// What a peer entry names.
+enum PeerEntry {
+    Loopback,
+    Group(String),
+    Net(IpNet),
+}
+
+fn parse_peer(text: &str) -> Result<PeerEntry, String> {
+    let t = text.trim();
+    if t == "loopback" {
+        return Ok(PeerEntry::Loopback);
+    }
+    if let Some(group) = t.strip_prefix('@') {
+        return Ok(PeerEntry::Group(group.to_owned()));
+    }
+    if let Ok(net) = IpNet::from_str(t) {
+        return Ok(PeerEntry::Net(net.trunc()));
+    }
+    if let Ok(ip) = IpAddr::from_str(t) {
+        return Ok(PeerEntry::Net(IpNet::from(ip)));
+    }
+    Err(format!(
+        "`{text}` is not a CIDR, an IP address, `loopback` or an `@group` reference"
+    ))
+}
+
+fn parse_duration(
+    s: &Spanned<String>,
+    what: &str,
+    errors: &mut Vec<PolicyError>,
+) -> Option<Duration> {
+    match humantime::parse_duration(s.value.trim()) {
+        Ok(d) if d.is_zero() => {
+            errors.push(PolicyError::at(
+                pos(s),
+                format!("{what} must be longer than zero"),
+            ));
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            errors.push(PolicyError::at(
+                pos(s),
+                format!(
+                    "{what}: `{}` is not a duration like `10s` or `2m` ({e})",
+                    s.value
+                ),
+            ));
+            None
+        }
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<PolicyError>,
+}
+
+impl Validator {
+    fn error(&mut self, at: Option<Position>, message: impl Into<String>) {
+        self.errors.push(PolicyError::at(at, message));
+    }
+
+    fn validate(mut self, raw: RawPolicy, origin: &str) -> Result<Policy, PolicyErrors> {
+        if raw.version.value != 1 {
+            self.error(
+                pos(&raw.version),
+                format!(
+                    "unsupported policy version {} (expected 1)",
+                    raw.version.value
+                ),
+            );
+        }
+
+        let defaults = raw.defaults.unwrap_or_default();
+        let window = defaults
+            .window
+            .as_ref()
+            .and_then(|w| parse_duration(w, "defaults.window", &mut self.errors))
+            .unwrap_or(DEFAULT_WINDOW);
+        let scan_raw = defaults.scan.unwrap_or_default();
+        let scan_ports = match &scan_raw.ports {
+            None => DEFAULT_SCAN_PORTS,
+            Some(p) => match usize::try_from(p.value) {
+                Ok(n) if (2..=65535).contains(&n) => n,
+                _ => {
+                    self.error(
+                        pos(p),
+                        format!("defaults.scan.ports must be 2-65535, not {}", p.value),
+                    );
+                    DEFAULT_SCAN_PORTS
+                }
+            },
+        };
+        let scan_window = scan_raw
+            .window
+            .as_ref()
+            .and_then(|w| parse_duration(w, "defaults.scan.window", &mut self.errors))
+            .unwrap_or(DEFAULT_SCAN_WINDOW);
+
+        let groups = raw.peers.map(|g| self.groups(g)).unwrap_or_default();
+
+        let mut rules = BTreeMap::new();
+        let mut names: BTreeMap<String, Option<Position>> = BTreeMap::new();
+        let mut port_seen: BTreeMap<u16, Option<Position>> = BTreeMap::new();
+        for raw_rule in raw.rules {
+            if let Some(rule) = self.rule(raw_rule, &groups, &mut names, &mut port_seen) {
+                rules.insert(rule.port, rule);
+            }
+        }
+
+        if self.errors.is_empty() {
+            Ok(Policy {
+                origin: origin.to_owned(),
+                window,
+                scan: ScanSettings {
+                    ports: scan_ports,
+                    window: scan_window,
+                },
+                rules,
+            })
+        } else {
+            Err(PolicyErrors::new(origin, self.errors))
+        }
+    }
+
+    fn groups(
+        &mut self,
+        raw: Spanned<BTreeMap<String, Vec<Spanned<String>>>>,
+    ) -> BTreeMap<String, PeerSet> {
+        let at = pos(&raw);
+        let mut groups = BTreeMap::new();
+        for (name, entries) in raw.value {
+            if name.is_empty() || name.starts_with('@') || name.chars().any(char::is_whitespace) {
+                self.error(
+                    at,
+                    format!("peer group name `{name}` must be a plain word (used as `@{name}`)"),
+                );
+                continue;
+            }
+            let mut set = PeerSet::default();
+            for entry in &entries {
+                match parse_peer(&entry.value) {
+                    Ok(PeerEntry::Loopback) => set.loopback = true,
+                    Ok(PeerEntry::Net(n)) => set.nets.push(n),
+                    Ok(PeerEntry::Group(_)) => self.error(
+                        pos(entry),
+                        format!(
+                            "peer group `{name}` cannot reference another group (`{}`)",
+                            entry.value
+                        ),
+                    ),
+                    Err(m) => self.error(pos(entry), m),
+                }
+            }
+            groups.insert(name, set);
+        }
+        groups
+    }
+
+    fn rule(
+        &mut self,
+        raw: RawRule,
+        groups: &BTreeMap<String, PeerSet>,
+        names: &mut BTreeMap<String, Option<Position>>,
+        ports_seen: &mut BTreeMap<u16, Option<Position>>,
+    ) -> Option<Rule> {
+        let mut ok = true;
+        let name = raw.name.value.trim().to_owned();
+        if name.is_empty() {
+            self.error(pos(&raw.name), "rule name is empty");
+            ok = false;
+        } else if let Some(first) = names.get(&name) {
+            self.error(
+                pos(&raw.name),
+                format!("duplicate rule name `{name}`{}", first_at(*first)),
+            );
+            ok = false;
+        } else {
+            names.insert(name.clone(), pos(&raw.name));
+        }
+
+        let port = match u16::try_from(raw.port.value) {
+            Ok(0) | Err(_) => {
+                self.error(
+                    pos(&raw.port),
+                    format!("port must be 1-65535, not {}", raw.port.value),
+                );
+                ok = false;
+                0
+            }
+            Ok(p) => {
+                if let Some(first) = ports_seen.get(&p) {
+                    self.error(
+                        pos(&raw.port),
+                        format!("duplicate rule for port {p}{}", first_at(*first)),
+                    );
+                    ok = false;
+                } else {
+                    ports_seen.insert(p, pos(&raw.port));
+                }
+                p
+            }
+        };
+
+        let mut expected_peers = PeerSet::default();
+        for entry in &raw.expected_peers {
+            match parse_peer(&entry.value) {
+                Ok(PeerEntry::Loopback) => expected_peers.loopback = true,
+                Ok(PeerEntry::Net(n)) => expected_peers.nets.push(n),
+                Ok(PeerEntry::Group(g)) => match groups.get(&g) {
+                    Some(set) => {
+                        expected_peers.loopback |= set.loopback;
+                        expected_peers.nets.extend_from_slice(&set.nets);
+                    }
+                    None => {
+                        self.error(
+                            pos(entry),
+                            format!("unknown peer group `@{g}` (define it under `peers:`)"),
+                        );
+                        ok = false;
+                    }
+                },
+                Err(m) => {
+                    self.error(pos(entry), m);
+                    ok = false;
+                }
+            }
+        }
+        expected_peers.nets.sort();
+        expected_peers.nets.dedup();
+
+        let expected_clients = self.clients(raw.expected_clients, &mut ok);
+
+        let known = ports::lookup(port);
+        ok.then(|| Rule {
+            name,
+            port,
+            component: raw
+                .component
+                .or_else(|| known.map(|k| k.component.to_owned()))
+                .unwrap_or_else(|| "unknown".to_owned()),
+            severity: raw
+                .severity
+                .or_else(|| known.map(|k| k.severity))
+                .unwrap_or(Severity::Medium),
+            bind: raw
+                .bind
+                .or_else(|| known.map(|k| k.allowed_bind))
+                .unwrap_or(BindScope::Any),
+            expected_peers,
+            expected_clients,
+        })
+    }
+
+    fn clients(&mut self, raw: RawClients, ok: &mut bool) -> ExpectedClients {
+        let mut clients = ExpectedClients::default();
+        for p in &raw.processes {
+            let name = p.value.trim();
+            if name.is_empty() {
+                self.error(pos(p), "empty process name");
+                *ok = false;
+            } else {
+                clients.processes.push(truncate_comm(name).to_owned());
+            }
+        }
+        for c in &raw.cgroups {
+            match &c.value {
+                RawCgroup::Id(id) => clients.cgroup_ids.push(*id),
+                RawCgroup::Path(p) if p.starts_with('/') => clients.cgroup_paths.push(p.clone()),
+                RawCgroup::Path(p) => {
+                    self.error(
+                        pos(c),
+                        format!("cgroup `{p}` must be a cgroup v2 id or a path starting with `/`"),
+                    );
+                    *ok = false;
+                }
+            }
+        }
+        for c in &raw.containers {
+            let id = c.value.trim();
+            if id.is_empty() || !id.chars().all(|ch| ch.is_ascii_hexdigit()) {
+                self.error(
+                    pos(c),
+                    format!("container id `{}` must be hexadecimal", c.value),
+                );
+                *ok = false;
+            } else {
+                clients.containers.push(id.to_ascii_lowercase());
+            }
+        }
+        clients
+    }
+}
+
+fn first_at(first: Option<Position>) -> String {
+    first
+        .map(|p| format!(" (first at line {})", p.line))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;

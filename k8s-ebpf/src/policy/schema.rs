@@ -1,0 +1,76 @@
+//! The policy file as written: serde structs that mirror the YAML one to one, every
+//! value that can be wrong kept with its position for the validator.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::ports::{BindScope, Severity};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    pub version: Spanned<i64>,
+    #[serde(default)]
+    pub defaults: Option<RawDefaults>,
+    /// Named peer groups: name → CIDRs / addresses / `loopback`.
+    #[serde(default)]
+    pub peers: Option<Spanned<BTreeMap<String, Vec<Spanned<String>>>>>,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDefaults {
+    #[serde(default)]
+    pub window: Option<Spanned<String>>,
+    #[serde(default)]
+    pub scan: Option<RawScan>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawScan {
+    #[serde(default)]
+    pub ports: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub window: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    pub name: Spanned<String>,
+    pub port: Spanned<i64>,
+    #[serde(default)]
+    pub component: Option<String>,
+    #[serde(default)]
+    pub severity: Option<Severity>,
+    #[serde(default)]
+    pub bind: Option<BindScope>,
+    #[serde(default)]
+    pub expected_peers: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub expected_clients: RawClients,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClients {
+    #[serde(default)]
+    pub processes: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub cgroups: Vec<Spanned<RawCgroup>>,
+    #[serde(default)]
+    pub containers: Vec<Spanned<String>>,
+}
+
+/// A cgroup as written: a cgroup v2 id (number) or a cgroup path prefix (string).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawCgroup {
+    Id(u64),
+    Path(String),
+}

@@ -1,0 +1,227 @@
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::*;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+const MINIMAL: &str = "version: 1\nrules:\n  - name: etcd-client\n    port: 2379\n";
+
+#[test]
+fn embedded_default_parses_and_watches_the_table() {
+    let p = Policy::embedded_default();
+    assert_eq!(
+        p.watched_ports(),
+        BTreeSet::from([2379, 2380, 2381, 6443, 10248, 10249, 10250, 10255, 10256, 10257, 10259])
+    );
+    assert_eq!(p.window(), Duration::from_secs(10));
+    assert_eq!(
+        p.scan(),
+        ScanSettings {
+            ports: 3,
+            window: Duration::from_secs(60)
+        }
+    );
+    for rule in p.rules() {
+        assert!(rule.expected_peers.includes_loopback(), "{}", rule.name);
+        assert!(
+            !rule.expected_peers.contains(ip("10.1.2.3")),
+            "{}",
+            rule.name
+        );
+    }
+}
+
+/// The default must not drift from the port table it is built from.
+#[test]
+fn embedded_default_agrees_with_the_port_table() {
+    let p = Policy::embedded_default();
+    for known in ports::PORTS {
+        let rule = p.rule(known.port).expect("every table port is watched");
+        assert_eq!(rule.name, known.name);
+        assert_eq!(rule.component, known.component);
+        assert_eq!(rule.severity, known.severity, "{}", known.port);
+        assert_eq!(rule.bind, known.allowed_bind, "{}", known.port);
+    }
+    assert_eq!(p.rules().count(), ports::PORTS.len());
+}
+
+#[test]
+fn example_policy_parses() {
+    let text = include_str!("../../../deploy/policy.example.yaml");
+    let p = Policy::parse(text, "deploy/policy.example.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.watched_ports(),
+        Policy::embedded_default().watched_ports()
+    );
+    let etcd = p.rule(2379).expect("2379");
+    assert!(etcd.expected_peers.contains(ip("10.0.0.11")));
+    assert!(!etcd.expected_peers.contains(ip("10.0.5.1")));
+    let api = p.rule(6443).expect("6443");
+    assert!(api.expected_peers.contains(ip("fd00:10:244::1")));
+    assert!(api.expected_clients.allows_process("kube-controller"));
+    assert!(api
+        .expected_clients
+        .allows_cgroup_path("/system.slice/kubelet.service"));
+    assert!(!api
+        .expected_clients
+        .allows_cgroup_path("/system.slice/kubelet.service-evil"));
+}
+
+#[test]
+fn minimal_policy_takes_defaults_from_the_table() {
+    let p = Policy::parse(MINIMAL, "m.yaml").expect("parses");
+    let r = p.rule(2379).expect("rule");
+    assert_eq!(r.component, "etcd");
+    assert_eq!(r.severity, Severity::Critical);
+    assert_eq!(r.bind, BindScope::Any);
+    assert!(r.expected_peers.is_empty());
+    assert!(r.expected_clients.is_empty());
+    assert_eq!(p.window(), DEFAULT_WINDOW);
+    assert_eq!(p.origin(), "m.yaml");
+
+    let unknown =
+        Policy::parse("version: 1\nrules:\n  - {name: x, port: 8080}\n", "u").expect("parses");
+    let r = unknown.rule(8080).expect("rule");
+    assert_eq!(
+        (r.component.as_str(), r.severity, r.bind),
+        ("unknown", Severity::Medium, BindScope::Any)
+    );
+}
+
+#[test]
+fn unknown_key_is_an_error_with_position() {
+    let text =
+        "version: 1\nrules:\n  - name: etcd\n    port: 2379\n    expected_peer: [loopback]\n";
+    let e = Policy::parse(text, "p.yaml").expect_err("unknown key");
+    let s = e.to_string();
+    assert!(s.starts_with("p.yaml:5:"), "{s}");
+    assert!(s.contains("expected_peer"), "{s}");
+    assert_eq!(s.lines().count(), 1, "{s}");
+}
+
+#[test]
+fn syntax_error_has_position() {
+    let e = Policy::parse("version: 1\nrules: [\n", "s.yaml").expect_err("bad yaml");
+    assert!(e.errors[0].position.is_some(), "{e}");
+    assert!(e.to_string().starts_with("s.yaml:"), "{e}");
+}
+
+#[test]
+fn semantic_errors_are_all_collected_with_positions() {
+    let text = "\
+version: 2
+defaults:
+  window: soon
+  scan: {ports: 1, window: 0s}
+peers:
+  ops: [10.0.0.0/33]
+rules:
+  - name: a
+    port: 0
+  - name: b
+    port: 2379
+    expected_peers: [\"@nobody\", not-an-ip, 10.0.0.1]
+  - name: b
+    port: 2379
+  - name: c
+    port: 70000
+    expected_clients:
+      cgroups: [relative/path]
+      containers: [xyz]
+";
+    let e = Policy::parse(text, "bad.yaml").expect_err("invalid");
+    let s = e.to_string();
+    let expect = [
+        "bad.yaml:1:10: unsupported policy version 2",
+        "bad.yaml:3:11: defaults.window: `soon` is not a duration",
+        "bad.yaml:4:17: defaults.scan.ports must be 2-65535, not 1",
+        "bad.yaml:4:28: defaults.scan.window must be longer than zero",
+        "bad.yaml:6:9: `10.0.0.0/33` is not a CIDR",
+        "bad.yaml:9:11: port must be 1-65535, not 0",
+        "bad.yaml:12:22: unknown peer group `@nobody`",
+        "bad.yaml:12:33: `not-an-ip` is not a CIDR",
+        "bad.yaml:13:11: duplicate rule name `b` (first at line 10)",
+        "bad.yaml:14:11: duplicate rule for port 2379 (first at line 11)",
+        "bad.yaml:16:11: port must be 1-65535, not 70000",
+        "bad.yaml:18:17: cgroup `relative/path` must be",
+        "bad.yaml:19:20: container id `xyz` must be hexadecimal",
+    ];
+    for want in expect {
+        assert!(
+            s.lines().any(|l| l.starts_with(want)),
+            "missing `{want}` in:\n{s}"
+        );
+    }
+    assert_eq!(e.errors.len(), expect.len(), "{s}");
+}
+
+#[test]
+fn group_cannot_reference_group() {
+    let text = "version: 1\npeers:\n  a: [\"@b\"]\n  b: [loopback]\nrules: []\n";
+    let e = Policy::parse(text, "g").expect_err("nested group");
+    assert!(
+        e.to_string().contains("cannot reference another group"),
+        "{e}"
+    );
+}
+
+#[test]
+fn read_file_reports_io_errors_without_position() {
+    let e = Policy::read_file(Path::new("/nonexistent/k8s-ebpf-policy.yaml")).expect_err("missing");
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/k8s-ebpf-policy.yaml: cannot read"),
+        "{e}"
+    );
+}
+
+#[test]
+fn peer_sets_match_addresses_and_loopback() {
+    let text = "version: 1\npeers:\n  cp: [10.0.0.0/24, \"2001:db8::/32\", 192.0.2.7]\nrules:\n  - name: k\n    port: 10250\n    expected_peers: [loopback, \"@cp\"]\n";
+    let p = Policy::parse(text, "t").expect("parses");
+    let peers = &p.rule(10250).expect("rule").expected_peers;
+    assert!(peers.contains(ip("10.0.0.200")));
+    assert!(peers.contains(ip("192.0.2.7")));
+    assert!(!peers.contains(ip("192.0.2.8")));
+    assert!(peers.contains(ip("2001:db8::5")));
+    assert!(peers.contains(IpAddr::V4(Ipv4Addr::new(127, 3, 4, 5))));
+    assert!(peers.contains(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+    // An IPv4-mapped peer is judged as the IPv4 address it is.
+    assert!(peers.contains(ip("::ffff:10.0.0.9")));
+    assert!(!peers.contains(ip("10.0.1.1")));
+}
+
+#[test]
+fn loopback_detection() {
+    assert!(is_loopback(ip("127.0.0.1")));
+    assert!(is_loopback(ip("127.255.0.1")));
+    assert!(is_loopback(ip("::1")));
+    assert!(is_loopback(ip("::ffff:127.0.0.1")));
+    assert!(!is_loopback(ip("0.0.0.0")));
+    assert!(!is_loopback(ip("::")));
+    assert!(!is_loopback(ip("10.0.0.1")));
+}
+
+#[test]
+fn process_names_compare_on_the_kernels_15_bytes() {
+    let c = ExpectedClients {
+        processes: vec![truncate_comm("kube-controller-manager").to_owned()],
+        ..ExpectedClients::default()
+    };
+    assert!(c.allows_process("kube-controller"));
+    assert!(c.allows_process("kube-controller-manager"));
+    assert!(!c.allows_process("kube-control"));
+    let c = ExpectedClients {
+        containers: vec!["3f2a9c1b7e4d".into()],
+        cgroup_paths: vec!["/kubepods/".into()],
+        cgroup_ids: vec![42],
+        ..ExpectedClients::default()
+    };
+    assert!(c.allows_container("3f2a9c1b7e4d0000aaaa"));
+    assert!(!c.allows_container("3f2a"));
+    assert!(c.allows_cgroup_path("/kubepods/besteffort/pod1"));
+    assert!(c.allows_cgroup_id(42));
+    assert!(!c.allows_cgroup_id(43));
+}

@@ -1,0 +1,304 @@
+//! Judges one observation against the policy: was this contact expected or not, and if
+//! not, what kind of finding it is. No state, no time: windows and counts are
+//! [`crate::correlate`]'s job.
+
+use std::{fmt, net::IpAddr};
+
+use crate::{
+    capture::{EventKind, Observation},
+    policy::{is_loopback, Policy, Rule},
+    ports::BindScope,
+};
+
+/// What is known about the local task beyond the observation itself, resolved by the
+/// caller (cgroup path from the cgroup id, container id from the cgroup). Empty by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientContext<'a> {
+    pub cgroup_path: Option<&'a str>,
+    pub container_id: Option<&'a str>,
+}
+
+/// Why an observation is unexpected; each maps to one alert `event.action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Finding {
+    /// A peer not in the rule's expected peers connected in.
+    UnexpectedInbound,
+    /// A local process not in the rule's expected clients connected out.
+    UnexpectedOutbound,
+    /// A loopback-only port is listening on a wildcard or non-loopback address.
+    ExposedListener,
+    /// An unexpected peer reached the port and nothing listened (RST).
+    RefusedAttempt,
+}
+
+impl Finding {
+    /// The alert's `event.action`.
+    pub fn action(self) -> &'static str {
+        match self {
+            Self::UnexpectedInbound => "unexpected-inbound",
+            Self::UnexpectedOutbound => "unexpected-outbound",
+            Self::ExposedListener => "exposed-listener",
+            Self::RefusedAttempt => "refused-attempt",
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.action())
+    }
+}
+
+/// The judgement on one observation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Allowed by the policy, or nothing to judge (a listener closing).
+    Expected,
+    Unexpected {
+        reason: Finding,
+    },
+}
+
+impl Verdict {
+    pub fn is_expected(self) -> bool {
+        matches!(self, Self::Expected)
+    }
+
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expected => "expected",
+            Self::Unexpected { .. } => "unexpected",
+        }
+    }
+}
+
+/// A verdict and the rule it was reached under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Judgement<'p> {
+    pub rule: &'p Rule,
+    pub verdict: Verdict,
+}
+
+/// Judges `obs` under the policy's rule for its watched port; `None` when the policy no
+/// longer watches that port (a record in flight across a policy reload).
+pub fn judge<'p>(
+    policy: &'p Policy,
+    obs: &Observation,
+    client: &ClientContext<'_>,
+) -> Option<Judgement<'p>> {
+    let rule = policy.rule(obs.watched_port())?;
+    Some(Judgement {
+        rule,
+        verdict: judge_rule(rule, obs, client),
+    })
+}
+
+/// Judges `obs` under `rule` (the caller matched the port).
+pub fn judge_rule(rule: &Rule, obs: &Observation, client: &ClientContext<'_>) -> Verdict {
+    let unexpected = |reason| Verdict::Unexpected { reason };
+    match obs.kind {
+        EventKind::Inbound if rule.expected_peers.contains(obs.remote.ip()) => Verdict::Expected,
+        EventKind::Inbound => unexpected(Finding::UnexpectedInbound),
+        EventKind::Refused if rule.expected_peers.contains(obs.remote.ip()) => Verdict::Expected,
+        EventKind::Refused => unexpected(Finding::RefusedAttempt),
+        EventKind::Outbound if client_expected(rule, obs, client) => Verdict::Expected,
+        EventKind::Outbound => unexpected(Finding::UnexpectedOutbound),
+        EventKind::Listen if bind_allowed(rule.bind, obs.local.ip()) => Verdict::Expected,
+        EventKind::Listen => unexpected(Finding::ExposedListener),
+        EventKind::ListenClose => Verdict::Expected,
+    }
+}
+
+fn bind_allowed(scope: BindScope, bound: IpAddr) -> bool {
+    match scope {
+        BindScope::Any => true,
+        // The wildcard (0.0.0.0 / ::) is not loopback: it exposes the port everywhere.
+        BindScope::Loopback => is_loopback(bound),
+    }
+}
+
+fn client_expected(rule: &Rule, obs: &Observation, client: &ClientContext<'_>) -> bool {
+    // A connection to this node's own loopback never leaves it.
+    if is_loopback(obs.remote.ip()) {
+        return true;
+    }
+    let clients = &rule.expected_clients;
+    let by_process = obs.process.as_ref().is_some_and(|p| {
+        clients.allows_process(&p.name)
+            || (p.cgroup_id != 0 && clients.allows_cgroup_id(p.cgroup_id))
+    });
+    by_process
+        || client
+            .cgroup_path
+            .is_some_and(|path| clients.allows_cgroup_path(path))
+        || client
+            .container_id
+            .is_some_and(|id| clients.allows_container(id))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::{net::SocketAddr, time::SystemTime};
+
+    use super::*;
+    use crate::capture::{HookKind, ProcessInfo};
+
+    pub(crate) const POLICY: &str = "\
+version: 1
+peers:
+  cp: [10.0.0.10]
+rules:
+  - name: kubelet
+    port: 10250
+    expected_peers: [loopback, \"@cp\"]
+    expected_clients:
+      processes: [kube-apiserver]
+      cgroups: [77, /system.slice/apiserver.service]
+      containers: [abc123]
+  - name: etcd-metrics
+    port: 2381
+    bind: loopback
+    expected_peers: [loopback]
+";
+
+    pub(crate) fn obs(
+        kind: EventKind,
+        local: &str,
+        remote: &str,
+        comm: Option<&str>,
+    ) -> Observation {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("test socket address");
+        Observation {
+            kind,
+            hook: HookKind::Tracepoint,
+            at: SystemTime::UNIX_EPOCH,
+            local: addr(local),
+            remote: addr(remote),
+            process: comm.map(|name| ProcessInfo {
+                pid: 4242,
+                tid: 4243,
+                name: name.to_owned(),
+                cgroup_id: 9,
+            }),
+            netns: 4026531840,
+            count: 1,
+            window_summary: false,
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy::parse(POLICY, "t").expect("test policy")
+    }
+
+    fn verdict(o: &Observation) -> Verdict {
+        verdict_with(o, &ClientContext::default())
+    }
+
+    fn verdict_with(o: &Observation, c: &ClientContext<'_>) -> Verdict {
+        let p = policy();
+        judge(&p, o, c).expect("watched").verdict
+    }
+
+    const UNEXPECTED_IN: Verdict = Verdict::Unexpected {
+        reason: Finding::UnexpectedInbound,
+    };
+
+    #[test]
+    fn inbound_peers() {
+        let v = |remote| verdict(&obs(EventKind::Inbound, "10.0.0.2:10250", remote, None));
+        assert_eq!(v("10.0.0.10:40000"), Verdict::Expected);
+        assert_eq!(v("127.0.0.1:40000"), Verdict::Expected);
+        assert_eq!(v("[::1]:40000"), Verdict::Expected);
+        assert_eq!(v("10.0.0.11:40000"), UNEXPECTED_IN);
+        assert_eq!(v("[2001:db8::1]:40000"), UNEXPECTED_IN);
+    }
+
+    #[test]
+    fn refused_is_an_alert_unless_the_peer_is_expected() {
+        let v = |remote| verdict(&obs(EventKind::Refused, "10.0.0.2:10250", remote, None));
+        assert_eq!(v("10.0.0.10:1"), Verdict::Expected);
+        assert_eq!(
+            v("192.0.2.1:1"),
+            Verdict::Unexpected {
+                reason: Finding::RefusedAttempt
+            }
+        );
+    }
+
+    #[test]
+    fn outbound_clients() {
+        let out = Verdict::Unexpected {
+            reason: Finding::UnexpectedOutbound,
+        };
+        let o = |remote, comm| obs(EventKind::Outbound, "10.0.0.2:50000", remote, comm);
+        assert_eq!(
+            verdict(&o("10.0.0.3:10250", Some("kube-apiserver"))),
+            Verdict::Expected
+        );
+        assert_eq!(verdict(&o("10.0.0.3:10250", Some("curl"))), out);
+        assert_eq!(verdict(&o("10.0.0.3:10250", None)), out);
+        // Loopback destinations never leave the node.
+        assert_eq!(
+            verdict(&o("127.0.0.1:10250", Some("curl"))),
+            Verdict::Expected
+        );
+        // By cgroup id, cgroup path, container id.
+        let mut by_id = o("10.0.0.3:10250", Some("curl"));
+        if let Some(p) = by_id.process.as_mut() {
+            p.cgroup_id = 77;
+        }
+        assert_eq!(verdict(&by_id), Verdict::Expected);
+        let curl = o("10.0.0.3:10250", Some("curl"));
+        let path = ClientContext {
+            cgroup_path: Some("/system.slice/apiserver.service"),
+            container_id: None,
+        };
+        assert_eq!(verdict_with(&curl, &path), Verdict::Expected);
+        let container = ClientContext {
+            cgroup_path: None,
+            container_id: Some("abc123def456"),
+        };
+        assert_eq!(verdict_with(&curl, &container), Verdict::Expected);
+        let other = ClientContext {
+            cgroup_path: Some("/kubepods/x"),
+            container_id: Some("ffff"),
+        };
+        assert_eq!(verdict_with(&curl, &other), out);
+    }
+
+    #[test]
+    fn listen_scope() {
+        let exposed = Verdict::Unexpected {
+            reason: Finding::ExposedListener,
+        };
+        let l = |local| verdict(&obs(EventKind::Listen, local, "0.0.0.0:0", Some("etcd")));
+        assert_eq!(l("127.0.0.1:2381"), Verdict::Expected);
+        assert_eq!(l("[::1]:2381"), Verdict::Expected);
+        assert_eq!(l("0.0.0.0:2381"), exposed);
+        assert_eq!(l("[::]:2381"), exposed);
+        assert_eq!(l("10.0.0.2:2381"), exposed);
+        // `bind: any` ports may listen anywhere.
+        assert_eq!(l("0.0.0.0:10250"), Verdict::Expected);
+    }
+
+    #[test]
+    fn listen_close_never_alerts() {
+        let o = obs(EventKind::ListenClose, "0.0.0.0:2381", "0.0.0.0:0", None);
+        assert_eq!(verdict(&o), Verdict::Expected);
+    }
+
+    #[test]
+    fn unwatched_port_has_no_judgement() {
+        let p = policy();
+        let o = obs(EventKind::Inbound, "10.0.0.2:22", "10.9.9.9:1", None);
+        assert!(judge(&p, &o, &ClientContext::default()).is_none());
+    }
+
+    #[test]
+    fn actions() {
+        assert_eq!(Finding::ExposedListener.action(), "exposed-listener");
+        assert_eq!(Finding::RefusedAttempt.to_string(), "refused-attempt");
+        assert_eq!(UNEXPECTED_IN.as_str(), "unexpected");
+    }
+}

@@ -1,0 +1,181 @@
+//! The prerequisite bootstrap shared by `cargo xtask run`, `test` and `bench`.
+//!
+//! It checks, cheaply and quietly, everything a fresh Debian machine lacks, installs what
+//! is missing (as root), and mounts tracefs/bpffs. When it cannot install (not root, no
+//! registry), it stops with the exact commands a person should run.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// Debian packages: LLVM 22 for bpf-linker, and the real peers and tools the tests drive.
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "curl",
+    "etcd-server",
+    "etcd-client",
+    "nmap",
+    "bpftrace",
+    "libbpf-tools",
+    "libcap2-bin",
+    "python3-venv",
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Everything the xtask commands need. Quiet when nothing is missing.
+pub fn ensure(packages: &[&str]) -> Result<()> {
+    let started = Instant::now();
+    let root = is_root();
+    let mut missing_steps: Vec<String> = Vec::new();
+
+    let missing = missing_packages(packages)?;
+    if !missing.is_empty() {
+        let cmd = format!(
+            "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {}",
+            missing.join(" ")
+        );
+        if root {
+            eprintln!(
+                "bootstrap: installing Debian packages: {}",
+                missing.join(" ")
+            );
+            sh(&cmd).context("installing Debian packages")?;
+        } else {
+            missing_steps.push(format!("sudo sh -c '{cmd}'"));
+        }
+    }
+
+    if !nightly_has_rust_src()? {
+        let cmd = "rustup component add rust-src --toolchain nightly";
+        eprintln!("bootstrap: {cmd}");
+        sh(cmd).context("adding rust-src to the nightly toolchain")?;
+    }
+
+    if !bpf_linker_ok() {
+        let cmd = format!(
+            "LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --locked --version {BPF_LINKER_VERSION} \
+             --no-default-features --features llvm-22"
+        );
+        if Path::new(LLVM_PREFIX).join("lib/libLLVM.so").exists() || root {
+            eprintln!("bootstrap: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)");
+            sh(&cmd).context("installing bpf-linker")?;
+        } else {
+            missing_steps.push(cmd);
+        }
+    }
+
+    for (fs, dir) in [("tracefs", "/sys/kernel/tracing"), ("bpf", "/sys/fs/bpf")] {
+        if !is_mounted(fs, dir) {
+            let cmd = format!("mount -t {fs} {fs} {dir}");
+            if root {
+                eprintln!("bootstrap: {cmd}");
+                sh(&cmd).with_context(|| format!("mounting {fs} on {dir}"))?;
+            } else {
+                missing_steps.push(format!("sudo {cmd}"));
+            }
+        }
+    }
+
+    if !missing_steps.is_empty() {
+        bail!(
+            "prerequisites are missing and this user cannot install them; run:\n  {}",
+            missing_steps.join("\n  ")
+        );
+    }
+    let took = started.elapsed();
+    if took.as_secs() >= 5 {
+        eprintln!("bootstrap: done in {took:.1?}");
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn missing_packages(packages: &[&str]) -> Result<Vec<String>> {
+    if packages.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One dpkg-query for all of them; unknown packages print nothing on stdout.
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${db:Status-Status}\n"])
+        .args(packages)
+        .stderr(Stdio::null())
+        .output()
+        .context("running dpkg-query (is this a Debian machine?)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let installed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_suffix(" installed"))
+        .map(|p| p.split(':').next().unwrap_or(p))
+        .collect();
+    Ok(packages
+        .iter()
+        .filter(|p| !installed.contains(p))
+        .map(|p| (*p).to_owned())
+        .collect())
+}
+
+fn nightly_has_rust_src() -> Result<bool> {
+    let out = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()
+        .context("running rustc +nightly (is rustup installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "no nightly toolchain: run `rustup toolchain install nightly --component rust-src`\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Ok(Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/Cargo.lock")
+        .exists())
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+        .unwrap_or(false)
+}
+
+fn is_mounted(fstype: &str, dir: &str) -> bool {
+    std::fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                let mut f = l.split_whitespace();
+                let (_, d, t) = (f.next(), f.next(), f.next());
+                d == Some(dir) && t == Some(fstype)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Runs a shell command, inheriting output, failing on a non-zero exit.
+pub fn sh(cmd: &str) -> Result<()> {
+    let status = Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .with_context(|| format!("cannot start `{cmd}`"))?;
+    if !status.success() {
+        bail!("`{cmd}` failed with {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! `cargo xtask run | test | vm | bench | bootstrap`: the project's only entry points.
+//!
+//! Every command starts with the same prerequisite bootstrap ([`bootstrap::ensure`]), so
+//! the README's two commands work on a fresh machine and CI proves exactly what they do.
+
+mod bootstrap;
+mod vm;
+
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, run and test k8s-ebpf")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install prerequisites, build in release mode and run `k8s-ebpf run ARGS` as root.
+    Run {
+        /// Arguments for `k8s-ebpf run` (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Install prerequisites and run every check and test: fmt, clippy, unit, root
+    /// integration tests, deploy manifests, and the VM kernel matrix.
+    Test {
+        /// Skip the VM kernel matrix (for quick local iterations only; CI never sets it).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Only the VM kernel matrix (Debian 6.1 and 6.12 kernels under QEMU).
+    Vm,
+    /// Only install the prerequisites.
+    Bootstrap,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = repo_root()?;
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Cmd::Run { args } => run(&root, args),
+        Cmd::Test { no_vm } => test(&root, !no_vm),
+        Cmd::Vm => {
+            bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
+            let bin = build_daemon()?;
+            vm::run_matrix(&root, &bin)
+        }
+        Cmd::Bootstrap => bootstrap::ensure(bootstrap::DEBIAN_PACKAGES),
+    }
+}
+
+fn repo_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_path_buf())
+}
+
+/// Builds the daemon (release, eBPF object embedded) and returns its path.
+fn build_daemon() -> Result<PathBuf> {
+    cargo(&["build", "--release", "--package", "k8s-ebpf"])?;
+    Ok(target_dir().join("release/k8s-ebpf"))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+fn run(_root: &Path, args: Vec<OsString>) -> Result<()> {
+    bootstrap::ensure(&["llvm-22-dev", "libpolly-22-dev"])?;
+    let bin = build_daemon()?;
+    let bin = std::fs::canonicalize(&bin)?;
+    let mut cmd = if bootstrap::is_root() {
+        Command::new(&bin)
+    } else {
+        eprintln!(
+            "xtask: not root; re-running with sudo (loading eBPF needs CAP_BPF and CAP_PERFMON)"
+        );
+        let mut c = Command::new("sudo");
+        c.arg("--preserve-env=RUST_LOG").arg(&bin);
+        c
+    };
+    cmd.arg("run").args(args);
+    // Replace this process so Ctrl-C and SIGTERM reach the daemon directly.
+    let err = cmd.exec();
+    bail!("cannot start {}: {err}", bin.display())
+}
+
+fn test(root: &Path, with_vm: bool) -> Result<()> {
+    let started = Instant::now();
+    step("bootstrap", || {
+        bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)
+    })?;
+    step("cargo fmt --check", || cargo(&["fmt", "--all", "--check"]))?;
+    step("clippy (userspace)", || {
+        cargo(&[
+            "clippy",
+            "--release",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+    })?;
+    step("clippy (eBPF crate, bpfel target)", clippy_ebpf)?;
+    let bin = step("build daemon", build_daemon)?;
+    let bin = std::fs::canonicalize(bin)?;
+    step("unit and root integration tests", || {
+        let mut c = Command::new(cargo_bin());
+        c.args(["test", "--release", "--no-fail-fast"])
+            .env("K8S_EBPF_BIN", &bin)
+            .env("K8S_EBPF_REQUIRE_PRIVILEGED_TESTS", "1");
+        if !bootstrap::is_root() {
+            bail!("the integration tests load eBPF programs and create network namespaces: run `cargo xtask test` as root");
+        }
+        check(c)
+    })?;
+    step("deploy manifests (kubernetes-validate, checkov)", || {
+        check({
+            let mut c = Command::new("bash");
+            c.arg(root.join("deploy/check.sh"));
+            c
+        })
+    })?;
+    if with_vm {
+        step("VM kernel matrix", || vm::run_matrix(root, &bin))?;
+    } else {
+        eprintln!("xtask: VM kernel matrix NOT run (--no-vm)");
+    }
+    eprintln!("xtask: all checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// Clippy for the kernel programs: they only compile for the BPF target, with nightly.
+fn clippy_ebpf() -> Result<()> {
+    let mut c = Command::new("rustup");
+    c.args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "--release",
+        "--package",
+        "k8s-ebpf-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ])
+    // A target dir of its own: the nightly's artifacts never mix with stable's.
+    .env("CARGO_TARGET_DIR", target_dir().join("bpf-clippy"))
+    .env_remove("RUSTC")
+    .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    check(c)
+}
+
+fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let started = Instant::now();
+    eprintln!("xtask: ── {name}");
+    let out = f().with_context(|| format!("step failed: {name}"))?;
+    eprintln!("xtask: ── {name}: ok in {:.1?}", started.elapsed());
+    Ok(out)
+}
+
+fn cargo_bin() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let mut c = Command::new(cargo_bin());
+    c.args(args);
+    check(c)
+}
+
+fn check(mut c: Command) -> Result<()> {
+    let status = c.status().with_context(|| format!("cannot start {c:?}"))?;
+    if !status.success() {
+        bail!("{c:?} failed with {status}");
+    }
+    Ok(())
+}
