@@ -183,7 +183,7 @@ mod programs {
             family: ev.family,
             peer: ev.remote_addr,
         };
-        if let Some(slot) = DEDUP.get_ptr_mut(&key) {
+        if let Some(slot) = DEDUP.get_ptr_mut(key) {
             let slot = unsafe { &mut *slot };
             if now.wrapping_sub(slot.start_ns) < window {
                 add_atomic(&mut slot.count);
@@ -201,9 +201,9 @@ mod programs {
             start_ns: now,
             count: 1,
         };
-        if DEDUP.insert(&key, &fresh, u64::from(BPF_NOEXIST)).is_err() {
+        if DEDUP.insert(key, fresh, u64::from(BPF_NOEXIST)).is_err() {
             // Lost a race with another CPU that opened the same window: fold into it.
-            if let Some(slot) = DEDUP.get_ptr_mut(&key) {
+            if let Some(slot) = DEDUP.get_ptr_mut(key) {
                 add_atomic(unsafe { &mut (*slot).count });
                 count(counter::DEDUPLICATED);
                 return None;
