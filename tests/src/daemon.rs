@@ -22,21 +22,28 @@ pub struct Daemon {
     /// The namespace's bind-mount path.
     ns: PathBuf,
     dir: tempfile::TempDir,
+    alerts: PathBuf,
 }
 
 impl Daemon {
-    /// Starts `k8s-ebpf run ARGS` in `ns` with alerts going to a file, and waits (≤ 20 s)
-    /// until `/readyz` says ready.
+    /// Starts `k8s-ebpf run ARGS` in `ns` with alerts going to a file (a temporary one
+    /// unless ARGS name one with `--output`), and waits (≤ 20 s) until `/readyz` says ready.
     pub fn start(ns: &NetNs, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
+        let alerts = args.iter().position(|a| *a == "--output").map_or_else(
+            || dir.path().join("alerts.json"),
+            |i| PathBuf::from(args[i + 1]),
+        );
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name])
             .arg(daemon_bin())
             .arg("run")
-            .args(["--metrics-addr", METRICS_ADDR])
-            .arg("--output")
-            .arg(dir.path().join("alerts.json"))
+            .args(["--metrics-addr", METRICS_ADDR]);
+        if !args.contains(&"--output") {
+            cmd.arg("--output").arg(&alerts);
+        }
+        let child = cmd
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -47,6 +54,7 @@ impl Daemon {
             child,
             ns: ns.path(),
             dir,
+            alerts,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -73,8 +81,8 @@ impl Daemon {
         self.dir.path()
     }
 
-    pub fn alerts_path(&self) -> PathBuf {
-        self.dir.path().join("alerts.json")
+    pub fn alerts_path(&self) -> &Path {
+        &self.alerts
     }
 
     pub fn stderr(&self) -> String {
