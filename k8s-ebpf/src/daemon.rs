@@ -30,12 +30,14 @@ use tracing::{info, warn};
 use crate::{
     capture::{
         reader::{Reader, ReaderStats},
-        AttachMode, Capture, CaptureConfig, KernelCounters, NetnsScope, Observation,
+        AttachMode, Capture, CaptureConfig, CaptureStreams, KernelCounters, NetnsScope,
+        Observation,
     },
     correlate::{Engine, EngineSettings},
     metrics::{Metrics, MetricsServer, Readiness},
     output::{self, AlertSender, Destination, OutputSettings},
     policy::{Policy, PolicyErrors},
+    privilege,
     verdict::ClientContext,
 };
 use k8s_ebpf_common::{counter, EventKind};
@@ -87,7 +89,21 @@ pub fn default_hostname() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+/// The daemon after its privileged start: policy parsed, programs attached, capabilities
+/// dropped. Nothing in here needs a capability any more.
+pub struct Prepared {
+    config: DaemonConfig,
+    policy: Arc<Policy>,
+    capture: Capture,
+    streams: CaptureStreams,
+    inventory: Inventory,
+}
+
+/// The privileged part of start-up, on the calling thread before any other thread exists
+/// (capabilities are per thread): parse the policy (a bad file is a usage error), check
+/// the capabilities, load and attach, take the first listener inventory, then drop every
+/// capability.
+pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
     let policy = load_policy(config.policy_path.as_deref())
         .map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
     let policy = Arc::new(policy);
@@ -96,7 +112,54 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         ports = ?policy.watched_ports(),
         "policy loaded"
     );
+    privilege::check_can_load()?;
+    let capture_config = CaptureConfig {
+        attach: config.attach,
+        netns: config.netns,
+        window: policy.window(),
+        ring_bytes: config.ring_bytes,
+    };
+    let (capture, streams) = Capture::load(&capture_config, &policy.watched_ports())?;
+    info!(
+        inbound = capture.inbound().as_str(),
+        refused = capture.captures_refused(),
+        netns = capture.netns(),
+        "kernel programs attached"
+    );
+    let mut inventory = Inventory::default();
+    inventory.rescan(&policy.watched_ports());
+    privilege::drop_all()?;
+    info!("all capabilities dropped");
+    Ok(Prepared {
+        config,
+        policy,
+        capture,
+        streams,
+        inventory,
+    })
+}
 
+impl Prepared {
+    /// Runs until SIGTERM or SIGINT.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let Prepared {
+            config,
+            policy,
+            mut capture,
+            streams,
+            mut inventory,
+        } = self;
+        run_loop(config, policy, &mut capture, streams, &mut inventory).await
+    }
+}
+
+async fn run_loop(
+    config: DaemonConfig,
+    policy: Arc<Policy>,
+    capture: &mut Capture,
+    streams: CaptureStreams,
+    inventory: &mut Inventory,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::new());
     metrics.record_policy_reload(true);
@@ -121,20 +184,6 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         OutputSettings::new(config.output.clone()),
         Some(Arc::clone(&metrics)),
     )?;
-
-    let capture_config = CaptureConfig {
-        attach: config.attach,
-        netns: config.netns,
-        window: policy.window(),
-        ring_bytes: config.ring_bytes,
-    };
-    let (mut capture, streams) = Capture::load(&capture_config, &policy.watched_ports())?;
-    info!(
-        inbound = capture.inbound().as_str(),
-        refused = capture.captures_refused(),
-        netns = capture.netns(),
-        "kernel programs attached"
-    );
     metrics.set_attach_mechanism(capture.inbound().as_str());
     readiness.set_attached(true);
 
@@ -152,8 +201,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
 
     // The listeners already there: a wide bind on a loopback-only port is an alert at
     // start, not only when the next one binds.
-    let mut inventory = Inventory::default();
-    inventory.rescan(&policy.watched_ports(), &metrics);
+    inventory.publish(&metrics);
     for obs in inventory.start_observations() {
         emit(&sender, &mut engine, &obs).await;
     }
@@ -189,10 +237,10 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                     Err(e) => warn!(error = %e, "cannot read the kernel counters"),
                 }
             }
-            _ = poll.tick() => reload.check(false, &mut capture, &mut engine, &metrics),
+            _ = poll.tick() => reload.check(false, capture, &mut engine, &metrics),
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the policy");
-                reload.check(true, &mut capture, &mut engine, &metrics);
+                reload.check(true, capture, &mut engine, &metrics);
             }
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
@@ -374,9 +422,7 @@ struct Inventory {
 }
 
 impl Inventory {
-    fn rescan(&mut self, _ports: &BTreeSet<u16>, m: &Metrics) {
-        self.publish(m);
-    }
+    fn rescan(&mut self, _ports: &BTreeSet<u16>) {}
 
     /// Listen observations for the listeners found at start, so the policy judges them.
     fn start_observations(&self) -> Vec<Observation> {

@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod output;
 pub mod policy;
 pub mod ports;
+pub mod privilege;
 pub mod verdict;

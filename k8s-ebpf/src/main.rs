@@ -161,6 +161,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // `run` does its privileged start-up before the runtime starts any thread, so that the
+    // capability drop covers every thread the daemon will ever have.
+    let (command, prepared) = match cli.command {
+        Command::Run(args) => match prepare_run(args) {
+            Ok(p) => (None, Some(p)),
+            Err(e) => return report(&e),
+        },
+        other => (Some(other), None),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -173,8 +182,14 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => run(args).await,
+        let Some(command) = command else {
+            return match prepared {
+                Some(p) => p.run().await,
+                None => Ok(()),
+            };
+        };
+        match command {
+            Command::Run(_) => unreachable!("prepared above"),
             Command::CheckConfig { file } => check_config(&file),
             Command::Ports { json } => {
                 if json {
@@ -192,18 +207,21 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("k8s-ebpf: {e:#}");
-            let usage = e
-                .downcast_ref::<CaptureError>()
-                .is_some_and(CaptureError::is_usage)
-                || e.downcast_ref::<UsageError>().is_some();
-            ExitCode::from(if usage { EXIT_USAGE } else { 1 })
-        }
+        Err(e) => report(&e),
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// Prints the error chain; usage errors exit 64, the rest 1.
+fn report(e: &anyhow::Error) -> ExitCode {
+    eprintln!("k8s-ebpf: {e:#}");
+    let usage = e
+        .downcast_ref::<CaptureError>()
+        .is_some_and(CaptureError::is_usage)
+        || e.downcast_ref::<UsageError>().is_some();
+    ExitCode::from(if usage { EXIT_USAGE } else { 1 })
+}
+
+fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
     let output = if args.output == "-" {
         Destination::Stdout
     } else {
@@ -213,7 +231,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             keep: args.output_keep,
         })
     };
-    daemon::run(DaemonConfig {
+    daemon::prepare(DaemonConfig {
         policy_path: args.policy,
         attach: args.attach,
         netns: args.netns,
@@ -223,7 +241,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ring_bytes: args.ring_bytes,
         hostname: args.hostname.unwrap_or_else(daemon::default_hostname),
     })
-    .await
 }
 
 fn check_config(file: &std::path::Path) -> anyhow::Result<()> {

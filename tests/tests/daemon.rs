@@ -105,6 +105,23 @@ fn default_policy_alerts_an_unexpected_peer_once_and_stops_cleanly() {
         "loopback peers are expected: {records:#?}"
     );
 
+    // Once attached, no thread of the daemon keeps a capability.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).expect("tasks");
+    let mut threads = 0;
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).expect("status");
+        for field in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            let value = status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{field}:")))
+                .map(str::trim);
+            assert_eq!(value, Some("0000000000000000"), "{field} of {task:?}");
+        }
+        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+        threads += 1;
+    }
+    assert!(threads > 1, "only {threads} thread(s) checked");
+
     let (status, took) = daemon.stop();
     assert!(status.success(), "exit status {status}");
     assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");

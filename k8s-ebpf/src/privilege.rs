@@ -1,0 +1,77 @@
+//! Capabilities: checked before loading (a missing one is named in the error), dropped
+//! entirely once the programs are attached.
+//!
+//! After attach the daemon only reads the ring buffer, reads and updates maps through file
+//! descriptors it already holds, reads `/proc/PID/cgroup` (world-readable) and writes its
+//! outputs: none of that needs a capability. Linux keeps capabilities per thread, so the
+//! drop runs before the async runtime starts any thread (see `daemon::prepare`).
+
+use caps::{CapSet, Capability};
+
+/// What loading and attaching needs, with the alternative that also grants it.
+const NEEDED: &[(Capability, &str)] = &[
+    (
+        Capability::CAP_BPF,
+        "CAP_BPF (create maps, load programs; Linux 5.8+, else CAP_SYS_ADMIN)",
+    ),
+    (
+        Capability::CAP_PERFMON,
+        "CAP_PERFMON (attach tracepoints and probes, read kernel memory; Linux 5.8+, else CAP_SYS_ADMIN)",
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error(
+        "missing capabilities: {}; run as root, or grant them (the DaemonSet adds BPF and PERFMON)",
+        .0.join(", ")
+    )]
+    Missing(Vec<&'static str>),
+    #[error("cannot read this process's capabilities: {0}")]
+    Read(String),
+    #[error("cannot drop capabilities: {0}")]
+    Drop(String),
+}
+
+/// Fails, naming each missing capability, when this thread cannot load and attach.
+pub fn check_can_load() -> Result<(), PrivilegeError> {
+    let effective =
+        caps::read(None, CapSet::Effective).map_err(|e| PrivilegeError::Read(e.to_string()))?;
+    if effective.contains(&Capability::CAP_SYS_ADMIN) {
+        return Ok(());
+    }
+    let missing: Vec<&'static str> = NEEDED
+        .iter()
+        .filter(|(cap, _)| !effective.contains(cap))
+        .map(|(_, why)| *why)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(PrivilegeError::Missing(missing))
+    }
+}
+
+/// Drops every capability from this thread for good: bounding set (when allowed),
+/// ambient, inheritable, permitted and effective sets; and sets `no_new_privs` so no
+/// exec can bring them back.
+pub fn drop_all() -> Result<(), PrivilegeError> {
+    let err = |e: caps::errors::CapsError| PrivilegeError::Drop(e.to_string());
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).map_err(err)? {
+        for cap in caps::read(None, CapSet::Bounding).map_err(err)? {
+            caps::drop(None, CapSet::Bounding, cap).map_err(err)?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(err)?;
+    caps::clear(None, CapSet::Inheritable).map_err(err)?;
+    caps::clear(None, CapSet::Effective).map_err(err)?;
+    caps::clear(None, CapSet::Permitted).map_err(err)?;
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) has no memory arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(PrivilegeError::Drop(format!(
+            "no_new_privs: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
