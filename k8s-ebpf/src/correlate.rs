@@ -10,12 +10,12 @@
 //! - **Port scans.** One peer reaching `defaults.scan.ports` distinct watched ports with
 //!   *unexpected* inbound connections or refused attempts within `defaults.scan.window`
 //!   (a fixed window from its first such contact) raises one `port-scan` alert listing
-//!   the ports. From then until that scan window ends, the peer's per-port
-//!   unexpected-inbound / refused-attempt alerts are suppressed and their counts fold
-//!   into the scan, reported by a closing `port-scan` summary. The per-port alerts sent
-//!   *before* the threshold was crossed have already gone out: that is the price of
-//!   alerting on the first contact at once. Expected peers never count toward a scan, so
-//!   a monitoring host scraping several ports is not a scanner.
+//!   the ports, and a closing `port-scan` summary with every port and the total count.
+//!   The per-port alerts go on beside it, one per (rule, peer) and window: each names its
+//!   port's rule and severity (etcd is not the read-only kubelet), and a scan of all 65,535
+//!   ports still yields at most one alert per watched port plus the scan. Expected peers
+//!   never count toward a scan, so a monitoring host scraping several ports is not a
+//!   scanner.
 //! - **Allowed events.** With `log_allowed`, expected inbound/outbound connections give
 //!   `event.kind: event` records, windowed the same way.
 //! - **Bounds.** Open windows and tracked scan peers are capped; at the cap the oldest
@@ -228,13 +228,8 @@ impl Engine {
         };
 
         if matches!(action, Action::UnexpectedInbound | Action::RefusedAttempt) {
-            let (declared, scan_alert) =
-                self.scan_touch(peer, rule.port, rule.severity, added, obs.at, now);
-            if let Some(a) = scan_alert {
+            if let Some(a) = self.scan_touch(peer, rule.port, rule.severity, added, obs.at, now) {
                 out.push(a);
-            }
-            if declared {
-                return out;
             }
         }
 
@@ -362,7 +357,7 @@ impl Engine {
         added: u64,
         at: SystemTime,
         now: SystemTime,
-    ) -> (bool, Option<AlertEvent>) {
+    ) -> Option<AlertEvent> {
         if !self.scans.contains_key(&peer) {
             while self.scans.len() >= self.settings.max_scan_peers.max(1) {
                 let Some((_, oldest)) = self.scan_order.pop_first() else {
@@ -390,17 +385,12 @@ impl Engine {
             );
         }
         let threshold = self.policy.scan().ports;
-        let Some(s) = self.scans.get_mut(&peer) else {
-            return (false, None);
-        };
+        let s = self.scans.get_mut(&peer)?;
         s.ports.insert(port);
         s.events += added;
         s.severity = s.severity.max(severity);
-        if s.declared_at_events.is_some() {
-            return (true, None);
-        }
-        if s.ports.len() < threshold {
-            return (false, None);
+        if s.declared_at_events.is_some() || s.ports.len() < threshold {
+            return None;
         }
         s.declared_at_events = Some(s.events);
         let snapshot = ScanPeer {
@@ -410,28 +400,12 @@ impl Engine {
             declared_at_events: s.declared_at_events,
             severity: s.severity,
         };
-        // The peer's open per-port windows end here: their pending counts belong to the
-        // scan now, and nothing more will be reported under them.
-        let swallowed: Vec<WindowKey> = self
-            .windows
-            .keys()
-            .filter(|k| {
-                k.peer == peer
-                    && matches!(k.action, Action::UnexpectedInbound | Action::RefusedAttempt)
-            })
-            .copied()
-            .collect();
-        for k in swallowed {
-            if let Some(w) = self.windows.remove(&k) {
-                self.window_order.remove(&w.slot);
-            }
-        }
         let mut alert = self.scan_record(peer, &snapshot, at);
         alert.k8s_ebpf.count = snapshot.events;
         if let Some(m) = &self.metrics {
             m.record_alert("port-scan", Action::PortScan.as_str());
         }
-        (true, Some(alert))
+        Some(alert)
     }
 
     fn scan_record(&self, peer: IpAddr, s: &ScanPeer, at: SystemTime) -> AlertEvent {

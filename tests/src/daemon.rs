@@ -29,6 +29,12 @@ impl Daemon {
     /// Starts `k8s-ebpf run ARGS` in `ns` with alerts going to a file (a temporary one
     /// unless ARGS name one with `--output`), and waits (≤ 20 s) until `/readyz` says ready.
     pub fn start(ns: &NetNs, args: &[&str]) -> Self {
+        Self::start_wrapped(ns, &[], args)
+    }
+
+    /// Like [`Daemon::start`], with the daemon run through `wrapper` (a command that
+    /// execs its arguments, e.g. a capability-dropping shell script).
+    pub fn start_wrapped(ns: &NetNs, wrapper: &[&str], args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
         let alerts = args.iter().position(|a| *a == "--output").map_or_else(
@@ -37,6 +43,7 @@ impl Daemon {
         );
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns.name])
+            .args(wrapper)
             .arg(daemon_bin())
             .arg("run")
             .args(["--metrics-addr", METRICS_ADDR]);

@@ -153,7 +153,7 @@ fn unwatched_ports_are_ignored() {
 }
 
 #[test]
-fn port_scan_is_declared_once_and_suppresses_per_port_alerts() {
+fn port_scan_is_declared_once_beside_the_per_port_alerts() {
     let mut e = engine();
     let peer = "192.0.2.66";
     assert_eq!(
@@ -170,8 +170,8 @@ fn port_scan_is_declared_once_and_suppresses_per_port_alerts() {
     let scan = e.observe(&inbound(6443, peer), t(2));
     assert_eq!(
         actions(&scan),
-        ["port-scan"],
-        "the third port declares the scan"
+        ["port-scan", "unexpected-inbound"],
+        "the third port declares the scan, and still alerts for itself"
     );
     let v = json(&scan[0]);
     assert_eq!(
@@ -181,11 +181,16 @@ fn port_scan_is_declared_once_and_suppresses_per_port_alerts() {
     assert_eq!(v["source"]["ip"], peer);
     assert_eq!(v["event"]["severity"], 99, "max of the touched rules");
 
-    // After the declaration: no per-port alerts, not even for new ports or repeats.
-    assert!(e.observe(&inbound(10250, peer), t(3)).is_empty());
-    assert!(e.observe(&inbound(2379, peer), t(4)).is_empty());
-    // The suppressed per-port windows report nothing at their close.
-    assert!(e.tick(t(20)).is_empty());
+    // After the declaration: a new port still alerts once (its rule and severity matter);
+    // repeats fold into their windows, and no second scan is declared.
+    assert_eq!(
+        actions(&e.observe(&inbound(10250, peer), t(3))),
+        ["unexpected-inbound"]
+    );
+    let r = e.observe(&inbound(2379, peer), t(4));
+    assert!(r.is_empty(), "{:?}", r.iter().map(json).collect::<Vec<_>>());
+    // The 2379 window reports its repeat at its close.
+    assert_eq!(actions(&e.tick(t(20))), ["unexpected-inbound"]);
     // The scan window's close reports the whole scan.
     let closed = e.tick(t(60));
     assert_eq!(actions(&closed), ["port-scan"]);
