@@ -160,10 +160,12 @@ pub struct Endpoint {
 }
 
 impl From<SocketAddr> for Endpoint {
+    /// Port 0 means unknown (an outbound connection's source port is not chosen yet when
+    /// the kernel reports it), and is left out rather than reported as 0.
     fn from(a: SocketAddr) -> Self {
         Self {
             ip: a.ip(),
-            port: Some(a.port()),
+            port: (a.port() != 0).then_some(a.port()),
         }
     }
 }

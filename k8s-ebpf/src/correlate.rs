@@ -89,7 +89,6 @@ struct WindowKey {
 type Slot = (SystemTime, u64);
 
 struct Window {
-    slot: Slot,
     /// The record that opened it (or would have), cloned into the summary.
     template: AlertEvent,
     /// Events seen in the window.
@@ -338,7 +337,6 @@ impl Engine {
         self.windows.insert(
             key,
             Window {
-                slot,
                 template,
                 total,
                 reported,

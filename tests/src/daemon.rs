@@ -170,7 +170,7 @@ impl Daemon {
     }
 
     /// SIGTERM, then waits (≤ 10 s): the exit status and how long the exit took.
-    pub fn stop(mut self) -> (ExitStatus, Duration) {
+    pub fn stop(&mut self) -> (ExitStatus, Duration) {
         let started = Instant::now();
         self.signal(libc::SIGTERM);
         let deadline = started + Duration::from_secs(10);

@@ -203,3 +203,84 @@ pub fn daemon_bin() -> PathBuf {
     );
     p
 }
+
+/// Attaches `ns` to the bridge `bridge` living in namespace `lan` with a new veth pair, and
+/// gives the `ns` end its addresses (CIDR notation, v4 or v6). Returns the interface name
+/// inside `ns`.
+pub fn bridge_port(lan: &NetNs, bridge: &str, ns: &NetNs, addrs: &[&str]) -> String {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (lan_if, ns_if) = (format!("kl{n}"), format!("kn{n}"));
+    ip(&[
+        "link", "add", &lan_if, "netns", &lan.name, "type", "veth", "peer", "name", &ns_if,
+        "netns", &ns.name,
+    ]);
+    lan.ip(&["link", "set", &lan_if, "master", bridge]);
+    lan.ip(&["link", "set", &lan_if, "up"]);
+    for addr in addrs {
+        if addr.contains(':') {
+            ns.ip(&["-6", "addr", "add", addr, "dev", &ns_if, "nodad"]);
+        } else {
+            ns.ip(&["addr", "add", addr, "dev", &ns_if]);
+        }
+    }
+    ns.ip(&["link", "set", &ns_if, "up"]);
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns_if
+}
+
+/// A background process (a real peer or a stand-in), killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: std::process::Child,
+}
+
+impl Proc {
+    /// Starts `cmd` with its output in `log` (appended), killed on drop.
+    pub fn spawn(name: &str, cmd: &mut Command, log: &std::path::Path) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
+        let err = out.try_clone().expect("clone log fd");
+        let child = cmd
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} ({cmd:?}): {e}"));
+        Self {
+            name: name.to_owned(),
+            child,
+        }
+    }
+
+    /// Panics (with `log`) if the process has already exited.
+    pub fn assert_running(&mut self, log: &std::path::Path) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "{} exited with {status}:\n{}",
+                self.name,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (≤ `timeout`) until a TCP connection to `addr` from inside `ns` succeeds.
+pub fn wait_listening(ns: &NetNs, addr: &str, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if ns.connect(addr).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}

@@ -63,7 +63,7 @@ fn default_policy_alerts_an_unexpected_peer_once_and_stops_cleanly() {
     }
     let (node, peers) = topology(&[ATTACKER]);
     let _listener = node.listen("0.0.0.0:2379");
-    let daemon = Daemon::start(&node, &[]);
+    let mut daemon = Daemon::start(&node, &[]);
     let progs = daemon.prog_ids();
     assert!(!progs.is_empty(), "the daemon holds no BPF programs");
 
@@ -163,7 +163,7 @@ fn policy_expected_peers_metrics_and_reloads() {
     let policy = dir.path().join("policy.yaml");
     write_policy(&policy, "");
     let policy_arg = policy.to_str().expect("utf-8 path");
-    let daemon = Daemon::start(&node, &["--policy", policy_arg, "--log-allowed"]);
+    let mut daemon = Daemon::start(&node, &["--policy", policy_arg, "--log-allowed"]);
 
     let kubelet = format!("{NODE}:10250");
     connect(trusted, &kubelet, 3);

@@ -34,7 +34,7 @@ fn undersized_ring_buffer_counts_every_lost_record() {
     const CYCLES: usize = 500;
     let node = NetNs::new("node");
     node.ip(&["link", "set", "lo", "up"]);
-    let daemon = Daemon::start(&node, &["--ring-bytes", "4096"]);
+    let mut daemon = Daemon::start(&node, &["--ring-bytes", "4096"]);
     daemon.signal(libc::SIGSTOP);
     // Listen records are never folded: each cycle is two records (listen, listen-close).
     node.enter(|| {
@@ -90,7 +90,7 @@ fn full_filesystem_sends_alerts_to_stderr_and_counts_them() {
     }
     let _unmount = Unmount(mnt_path.clone());
     let file = format!("{mnt_path}/alerts.json");
-    let daemon = Daemon::start(&node, &["--output", &file]);
+    let mut daemon = Daemon::start(&node, &["--output", &file]);
     // Loopback-only ports listening on every interface: one exposed-listener alert each,
     // then unexpected peers on several ports: more alerts than 4 KiB holds.
     let _listeners: Vec<TcpListener> = [2381, 10248, 10257, 10259, 2379, 10250, 6443]
@@ -137,7 +137,7 @@ fn deleted_policy_file_keeps_the_last_good_policy() {
     )
     .unwrap();
     let _kubelet = node.listen("0.0.0.0:10250");
-    let daemon = Daemon::start(
+    let mut daemon = Daemon::start(
         &node,
         &["--policy", policy.to_str().unwrap(), "--log-allowed"],
     );
@@ -190,7 +190,7 @@ fn missing_tracefs_is_mounted_by_the_daemon() {
         return;
     }
     let node = NetNs::new("node");
-    let daemon = Daemon::start(&node, &[]);
+    let mut daemon = Daemon::start(&node, &[]);
     assert!(
         daemon
             .stderr()

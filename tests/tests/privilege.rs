@@ -96,7 +96,7 @@ fn daemonset_capabilities_are_enough_and_sys_admin_is_not_needed() {
 
     // Exactly the manifest's set, no CAP_SYS_ADMIN: attaches and alerts.
     let script = wrapper(dir.path(), &caps, true);
-    let daemon = Daemon::start_wrapped(&node, &[script.to_str().unwrap()], &[]);
+    let mut daemon = Daemon::start_wrapped(&node, &[script.to_str().unwrap()], &[]);
     peer.connect("192.0.2.1:10250").expect("connect");
     daemon.wait_records("the alert", Duration::from_secs(5), |r| {
         r.iter().any(|r| {
