@@ -3,6 +3,7 @@
 //! Every command starts with the same prerequisite bootstrap ([`bootstrap::ensure`]), so
 //! the README's two commands work on a fresh machine and CI proves exactly what they do.
 
+mod bench;
 mod bootstrap;
 mod vm;
 
@@ -41,6 +42,9 @@ enum Cmd {
     },
     /// Only the VM kernel matrix (Debian 6.1 and 6.12 kernels under QEMU).
     Vm,
+    /// Benchmarks against a baseline and peer tools measured in the same run; writes
+    /// docs/bench.md (needs root).
+    Bench,
     /// Only install the prerequisites.
     Bootstrap,
 }
@@ -56,6 +60,23 @@ fn main() -> Result<()> {
             bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
             let bin = build_daemon()?;
             vm::run_matrix(&root, &bin)
+        }
+        Cmd::Bench => {
+            bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
+            if !bootstrap::is_root() {
+                bail!("the benchmarks load eBPF programs and create network namespaces: run `cargo xtask bench` as root");
+            }
+            let bin = std::fs::canonicalize(build_daemon()?)?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "integration-tests",
+                "--bin",
+                "storm",
+            ])?;
+            let storm = std::fs::canonicalize(target_dir().join("release/storm"))?;
+            bench::run(&root, &bin, &storm)
         }
         Cmd::Bootstrap => bootstrap::ensure(bootstrap::DEBIAN_PACKAGES),
     }

@@ -1,0 +1,730 @@
+//! `cargo xtask bench`: overhead and throughput, side by side with the tools people use,
+//! all measured in one run and reported as ratios to a baseline taken in the same run.
+//!
+//! 1. Connection storm (`storm both`, loopback, a fresh network namespace per run), with:
+//!    (a) no monitor, (b) k8s-ebpf watching the storm port, (c) k8s-ebpf not watching it,
+//!    (d) libbpf-tools `tcplife`, (e) a bpftrace one-liner printing each accept on the
+//!    port. REPS interleaved repetitions; medians; each as a ratio to (a).
+//! 2. The daemon's cost during (b): CPU seconds, peak RSS, drop counters, and per-program
+//!    run time from `kernel.bpf_stats_enabled`.
+//! 3. The userspace pipeline (criterion: `cargo bench -p k8s-ebpf --bench pipeline`).
+//! 4. A flood from an attacker namespace: `nmap -p-` then a 30,000-connection burst.
+//!
+//! The results go to stdout and to docs/bench.md.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+const REPS: usize = 7;
+const STORM_CONNECTIONS: u64 = 50_000;
+const STORM_PORT: u16 = 18080;
+const METRICS: &str = "127.0.0.1:9478";
+const FLOOD_CONNECTIONS: u64 = 30_000;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Config {
+    None,
+    Watched,
+    Unwatched,
+    Tcplife,
+    Bpftrace,
+}
+
+impl Config {
+    const ALL: [Config; 5] = [
+        Config::None,
+        Config::Watched,
+        Config::Unwatched,
+        Config::Tcplife,
+        Config::Bpftrace,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Config::None => "(a) no monitor",
+            Config::Watched => "(b) k8s-ebpf, storm port watched",
+            Config::Unwatched => "(c) k8s-ebpf, storm port not watched",
+            Config::Tcplife => "(d) tcplife (libbpf-tools)",
+            Config::Bpftrace => "(e) bpftrace, inet_sock_set_state accepts",
+        }
+    }
+}
+
+/// A network namespace for one run, deleted on drop.
+struct Ns(String);
+
+impl Ns {
+    fn new(tag: &str) -> Result<Self> {
+        let name = format!("k8sebpf-bench-{tag}-{}", std::process::id());
+        sh_ok(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Ns(name);
+        sh_ok(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    fn cmd(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).arg(program);
+        c
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A monitor running for one storm, killed (SIGTERM, then SIGKILL) on drop.
+struct Monitor {
+    child: Child,
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Tools {
+    daemon: PathBuf,
+    storm: PathBuf,
+    dir: PathBuf,
+}
+
+#[derive(Default)]
+struct DaemonCost {
+    cpu_seconds: Vec<f64>,
+    peak_rss_kib: u64,
+    ringbuf_full: f64,
+    output_dropped: f64,
+    /// program name → (run_time_ns, run_cnt) summed over the (b) runs.
+    programs: BTreeMap<String, (u64, u64)>,
+}
+
+pub fn run(root: &Path, daemon: &Path, storm: &Path) -> Result<()> {
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let tools = Tools {
+        daemon: daemon.to_path_buf(),
+        storm: storm.to_path_buf(),
+        dir: dir.clone(),
+    };
+    let policy = dir.join("storm-policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version: 1\nrules:\n  - {{name: storm, port: {STORM_PORT}, expected_peers: [loopback]}}\n"
+        ),
+    )?;
+    let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+        .context("enabling kernel.bpf_stats_enabled")?;
+    let result = measure(&tools, &policy);
+    if !stats_before.is_empty() {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &stats_before);
+    }
+    let (storm, cost, flood) = result?;
+
+    eprintln!("xtask bench: userspace pipeline (criterion)");
+    let pipeline = pipeline_bench()?;
+    let report = render(&storm, &cost, &flood, &pipeline)?;
+    print!("{report}");
+    std::fs::write(root.join("docs/bench.md"), &report)?;
+    eprintln!("xtask bench: written to docs/bench.md");
+    Ok(())
+}
+
+type Rates = BTreeMap<Config, Vec<f64>>;
+
+fn measure(tools: &Tools, policy: &Path) -> Result<(Storm, DaemonCost, Flood)> {
+    let mut rates: Rates = BTreeMap::new();
+    let mut cpu_per_conn: Rates = BTreeMap::new();
+    let mut cost = DaemonCost::default();
+    for rep in 0..REPS {
+        for config in Config::ALL {
+            let ns = Ns::new("storm")?;
+            let monitor = start_monitor(tools, &ns, config, policy)?;
+            let before = monitor.as_ref().map(|m| cpu_seconds(m.child.id()));
+            let out = sh_out(ns.cmd(&tools.storm).args([
+                "both",
+                &format!("127.0.0.1:{STORM_PORT}"),
+                &STORM_CONNECTIONS.to_string(),
+                "2",
+            ]))?;
+            let rate = json_number(&out, "per_second")?;
+            let cpu_us = json_number(&out, "cpu_us_per_connection")?;
+            eprintln!(
+                "xtask bench: rep {} {:<42} {rate:>8.0} conn/s {cpu_us:>7.2} µs CPU/conn",
+                rep + 1,
+                config.label()
+            );
+            rates.entry(config).or_default().push(rate);
+            cpu_per_conn.entry(config).or_default().push(cpu_us);
+            if let (Config::Watched, Some(m), Some(before)) = (config, &monitor, before) {
+                // Let the reader drain what the storm left in the ring buffer.
+                std::thread::sleep(Duration::from_millis(300));
+                let pid = m.child.id();
+                cost.cpu_seconds.push(cpu_seconds(pid) - before);
+                cost.peak_rss_kib = cost.peak_rss_kib.max(peak_rss_kib(pid));
+                let metrics = scrape(&ns)?;
+                cost.ringbuf_full += metric(
+                    &metrics,
+                    "k8s_ebpf_kernel_events_total{outcome=\"ringbuf_full\"}",
+                );
+                cost.output_dropped +=
+                    metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"alert\"}")
+                        + metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"event\"}");
+                for (name, (ns_run, cnt)) in program_stats(pid) {
+                    let e = cost.programs.entry(name).or_default();
+                    e.0 += ns_run;
+                    e.1 += cnt;
+                }
+            }
+            drop(monitor);
+        }
+    }
+    let flood = flood(tools)?;
+    Ok((
+        Storm {
+            rates,
+            cpu_per_conn,
+        },
+        cost,
+        flood,
+    ))
+}
+
+struct Storm {
+    /// Connections per second (wall clock), per configuration, in run order.
+    rates: Rates,
+    /// CPU microseconds per connection of the storm process.
+    cpu_per_conn: Rates,
+}
+
+fn start_monitor(tools: &Tools, ns: &Ns, config: Config, policy: &Path) -> Result<Option<Monitor>> {
+    let log = |name: &str| -> Result<std::fs::File> {
+        Ok(std::fs::File::create(
+            tools.dir.join(format!("{name}.log")),
+        )?)
+    };
+    let (child, ready): (Child, Box<dyn Fn() -> bool>) = match config {
+        Config::None => return Ok(None),
+        Config::Watched | Config::Unwatched => {
+            let mut c = ns.cmd(&tools.daemon);
+            c.args(["run", "--metrics-addr", METRICS, "--output"])
+                .arg(tools.dir.join("storm-alerts.json"));
+            if config == Config::Watched {
+                c.arg("--policy").arg(policy);
+            }
+            let child = c.stdout(Stdio::null()).stderr(log("daemon")?).spawn()?;
+            let ns_name = ns.0.clone();
+            (
+                child,
+                Box::new(move || {
+                    Command::new("ip")
+                        .args([
+                            "netns",
+                            "exec",
+                            &ns_name,
+                            "curl",
+                            "-sf",
+                            &format!("http://{METRICS}/readyz"),
+                        ])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                }),
+            )
+        }
+        Config::Tcplife => {
+            let out = tools.dir.join("tcplife.log");
+            let child = Command::new("stdbuf")
+                .args(["-oL", "tcplife"])
+                .stdout(std::fs::File::create(&out)?)
+                .stderr(log("tcplife.err")?)
+                .spawn()
+                .context("starting tcplife (libbpf-tools)")?;
+            (child, Box::new(move || file_has(&out, "PID")))
+        }
+        Config::Bpftrace => {
+            let out = tools.dir.join("bpftrace.log");
+            let script = format!(
+                "tracepoint:sock:inet_sock_set_state /args->oldstate == 3 && args->newstate == 1 && args->sport == {STORM_PORT}/ {{ printf(\"accept %d\\n\", args->dport); }}"
+            );
+            let child = Command::new("bpftrace")
+                .args(["-e", &script])
+                .stdout(std::fs::File::create(&out)?)
+                .stderr(log("bpftrace.err")?)
+                .spawn()
+                .context("starting bpftrace")?;
+            (child, Box::new(move || file_has(&out, "Attaching")))
+        }
+    };
+    let mut monitor = Monitor { child };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        if let Ok(Some(status)) = monitor.child.try_wait() {
+            bail!(
+                "{} exited with {status} before it was ready (logs in {})",
+                config.label(),
+                tools.dir.display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} not ready after 30 s (logs in {})",
+                config.label(),
+                tools.dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // bpftrace prints "Attaching" just before attaching; give every tool the same margin.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(Some(monitor))
+}
+
+struct Flood {
+    nmap_seconds: f64,
+    burst_seconds: f64,
+    alert_lines: usize,
+    peak_rss_kib: u64,
+    ringbuf_full: f64,
+    output_dropped: f64,
+    seen: f64,
+    deduplicated: f64,
+}
+
+/// nmap -p- and a 30,000-connection burst from an attacker namespace against a node
+/// namespace running k8s-ebpf with the default policy.
+fn flood(tools: &Tools) -> Result<Flood> {
+    let node = Ns::new("node")?;
+    let attacker = Ns::new("attacker")?;
+    let (a, b) = ("kbn0", "kba0");
+    sh_ok(Command::new("ip").args([
+        "link",
+        "add",
+        a,
+        "netns",
+        &node.0,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b,
+        "netns",
+        &attacker.0,
+    ]))?;
+    sh_ok(Command::new("ip").args(["-n", &node.0, "addr", "add", "192.0.2.1/24", "dev", a]))?;
+    sh_ok(Command::new("ip").args(["-n", &attacker.0, "addr", "add", "192.0.2.66/24", "dev", b]))?;
+    sh_ok(Command::new("ip").args(["-n", &node.0, "link", "set", a, "up"]))?;
+    sh_ok(Command::new("ip").args(["-n", &attacker.0, "link", "set", b, "up"]))?;
+    let alerts = tools.dir.join("flood-alerts.json");
+    let _ = std::fs::remove_file(&alerts);
+    let mut c = node.cmd(&tools.daemon);
+    c.args(["run", "--metrics-addr", METRICS, "--output"])
+        .arg(&alerts);
+    let child = c
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tools.dir.join("flood-daemon.log"))?)
+        .spawn()?;
+    let monitor = Monitor { child };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !scrape(&node).is_ok_and(|m| m.contains("k8s_ebpf_attach_info")) {
+        if Instant::now() > deadline {
+            bail!("daemon not ready for the flood");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut server = node
+        .cmd(&tools.storm)
+        .args(["serve", "192.0.2.1:10250", "0"])
+        .stdout(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    sh_out(attacker.cmd(Path::new("nmap")).args([
+        "-sT",
+        "-Pn",
+        "-n",
+        "-p-",
+        "-T5",
+        "--max-retries",
+        "0",
+        "192.0.2.1",
+    ]))?;
+    let nmap_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    sh_out(attacker.cmd(&tools.storm).args([
+        "connect",
+        "192.0.2.1:10250",
+        &FLOOD_CONNECTIONS.to_string(),
+        "2",
+    ]))?;
+    let burst_seconds = started.elapsed().as_secs_f64();
+    let _ = server.kill();
+    let _ = server.wait();
+    // The daemon copies the kernel counters into its metrics once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let metrics = scrape(&node)?;
+    let pid = monitor.child.id();
+    let peak_rss_kib = peak_rss_kib(pid);
+    drop(monitor); // SIGTERM: open windows are reported, then the file is complete
+    let alert_lines = std::fs::read_to_string(&alerts)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    Ok(Flood {
+        nmap_seconds,
+        burst_seconds,
+        alert_lines,
+        peak_rss_kib,
+        ringbuf_full: metric(
+            &metrics,
+            "k8s_ebpf_kernel_events_total{outcome=\"ringbuf_full\"}",
+        ),
+        output_dropped: metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"alert\"}")
+            + metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"event\"}"),
+        seen: metric(&metrics, "k8s_ebpf_kernel_events_total{outcome=\"seen\"}"),
+        deduplicated: metric(
+            &metrics,
+            "k8s_ebpf_kernel_events_total{outcome=\"deduplicated\"}",
+        ),
+    })
+}
+
+struct Pipeline {
+    every_event_alerts: f64,
+    engine: f64,
+}
+
+/// Runs the criterion bench and reads its throughput estimates (elements per second).
+fn pipeline_bench() -> Result<Pipeline> {
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args([
+            "bench",
+            "-p",
+            "k8s-ebpf",
+            "--bench",
+            "pipeline",
+            "--",
+            "--warm-up-time",
+            "1",
+            "--measurement-time",
+            "5",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("the criterion bench failed");
+    }
+    let per_second = |name: &str| -> Result<f64> {
+        let path = PathBuf::from(format!(
+            "target/criterion/pipeline/{name}/new/estimates.json"
+        ));
+        let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+        let v: f64 = text
+            .split("\"median\":{")
+            .nth(1)
+            .and_then(|s| s.split("\"point_estimate\":").nth(1))
+            .and_then(|s| s.split([',', '}']).next())
+            .and_then(|s| s.trim().parse().ok())
+            .context("median point_estimate in criterion's estimates.json")?;
+        // Nanoseconds per iteration of 4096 records.
+        Ok(4096.0 / (v / 1e9))
+    };
+    Ok(Pipeline {
+        every_event_alerts: per_second("every_event_alerts")?,
+        engine: per_second("engine")?,
+    })
+}
+
+fn render(storm: &Storm, cost: &DaemonCost, flood: &Flood, pipeline: &Pipeline) -> Result<String> {
+    let rates = &storm.rates;
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let base = median(&rates[&Config::None]);
+    let mut s = String::new();
+    let kernel = sh_out(Command::new("uname").arg("-r"))?.trim().to_owned();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_owned))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let date = sh_out(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?
+        .trim()
+        .to_owned();
+    writeln!(s, "# k8s-ebpf benchmarks\n")?;
+    writeln!(
+        s,
+        "Produced by `cargo xtask bench` on {date}: {cores} cores ({cpu}), Linux {kernel}."
+    )?;
+    writeln!(
+        s,
+        "Every ratio is against the baseline (a) measured in the same run.\n"
+    )?;
+    writeln!(s, "## Connection storm ({STORM_CONNECTIONS} loopback connections per run, {REPS} interleaved runs, medians)\n")?;
+    writeln!(s, "CPU per connection is the storm process's own user + system time (both ends of every connection; on loopback the kernel's softirq work, eBPF programs included, runs in its context): it is the steadier measure on a shared machine. Wall-clock rates vary more from run to run.\n")?;
+    writeln!(s, "| configuration | CPU µs / connection (median) | CPU ratio to (a) | CPU overhead | median conn/s | rate ratio to (a) | runs (conn/s) |")?;
+    writeln!(s, "|---|---:|---:|---:|---:|---:|---|")?;
+    let cpu_base = median(&storm.cpu_per_conn[&Config::None]);
+    for config in Config::ALL {
+        let v = &rates[&config];
+        let m = median(v);
+        let cpu = median(&storm.cpu_per_conn[&config]);
+        let runs: Vec<String> = v.iter().map(|r| format!("{r:.0}")).collect();
+        writeln!(
+            s,
+            "| {} | {cpu:.2} | {:.3} | {:+.1} % | {m:.0} | {:.3} | {} |",
+            config.label(),
+            cpu / cpu_base,
+            (cpu / cpu_base - 1.0) * 100.0,
+            m / base,
+            runs.join(", "),
+        )?;
+    }
+    let cpu_total: f64 = cost.cpu_seconds.iter().sum();
+    writeln!(s, "\n## Daemon cost during (b)\n")?;
+    writeln!(s, "| measure | value |\n|---|---:|")?;
+    writeln!(
+        s,
+        "| daemon CPU per run (median of {REPS}; clock-tick resolution 0.01 s) | {:.2} s |",
+        median(&cost.cpu_seconds)
+    )?;
+    writeln!(s, "| daemon CPU, all (b) runs | {cpu_total:.3} s |")?;
+    writeln!(
+        s,
+        "| daemon peak RSS | {:.1} MiB |",
+        cost.peak_rss_kib as f64 / 1024.0
+    )?;
+    writeln!(s, "| kernel ring-buffer drops | {} |", cost.ringbuf_full)?;
+    writeln!(s, "| output queue drops | {} |", cost.output_dropped)?;
+    for (name, (run_ns, cnt)) in &cost.programs {
+        let per = if *cnt > 0 {
+            *run_ns as f64 / *cnt as f64
+        } else {
+            0.0
+        };
+        writeln!(
+            s,
+            "| program `{name}`: runs / mean run time | {cnt} / {per:.0} ns |"
+        )?;
+    }
+    writeln!(s, "\n## Userspace pipeline (criterion, one core)\n")?;
+    writeln!(s, "| path | events/s |\n|---|---:|")?;
+    writeln!(
+        s,
+        "| decode → verdict → ECS JSON, every event an alert line | {:.0} |",
+        pipeline.every_event_alerts
+    )?;
+    writeln!(
+        s,
+        "| decode → correlation engine (windows fold repeats) → JSON | {:.0} |",
+        pipeline.engine
+    )?;
+    writeln!(
+        s,
+        "\n## Flood: nmap -p- then {FLOOD_CONNECTIONS} connections from one attacker\n"
+    )?;
+    writeln!(s, "| measure | value |\n|---|---:|")?;
+    writeln!(s, "| nmap -sT -p- -T5 | {:.1} s |", flood.nmap_seconds)?;
+    writeln!(
+        s,
+        "| {FLOOD_CONNECTIONS}-connection burst to 10250 | {:.1} s |",
+        flood.burst_seconds
+    )?;
+    writeln!(
+        s,
+        "| events on watched ports seen in the kernel | {} |",
+        flood.seen
+    )?;
+    writeln!(
+        s,
+        "| folded in the kernel (dedup) | {} |",
+        flood.deduplicated
+    )?;
+    writeln!(s, "| alert lines written | {} |", flood.alert_lines)?;
+    writeln!(
+        s,
+        "| daemon peak RSS | {:.1} MiB |",
+        flood.peak_rss_kib as f64 / 1024.0
+    )?;
+    writeln!(s, "| kernel ring-buffer drops | {} |", flood.ringbuf_full)?;
+    writeln!(s, "| output queue drops | {} |", flood.output_dropped)?;
+    Ok(s)
+}
+
+fn file_has(path: &Path, needle: &str) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle))
+}
+
+fn scrape(ns: &Ns) -> Result<String> {
+    sh_out(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.0,
+        "curl",
+        "-sf",
+        &format!("http://{METRICS}/metrics"),
+    ]))
+}
+
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn json_number(text: &str, field: &str) -> Result<f64> {
+    text.split(&format!("\"{field}\":"))
+        .nth(1)
+        .and_then(|s| s.split([',', '}']).next())
+        .and_then(|s| s.trim().parse().ok())
+        .with_context(|| format!("no {field} in {text:?}"))
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised comm; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no memory arguments.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Per BPF program held by `pid`: name → (run_time_ns, run_cnt), from fdinfo (filled when
+/// kernel.bpf_stats_enabled is 1) and the program's name from the kernel.
+fn program_stats(pid: u32) -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let (Some(id), Some(run_ns), Some(cnt)) =
+            (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
+        else {
+            continue;
+        };
+        let name = prog_name(id as u32).unwrap_or_else(|| format!("id {id}"));
+        out.insert(name, (run_ns, cnt));
+    }
+    out
+}
+
+/// The name the kernel keeps for a program (BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD).
+fn prog_name(id: u32) -> Option<String> {
+    #[repr(C)]
+    struct ById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = ById {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    // SAFETY: the bpf syscall reads size_of::<ById>() bytes of a valid attr.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            13,
+            &attr as *const ById,
+            std::mem::size_of::<ById>(),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let mut info = [0u8; 256];
+    let attr = InfoByFd {
+        bpf_fd: fd as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: the kernel writes at most info_len bytes into `info`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            15,
+            &attr as *const InfoByFd,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd as i32) };
+    if rc != 0 {
+        return None;
+    }
+    // struct bpf_prog_info: name[16] follows 64 bytes of earlier fields.
+    let name = &info[64..80];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(16);
+    Some(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
+fn sh_ok(cmd: &mut Command) -> Result<()> {
+    sh_out(cmd).map(drop)
+}
+
+fn sh_out(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
