@@ -34,6 +34,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Everything the xtask commands need. Quiet when nothing is missing.
 pub fn ensure(packages: &[&str]) -> Result<()> {
@@ -75,6 +76,12 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
         } else {
             missing_steps.push(cmd);
         }
+    }
+
+    if !cargo_fuzz_ok() {
+        let cmd = format!("cargo install cargo-fuzz --locked --version {CARGO_FUZZ_VERSION}");
+        eprintln!("bootstrap: {cmd}");
+        sh(&cmd).context("installing cargo-fuzz")?;
     }
 
     for (fs, dir) in [("tracefs", "/sys/kernel/tracing"), ("bpf", "/sys/fs/bpf")] {
@@ -154,6 +161,16 @@ fn bpf_linker_ok() -> bool {
         .output()
         .map(|o| {
             o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+        .unwrap_or(false)
+}
+
+fn cargo_fuzz_ok() -> bool {
+    Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)
         })
         .unwrap_or(false)
 }

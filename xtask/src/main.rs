@@ -151,6 +151,9 @@ fn test(root: &Path, with_vm: bool) -> Result<()> {
         }
         check(c)
     })?;
+    step("fuzz: policy parser and record decoder (bounded)", || {
+        fuzz(root)
+    })?;
     step("deploy manifests (kubernetes-validate, checkov)", || {
         check({
             let mut c = Command::new("bash");
@@ -164,6 +167,30 @@ fn test(root: &Path, with_vm: bool) -> Result<()> {
         eprintln!("xtask: VM kernel matrix NOT run (--no-vm)");
     }
     eprintln!("xtask: all checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// Each fuzz target for a bounded time, from the committed corpus (fuzz/corpus/TARGET,
+/// read-only) plus a scratch corpus that collects what this run finds. A crash fails the
+/// step, leaving the input in fuzz/artifacts/TARGET/.
+fn fuzz(root: &Path) -> Result<()> {
+    for (target, seconds) in [("policy_parse", 45), ("record_decode", 15)] {
+        let scratch = root.join("fuzz/corpus-new").join(target);
+        std::fs::create_dir_all(&scratch)?;
+        let mut c = Command::new("rustup");
+        c.args(["run", "nightly", "cargo", "fuzz", "run", target])
+            .arg(&scratch)
+            .arg(root.join("fuzz/corpus").join(target))
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-rss_limit_mb=4096",
+            ])
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("CARGO_TARGET_DIR");
+        check(c)?;
+    }
     Ok(())
 }
 
