@@ -5,7 +5,7 @@
 
 mod bench;
 mod bootstrap;
-mod vm;
+mod kernels;
 
 use std::{
     ffi::OsString,
@@ -59,7 +59,7 @@ fn main() -> Result<()> {
         Cmd::Vm => {
             bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
             let bin = build_daemon()?;
-            vm::run_matrix(&root, &bin)
+            kernels::run_matrix(&root, &bin)
         }
         Cmd::Bench => {
             bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
@@ -162,7 +162,7 @@ fn test(root: &Path, with_vm: bool) -> Result<()> {
         })
     })?;
     if with_vm {
-        step("VM kernel matrix", || vm::run_matrix(root, &bin))?;
+        step("VM kernel matrix", || kernels::run_matrix(root, &bin))?;
     } else {
         eprintln!("xtask: VM kernel matrix NOT run (--no-vm)");
     }
