@@ -98,7 +98,7 @@ fn fetch_kernel(cache: &Path, pattern: &str) -> Result<(String, PathBuf)> {
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
         .collect();
-    names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    names.sort_by_key(|n| version_key(n));
     let Some(package) = names.pop() else {
         bail!("no Debian package matches {pattern}: run `apt-get update`");
     };
