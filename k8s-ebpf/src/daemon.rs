@@ -130,6 +130,10 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
     inventory.rescan(&policy.watched_ports());
     privilege::drop_all()?;
     info!("all capabilities dropped");
+    // Loading parsed the kernel's BTF (megabytes, now freed): hand that memory back to
+    // the system instead of keeping it in the allocator for the daemon's lifetime.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
     Ok(Prepared {
         config,
         policy,

@@ -6,6 +6,7 @@
 mod bench;
 mod bootstrap;
 mod kernels;
+mod soak;
 
 use std::{
     ffi::OsString,
@@ -45,6 +46,12 @@ enum Cmd {
     /// Benchmarks against a baseline and peer tools measured in the same run; writes
     /// docs/bench.md (needs root).
     Bench,
+    /// The daemon under mixed traffic for a bounded time; fails if its memory grows more
+    /// than 5 % after the first minute (needs root).
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Only install the prerequisites.
     Bootstrap,
 }
@@ -77,6 +84,11 @@ fn main() -> Result<()> {
             ])?;
             let storm = std::fs::canonicalize(target_dir().join("release/storm"))?;
             bench::run(&root, &bin, &storm)
+        }
+        Cmd::Soak { minutes } => {
+            bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
+            let bin = std::fs::canonicalize(build_daemon()?)?;
+            soak::run(&root, &bin, minutes)
         }
         Cmd::Bootstrap => bootstrap::ensure(bootstrap::DEBIAN_PACKAGES),
     }
