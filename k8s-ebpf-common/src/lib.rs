@@ -46,6 +46,9 @@ pub enum HookKind {
     Kretprobe = 2,
     Fexit = 3,
     ResetTracepoint = 4,
+    /// Userspace only: found by a sock_diag scan at start (a listener, or a connection
+    /// made while the daemon was not running). Never in a kernel record.
+    Scan = 5,
 }
 
 impl HookKind {

@@ -278,6 +278,7 @@ pub fn hook_name(h: HookKind) -> &'static str {
         HookKind::Kretprobe => "kretprobe",
         HookKind::Fexit => "fexit",
         HookKind::ResetTracepoint => "reset-tracepoint",
+        HookKind::Scan => "sock-diag-scan",
     }
 }
 

@@ -34,6 +34,7 @@ use crate::{
         Observation,
     },
     correlate::{Engine, EngineSettings},
+    inventory,
     metrics::{Metrics, MetricsServer, Readiness},
     output::{self, AlertSender, Destination, OutputSettings},
     policy::{Policy, PolicyErrors},
@@ -206,8 +207,9 @@ async fn run_loop(
     // The listeners already there: a wide bind on a loopback-only port is an alert at
     // start, not only when the next one binds.
     inventory.publish(&metrics);
+    let mut local = LocalAddresses::new();
     for obs in inventory.start_observations() {
-        emit(&sender, &mut engine, &obs).await;
+        emit(&sender, &mut engine, &local, &obs).await;
     }
 
     let mut reload = PolicyWatch::new(config.policy_path.clone(), &policy);
@@ -225,7 +227,7 @@ async fn run_loop(
             obs = obs_rx.recv() => match obs {
                 Some(obs) => {
                     inventory.track(&obs, &metrics);
-                    emit(&sender, &mut engine, &obs).await;
+                    emit(&sender, &mut engine, &local, &obs).await;
                 }
                 None => {
                     warn!("the ring-buffer reader stopped");
@@ -240,6 +242,7 @@ async fn run_loop(
                     Ok(c) => drops.update(&c, &reader_stats, &metrics),
                     Err(e) => warn!(error = %e, "cannot read the kernel counters"),
                 }
+                local.refresh_if_stale();
             }
             _ = poll.tick() => reload.check(false, capture, &mut engine, &metrics),
             _ = hup.recv() => {
@@ -255,7 +258,7 @@ async fn run_loop(
     readiness.set_attached(false);
     let _ = stop_tx.send(true);
     while let Some(obs) = obs_rx.recv().await {
-        emit(&sender, &mut engine, &obs).await;
+        emit(&sender, &mut engine, &local, &obs).await;
     }
     match reader_task.await {
         Ok(Err(e)) => warn!(error = %e, "ring-buffer reader failed"),
@@ -282,7 +285,12 @@ async fn run_loop(
     Ok(())
 }
 
-async fn emit(sender: &AlertSender, engine: &mut Engine, obs: &Observation) {
+async fn emit(
+    sender: &AlertSender,
+    engine: &mut Engine,
+    local: &LocalAddresses,
+    obs: &Observation,
+) {
     let cgroup = obs
         .process
         .as_ref()
@@ -292,10 +300,77 @@ async fn emit(sender: &AlertSender, engine: &mut Engine, obs: &Observation) {
     let client = ClientContext {
         cgroup_path: cgroup.as_deref(),
         container_id: container,
+        local_destination: obs.kind == EventKind::Outbound && local.contains(obs),
     };
     for alert in engine.observe_with(obs, &client, SystemTime::now()) {
         sender.send(alert).await;
     }
+}
+
+/// This network namespace's own addresses (refreshed every 30 s), to tell a connection
+/// from this node to itself from one that leaves it.
+struct LocalAddresses {
+    netns: u32,
+    addresses: std::collections::HashSet<std::net::IpAddr>,
+    read_at: std::time::Instant,
+}
+
+impl LocalAddresses {
+    const MAX_AGE: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Self {
+            netns: crate::capture::own_netns().unwrap_or(0),
+            addresses: interface_addresses(),
+            read_at: std::time::Instant::now(),
+        }
+    }
+
+    fn refresh_if_stale(&mut self) {
+        if self.read_at.elapsed() >= Self::MAX_AGE {
+            self.addresses = interface_addresses();
+            self.read_at = std::time::Instant::now();
+        }
+    }
+
+    /// Whether `obs` (in this namespace) goes to one of its own addresses.
+    fn contains(&self, obs: &Observation) -> bool {
+        (obs.netns == 0 || obs.netns == self.netns) && self.addresses.contains(&obs.remote.ip())
+    }
+}
+
+/// The addresses of this network namespace's interfaces (getifaddrs).
+fn interface_addresses() -> std::collections::HashSet<std::net::IpAddr> {
+    let mut out = std::collections::HashSet::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we walk read-only and free with freeifaddrs.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut cur = list;
+        while !cur.is_null() {
+            let addr = (*cur).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        out.insert(
+                            std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into(),
+                        );
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        out.insert(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into());
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
 }
 
 /// The cgroup v2 path of a process (`0::/kubepods/...`), if it still exists.
@@ -419,18 +494,46 @@ impl DropWatch {
 }
 
 /// The listeners on watched ports, from a sock_diag scan at start, kept current by the
-/// kernel's listen / listen-close records; published as the `listeners` gauge.
+/// kernel's listen / listen-close records; published as the `listeners` gauge. The scan
+/// also finds the connections already established at start (made while the daemon was
+/// not running): they are judged like new ones, marked `hook: sock-diag-scan`.
 #[derive(Default)]
 struct Inventory {
     listeners: BTreeSet<SocketAddr>,
+    at_start: Vec<Observation>,
 }
 
 impl Inventory {
-    fn rescan(&mut self, _ports: &BTreeSet<u16>) {}
+    /// Runs before capabilities are dropped: reading other processes' fds needs them.
+    fn rescan(&mut self, ports: &BTreeSet<u16>) {
+        match inventory::scan_listeners(ports) {
+            Ok(found) => {
+                for l in found {
+                    self.listeners.insert(l.address);
+                    self.at_start.push(l.to_observation());
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list the listeners at start (sock_diag)"),
+        }
+        match inventory::established(ports) {
+            Ok(found) => {
+                if !found.is_empty() {
+                    info!(
+                        connections = found.len(),
+                        "connections on watched ports already established at start"
+                    );
+                }
+                self.at_start.extend(found);
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot list the established connections at start (sock_diag)")
+            }
+        }
+    }
 
-    /// Listen observations for the listeners found at start, so the policy judges them.
-    fn start_observations(&self) -> Vec<Observation> {
-        Vec::new()
+    /// What the scan at start found, for the policy to judge.
+    fn start_observations(&mut self) -> Vec<Observation> {
+        std::mem::take(&mut self.at_start)
     }
 
     fn track(&mut self, obs: &Observation, m: &Metrics) {

@@ -9,7 +9,7 @@ pub mod alert;
 pub mod capture;
 pub mod correlate;
 pub mod daemon;
-pub mod exposure;
+pub mod inventory;
 pub mod metrics;
 pub mod output;
 pub mod policy;

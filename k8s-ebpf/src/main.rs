@@ -45,6 +45,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The TCP listeners on watched ports right now (this network namespace), their
+    /// owners and bind scope, and findings where they are weaker than the hardened default.
+    Exposure {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also connect to each listener and record what it answers without credentials:
+        /// TLS and certificate, and the status of a few unauthenticated GETs.
+        #[arg(long)]
+        probe: bool,
+        /// Watched ports from this policy (default: the embedded policy's).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
     /// Print raw capture records as JSON lines (a debugging and test tool).
     Capture(CaptureArgs),
 }
@@ -202,6 +216,11 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
+            Command::Exposure {
+                json,
+                probe,
+                policy,
+            } => exposure(json, probe, policy.as_deref()).await,
             Command::Capture(args) => capture(args).await,
         }
     });
@@ -260,6 +279,20 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
             Err(UsageError(format!("{}: invalid policy", file.display())).into())
         }
     }
+}
+
+async fn exposure(json: bool, probe: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let policy =
+        daemon::load_policy(policy).map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
+    let report = k8s_ebpf::inventory::exposure_report(&policy.watched_ports(), probe)
+        .await
+        .context("listing TCP listeners (netlink sock_diag)")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", k8s_ebpf::inventory::render_text(&report));
+    }
+    Ok(())
 }
 
 async fn capture(args: CaptureArgs) -> anyhow::Result<()> {

@@ -16,6 +16,10 @@ use crate::{
 pub struct ClientContext<'a> {
     pub cgroup_path: Option<&'a str>,
     pub container_id: Option<&'a str>,
+    /// The destination is one of this node's own addresses, seen from the node's own
+    /// network namespace: the connection never leaves the node (its inbound side is
+    /// judged on its own), so it is no outbound pivot.
+    pub local_destination: bool,
 }
 
 /// Why an observation is unexpected; each maps to one alert `event.action`.
@@ -119,8 +123,8 @@ fn bind_allowed(scope: BindScope, bound: IpAddr) -> bool {
 }
 
 fn client_expected(rule: &Rule, obs: &Observation, client: &ClientContext<'_>) -> bool {
-    // A connection to this node's own loopback never leaves it.
-    if is_loopback(obs.remote.ip()) {
+    // A connection to this node's own loopback or addresses never leaves it.
+    if is_loopback(obs.remote.ip()) || client.local_destination {
         return true;
     }
     let clients = &rule.expected_clients;
@@ -252,19 +256,26 @@ rules:
         let curl = o("10.0.0.3:10250", Some("curl"));
         let path = ClientContext {
             cgroup_path: Some("/system.slice/apiserver.service"),
-            container_id: None,
+            ..Default::default()
         };
         assert_eq!(verdict_with(&curl, &path), Verdict::Expected);
         let container = ClientContext {
-            cgroup_path: None,
             container_id: Some("abc123def456"),
+            ..Default::default()
         };
         assert_eq!(verdict_with(&curl, &container), Verdict::Expected);
         let other = ClientContext {
             cgroup_path: Some("/kubepods/x"),
             container_id: Some("ffff"),
+            ..Default::default()
         };
         assert_eq!(verdict_with(&curl, &other), out);
+        // To one of the node's own addresses: it never leaves the node.
+        let local = ClientContext {
+            local_destination: true,
+            ..Default::default()
+        };
+        assert_eq!(verdict_with(&curl, &local), Verdict::Expected);
     }
 
     #[test]

@@ -169,6 +169,12 @@ impl Daemon {
         ids
     }
 
+    /// SIGKILL: no chance to clean up or report anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then waits (≤ 10 s): the exit status and how long the exit took.
     pub fn stop(&mut self) -> (ExitStatus, Duration) {
         let started = Instant::now();

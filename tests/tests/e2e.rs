@@ -203,6 +203,8 @@ fn control_plane_node_under_attack() {
         return;
     }
     let mut lab = lab();
+    std::fs::create_dir_all(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e"))
+        .expect("target/e2e");
     let data = lab.dir.path().join("etcd");
 
     // The node's services, started before the monitor as on a real node.
@@ -388,6 +390,45 @@ fn control_plane_node_under_attack() {
         assert_eq!(daemon.metric(&sample), *n, "{sample}");
     }
 
+    // No metric carries a peer address.
+    let (_, metrics) = daemon.get("/metrics").expect("GET /metrics");
+    for peer in [ATTACKER, ATTACKER6, APISERVER, MONITORING] {
+        assert!(!metrics.contains(peer), "{peer} in /metrics");
+    }
+
+    // The exposure report flags the read-only kubelet.
+    let out = lab
+        .node
+        .command(integration_tests::daemon_bin().to_str().unwrap())
+        .args(["exposure", "--json", "--probe"])
+        .output()
+        .expect("k8s-ebpf exposure");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let readonly = report["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["port"] == 10255)
+        .expect("10255 in the exposure report");
+    assert!(
+        readonly["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "read-only-kubelet"),
+        "{readonly:#}"
+    );
+    std::fs::write(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e/exposure.json"),
+        &out.stdout,
+    )
+    .ok();
+
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
     let records = daemon.records();
@@ -450,7 +491,6 @@ fn control_plane_node_under_attack() {
 /// Keeps the run's alert log where a person can read it: target/e2e/alerts.json.
 fn keep_artifact(alerts: &Path) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e");
-    std::fs::create_dir_all(&dir).expect("target/e2e");
     std::fs::copy(alerts, dir.join("alerts.json")).expect("copy the alert log");
     eprintln!("alert log kept in {}", dir.join("alerts.json").display());
 }

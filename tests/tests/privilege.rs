@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{daemon::Daemon, daemon_bin, link, privileged, NetNs};
+use integration_tests::{
+    daemon::Daemon, daemon_bin, link, privileged, wait_listening, NetNs, Proc,
+};
 
 /// `securityContext.capabilities.add` of the DaemonSet's container, as CAP_ names.
 fn daemonset_capabilities() -> BTreeSet<String> {
@@ -93,16 +95,38 @@ fn daemonset_capabilities_are_enough_and_sys_admin_is_not_needed() {
     link(&node, &["192.0.2.1/32"], &peer, &["203.0.113.77/32"]);
     let _kubelet = node.listen("0.0.0.0:10250");
     let dir = tempfile::tempdir().unwrap();
+    // Another process (with every capability) listening where it should not: the scan
+    // at start names it only if the daemon may read that process's fds (CAP_SYS_PTRACE).
+    let log = dir.path().join("listener.log");
+    let mut other = node.command("python3");
+    other.args([
+        "-c",
+        "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',10257)); s.listen(); time.sleep(60)",
+    ]);
+    let _other = Proc::spawn("listener", &mut other, &log);
+    assert!(wait_listening(
+        &node,
+        "127.0.0.1:10257",
+        Duration::from_secs(10)
+    ));
 
     // Exactly the manifest's set, no CAP_SYS_ADMIN: attaches and alerts.
     let script = wrapper(dir.path(), &caps, true);
     let mut daemon = Daemon::start_wrapped(&node, &[script.to_str().unwrap()], &[]);
     peer.connect("192.0.2.1:10250").expect("connect");
-    daemon.wait_records("the alert", Duration::from_secs(5), |r| {
+    let records = daemon.wait_records("the alerts", Duration::from_secs(5), |r| {
         r.iter().any(|r| {
             r["event"]["action"] == "unexpected-inbound" && r["source"]["ip"] == "203.0.113.77"
-        })
+        }) && r.iter().any(|r| r["event"]["action"] == "exposed-listener")
     });
+    let exposed = records
+        .iter()
+        .find(|r| r["event"]["action"] == "exposed-listener")
+        .unwrap();
+    assert_eq!(
+        exposed["process"]["name"], "python3",
+        "with {caps:?} the owner of another process's socket should be known: {exposed}"
+    );
     eprintln!(
         "on this kernel CAP_SYS_ADMIN is NOT needed: attached and alerted with {caps:?} (CapEff now {})",
         effective_caps(daemon.pid())
@@ -111,6 +135,27 @@ fn daemonset_capabilities_are_enough_and_sys_admin_is_not_needed() {
         !caps.contains("CAP_SYS_ADMIN"),
         "the manifest grants CAP_SYS_ADMIN, which this kernel does not need"
     );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+
+    // Without CAP_SYS_PTRACE the same listener's owner stays unknown: the manifest's
+    // SYS_PTRACE is what names it.
+    let without: BTreeSet<String> = caps
+        .iter()
+        .filter(|c| *c != "CAP_SYS_PTRACE")
+        .cloned()
+        .collect();
+    let script = wrapper(dir.path(), &without, true);
+    let mut daemon = Daemon::start_wrapped(&node, &[script.to_str().unwrap()], &[]);
+    let records = daemon.wait_records("the exposed listener", Duration::from_secs(5), |r| {
+        r.iter().any(|r| r["event"]["action"] == "exposed-listener")
+    });
+    let exposed = records
+        .iter()
+        .find(|r| r["event"]["action"] == "exposed-listener")
+        .unwrap();
+    assert!(exposed["process"].is_null(), "{exposed}");
+    eprintln!("CAP_SYS_PTRACE is needed to name the owners of listeners found at start");
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
 }

@@ -65,6 +65,7 @@ impl Observation {
             HookKind::Kretprobe => "kretprobe",
             HookKind::Fexit => "fexit",
             HookKind::ResetTracepoint => "reset-tracepoint",
+            HookKind::Scan => "sock-diag-scan",
         };
         let p = self.process.as_ref();
         serde_json::json!({

@@ -1,1 +1,0 @@
-//! Listener inventory (being written).
