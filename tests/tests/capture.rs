@@ -4,7 +4,6 @@
 
 use std::{
     collections::BTreeSet,
-    io::Read as _,
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::Arc,
     time::{Duration, Instant},
@@ -262,8 +261,7 @@ async fn ten_thousand_connections_fold_into_one_window_with_exact_counts() {
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut accepted = 0;
         while accepted < N && Instant::now() < deadline {
-            if let Ok((mut c, _)) = listener.accept() {
-                let _ = c.read(&mut [0u8; 1]);
+            if listener.accept().is_ok() {
                 accepted += 1;
             }
         }
