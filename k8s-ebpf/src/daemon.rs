@@ -300,7 +300,7 @@ async fn emit(
     let client = ClientContext {
         cgroup_path: cgroup.as_deref(),
         container_id: container,
-        local_destination: obs.kind == EventKind::Outbound && local.contains(obs),
+        peer_is_node: local.contains(obs),
     };
     for alert in engine.observe_with(obs, &client, SystemTime::now()) {
         sender.send(alert).await;

@@ -16,10 +16,10 @@ use crate::{
 pub struct ClientContext<'a> {
     pub cgroup_path: Option<&'a str>,
     pub container_id: Option<&'a str>,
-    /// The destination is one of this node's own addresses, seen from the node's own
-    /// network namespace: the connection never leaves the node (its inbound side is
-    /// judged on its own), so it is no outbound pivot.
-    pub local_destination: bool,
+    /// The remote address is one of this node's own addresses (seen from the node's own
+    /// network namespace): the connection never leaves the node. Outbound, it is no pivot
+    /// (its inbound side is judged on its own); inbound, it counts as `loopback`.
+    pub peer_is_node: bool,
 }
 
 /// Why an observation is unexpected; each maps to one alert `event.action`.
@@ -101,10 +101,12 @@ pub fn judge<'p>(
 /// Judges `obs` under `rule` (the caller matched the port).
 pub fn judge_rule(rule: &Rule, obs: &Observation, client: &ClientContext<'_>) -> Verdict {
     let unexpected = |reason| Verdict::Unexpected { reason };
+    let peer_expected = rule.expected_peers.contains(obs.remote.ip())
+        || (client.peer_is_node && rule.expected_peers.includes_loopback());
     match obs.kind {
-        EventKind::Inbound if rule.expected_peers.contains(obs.remote.ip()) => Verdict::Expected,
+        EventKind::Inbound if peer_expected => Verdict::Expected,
         EventKind::Inbound => unexpected(Finding::UnexpectedInbound),
-        EventKind::Refused if rule.expected_peers.contains(obs.remote.ip()) => Verdict::Expected,
+        EventKind::Refused if peer_expected => Verdict::Expected,
         EventKind::Refused => unexpected(Finding::RefusedAttempt),
         EventKind::Outbound if client_expected(rule, obs, client) => Verdict::Expected,
         EventKind::Outbound => unexpected(Finding::UnexpectedOutbound),
@@ -124,7 +126,7 @@ fn bind_allowed(scope: BindScope, bound: IpAddr) -> bool {
 
 fn client_expected(rule: &Rule, obs: &Observation, client: &ClientContext<'_>) -> bool {
     // A connection to this node's own loopback or addresses never leaves it.
-    if is_loopback(obs.remote.ip()) || client.local_destination {
+    if is_loopback(obs.remote.ip()) || client.peer_is_node {
         return true;
     }
     let clients = &rule.expected_clients;
@@ -216,6 +218,13 @@ rules:
         assert_eq!(v("[::1]:40000"), Verdict::Expected);
         assert_eq!(v("10.0.0.11:40000"), UNEXPECTED_IN);
         assert_eq!(v("[2001:db8::1]:40000"), UNEXPECTED_IN);
+        // The node's own address counts as loopback.
+        let own = obs(EventKind::Inbound, "10.0.0.2:10250", "10.0.0.2:40000", None);
+        let node = ClientContext {
+            peer_is_node: true,
+            ..Default::default()
+        };
+        assert_eq!(verdict_with(&own, &node), Verdict::Expected);
     }
 
     #[test]
@@ -272,7 +281,7 @@ rules:
         assert_eq!(verdict_with(&curl, &other), out);
         // To one of the node's own addresses: it never leaves the node.
         let local = ClientContext {
-            local_destination: true,
+            peer_is_node: true,
             ..Default::default()
         };
         assert_eq!(verdict_with(&curl, &local), Verdict::Expected);
