@@ -53,7 +53,11 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
                 "bootstrap: installing Debian packages: {}",
                 missing.join(" ")
             );
-            sh(&cmd).context("installing Debian packages")?;
+            sh(&cmd).with_context(|| {
+                format!(
+                    "installing Debian packages failed (no registry?); the command was:\n  {cmd}"
+                )
+            })?;
         } else {
             missing_steps.push(format!("sudo sh -c '{cmd}'"));
         }
@@ -62,7 +66,7 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
     if !nightly_has_rust_src()? {
         let cmd = "rustup component add rust-src --toolchain nightly";
         eprintln!("bootstrap: {cmd}");
-        sh(cmd).context("adding rust-src to the nightly toolchain")?;
+        sh(cmd).with_context(|| format!("adding rust-src failed; run:\n  {cmd}"))?;
     }
 
     if !bpf_linker_ok() {
@@ -72,7 +76,7 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
         );
         if Path::new(LLVM_PREFIX).join("lib/libLLVM.so").exists() || root {
             eprintln!("bootstrap: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)");
-            sh(&cmd).context("installing bpf-linker")?;
+            sh(&cmd).with_context(|| format!("installing bpf-linker failed; run:\n  {cmd}"))?;
         } else {
             missing_steps.push(cmd);
         }
@@ -81,7 +85,7 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
     if !cargo_fuzz_ok() {
         let cmd = format!("cargo install cargo-fuzz --locked --version {CARGO_FUZZ_VERSION}");
         eprintln!("bootstrap: {cmd}");
-        sh(&cmd).context("installing cargo-fuzz")?;
+        sh(&cmd).with_context(|| format!("installing cargo-fuzz failed; run:\n  {cmd}"))?;
     }
 
     for (fs, dir) in [("tracefs", "/sys/kernel/tracing"), ("bpf", "/sys/fs/bpf")] {
