@@ -32,6 +32,50 @@ fn finding_kinds(e: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// A certificate for `cn` with the given SANs: self-signed, or signed by `ca` (cert, key).
+fn cert(dir: &Path, cn: &str, sans: &str, ca: Option<(&Path, &Path)>) -> (String, String) {
+    let crt = dir.join(format!("{cn}.crt"));
+    let key = dir.join(format!("{cn}.key"));
+    let (crt_s, key_s) = (crt.to_str().unwrap(), key.to_str().unwrap());
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    match ca {
+        None => {
+            run(Command::new("openssl")
+                .args(["req", "-x509"])
+                .args(ec)
+                .args(["-days", "1", "-subj", &format!("/CN={cn}"), "-addext"])
+                .arg(format!("subjectAltName={sans}"))
+                .args(["-keyout", key_s, "-out", crt_s]));
+        }
+        Some((ca_crt, ca_key)) => {
+            let csr = dir.join(format!("{cn}.csr"));
+            let ext = dir.join(format!("{cn}.ext"));
+            std::fs::write(&ext, format!("subjectAltName={sans}\n")).unwrap();
+            run(Command::new("openssl")
+                .arg("req")
+                .args(ec)
+                .args(["-subj", &format!("/CN={cn}"), "-keyout", key_s, "-out"])
+                .arg(&csr));
+            run(Command::new("openssl")
+                .args(["x509", "-req", "-days", "1", "-in"])
+                .arg(&csr)
+                .arg("-CA")
+                .arg(ca_crt)
+                .arg("-CAkey")
+                .arg(ca_key)
+                .args(["-CAcreateserial", "-out", crt_s, "-extfile"])
+                .arg(&ext));
+        }
+    }
+    (crt_s.to_owned(), key_s.to_owned())
+}
+
 #[test]
 fn exposure_report_with_probe_on_real_listeners() {
     if !privileged("exposure_report_with_probe_on_real_listeners") {
@@ -40,18 +84,35 @@ fn exposure_report_with_probe_on_real_listeners() {
     let node = NetNs::new("node");
     node.ip(&["link", "set", "lo", "up"]);
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("peers.log");
+    let d = dir.path();
+    let log = d.join("peers.log");
     let mut procs = Vec::new();
+
+    // etcd as kubeadm runs it: TLS with client certificates on 2379, metrics on loopback.
+    let (ca_crt, ca_key) = cert(d, "etcd-ca", "DNS:etcd-ca", None);
+    let (etcd_crt, etcd_key) = cert(
+        d,
+        "etcd",
+        "DNS:localhost,IP:127.0.0.1",
+        Some((Path::new(&ca_crt), Path::new(&ca_key))),
+    );
     let mut etcd = node.command("etcd");
     etcd.args([
         "--name",
         "node",
         "--data-dir",
-        dir.path().join("etcd").to_str().unwrap(),
+        d.join("etcd").to_str().unwrap(),
         "--listen-client-urls",
-        "http://0.0.0.0:2379",
+        "https://0.0.0.0:2379",
         "--advertise-client-urls",
-        "http://127.0.0.1:2379",
+        "https://127.0.0.1:2379",
+        "--cert-file",
+        &etcd_crt,
+        "--key-file",
+        &etcd_key,
+        "--client-cert-auth",
+        "--trusted-ca-file",
+        &ca_crt,
         "--listen-peer-urls",
         "http://127.0.0.1:2380",
         "--initial-advertise-peer-urls",
@@ -59,50 +120,38 @@ fn exposure_report_with_probe_on_real_listeners() {
         "--initial-cluster",
         "node=http://127.0.0.1:2380",
         "--listen-metrics-urls",
-        "http://0.0.0.0:2381",
+        "http://127.0.0.1:2381",
     ]);
     procs.push(Proc::spawn("etcd", &mut etcd, &log));
-    let (crt, key) = (dir.path().join("k.crt"), dir.path().join("k.key"));
-    run(Command::new("openssl").args([
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=node-kubelet",
-        "-addext",
-        "subjectAltName=DNS:node-1,IP:127.0.0.1",
-        "-keyout",
-        key.to_str().unwrap(),
-        "-out",
-        crt.to_str().unwrap(),
-    ]));
-    let mut kubelet = node.command("python3");
-    kubelet.arg(standin()).args([
-        "kubelet",
-        "0.0.0.0",
-        "10250",
-        crt.to_str().unwrap(),
-        key.to_str().unwrap(),
-    ]);
-    procs.push(Proc::spawn("kubelet stand-in", &mut kubelet, &log));
-    let mut readonly = node.command("python3");
-    readonly
-        .arg(standin())
-        .args(["kubelet-readonly", "0.0.0.0", "10255"]);
-    procs.push(Proc::spawn(
-        "read-only kubelet stand-in",
-        &mut readonly,
-        &log,
-    ));
+    let (api_crt, api_key) = cert(
+        d,
+        "kube-apiserver",
+        "DNS:kubernetes,DNS:kubernetes.default.svc,IP:127.0.0.1",
+        None,
+    );
+    let (kubelet_crt, kubelet_key) = cert(d, "node-kubelet", "DNS:node-1,IP:127.0.0.1", None);
+    for (name, args) in [
+        (
+            "apiserver stand-in",
+            vec!["apiserver", "::", "6443", &api_crt, &api_key],
+        ),
+        (
+            "kubelet stand-in",
+            vec!["kubelet", "0.0.0.0", "10250", &kubelet_crt, &kubelet_key],
+        ),
+        (
+            "read-only kubelet stand-in",
+            vec!["kubelet-readonly", "0.0.0.0", "10255"],
+        ),
+    ] {
+        let mut cmd = node.command("python3");
+        cmd.arg(standin()).args(args);
+        procs.push(Proc::spawn(name, &mut cmd, &log));
+    }
     for addr in [
         "127.0.0.1:2379",
         "127.0.0.1:2381",
+        "127.0.0.1:6443",
         "127.0.0.1:10250",
         "127.0.0.1:10255",
     ] {
@@ -130,21 +179,31 @@ fn exposure_report_with_probe_on_real_listeners() {
     assert_eq!(client["owner"]["comm"], "etcd", "{client:#}");
     assert_eq!(client["owner"]["exe"], "/usr/bin/etcd", "{client:#}");
     assert_eq!(client["scope"], "wildcard");
-    assert_eq!(client["probe"]["tls"], false);
+    assert_eq!(client["probe"]["tls"], true, "{client:#}");
+    assert_eq!(
+        client["probe"]["client_certificate_requested"], true,
+        "{client:#}"
+    );
     assert!(finding_kinds(client).is_empty(), "{client:#}");
 
-    let metrics = entry(&report, "[::]:2381");
-    assert_eq!(finding_kinds(metrics), ["wide-bind"], "{metrics:#}");
+    let metrics = entry(&report, "127.0.0.1:2381");
+    assert_eq!(metrics["scope"], "loopback");
+    assert!(finding_kinds(metrics).is_empty(), "{metrics:#}");
+
+    let api = entry(&report, "[::]:6443");
+    assert_eq!(api["probe"]["tls"], true, "{api:#}");
+    assert!(
+        api["probe"]["certificate"]["sans"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|n| n == "kubernetes.default.svc")),
+        "{api:#}"
+    );
 
     let kubelet = entry(&report, "0.0.0.0:10250");
     assert_eq!(kubelet["probe"]["tls"], true, "{kubelet:#}");
     assert_eq!(
         kubelet["probe"]["certificate"]["subject"],
         "CN=node-kubelet"
-    );
-    assert_eq!(
-        kubelet["probe"]["certificate"]["sans"],
-        serde_json::json!(["node-1", "127.0.0.1"])
     );
     let pods = kubelet["probe"]["paths"]
         .as_array()
@@ -159,10 +218,19 @@ fn exposure_report_with_probe_on_real_listeners() {
     assert!(finding_kinds(kubelet).is_empty(), "{kubelet:#}");
 
     let readonly = entry(&report, "0.0.0.0:10255");
+    assert_eq!(readonly["scope"], "wildcard");
     assert_eq!(readonly["probe"]["tls"], false);
     let kinds = finding_kinds(readonly);
     assert!(kinds.contains(&"read-only-kubelet"), "{readonly:#}");
     assert!(kinds.contains(&"unauthenticated"), "{readonly:#}");
+    assert!(
+        readonly["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["severity"] == "high"),
+        "{readonly:#}"
+    );
 
     // The text form, for people, says the same.
     let text = node
@@ -172,6 +240,47 @@ fn exposure_report_with_probe_on_real_listeners() {
         .expect("k8s-ebpf exposure");
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("etcd (") && text.contains("10255"), "{text}");
+}
+
+/// A loopback-only port opening on every interface while the daemon runs: an
+/// exposed-listener alert within a second, and the listeners gauge follows.
+#[test]
+fn listener_opened_wide_while_running_alerts_within_a_second() {
+    if !privileged("listener_opened_wide_while_running_alerts_within_a_second") {
+        return;
+    }
+    let node = NetNs::new("node");
+    let mut daemon = Daemon::start(&node, &[]);
+    let opened = std::time::Instant::now();
+    let listener = node.listen("0.0.0.0:10257");
+    let records = daemon.wait_records("the exposed-listener alert", Duration::from_secs(1), |r| {
+        r.iter().any(|r| r["event"]["action"] == "exposed-listener")
+    });
+    eprintln!(
+        "exposed-listener alert {:?} after the listen",
+        opened.elapsed()
+    );
+    let alert = records
+        .iter()
+        .find(|r| r["event"]["action"] == "exposed-listener")
+        .unwrap();
+    assert_eq!(alert["destination"]["port"], 10257, "{alert}");
+    assert_eq!(alert["rule"]["name"], "kube-controller-manager");
+    let gauge =
+        r#"k8s_ebpf_listeners{component="kube-controller-manager",port="10257",scope="any"}"#;
+    assert_eq!(daemon.metric(gauge), 1.0);
+    drop(listener);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while daemon.metric(gauge) != 0.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        daemon.metric(gauge),
+        0.0,
+        "the closed listener is still counted"
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success());
 }
 
 /// SIGKILL, then changes while the daemon is down, then a restart: the listener and the

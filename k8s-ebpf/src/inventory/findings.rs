@@ -32,7 +32,11 @@ pub struct Finding {
 }
 
 /// Ports whose components speak TLS on every distribution the port table covers.
-const TLS_PORTS: &[u16] = &[6443, 10250, 10257, 10259];
+const TLS_PORTS: &[u16] = &[2379, 2380, 6443, 10250, 10257, 10259];
+
+/// Ports whose clients must present certificates (etcd's `--client-cert-auth` and
+/// `--peer-client-cert-auth`): anyone else holding the port holds the cluster.
+const MUTUAL_TLS_PORTS: &[u16] = &[2379, 2380];
 
 /// Paths that must not answer without credentials, per port: (path, severity if they do).
 fn protected(port: u16) -> &'static [(&'static str, Severity)] {
@@ -93,8 +97,22 @@ pub fn evaluate(listener: &Listener, probe: Option<&ProbeResult>) -> Vec<Finding
         if TLS_PORTS.contains(&listener.port) && !p.tls {
             out.push(finding(
                 FindingKind::Plaintext,
-                Severity::High,
+                if MUTUAL_TLS_PORTS.contains(&listener.port) {
+                    Severity::Critical
+                } else {
+                    Severity::High
+                },
                 format!("{} answers without TLS on {}", entry.name, p.target),
+            ));
+        }
+        if MUTUAL_TLS_PORTS.contains(&listener.port) && p.tls && !p.client_certificate_requested {
+            out.push(finding(
+                FindingKind::Unauthenticated,
+                Severity::Critical,
+                format!(
+                    "{} accepts TLS clients without a client certificate",
+                    entry.name
+                ),
             ));
         }
         let mut open: BTreeSet<&str> = BTreeSet::new();
@@ -173,6 +191,7 @@ mod tests {
         let probe = ProbeResult {
             target: "127.0.0.1:10250".parse().unwrap(),
             tls: false,
+            client_certificate_requested: false,
             certificate: None,
             paths: vec![
                 PathResult {

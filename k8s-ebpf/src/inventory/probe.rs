@@ -58,6 +58,9 @@ pub struct ProbeResult {
     /// The address connected to (a wildcard listener is probed on loopback).
     pub target: SocketAddr,
     pub tls: bool,
+    /// The server asked for a client certificate (mutual TLS, as etcd with
+    /// `--client-cert-auth` and the kubelet with `--client-ca-file` do).
+    pub client_certificate_requested: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub certificate: Option<Certificate>,
     pub paths: Vec<PathResult>,
@@ -86,11 +89,13 @@ pub async fn probe(listener: SocketAddr) -> ProbeResult {
     let mut result = ProbeResult {
         target,
         tls: false,
+        client_certificate_requested: false,
         certificate: None,
         paths: Vec::new(),
         error: None,
     };
-    let connector = TlsConnector::from(Arc::new(client_config()));
+    let asked = Arc::new(CertificateRequests::default());
+    let connector = TlsConnector::from(Arc::new(client_config(Arc::clone(&asked))));
     // TLS or plain: try the handshake once.
     match connect(target).await {
         Ok(stream) => match timeout(
@@ -99,7 +104,7 @@ pub async fn probe(listener: SocketAddr) -> ProbeResult {
         )
         .await
         {
-            Ok(Ok(tls)) => {
+            Ok(Ok(mut tls)) => {
                 result.tls = true;
                 result.certificate = tls
                     .get_ref()
@@ -107,8 +112,14 @@ pub async fn probe(listener: SocketAddr) -> ProbeResult {
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|der| parse_certificate(der));
+                // Under TLS 1.3 a refused client certificate shows only after the
+                // handshake: give the server a moment to say so.
+                let mut byte = [0u8; 1];
+                let _ = timeout(Duration::from_millis(300), tls.read(&mut byte)).await;
             }
-            Ok(Err(_)) | Err(_) => result.tls = false,
+            // A handshake that failed after a certificate request is still TLS.
+            Ok(Err(_)) => result.tls = asked.any(),
+            Err(_) => result.tls = false,
         },
         Err(e) => {
             result.error = Some(format!("connect: {e}"));
@@ -144,6 +155,7 @@ pub async fn probe(listener: SocketAddr) -> ProbeResult {
             },
         });
     }
+    result.client_certificate_requested = asked.any();
     result
 }
 
@@ -215,14 +227,39 @@ fn parse_certificate(der: &CertificateDer<'_>) -> Option<Certificate> {
     })
 }
 
-fn client_config() -> ClientConfig {
+fn client_config(asked: Arc<CertificateRequests>) -> ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ReadOnly(provider)))
-        .with_no_client_auth()
+        .with_client_cert_resolver(asked)
+}
+
+/// Notes whether the server asked for a client certificate; never offers one.
+#[derive(Debug, Default)]
+struct CertificateRequests(std::sync::atomic::AtomicBool);
+
+impl CertificateRequests {
+    fn any(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertificateRequests {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
 }
 
 /// Accepts any certificate: the probe reads what a listener presents to anyone; it never
