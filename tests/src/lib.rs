@@ -284,3 +284,58 @@ pub fn wait_listening(ns: &NetNs, addr: &str, timeout: Duration) -> bool {
     }
     false
 }
+
+/// The stand-ins for components this machine cannot install (tests/fixtures/standin.py).
+pub fn standin_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/standin.py")
+}
+
+/// A certificate and key for `cn` with the SANs given in openssl's syntax
+/// (`DNS:a,IP:192.0.2.1`), written into `dir`: self-signed, or signed by `ca` (cert, key).
+pub fn certificate(
+    dir: &std::path::Path,
+    cn: &str,
+    sans: &str,
+    ca: Option<(&std::path::Path, &std::path::Path)>,
+) -> (String, String) {
+    let crt = dir.join(format!("{cn}.crt"));
+    let key = dir.join(format!("{cn}.key"));
+    let (crt_s, key_s) = (crt.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    match ca {
+        None => {
+            run(Command::new("openssl")
+                .args(["req", "-x509"])
+                .args(ec)
+                .args(["-days", "1", "-subj", &format!("/CN={cn}"), "-addext"])
+                .arg(format!("subjectAltName={sans}"))
+                .args(["-keyout", key_s, "-out", crt_s]));
+        }
+        Some((ca_crt, ca_key)) => {
+            let csr = dir.join(format!("{cn}.csr"));
+            let ext = dir.join(format!("{cn}.ext"));
+            std::fs::write(&ext, format!("subjectAltName={sans}\n")).expect("write ext");
+            run(Command::new("openssl")
+                .arg("req")
+                .args(ec)
+                .args(["-subj", &format!("/CN={cn}"), "-keyout", key_s, "-out"])
+                .arg(&csr));
+            run(Command::new("openssl")
+                .args(["x509", "-req", "-days", "1", "-in"])
+                .arg(&csr)
+                .arg("-CA")
+                .arg(ca_crt)
+                .arg("-CAkey")
+                .arg(ca_key)
+                .args(["-CAcreateserial", "-out", crt_s, "-extfile"])
+                .arg(&ext));
+        }
+    }
+    (crt_s.to_owned(), key_s.to_owned())
+}

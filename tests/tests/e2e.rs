@@ -23,7 +23,8 @@ use std::{
 };
 
 use integration_tests::{
-    bridge_port, daemon::Daemon, link, privileged, run, wait_listening, NetNs, Proc,
+    bridge_port, certificate, daemon::Daemon, link, privileged, run, standin_script,
+    wait_listening, NetNs, Proc,
 };
 use serde_json::Value;
 
@@ -118,10 +119,6 @@ fn lab() -> Lab {
     }
 }
 
-fn standin() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/standin.py")
-}
-
 impl Lab {
     fn log(&self) -> PathBuf {
         self.dir.path().join("peers.log")
@@ -134,31 +131,7 @@ impl Lab {
 
     /// A self-signed certificate like the component's (CN, SANs), as the TLS stand-ins use.
     fn cert(&self, name: &str, sans: &str) -> (String, String) {
-        let cert = self.dir.path().join(format!("{name}.crt"));
-        let key = self.dir.path().join(format!("{name}.key"));
-        run(Command::new("openssl").args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            &format!("subjectAltName={sans}"),
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            cert.to_str().unwrap(),
-        ]));
-        (
-            cert.to_str().unwrap().to_owned(),
-            key.to_str().unwrap().to_owned(),
-        )
+        certificate(self.dir.path(), name, sans, None)
     }
 
     /// A command run to completion in `ns` (its output goes to the peers' log).
@@ -248,13 +221,13 @@ fn control_plane_node_under_attack() {
         ),
     ] {
         let mut cmd = lab.node.command("python3");
-        cmd.arg(standin()).args(args);
+        cmd.arg(standin_script()).args(args);
         lab.start(name, cmd);
     }
     // Another node's kubelet, for the pivot.
     let mut other = lab.apiserver.command("python3");
     other
-        .arg(standin())
+        .arg(standin_script())
         .args(["kubelet", "0.0.0.0", "10250", &kubelet_crt, &kubelet_key]);
     lab.start("other kubelet", other);
     for addr in [

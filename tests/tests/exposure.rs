@@ -3,16 +3,13 @@
 //! stand-in for the kubelet and a plain read-only kubelet (a finding, and `/pods` open).
 //! And the daemon's restart: what happened while it was down is reported at start.
 
-use std::{net::TcpStream, path::Path, process::Command, time::Duration};
+use std::{net::TcpStream, path::Path, time::Duration};
 
 use integration_tests::{
-    daemon::Daemon, daemon_bin, link, privileged, run, wait_listening, NetNs, Proc,
+    certificate, daemon::Daemon, daemon_bin, link, privileged, standin_script, wait_listening,
+    NetNs, Proc,
 };
 use serde_json::Value;
-
-fn standin() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/standin.py")
-}
 
 fn entry<'a>(report: &'a Value, address: &str) -> &'a Value {
     report["listeners"]
@@ -32,50 +29,6 @@ fn finding_kinds(e: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// A certificate for `cn` with the given SANs: self-signed, or signed by `ca` (cert, key).
-fn cert(dir: &Path, cn: &str, sans: &str, ca: Option<(&Path, &Path)>) -> (String, String) {
-    let crt = dir.join(format!("{cn}.crt"));
-    let key = dir.join(format!("{cn}.key"));
-    let (crt_s, key_s) = (crt.to_str().unwrap(), key.to_str().unwrap());
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    match ca {
-        None => {
-            run(Command::new("openssl")
-                .args(["req", "-x509"])
-                .args(ec)
-                .args(["-days", "1", "-subj", &format!("/CN={cn}"), "-addext"])
-                .arg(format!("subjectAltName={sans}"))
-                .args(["-keyout", key_s, "-out", crt_s]));
-        }
-        Some((ca_crt, ca_key)) => {
-            let csr = dir.join(format!("{cn}.csr"));
-            let ext = dir.join(format!("{cn}.ext"));
-            std::fs::write(&ext, format!("subjectAltName={sans}\n")).unwrap();
-            run(Command::new("openssl")
-                .arg("req")
-                .args(ec)
-                .args(["-subj", &format!("/CN={cn}"), "-keyout", key_s, "-out"])
-                .arg(&csr));
-            run(Command::new("openssl")
-                .args(["x509", "-req", "-days", "1", "-in"])
-                .arg(&csr)
-                .arg("-CA")
-                .arg(ca_crt)
-                .arg("-CAkey")
-                .arg(ca_key)
-                .args(["-CAcreateserial", "-out", crt_s, "-extfile"])
-                .arg(&ext));
-        }
-    }
-    (crt_s.to_owned(), key_s.to_owned())
-}
-
 #[test]
 fn exposure_report_with_probe_on_real_listeners() {
     if !privileged("exposure_report_with_probe_on_real_listeners") {
@@ -89,8 +42,8 @@ fn exposure_report_with_probe_on_real_listeners() {
     let mut procs = Vec::new();
 
     // etcd as kubeadm runs it: TLS with client certificates on 2379, metrics on loopback.
-    let (ca_crt, ca_key) = cert(d, "etcd-ca", "DNS:etcd-ca", None);
-    let (etcd_crt, etcd_key) = cert(
+    let (ca_crt, ca_key) = certificate(d, "etcd-ca", "DNS:etcd-ca", None);
+    let (etcd_crt, etcd_key) = certificate(
         d,
         "etcd",
         "DNS:localhost,IP:127.0.0.1",
@@ -123,13 +76,14 @@ fn exposure_report_with_probe_on_real_listeners() {
         "http://127.0.0.1:2381",
     ]);
     procs.push(Proc::spawn("etcd", &mut etcd, &log));
-    let (api_crt, api_key) = cert(
+    let (api_crt, api_key) = certificate(
         d,
         "kube-apiserver",
         "DNS:kubernetes,DNS:kubernetes.default.svc,IP:127.0.0.1",
         None,
     );
-    let (kubelet_crt, kubelet_key) = cert(d, "node-kubelet", "DNS:node-1,IP:127.0.0.1", None);
+    let (kubelet_crt, kubelet_key) =
+        certificate(d, "node-kubelet", "DNS:node-1,IP:127.0.0.1", None);
     for (name, args) in [
         (
             "apiserver stand-in",
@@ -145,7 +99,7 @@ fn exposure_report_with_probe_on_real_listeners() {
         ),
     ] {
         let mut cmd = node.command("python3");
-        cmd.arg(standin()).args(args);
+        cmd.arg(standin_script()).args(args);
         procs.push(Proc::spawn(name, &mut cmd, &log));
     }
     for addr in [

@@ -338,7 +338,16 @@ impl KernelCounters {
             .iter()
             .copied()
             .zip(self.0.iter().copied())
-            .filter(|(name, _)| *name != "calls")
+            .filter(|(name, _)| Self::exported(name))
+    }
+
+    /// The names [`KernelCounters::named`] yields.
+    pub fn exported_names() -> impl Iterator<Item = &'static str> {
+        counter::NAMES.iter().copied().filter(|n| Self::exported(n))
+    }
+
+    fn exported(name: &str) -> bool {
+        name != "calls"
     }
 }
 

@@ -9,17 +9,6 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry
 
 pub use self::server::{MetricsServer, MetricsServerError, Readiness, DEFAULT_METRICS_ADDR};
 
-/// The kernel's per-CPU outcome counters, as `k8s_ebpf_kernel_events_total{outcome}`.
-pub const KERNEL_OUTCOMES: &[&str] = &[
-    "filtered",
-    "seen",
-    "emitted",
-    "deduplicated",
-    "ringbuf_full",
-    "read_errors",
-    "dedup_update_errors",
-];
-
 /// The daemon's metrics and the registry they live in.
 #[derive(Clone)]
 pub struct Metrics {
@@ -150,7 +139,8 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        for outcome in KERNEL_OUTCOMES {
+        // The kernel's per-CPU outcome counters, as `k8s_ebpf_kernel_events_total{outcome}`.
+        for outcome in crate::capture::KernelCounters::exported_names() {
             m.kernel_events.with_label_values(&[outcome]).reset();
         }
         m
