@@ -204,6 +204,13 @@ pub struct KernelOffsets {
     pub rst_skaddr: u32,
     pub rst_saddr: u32,
     pub rst_daddr: u32,
+    /// `sock.sk_protocol` (a u16 since Linux 5.6); [`KernelOffsets::UNAVAILABLE`] when it
+    /// is a bitfield, which rules out the `tp_btf` state program.
+    pub sk_protocol: u32,
+}
+
+impl KernelOffsets {
+    pub const UNAVAILABLE: u32 = u32::MAX;
 }
 
 #[cfg(feature = "user")]

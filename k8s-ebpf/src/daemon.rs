@@ -31,7 +31,7 @@ use crate::{
     capture::{
         reader::{Reader, ReaderStats},
         AttachMode, Capture, CaptureConfig, CaptureStreams, KernelCounters, NetnsScope,
-        Observation,
+        Observation, StateHook,
     },
     correlate::{Engine, EngineSettings},
     inventory,
@@ -53,6 +53,7 @@ pub struct DaemonConfig {
     /// `None`: the embedded default policy.
     pub policy_path: Option<PathBuf>,
     pub attach: AttachMode,
+    pub state_hook: StateHook,
     pub netns: NetnsScope,
     /// `None`: no metrics or health endpoint.
     pub metrics_addr: Option<SocketAddr>,
@@ -119,6 +120,7 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
         netns: config.netns,
         window: policy.window(),
         ring_bytes: config.ring_bytes,
+        state_hook: config.state_hook,
     };
     let (capture, streams) = Capture::load(&capture_config, &policy.watched_ports())?;
     info!(

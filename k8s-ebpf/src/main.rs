@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use k8s_ebpf::{
     capture::{
         reader::{Reader, ReaderStats},
-        AttachMode, Capture, CaptureConfig, CaptureError, NetnsScope,
+        AttachMode, Capture, CaptureConfig, CaptureError, NetnsScope, StateHook,
     },
     daemon::{self, DaemonConfig, UsageError},
     metrics::DEFAULT_METRICS_ADDR,
@@ -72,6 +72,9 @@ struct RunArgs {
     /// Inbound hook: auto picks fentry, then kprobe, then tracepoint.
     #[arg(long, value_enum, default_value = "auto")]
     attach: AttachMode,
+    /// TCP state-change hook: auto picks tp-btf, then the classic tracepoint.
+    #[arg(long, value_enum, default_value = "auto")]
+    state_hook: StateHook,
     /// Network namespaces to watch: `self` (this process's), `all`, or an inode number.
     #[arg(long, default_value = "self")]
     netns: NetnsScope,
@@ -115,6 +118,9 @@ struct CaptureArgs {
     /// Inbound hook: auto picks fentry, then kprobe, then tracepoint.
     #[arg(long, value_enum, default_value = "auto")]
     attach: AttachMode,
+    /// TCP state-change hook: auto picks tp-btf, then the classic tracepoint.
+    #[arg(long, value_enum, default_value = "auto")]
+    state_hook: StateHook,
     /// Ports to watch, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     ports: Vec<u16>,
@@ -253,6 +259,7 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
     daemon::prepare(DaemonConfig {
         policy_path: args.policy,
         attach: args.attach,
+        state_hook: args.state_hook,
         netns: args.netns,
         metrics_addr: args.metrics_addr.0,
         output,
@@ -301,12 +308,14 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         netns: args.netns,
         window: args.window,
         ring_bytes: args.ring_bytes,
+        state_hook: args.state_hook,
     };
     let ports: BTreeSet<u16> = args.ports.into_iter().collect();
     let (capture, streams) = Capture::load(&config, &ports)?;
     println!(
         "{}",
         serde_json::json!({"status": "attached", "inbound": capture.inbound().as_str(),
+            "state": capture.state_hook(),
             "refused": capture.captures_refused(), "netns": capture.netns()})
     );
     let stats = Arc::new(ReaderStats::default());

@@ -13,6 +13,7 @@ use integration_tests::{link, privileged, NetNs};
 use k8s_ebpf::capture::{
     reader::{Reader, ReaderStats},
     AttachMode, Capture, CaptureConfig, EventKind, KernelCounters, NetnsScope, Observation,
+    StateHook,
 };
 use k8s_ebpf_common::counter;
 use tokio::sync::{mpsc, watch};
@@ -49,11 +50,16 @@ struct Session {
 }
 
 fn start(node: &NetNs, ports: &[u16], window: Duration) -> Session {
+    start_with(node, ports, window, StateHook::Auto)
+}
+
+fn start_with(node: &NetNs, ports: &[u16], window: Duration, state_hook: StateHook) -> Session {
     let config = CaptureConfig {
         attach: AttachMode::Auto,
         netns: NetnsScope::Inode(node.inode()),
         window,
         ring_bytes: 1 << 20,
+        state_hook,
     };
     let ports: BTreeSet<u16> = ports.iter().copied().collect();
     let (capture, streams) = Capture::load(&config, &ports).expect("load and attach");
@@ -173,6 +179,45 @@ async fn outbound_connect_carries_the_connecting_process() {
     assert_eq!(process.pid, pid, "pid of the curl that connected");
     assert_eq!(process.name, "curl");
     assert_ne!(process.cgroup_id, 0);
+}
+
+/// Both state-change hooks, each forced, give the same listen, outbound and inbound
+/// records: `tp_btf` reads them from the socket, the classic tracepoint from its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_state_hooks_give_the_same_records() {
+    if !privileged("both_state_hooks_give_the_same_records") {
+        return;
+    }
+    let mut seen = Vec::new();
+    for hook in [StateHook::TpBtf, StateHook::Tracepoint] {
+        let p = pair();
+        let _peer_kubelet = listen(&p.peer, &format!("{PEER_V4}:10250"));
+        let mut s = start_with(&p.node, &[10250], Duration::from_secs(10), hook);
+        let listener = listen(&p.node, &format!("{NODE_V4}:10250"));
+        connect_from(&p.peer, &format!("{NODE_V4}:10250")).expect("inbound connect");
+        let _conn = listener.accept().expect("accept");
+        connect_from(&p.node, &format!("{PEER_V4}:10250")).expect("outbound connect");
+        let mut records = Vec::new();
+        for kind in [EventKind::Listen, EventKind::Inbound, EventKind::Outbound] {
+            let o = s.expect("a record of each kind", |o| o.kind == kind).await;
+            records.push((
+                o.kind,
+                o.local,
+                o.remote.ip(),
+                o.remote.port() == 10250,
+                o.netns == p.node.inode(),
+            ));
+        }
+        let (_, counters) = s.finish().await;
+        assert_eq!(counters.get(counter::READ_ERRORS), 0, "{hook:?}");
+        seen.push(records);
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "tp_btf and the classic tracepoint disagree"
+    );
+    assert_eq!(seen[0][1].2, ip(PEER_V4));
+    assert_eq!(seen[0][2].2, ip(PEER_V4));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

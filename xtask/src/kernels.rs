@@ -16,8 +16,14 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
-/// Attach modes tried in each VM, in order.
-const MODES: [&str; 4] = ["auto", "fentry", "kprobe", "tracepoint"];
+/// Attach modes tried in each VM, in order: (name, `k8s-ebpf capture` arguments).
+const MODES: [(&str, &str); 5] = [
+    ("auto", "--attach auto"),
+    ("fentry", "--attach fentry"),
+    ("kprobe", "--attach kprobe"),
+    ("tracepoint", "--attach tracepoint --state-hook tp-btf"),
+    ("classic", "--attach tracepoint --state-hook tracepoint"),
+];
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Kernel {
@@ -68,7 +74,7 @@ pub fn run_matrix(root: &Path, daemon: &Path) -> Result<()> {
             kernel.label,
             started.elapsed().as_secs_f64()
         )?;
-        for (mode, result) in MODES.iter().zip(&results) {
+        for ((mode, _), result) in MODES.iter().zip(&results) {
             match result {
                 Ok(seen) => writeln!(table, "  {mode:<11} OK    {seen}")?,
                 Err(why) => {
@@ -187,9 +193,10 @@ fn build_initramfs(dir: &Path, daemon: &Path) -> Result<PathBuf> {
         }
     }
     let mut init = String::from(INIT_HEAD);
-    for (i, mode) in MODES.iter().enumerate() {
+    for (i, (mode, args)) in MODES.iter().enumerate() {
         init.push_str(
             &INIT_MODE
+                .replace("@ARGS@", args)
                 .replace("@MODE@", mode)
                 .replace("@PORT@", &port(i).to_string()),
         );
@@ -238,7 +245,7 @@ fn port(mode_index: usize) -> u16 {
 /// One attach mode: start the capture, wait (bounded) until attached, make one loopback
 /// connection to a busybox nc listener, wait (bounded) for the capture to finish.
 const INIT_MODE: &str = r#"
-/k8s-ebpf capture --attach @MODE@ --ports @PORT@ --window 0 --max-records 3 --duration 30s > /tmp/out.@MODE@ 2> /tmp/err.@MODE@ &
+/k8s-ebpf capture @ARGS@ --ports @PORT@ --window 0 --max-records 3 --duration 30s > /tmp/out.@MODE@ 2> /tmp/err.@MODE@ &
 cap=$!
 i=0
 while [ $i -lt 600 ] && ! grep -q attached /tmp/out.@MODE@ 2>/dev/null && kill -0 $cap 2>/dev/null; do sleep 0.1; i=$((i+1)); done
@@ -307,7 +314,7 @@ fn check(output: &str) -> Vec<Result<String, String>> {
     MODES
         .iter()
         .enumerate()
-        .map(|(i, mode)| {
+        .map(|(i, (mode, _))| {
             let port = port(i);
             let begin = format!("=== BEGIN {mode}");
             let end = format!("=== END {mode}");
@@ -329,8 +336,20 @@ fn check(output: &str) -> Vec<Result<String, String>> {
             let mechanism = status["inbound"].as_str().unwrap_or("?");
             let want_mechanism = match *mode {
                 "auto" | "fentry" => "fentry",
+                "classic" => "tracepoint",
                 other => other,
             };
+            let want_state = if *mode == "classic" {
+                "tracepoint"
+            } else {
+                "tp_btf"
+            };
+            if status["state"] != want_state {
+                return Err(format!(
+                    "state hook {}, expected {want_state}",
+                    status["state"]
+                ));
+            }
             if mechanism != want_mechanism {
                 return Err(format!("attached {mechanism}, expected {want_mechanism}"));
             }
@@ -367,7 +386,7 @@ fn check(output: &str) -> Vec<Result<String, String>> {
             }
             find("listen").ok_or("no listen record")?;
             Ok(format!(
-                "inbound via {hook}: pid {} comm {}; outbound and listen records",
+                "inbound via {hook}: pid {} comm {}; outbound and listen records via {want_state}",
                 inbound["pid"], inbound["comm"]
             ))
         })

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 pub use self::observation::{EventKind, HookKind, Observation, ProcessInfo};
 use self::offsets::ResetTracepoint;
+use k8s_ebpf_common::KernelOffsets;
 
 /// The kernel object, built by build.rs and embedded so the binary is self-contained.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/k8s-ebpf"));
@@ -34,6 +35,20 @@ pub enum AttachMode {
     Kprobe,
     /// `fexit/inet_csk_accept`: needs BTF, BPF trampolines and Linux 5.17+.
     Fentry,
+}
+
+/// How TCP state changes (outbound, listen, and inbound without an accept hook) are
+/// hooked, as chosen with `--state-hook`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateHook {
+    /// `tp_btf` where the kernel allows it, else the classic tracepoint.
+    #[default]
+    Auto,
+    /// `tp_btf/inet_sock_set_state`: called without a trace record; needs BTF and
+    /// tracing programs (Linux 5.5+).
+    TpBtf,
+    /// `tracepoint/sock/inet_sock_set_state`: works from Linux 4.16 on.
+    Tracepoint,
 }
 
 /// The inbound hook actually attached.
@@ -91,11 +106,13 @@ pub struct CaptureConfig {
     pub window: Duration,
     /// Ring-buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: u32,
+    pub state_hook: StateHook,
 }
 
 impl Default for CaptureConfig {
     fn default() -> Self {
         Self {
+            state_hook: StateHook::Auto,
             attach: AttachMode::Auto,
             netns: NetnsScope::Own,
             window: Duration::from_secs(10),
@@ -145,6 +162,7 @@ pub struct Capture {
     // Holds the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,
     inbound: InboundMechanism,
+    state_hook: &'static str,
     refused: bool,
     netns: u32,
     watched_map: Array<MapData, u8>,
@@ -160,6 +178,7 @@ pub struct CaptureStreams {
 }
 
 const TRACEPOINT_PROGRAM: &str = "inet_sock_set_state";
+const BTF_STATE_PROGRAM: &str = "inet_sock_set_state_btf";
 const RESET_PROGRAM: &str = "tcp_send_reset";
 const KRETPROBE_PROGRAM: &str = "inet_csk_accept_kretprobe";
 const FEXIT_PROGRAM: &str = "inet_csk_accept_fexit";
@@ -201,12 +220,10 @@ impl Capture {
                 })?;
         }
 
-        // The tracepoint carries outbound and listen events on every kernel, so it must load.
-        let tp: &mut TracePoint = program(&mut ebpf, TRACEPOINT_PROGRAM)?;
-        tp.load()
-            .map_err(|source| program_error(TRACEPOINT_PROGRAM, source))?;
-        tp.attach("sock", "inet_sock_set_state")
-            .map_err(|source| program_error(TRACEPOINT_PROGRAM, source))?;
+        // The state-change program carries outbound and listen events on every kernel, so
+        // one variant must load: the BTF raw tracepoint where allowed (cheaper per event),
+        // else the classic tracepoint.
+        let state_hook = attach_state_program(&mut ebpf, &offsets, config.state_hook)?;
 
         let inbound = attach_inbound(&mut ebpf, config.attach)?;
         let source = match inbound {
@@ -245,6 +262,7 @@ impl Capture {
         let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "COUNTERS")?;
         info!(
             inbound = %inbound,
+            state = state_hook,
             refused,
             netns = if netns == 0 { "all".to_owned() } else { netns.to_string() },
             ports = ?ports,
@@ -254,6 +272,7 @@ impl Capture {
             Self {
                 _ebpf: ebpf,
                 inbound,
+                state_hook,
                 refused,
                 netns,
                 watched_map,
@@ -270,6 +289,11 @@ impl Capture {
 
     pub fn inbound(&self) -> InboundMechanism {
         self.inbound
+    }
+
+    /// The state-change hook attached: `tp_btf` or `tracepoint`.
+    pub fn state_hook(&self) -> &'static str {
+        self.state_hook
     }
 
     /// Whether refused attempts (resets from closed watched ports) are captured.
@@ -349,6 +373,55 @@ impl KernelCounters {
     fn exported(name: &str) -> bool {
         name != "calls"
     }
+}
+
+/// Loads and attaches `tp_btf/inet_sock_set_state` or, failing that, the classic
+/// `sock/inet_sock_set_state` tracepoint; returns which.
+fn attach_state_program(
+    ebpf: &mut Ebpf,
+    offsets: &KernelOffsets,
+    wanted: StateHook,
+) -> Result<&'static str, CaptureError> {
+    if wanted == StateHook::TpBtf && offsets.sk_protocol == KernelOffsets::UNAVAILABLE {
+        return Err(CaptureError::MechanismUnavailable {
+            mechanism: "tp-btf",
+            reason: "this kernel's struct sock keeps sk_protocol in a bitfield (Linux < 5.6)"
+                .into(),
+        });
+    }
+    if wanted != StateHook::Tracepoint && offsets.sk_protocol != KernelOffsets::UNAVAILABLE {
+        let attempt = (|| -> Result<(), String> {
+            let btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+            let prog: &mut aya::programs::BtfTracePoint = ebpf
+                .program_mut(BTF_STATE_PROGRAM)
+                .ok_or("program missing from the object")?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+            prog.load("inet_sock_set_state", &btf)
+                .map_err(|e| e.to_string())?;
+            prog.attach().map_err(|e| e.to_string())?;
+            Ok(())
+        })();
+        match attempt {
+            Ok(()) => return Ok("tp_btf"),
+            Err(reason) if wanted == StateHook::TpBtf => {
+                return Err(CaptureError::MechanismUnavailable {
+                    mechanism: "tp-btf",
+                    reason: format!("tp_btf/inet_sock_set_state did not load or attach: {reason}"),
+                })
+            }
+            Err(reason) => info!(
+                reason,
+                "tp_btf/inet_sock_set_state unavailable; using the classic tracepoint"
+            ),
+        }
+    }
+    let tp: &mut TracePoint = program(ebpf, TRACEPOINT_PROGRAM)?;
+    tp.load()
+        .map_err(|source| program_error(TRACEPOINT_PROGRAM, source))?;
+    tp.attach("sock", "inet_sock_set_state")
+        .map_err(|source| program_error(TRACEPOINT_PROGRAM, source))?;
+    Ok("tracepoint")
 }
 
 fn attach_inbound(ebpf: &mut Ebpf, mode: AttachMode) -> Result<InboundMechanism, CaptureError> {

@@ -64,6 +64,20 @@ pub fn member_offset(btf: &Btf, strukt: &str, path: &[&str]) -> Result<u32, Offs
     Ok(total_bits / 8)
 }
 
+/// The byte offset of a member that is a whole field (not a bitfield), or `None`.
+pub fn plain_member_offset(btf: &Btf, strukt: &str, name: &str) -> Option<u32> {
+    let s = btf
+        .resolve_types_by_name(strukt)
+        .ok()?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) => Some(s),
+            _ => None,
+        })?;
+    let (bits, member) = find_member(btf, &s, name).ok()??;
+    (member.bitfield_size().unwrap_or(0) == 0 && bits % 8 == 0).then_some(bits / 8)
+}
+
 /// Finds `name` in `s`, descending into anonymous members; returns its bit offset.
 fn find_member(
     btf: &Btf,
@@ -206,6 +220,8 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, ResetTracepoint), OffsetError>
         tp_daddr: field(&tp, SET_STATE, "daddr", 4)?,
         tp_saddr_v6: field(&tp, SET_STATE, "saddr_v6", 16)?,
         tp_daddr_v6: field(&tp, SET_STATE, "daddr_v6", 16)?,
+        sk_protocol: plain_member_offset(&btf, "sock", "sk_protocol")
+            .unwrap_or(KernelOffsets::UNAVAILABLE),
         ..KernelOffsets::default()
     };
     const RESET: &str = "tcp/tcp_send_reset";
