@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-const REPS: usize = 7;
+const REPS: usize = 11;
 const STORM_CONNECTIONS: u64 = 50_000;
 const STORM_PORT: u16 = 18080;
 const METRICS: &str = "127.0.0.1:9478";
@@ -152,7 +152,12 @@ fn measure(tools: &Tools, policy: &Path) -> Result<(Storm, DaemonCost, Flood)> {
     let mut cpu_per_conn: Rates = BTreeMap::new();
     let mut cost = DaemonCost::default();
     for rep in 0..REPS {
-        for config in Config::ALL {
+        // Rotate the order each repetition, so no configuration always follows the same
+        // one (a run's teardown — namespace, TIME_WAIT sockets, programs — can spill into
+        // the next), and let the machine settle between runs.
+        for i in 0..Config::ALL.len() {
+            let config = Config::ALL[(rep + i) % Config::ALL.len()];
+            std::thread::sleep(Duration::from_millis(1500));
             let ns = Ns::new("storm")?;
             let monitor = start_monitor(tools, &ns, config, policy)?;
             let before = monitor.as_ref().map(|m| cpu_seconds(m.child.id()));
@@ -497,7 +502,7 @@ fn render(storm: &Storm, cost: &DaemonCost, flood: &Flood, pipeline: &Pipeline) 
         s,
         "Every ratio is against the baseline (a) measured in the same run.\n"
     )?;
-    writeln!(s, "## Connection storm ({STORM_CONNECTIONS} loopback connections per run, {REPS} interleaved runs, medians)\n")?;
+    writeln!(s, "## Connection storm ({STORM_CONNECTIONS} loopback connections per run, {REPS} interleaved runs in rotating order, medians)\n")?;
     writeln!(s, "CPU per connection is the storm process's own user + system time (both ends of every connection; on loopback the kernel's softirq work, eBPF programs included, runs in its context): it is the steadier measure on a shared machine. Wall-clock rates vary more from run to run.\n")?;
     writeln!(s, "| configuration | CPU µs / connection (median) | CPU ratio to (a) | CPU overhead | median conn/s | rate ratio to (a) | runs (conn/s) |")?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|---|")?;
