@@ -17,6 +17,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "iproute2",
+    "procps",
     "curl",
     "etcd-server",
     "etcd-client",
