@@ -364,9 +364,12 @@ mod programs {
         Ok(())
     }
 
-    /// (family, local address, remote address) of an IPv4 or IPv6 socket.
+    /// (family, local address, remote address).
+    type Addresses = (u16, [u8; 16], [u8; 16]);
+
+    /// The addresses of an IPv4 or IPv6 socket; `None` for other families.
     #[inline(always)]
-    unsafe fn sock_addresses(sk: *const u8) -> Result<Option<(u16, [u8; 16], [u8; 16])>, i64> {
+    unsafe fn sock_addresses(sk: *const u8) -> Result<Option<Addresses>, i64> {
         let o = OFFSETS.load();
         let family: u16 = read_at(sk, o.skc_family)?;
         if family == AF_INET6 {
