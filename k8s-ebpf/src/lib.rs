@@ -10,6 +10,7 @@ pub mod capture;
 pub mod correlate;
 pub mod daemon;
 pub mod inventory;
+pub mod learn;
 pub mod metrics;
 pub mod output;
 pub mod policy;

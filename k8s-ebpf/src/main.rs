@@ -59,8 +59,30 @@ enum Command {
         #[arg(long)]
         policy: Option<PathBuf>,
     },
+    /// Watch for a while, then write a policy that expects everything seen (the base
+    /// policy widened by each peer, client process and listener it would have alerted on).
+    Learn(LearnArgs),
     /// Print raw capture records as JSON lines (a debugging and test tool).
     Capture(CaptureArgs),
+}
+
+#[derive(clap::Args)]
+struct LearnArgs {
+    /// How long to watch (e.g. 10m, 1h).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Duration,
+    /// Where to write the learned policy.
+    #[arg(long)]
+    output: PathBuf,
+    /// The policy to start from (default: the embedded one).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Inbound hook: auto picks fentry, then kprobe, then tracepoint.
+    #[arg(long, value_enum, default_value = "auto")]
+    attach: AttachMode,
+    /// Network namespaces to watch: `self`, `all`, or an inode number.
+    #[arg(long, default_value = "self")]
+    netns: NetnsScope,
 }
 
 #[derive(clap::Args)]
@@ -227,6 +249,7 @@ fn main() -> ExitCode {
                 probe,
                 policy,
             } => exposure(json, probe, policy.as_deref()).await,
+            Command::Learn(args) => learn(args).await,
             Command::Capture(args) => capture(args).await,
         }
     });
@@ -299,6 +322,64 @@ async fn exposure(json: bool, probe: bool, policy: Option<&std::path::Path>) -> 
     } else {
         print!("{}", k8s_ebpf::inventory::render_text(&report));
     }
+    Ok(())
+}
+
+async fn learn(args: LearnArgs) -> anyhow::Result<()> {
+    let base = daemon::load_policy(args.policy.as_deref())
+        .map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
+    let ports = base.watched_ports();
+    let config = CaptureConfig {
+        attach: args.attach,
+        netns: args.netns,
+        window: base.window(),
+        ..CaptureConfig::default()
+    };
+    let (_capture, streams) = Capture::load(&config, &ports)?;
+    let mut learned = k8s_ebpf::learn::Learned::default();
+    // What is already there: listeners and established connections.
+    for l in k8s_ebpf::inventory::scan_listeners(&ports).context("listing listeners")? {
+        learned.observe(&base, &l.to_observation());
+    }
+    for o in k8s_ebpf::inventory::established(&ports).context("listing connections")? {
+        learned.observe(&base, &o);
+    }
+    tracing::info!(duration = ?args.duration, ports = ?ports, "learning");
+    let reader = Reader::new(streams, Arc::new(ReaderStats::default())).context("ring buffer")?;
+    let (tx, mut rx) = mpsc::channel(4096);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reader = tokio::spawn(reader.run(tx, stop_rx));
+    let deadline = tokio::time::sleep(args.duration);
+    tokio::pin!(deadline);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            o = rx.recv() => match o {
+                Some(o) => learned.observe(&base, &o),
+                None => break,
+            },
+            () = &mut deadline => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    let _ = stop_tx.send(true);
+    while let Some(o) = rx.recv().await {
+        learned.observe(&base, &o);
+    }
+    reader
+        .await
+        .context("reader task")?
+        .context("reading the ring buffer")?;
+    let yaml = learned.to_policy_yaml(&base)?;
+    std::fs::write(&args.output, yaml)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    eprintln!(
+        "k8s-ebpf: wrote {} ({} observations already expected, {} learned)",
+        args.output.display(),
+        learned.expected,
+        learned.learned
+    );
     Ok(())
 }
 
