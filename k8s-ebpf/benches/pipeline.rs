@@ -144,6 +144,7 @@ fn pipeline(c: &mut Criterion) {
                     ruleset: Some(policy.origin()),
                     hostname: "node-1",
                     container_id: None,
+                    kubernetes: None,
                 };
                 let line = AlertEvent::for_observation(&obs, action, &subject)
                     .to_json_line()

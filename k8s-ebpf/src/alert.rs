@@ -4,6 +4,7 @@
 //! deciding when to emit one is [`crate::correlate`]'s.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -12,6 +13,7 @@ use serde::{Serialize, Serializer};
 
 use crate::{
     capture::{EventKind, HookKind, Observation},
+    identity::{PeerIdentity, PodIdentity},
     ports::Severity,
     verdict::Finding,
 };
@@ -207,6 +209,89 @@ pub struct ContainerFields {
     pub id: String,
 }
 
+/// `kubernetes.*` (the names Elastic's Kubernetes integrations use): for inbound,
+/// refused and port-scan records the remote peer (`source`); for outbound and listener
+/// records the local process's pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KubernetesFields {
+    /// What the address is: `pod`, `node`, `apiserver` or `unknown` (the Kubernetes API
+    /// is configured and nothing there has this address).
+    pub identity: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<KubernetesNode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<KubernetesPod>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<KubernetesName>,
+    /// The address is an endpoint of the `kubernetes` Service.
+    #[serde(skip_serializing_if = "is_false")]
+    pub apiserver: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KubernetesNode {
+    pub name: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KubernetesPod {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KubernetesName {
+    pub name: String,
+}
+
+impl KubernetesFields {
+    /// The remote peer's identity.
+    pub fn from_peer(id: &PeerIdentity) -> Self {
+        let mut f = match &id.pod {
+            Some(pod) => Self::from_pod(pod),
+            None => Self::default(),
+        };
+        f.identity = id.kind();
+        f.apiserver = id.apiserver;
+        if let Some(n) = &id.node {
+            f.node = Some(KubernetesNode {
+                name: n.name.clone(),
+                roles: n.roles.iter().cloned().collect(),
+            });
+        }
+        f
+    }
+
+    /// A pod (the peer's, or the local process's).
+    pub fn from_pod(pod: &PodIdentity) -> Self {
+        Self {
+            identity: "pod",
+            node: pod.node_name.as_ref().map(|name| KubernetesNode {
+                name: name.clone(),
+                roles: Vec::new(),
+            }),
+            pod: Some(KubernetesPod {
+                name: pod.name.clone(),
+                uid: pod.uid.clone(),
+            }),
+            namespace: Some(pod.namespace.clone()),
+            labels: pod.labels.clone(),
+            service_account: pod
+                .service_account
+                .as_ref()
+                .map(|name| KubernetesName { name: name.clone() }),
+            apiserver: false,
+        }
+    }
+}
+
 /// ECS `host.*`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HostFields {
@@ -259,6 +344,8 @@ pub struct AlertEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerFields>,
     pub host: HostFields,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesFields>,
     pub rule: RuleFields,
     pub message: String,
     pub k8s_ebpf: Extension,
@@ -274,6 +361,8 @@ pub struct Subject<'a> {
     pub ruleset: Option<&'a str>,
     pub hostname: &'a str,
     pub container_id: Option<&'a str>,
+    /// Already built for the side the record is about (see [`KubernetesFields`]).
+    pub kubernetes: Option<&'a KubernetesFields>,
 }
 
 pub fn hook_name(h: HookKind) -> &'static str {
@@ -319,13 +408,25 @@ impl AlertEvent {
                 .unwrap_or_else(|| "an unknown process".to_owned())
         };
         let what = format_args!("{} port {port} ({})", subject.component, subject.rule_name);
+        // Inbound: who the peer is in the cluster, when known.
+        let peer_name = match subject.kubernetes {
+            Some(k) if matches!(obs.kind, EventKind::Inbound | EventKind::Refused) => {
+                match (&k.pod, &k.namespace, &k.node) {
+                    (Some(p), Some(ns), _) => format!(" (pod {ns}/{})", p.name),
+                    (None, _, Some(n)) => format!(" (node {})", n.name),
+                    _ if k.apiserver => " (API server)".to_owned(),
+                    _ => " (unknown to Kubernetes)".to_owned(),
+                }
+            }
+            _ => String::new(),
+        };
         let message = match action {
             Action::UnexpectedInbound => format!(
-                "unexpected inbound connection to {what} from {}",
+                "unexpected inbound connection to {what} from {}{peer_name}",
                 obs.remote.ip()
             ),
             Action::AllowedInbound => format!(
-                "expected inbound connection to {what} from {}",
+                "expected inbound connection to {what} from {}{peer_name}",
                 obs.remote.ip()
             ),
             Action::UnexpectedOutbound => format!(
@@ -342,7 +443,7 @@ impl AlertEvent {
                 who()
             ),
             Action::RefusedAttempt => format!(
-                "refused connection attempt to {what} from {}: nothing listens there",
+                "refused connection attempt to {what} from {}{peer_name}: nothing listens there",
                 obs.remote.ip()
             ),
             Action::PortScan => format!("port scan touching {what} from {}", obs.remote.ip()),
@@ -360,6 +461,7 @@ impl AlertEvent {
             host: HostFields {
                 hostname: subject.hostname.to_owned(),
             },
+            kubernetes: subject.kubernetes.cloned(),
             rule: RuleFields {
                 name: subject.rule_name.to_owned(),
                 ruleset: subject.ruleset.map(str::to_owned),
@@ -410,6 +512,7 @@ impl AlertEvent {
             host: HostFields {
                 hostname: hostname.to_owned(),
             },
+            kubernetes: None,
             rule: RuleFields {
                 name: "port-scan".to_owned(),
                 ruleset: None,
@@ -493,6 +596,7 @@ mod tests {
             ruleset: Some("policy.yaml"),
             hostname: "node-1",
             container_id: None,
+            kubernetes: None,
         }
     }
 
@@ -566,6 +670,7 @@ mod tests {
         );
         let s = Subject {
             container_id: Some("abc"),
+            kubernetes: None,
             ..subject()
         };
         let v = parse(&AlertEvent::for_observation(

@@ -33,7 +33,7 @@ use std::{
 };
 
 use crate::{
-    alert::{Action, AlertEvent, RecordKind, Subject},
+    alert::{Action, AlertEvent, KubernetesFields, RecordKind, Subject},
     capture::{EventKind, Observation},
     metrics::Metrics,
     policy::Policy,
@@ -241,6 +241,12 @@ impl Engine {
             w.total += added;
             return out;
         }
+        // The side the record is about: the remote peer inbound, the local pod outbound.
+        let kubernetes = match obs.kind {
+            EventKind::Inbound | EventKind::Refused => client.peer.map(KubernetesFields::from_peer),
+            EventKind::Outbound => client.pod.map(KubernetesFields::from_pod),
+            EventKind::Listen | EventKind::ListenClose => None,
+        };
         let subject = Subject {
             rule_name: &rule.name,
             component: &rule.component,
@@ -248,6 +254,7 @@ impl Engine {
             ruleset: Some(policy.origin()),
             hostname: &self.settings.hostname,
             container_id: client.container_id,
+            kubernetes: kubernetes.as_ref(),
         };
         let mut record = AlertEvent::for_observation(obs, action, &subject);
         let reported = if obs.window_summary {

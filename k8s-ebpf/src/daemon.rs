@@ -34,6 +34,7 @@ use crate::{
         Observation, StateHook,
     },
     correlate::{Engine, EngineSettings},
+    identity::{self, ApiMode, Identities},
     inventory,
     metrics::{Metrics, MetricsServer, Readiness},
     output::{self, AlertSender, Destination, OutputSettings},
@@ -61,6 +62,8 @@ pub struct DaemonConfig {
     pub log_allowed: bool,
     pub ring_bytes: u32,
     pub hostname: String,
+    /// Where peer identities come from.
+    pub kubernetes: ApiMode,
 }
 
 /// A configuration problem the user must fix (exit status 64), as opposed to a runtime
@@ -108,6 +111,7 @@ pub struct Prepared {
 pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
     let policy = load_policy(config.policy_path.as_deref())
         .map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
+    identity::check_mode(&config.kubernetes).map_err(UsageError)?;
     let policy = Arc::new(policy);
     info!(
         policy = policy.origin(),
@@ -187,6 +191,19 @@ async fn run_loop(
         None => None,
     };
 
+    let identities = Identities::new(config.hostname.clone());
+    let watchers =
+        identity::start(&config.kubernetes, &identities, &metrics, stop_rx.clone()).await;
+    if policy.needs_identities() && !identities.is_enabled() {
+        warn!(
+            "the policy expects peers by Kubernetes selector, but no Kubernetes API is in use: \
+             those selectors match nothing, only the policy's addresses do"
+        );
+    }
+    let identity_ready = |engine: &Engine| {
+        !(engine.policy().needs_identities() && identities.is_enabled() && !identities.all_synced())
+    };
+
     let (sender, output_handle) = output::spawn(
         OutputSettings::new(config.output.clone()),
         Some(Arc::clone(&metrics)),
@@ -205,13 +222,14 @@ async fn run_loop(
         s
     })
     .with_metrics(Arc::clone(&metrics));
+    readiness.set_identities_blocked(!identity_ready(&engine));
 
     // The listeners already there: a wide bind on a loopback-only port is an alert at
     // start, not only when the next one binds.
     inventory.publish(&metrics);
     let mut local = LocalAddresses::new();
     for obs in inventory.start_observations() {
-        emit(&sender, &mut engine, &local, &obs).await;
+        emit(&sender, &mut engine, &local, &identities, &obs).await;
     }
 
     let mut reload = PolicyWatch::new(config.policy_path.clone(), &policy);
@@ -229,7 +247,7 @@ async fn run_loop(
             obs = obs_rx.recv() => match obs {
                 Some(obs) => {
                     inventory.track(&obs, &metrics);
-                    emit(&sender, &mut engine, &local, &obs).await;
+                    emit(&sender, &mut engine, &local, &identities, &obs).await;
                 }
                 None => {
                     warn!("the ring-buffer reader stopped");
@@ -245,6 +263,7 @@ async fn run_loop(
                     Err(e) => warn!(error = %e, "cannot read the kernel counters"),
                 }
                 local.refresh_if_stale();
+                readiness.set_identities_blocked(!identity_ready(&engine));
             }
             _ = poll.tick() => reload.check(false, capture, &mut engine, &metrics),
             _ = hup.recv() => {
@@ -260,7 +279,10 @@ async fn run_loop(
     readiness.set_attached(false);
     let _ = stop_tx.send(true);
     while let Some(obs) = obs_rx.recv().await {
-        emit(&sender, &mut engine, &local, &obs).await;
+        emit(&sender, &mut engine, &local, &identities, &obs).await;
+    }
+    for w in watchers {
+        let _ = w.await;
     }
     match reader_task.await {
         Ok(Err(e)) => warn!(error = %e, "ring-buffer reader failed"),
@@ -291,6 +313,7 @@ async fn emit(
     sender: &AlertSender,
     engine: &mut Engine,
     local: &LocalAddresses,
+    identities: &Identities,
     obs: &Observation,
 ) {
     let cgroup = obs
@@ -299,10 +322,17 @@ async fn emit(
         .filter(|_| obs.kind == EventKind::Outbound)
         .and_then(|p| proc_cgroup(p.pid));
     let container = cgroup.as_deref().and_then(container_id);
+    let peer = match obs.kind {
+        EventKind::Inbound | EventKind::Refused => identities.lookup(obs.remote.ip()),
+        _ => None,
+    };
+    let pod = container.and_then(|id| identities.pod_for_container(id));
     let client = ClientContext {
         cgroup_path: cgroup.as_deref(),
         container_id: container,
         peer_is_node: local.contains(obs),
+        peer: peer.as_ref(),
+        pod: pod.as_deref(),
     };
     for alert in engine.observe_with(obs, &client, SystemTime::now()) {
         sender.send(alert).await;

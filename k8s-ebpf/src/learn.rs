@@ -3,8 +3,13 @@
 //! The output starts from a base policy (the embedded default, or `--policy`) and widens
 //! each rule by what the base would have alerted on: inbound and refused peers become
 //! expected peers (single-address CIDRs), outbound processes become expected clients, a
-//! wide listener on a loopback-only port makes that rule's `bind: any`. Kubernetes
-//! identities (selectors instead of addresses) are not learned yet.
+//! wide listener on a loopback-only port makes that rule's `bind: any`.
+//!
+//! With a Kubernetes API, a peer whose identity is known is learned as a selector rather
+//! than an address (addresses of pods and nodes change, identities less so): a pod as its
+//! service account (unless `default`), else as its namespace and stable labels (without
+//! per-pod ones such as `pod-template-hash`); a node as `nodes: control-plane` or
+//! `nodes: all`; an API server endpoint as `apiserver`. Unknown peers stay addresses.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,15 +20,68 @@ use serde::Serialize;
 
 use crate::{
     capture::{EventKind, Observation},
-    policy::{Policy, Rule},
+    identity::PeerIdentity,
+    policy::{NodeScope, PeerSelector, Policy, Rule},
     ports::{BindScope, Severity},
     verdict::{judge, ClientContext, Verdict},
 };
 
+/// Labels that differ between pods of one workload: never part of a learned selector.
+const PER_POD_LABELS: [&str; 6] = [
+    "pod-template-hash",
+    "controller-revision-hash",
+    "pod-template-generation",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "batch.kubernetes.io/controller-uid",
+];
+
+/// A learned peer: by identity where known, else by address.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum LearnedPeer {
+    Selector(PeerSelector),
+    Address(IpAddr),
+}
+
+impl LearnedPeer {
+    fn new(ip: IpAddr, id: Option<&PeerIdentity>) -> Self {
+        let Some(id) = id else {
+            return Self::Address(ip);
+        };
+        if let Some(pod) = &id.pod {
+            return Self::Selector(match pod.service_account.as_deref() {
+                Some(sa) if sa != "default" => {
+                    PeerSelector::ServiceAccounts(vec![(pod.namespace.clone(), sa.to_owned())])
+                }
+                _ => PeerSelector::Pods {
+                    namespace: Some(pod.namespace.clone()),
+                    labels: pod
+                        .labels
+                        .iter()
+                        .filter(|(k, _)| !PER_POD_LABELS.contains(&k.as_str()))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                },
+            });
+        }
+        if let Some(node) = &id.node {
+            return Self::Selector(PeerSelector::Nodes(if node.is_control_plane() {
+                NodeScope::ControlPlane
+            } else {
+                NodeScope::All
+            }));
+        }
+        if id.apiserver {
+            return Self::Selector(PeerSelector::Apiserver);
+        }
+        Self::Address(ip)
+    }
+}
+
 /// What the base policy did not expect, per watched port.
 #[derive(Debug, Default)]
 pub struct Learned {
-    peers: BTreeMap<u16, BTreeSet<IpAddr>>,
+    peers: BTreeMap<u16, BTreeSet<LearnedPeer>>,
     clients: BTreeMap<u16, BTreeSet<String>>,
     wide_binds: BTreeSet<u16>,
     /// Observations the base already expected, and those it did not.
@@ -32,9 +90,14 @@ pub struct Learned {
 }
 
 impl Learned {
-    /// Records `obs` if `base` would not have expected it.
-    pub fn observe(&mut self, base: &Policy, obs: &Observation) {
-        let Some(j) = judge(base, obs, &ClientContext::default()) else {
+    /// Records `obs` if `base` would not have expected it; `peer` is the remote peer's
+    /// Kubernetes identity when an API is in use.
+    pub fn observe(&mut self, base: &Policy, obs: &Observation, peer: Option<&PeerIdentity>) {
+        let context = ClientContext {
+            peer,
+            ..ClientContext::default()
+        };
+        let Some(j) = judge(base, obs, &context) else {
             return;
         };
         if j.verdict == Verdict::Expected {
@@ -45,7 +108,10 @@ impl Learned {
         let port = j.rule.port;
         match obs.kind {
             EventKind::Inbound | EventKind::Refused => {
-                self.peers.entry(port).or_default().insert(obs.remote.ip());
+                self.peers
+                    .entry(port)
+                    .or_default()
+                    .insert(LearnedPeer::new(obs.remote.ip(), peer));
             }
             EventKind::Outbound => {
                 if let Some(p) = &obs.process {
@@ -85,15 +151,24 @@ impl Learned {
     }
 
     fn rule(&self, r: &Rule) -> OutRule {
-        let mut peers: Vec<String> = Vec::new();
+        let mut peers: Vec<OutPeer> = Vec::new();
         if r.expected_peers.includes_loopback() {
-            peers.push("loopback".to_owned());
+            peers.push(OutPeer::Text("loopback".to_owned()));
         }
-        peers.extend(r.expected_peers.networks().iter().map(ToString::to_string));
-        for ip in self.peers.get(&r.port).into_iter().flatten() {
-            let net = ipnet::IpNet::from(*ip).to_string();
-            if !peers.contains(&net) {
-                peers.push(net);
+        peers.extend(
+            r.expected_peers
+                .networks()
+                .iter()
+                .map(|n| OutPeer::Text(n.to_string())),
+        );
+        peers.extend(r.expected_peers.selectors().iter().map(OutPeer::from));
+        for learned in self.peers.get(&r.port).into_iter().flatten() {
+            let out = match learned {
+                LearnedPeer::Address(ip) => OutPeer::Text(ipnet::IpNet::from(*ip).to_string()),
+                LearnedPeer::Selector(s) => OutPeer::from(s),
+            };
+            if !peers.contains(&out) {
+                peers.push(out);
             }
         }
         let c = &r.expected_clients;
@@ -152,8 +227,53 @@ struct OutRule {
     component: String,
     severity: Severity,
     bind: BindScope,
-    expected_peers: Vec<String>,
+    expected_peers: Vec<OutPeer>,
     expected_clients: OutClients,
+}
+
+/// An `expected_peers` entry as the policy format writes it.
+#[derive(Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+enum OutPeer {
+    Text(String),
+    Nodes {
+        nodes: &'static str,
+    },
+    Pods {
+        pods: OutPods,
+    },
+    ServiceAccounts {
+        #[serde(rename = "serviceAccounts")]
+        service_accounts: Vec<String>,
+    },
+}
+
+#[derive(Debug, PartialEq, Serialize)]
+struct OutPods {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
+}
+
+impl From<&PeerSelector> for OutPeer {
+    fn from(s: &PeerSelector) -> Self {
+        match s {
+            PeerSelector::Nodes(scope) => Self::Nodes {
+                nodes: scope.as_str(),
+            },
+            PeerSelector::Pods { namespace, labels } => Self::Pods {
+                pods: OutPods {
+                    namespace: namespace.clone(),
+                    labels: labels.clone(),
+                },
+            },
+            PeerSelector::ServiceAccounts(accounts) => Self::ServiceAccounts {
+                service_accounts: accounts.iter().map(|(ns, n)| format!("{ns}/{n}")).collect(),
+            },
+            PeerSelector::Apiserver => Self::Text("apiserver".to_owned()),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -226,7 +346,7 @@ mod tests {
         ];
         let mut learned = Learned::default();
         for o in &seen {
-            learned.observe(&base, o);
+            learned.observe(&base, o, None);
         }
         assert_eq!((learned.expected, learned.learned), (1, 4));
         let yaml = learned.to_policy_yaml(&base).unwrap();
@@ -243,5 +363,79 @@ mod tests {
                 .verdict,
             Verdict::Expected
         );
+    }
+
+    #[test]
+    fn known_identities_are_learned_as_selectors() {
+        use crate::identity::{NodeIdentity, PodIdentity};
+        use std::sync::Arc;
+        let base = Policy::embedded_default();
+        let pod = |sa: &str| PeerIdentity {
+            pod: Some(Arc::new(PodIdentity {
+                namespace: "tools".into(),
+                name: "scraper-7d9f-abcde".into(),
+                service_account: Some(sa.into()),
+                labels: [
+                    ("app".to_owned(), "scraper".to_owned()),
+                    ("pod-template-hash".to_owned(), "7d9f".to_owned()),
+                ]
+                .into(),
+                ..PodIdentity::default()
+            })),
+            ..PeerIdentity::default()
+        };
+        let worker = PeerIdentity {
+            node: Some(Arc::new(NodeIdentity {
+                name: "worker-1".into(),
+                roles: BTreeSet::new(),
+                addresses: vec![],
+            })),
+            ..PeerIdentity::default()
+        };
+        let by_sa = pod("scraper");
+        let by_labels = pod("default");
+        let inbound = |port: u16, ip: &str| {
+            obs(
+                EventKind::Inbound,
+                &format!("10.0.0.1:{port}"),
+                &format!("{ip}:40000"),
+                None,
+            )
+        };
+        let seen = [
+            (inbound(10250, "198.51.100.30"), &by_sa),
+            (inbound(10249, "198.51.100.31"), &by_labels),
+            (inbound(2379, "192.0.2.40"), &worker),
+        ];
+        let mut learned = Learned::default();
+        for (o, id) in &seen {
+            learned.observe(&base, o, Some(id));
+        }
+        let yaml = learned.to_policy_yaml(&base).unwrap();
+        assert!(yaml.contains("tools/scraper"), "{yaml}");
+        assert!(!yaml.contains("pod-template-hash"), "{yaml}");
+        assert!(
+            !yaml.contains("198.51.100.3"),
+            "addresses of known peers: {yaml}"
+        );
+        let policy = Policy::parse(&yaml, "learned.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        for (o, id) in &seen {
+            let c = ClientContext {
+                peer: Some(id),
+                ..ClientContext::default()
+            };
+            assert_eq!(
+                judge(&policy, o, &c).unwrap().verdict,
+                Verdict::Expected,
+                "{yaml}"
+            );
+            // The same address without that identity is not expected.
+            let unknown = PeerIdentity::default();
+            let c = ClientContext {
+                peer: Some(&unknown),
+                ..ClientContext::default()
+            };
+            assert_ne!(judge(&policy, o, &c).unwrap().verdict, Verdict::Expected);
+        }
     }
 }

@@ -13,6 +13,7 @@ use k8s_ebpf::{
         AttachMode, Capture, CaptureConfig, CaptureError, NetnsScope, StateHook,
     },
     daemon::{self, DaemonConfig, UsageError},
+    identity::{self, ApiMode, Identities},
     metrics::DEFAULT_METRICS_ADDR,
     output::{Destination, Rotation, DEFAULT_KEEP, DEFAULT_MAX_BYTES},
     policy::Policy,
@@ -83,6 +84,30 @@ struct LearnArgs {
     /// Network namespaces to watch: `self`, `all`, or an inode number.
     #[arg(long, default_value = "self")]
     netns: NetnsScope,
+    #[command(flatten)]
+    kubernetes: KubernetesArgs,
+}
+
+/// Where peer identities come from.
+#[derive(clap::Args)]
+struct KubernetesArgs {
+    /// Kubeconfig file for the Kubernetes API (default: the in-cluster service account,
+    /// else $KUBECONFIG or ~/.kube/config when one exists, else no API).
+    #[arg(long, conflicts_with = "no_kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Do not use the Kubernetes API: judge peers by the policy's addresses only.
+    #[arg(long)]
+    no_kubernetes: bool,
+}
+
+impl KubernetesArgs {
+    fn mode(&self) -> ApiMode {
+        match (&self.kubeconfig, self.no_kubernetes) {
+            (_, true) => ApiMode::Off,
+            (Some(path), false) => ApiMode::Kubeconfig(path.clone()),
+            (None, false) => ApiMode::Auto,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -119,8 +144,11 @@ struct RunArgs {
     #[arg(long, default_value_t = 1 << 22)]
     ring_bytes: u32,
     /// `host.hostname` in alerts (default: $NODE_NAME, else the kernel's hostname).
+    /// Also the node whose pods own local containers.
     #[arg(long)]
     hostname: Option<String>,
+    #[command(flatten)]
+    kubernetes: KubernetesArgs,
 }
 
 #[derive(Clone, Copy)]
@@ -200,7 +228,19 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+                // kube-client logs every failed request at ERROR without its cause; the
+                // identity watchers report the same failure once, with the cause and fix.
+                .add_directive(
+                    "kube_client::client::builder=off"
+                        .parse()
+                        .expect("valid directive"),
+                )
+                .add_directive(
+                    "kube_runtime::watcher=error"
+                        .parse()
+                        .expect("valid directive"),
+                ),
         )
         .init();
     // `run` does its privileged start-up before the runtime starts any thread, so that the
@@ -289,6 +329,7 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
         log_allowed: args.log_allowed,
         ring_bytes: args.ring_bytes,
         hostname: args.hostname.unwrap_or_else(daemon::default_hostname),
+        kubernetes: args.kubernetes.mode(),
     })
 }
 
@@ -335,19 +376,42 @@ async fn learn(args: LearnArgs) -> anyhow::Result<()> {
         window: base.window(),
         ..CaptureConfig::default()
     };
+    let mode = args.kubernetes.mode();
+    identity::check_mode(&mode).map_err(UsageError)?;
     let (_capture, streams) = Capture::load(&config, &ports)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let identities = Identities::new(daemon::default_hostname());
+    let metrics = Arc::new(k8s_ebpf::metrics::Metrics::new());
+    let watchers = identity::start(&mode, &identities, &metrics, stop_rx.clone()).await;
+    if identities.is_enabled() {
+        // Peers seen before the first sync would be learned as addresses.
+        let synced = tokio::time::timeout(Duration::from_secs(30), async {
+            while !identities.all_synced() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        if synced.is_err() {
+            tracing::warn!("Kubernetes identities not synced after 30 s: unknown peers are learned as addresses");
+        }
+    }
+    let peer_of = |o: &k8s_ebpf::capture::Observation| match o.kind {
+        k8s_ebpf_common::EventKind::Inbound | k8s_ebpf_common::EventKind::Refused => {
+            identities.lookup(o.remote.ip())
+        }
+        _ => None,
+    };
     let mut learned = k8s_ebpf::learn::Learned::default();
     // What is already there: listeners and established connections.
     for l in k8s_ebpf::inventory::scan_listeners(&ports).context("listing listeners")? {
-        learned.observe(&base, &l.to_observation());
+        learned.observe(&base, &l.to_observation(), None);
     }
     for o in k8s_ebpf::inventory::established(&ports).context("listing connections")? {
-        learned.observe(&base, &o);
+        learned.observe(&base, &o, peer_of(&o).as_ref());
     }
     tracing::info!(duration = ?args.duration, ports = ?ports, "learning");
     let reader = Reader::new(streams, Arc::new(ReaderStats::default())).context("ring buffer")?;
     let (tx, mut rx) = mpsc::channel(4096);
-    let (stop_tx, stop_rx) = watch::channel(false);
     let reader = tokio::spawn(reader.run(tx, stop_rx));
     let deadline = tokio::time::sleep(args.duration);
     tokio::pin!(deadline);
@@ -355,7 +419,7 @@ async fn learn(args: LearnArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             o = rx.recv() => match o {
-                Some(o) => learned.observe(&base, &o),
+                Some(o) => learned.observe(&base, &o, peer_of(&o).as_ref()),
                 None => break,
             },
             () = &mut deadline => break,
@@ -365,12 +429,15 @@ async fn learn(args: LearnArgs) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     while let Some(o) = rx.recv().await {
-        learned.observe(&base, &o);
+        learned.observe(&base, &o, peer_of(&o).as_ref());
     }
     reader
         .await
         .context("reader task")?
         .context("reading the ring buffer")?;
+    for w in watchers {
+        let _ = w.await;
+    }
     let yaml = learned.to_policy_yaml(&base)?;
     std::fs::write(&args.output, yaml)
         .with_context(|| format!("writing {}", args.output.display()))?;

@@ -449,6 +449,7 @@ mod tests {
             ruleset: None,
             hostname: "node-1",
             container_id: None,
+            kubernetes: None,
         };
         let mut r = AlertEvent::for_observation(&o, action, &s);
         r.timestamp = UNIX_EPOCH;

@@ -6,6 +6,7 @@ use std::{fmt, net::IpAddr};
 
 use crate::{
     capture::{EventKind, Observation},
+    identity::{PeerIdentity, PodIdentity},
     policy::{is_loopback, Policy, Rule},
     ports::BindScope,
 };
@@ -20,6 +21,11 @@ pub struct ClientContext<'a> {
     /// network namespace): the connection never leaves the node. Outbound, it is no pivot
     /// (its inbound side is judged on its own); inbound, it counts as `loopback`.
     pub peer_is_node: bool,
+    /// The remote peer's Kubernetes identity (`None`: no Kubernetes API configured, so
+    /// selectors cannot match; an unknown identity is `Some` with nothing in it).
+    pub peer: Option<&'a PeerIdentity>,
+    /// Outbound: the pod of the local process's container, when known.
+    pub pod: Option<&'a PodIdentity>,
 }
 
 /// Why an observation is unexpected; each maps to one alert `event.action`.
@@ -101,7 +107,7 @@ pub fn judge<'p>(
 /// Judges `obs` under `rule` (the caller matched the port).
 pub fn judge_rule(rule: &Rule, obs: &Observation, client: &ClientContext<'_>) -> Verdict {
     let unexpected = |reason| Verdict::Unexpected { reason };
-    let peer_expected = rule.expected_peers.contains(obs.remote.ip())
+    let peer_expected = rule.expected_peers.admits(obs.remote.ip(), client.peer)
         || (client.peer_is_node && rule.expected_peers.includes_loopback());
     match obs.kind {
         EventKind::Inbound if peer_expected => Verdict::Expected,

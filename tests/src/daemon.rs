@@ -35,6 +35,16 @@ impl Daemon {
     /// Like [`Daemon::start`], with the daemon run through `wrapper` (a command that
     /// execs its arguments, e.g. a capability-dropping shell script).
     pub fn start_wrapped(ns: &NetNs, wrapper: &[&str], args: &[&str]) -> Self {
+        Self::launch(ns, wrapper, args, "/readyz")
+    }
+
+    /// Like [`Daemon::start`], but waits only for `/healthz`: for a daemon that is meant
+    /// to stay not ready.
+    pub fn start_unready(ns: &NetNs, args: &[&str]) -> Self {
+        Self::launch(ns, &[], args, "/healthz")
+    }
+
+    fn launch(ns: &NetNs, wrapper: &[&str], args: &[&str], wait_for: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
         let alerts = args.iter().position(|a| *a == "--output").map_or_else(
@@ -68,12 +78,12 @@ impl Daemon {
             if let Some(status) = d.child.try_wait().expect("wait") {
                 panic!("k8s-ebpf run exited early with {status}:\n{}", d.stderr());
             }
-            if matches!(d.get("/readyz"), Ok((200, _))) {
+            if matches!(d.get(wait_for), Ok((200, _))) {
                 return d;
             }
             assert!(
                 Instant::now() < deadline,
-                "k8s-ebpf run not ready after 20 s:\n{}",
+                "k8s-ebpf run: {wait_for} not 200 after 20 s:\n{}",
                 d.stderr()
             );
             std::thread::sleep(Duration::from_millis(100));

@@ -35,6 +35,15 @@ pub struct Metrics {
     pub decode_errors: IntCounter,
     /// Correlation state dropped to stay within bounds, by table (`windows` / `scan_peers`).
     pub correlation_evictions: IntCounterVec,
+    /// Kubernetes objects in the identity cache, by resource.
+    pub kubernetes_objects: IntGaugeVec,
+    /// 1 while a resource's cache is current (listed, no error since), by resource.
+    pub kubernetes_synced: IntGaugeVec,
+    /// Full lists applied (the first sync and every re-list), by resource.
+    pub kubernetes_lists: IntCounterVec,
+    /// Kubernetes API errors, by resource and reason (`forbidden`, `unauthorized`,
+    /// `unreachable`, `gone`, `not-found`, `server-error`, `protocol`, `config`).
+    pub kubernetes_api_errors: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -133,6 +142,30 @@ impl Metrics {
                 "k8s_ebpf_correlation_evictions_total",
                 "Correlation entries evicted to stay within their bound, by table.",
                 &["table"],
+            ),
+            kubernetes_objects: gauge_vec(
+                &r,
+                "k8s_ebpf_kubernetes_objects",
+                "Kubernetes objects in the identity cache, by resource.",
+                &["resource"],
+            ),
+            kubernetes_synced: gauge_vec(
+                &r,
+                "k8s_ebpf_kubernetes_synced",
+                "1 while the resource's identity cache is current (listed, no error since).",
+                &["resource"],
+            ),
+            kubernetes_lists: counter_vec(
+                &r,
+                "k8s_ebpf_kubernetes_lists_total",
+                "Full lists applied to the identity cache (first sync and re-lists), by resource.",
+                &["resource"],
+            ),
+            kubernetes_api_errors: counter_vec(
+                &r,
+                "k8s_ebpf_kubernetes_api_errors_total",
+                "Kubernetes API errors, by resource and reason.",
+                &["resource", "reason"],
             ),
             registry: r,
         };

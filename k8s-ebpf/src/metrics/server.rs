@@ -45,6 +45,8 @@ const MAX_CONNECTIONS: usize = 64;
 pub struct Readiness {
     attached: AtomicBool,
     policy_loaded: AtomicBool,
+    /// False while the policy needs Kubernetes identities and they are not synced.
+    identities_blocked: AtomicBool,
 }
 
 impl Readiness {
@@ -60,6 +62,12 @@ impl Readiness {
         self.policy_loaded.store(yes, Ordering::Relaxed);
     }
 
+    /// `blocked`: the policy has selectors and the identity cache is not current (never
+    /// synced, or the API is failing).
+    pub fn set_identities_blocked(&self, blocked: bool) {
+        self.identities_blocked.store(blocked, Ordering::Relaxed);
+    }
+
     /// The conditions not yet met (empty when ready).
     pub fn missing(&self) -> Vec<&'static str> {
         let mut m = Vec::new();
@@ -68,6 +76,9 @@ impl Readiness {
         }
         if !self.policy_loaded.load(Ordering::Relaxed) {
             m.push("policy_loaded");
+        }
+        if self.identities_blocked.load(Ordering::Relaxed) {
+            m.push("kubernetes_identities");
         }
         m
     }

@@ -26,11 +26,23 @@
 //!       - loopback                # 127.0.0.0/8 and ::1
 //!       - "@control_plane"        # a named group
 //!       - 192.0.2.7               # an address (= /32 or /128) or a CIDR
+//!       - nodes: control-plane    # Kubernetes selectors (see below): control-plane | all
+//!       - pods: {namespace: monitoring, labels: {app.kubernetes.io/name: prometheus}}
+//!       - serviceAccounts: [monitoring/prometheus]
+//!       - apiserver               # the endpoints of the `kubernetes` Service
 //!     expected_clients:           # outbound from this node to this port elsewhere
 //!       processes: [kube-apiserver]  # task names (compared on the kernel's first 15 bytes)
 //!       cgroups: [1234, /system.slice/kubelet.service]  # cgroup v2 ids or path prefixes
 //!       containers: [3f2a9c1b7e4d]   # container ids (a listed prefix matches)
 //! ```
+//!
+//! Selectors match the peer's identity from the Kubernetes API ([`crate::identity`]):
+//! `nodes` a node's InternalIP (`control-plane`: nodes labelled
+//! `node-role.kubernetes.io/control-plane` or `…/master`), `pods` a pod's IP (both keys
+//! optional: `pods: {}` is every pod; labels must all be equal), `serviceAccounts` a pod
+//! running as one of them, `apiserver` an endpoint of `default/kubernetes`. Without a
+//! Kubernetes API they match nothing and the static entries still apply. Groups may hold
+//! selectors too.
 //!
 //! Unknown keys anywhere are errors. Durations are humantime strings (`500ms`, `10s`, `2m`).
 //! Loopback destinations are always expected for outbound connections; inbound from
@@ -52,8 +64,11 @@ use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
 pub use self::error::{PolicyError, PolicyErrors, Position};
-use self::schema::{RawCgroup, RawClients, RawPolicy, RawRule};
-use crate::ports::{self, BindScope, Severity};
+use self::schema::{RawCgroup, RawClients, RawPeer, RawPods, RawPolicy, RawRule, RawSelector};
+use crate::{
+    identity::PeerIdentity,
+    ports::{self, BindScope, Severity},
+};
 
 /// The policy the daemon runs with when none is given: every port of [`crate::ports`],
 /// loopback expected, the peer groups empty for the operator to fill in.
@@ -87,17 +102,81 @@ pub struct ScanSettings {
     pub window: Duration,
 }
 
-/// A set of peers: loopback and/or networks, groups already expanded.
+/// Which nodes a `nodes:` selector means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NodeScope {
+    ControlPlane,
+    All,
+}
+
+impl NodeScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ControlPlane => "control-plane",
+            Self::All => "all",
+        }
+    }
+}
+
+/// A Kubernetes selector in `expected_peers`, matched against the peer's identity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PeerSelector {
+    Nodes(NodeScope),
+    /// `namespace` (any when `None`) and labels that must all be equal.
+    Pods {
+        namespace: Option<String>,
+        labels: BTreeMap<String, String>,
+    },
+    /// `(namespace, name)` pairs.
+    ServiceAccounts(Vec<(String, String)>),
+    /// An endpoint of the `kubernetes` Service.
+    Apiserver,
+}
+
+impl PeerSelector {
+    pub fn matches(&self, id: &PeerIdentity) -> bool {
+        match self {
+            Self::Nodes(NodeScope::All) => id.node.is_some(),
+            Self::Nodes(NodeScope::ControlPlane) => {
+                id.node.as_ref().is_some_and(|n| n.is_control_plane())
+            }
+            Self::Pods { namespace, labels } => id.pod.as_ref().is_some_and(|p| {
+                namespace.as_ref().is_none_or(|ns| *ns == p.namespace)
+                    && labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+            }),
+            Self::ServiceAccounts(accounts) => id.pod.as_ref().is_some_and(|p| {
+                let sa = p.service_account.as_deref().unwrap_or("default");
+                accounts
+                    .iter()
+                    .any(|(ns, name)| *ns == p.namespace && name == sa)
+            }),
+            Self::Apiserver => id.apiserver,
+        }
+    }
+}
+
+/// A set of peers: loopback, networks and Kubernetes selectors, groups already expanded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerSet {
     loopback: bool,
     nets: Vec<IpNet>,
+    selectors: Vec<PeerSelector>,
 }
 
 impl PeerSet {
+    /// By address alone (loopback and networks; selectors need an identity).
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         (self.loopback && is_loopback(ip)) || self.nets.iter().any(|n| n.contains(&ip))
+    }
+
+    /// By address, or by the peer's Kubernetes identity when one is known.
+    pub fn admits(&self, ip: IpAddr, identity: Option<&PeerIdentity>) -> bool {
+        self.contains(ip) || identity.is_some_and(|id| self.selectors.iter().any(|s| s.matches(id)))
+    }
+
+    pub fn selectors(&self) -> &[PeerSelector] {
+        &self.selectors
     }
 
     pub fn includes_loopback(&self) -> bool {
@@ -110,7 +189,20 @@ impl PeerSet {
 
     /// True when nobody (not even loopback) is expected.
     pub fn is_empty(&self) -> bool {
-        !self.loopback && self.nets.is_empty()
+        !self.loopback && self.nets.is_empty() && self.selectors.is_empty()
+    }
+
+    fn extend(&mut self, other: &PeerSet) {
+        self.loopback |= other.loopback;
+        self.nets.extend_from_slice(&other.nets);
+        self.selectors.extend_from_slice(&other.selectors);
+    }
+
+    fn normalize(&mut self) {
+        self.nets.sort();
+        self.nets.dedup();
+        self.selectors.sort();
+        self.selectors.dedup();
     }
 }
 
@@ -253,6 +345,14 @@ impl Policy {
         self.rules.values()
     }
 
+    /// True when some rule expects peers by Kubernetes selector: then the daemon is not
+    /// ready until the identity cache is current.
+    pub fn needs_identities(&self) -> bool {
+        self.rules
+            .values()
+            .any(|r| !r.expected_peers.selectors.is_empty())
+    }
+
     /// The ports the kernel should watch.
     pub fn watched_ports(&self) -> BTreeSet<u16> {
         self.rules.keys().copied().collect()
@@ -278,12 +378,77 @@ enum PeerEntry {
     Loopback,
     Group(String),
     Net(IpNet),
+    Selector(PeerSelector),
 }
 
-fn parse_peer(text: &str) -> Result<PeerEntry, String> {
+fn parse_peer(raw: &RawPeer) -> Result<PeerEntry, String> {
+    match raw {
+        RawPeer::Text(t) => parse_peer_text(t),
+        RawPeer::Selector(s) => parse_selector(s).map(PeerEntry::Selector),
+    }
+}
+
+fn parse_selector(s: &RawSelector) -> Result<PeerSelector, String> {
+    let keys = usize::from(s.nodes.is_some())
+        + usize::from(s.pods.is_some())
+        + usize::from(s.service_accounts.is_some());
+    if keys != 1 {
+        return Err(
+            "a selector has exactly one of `nodes`, `pods`, `serviceAccounts` (write several entries for several)"
+                .to_owned(),
+        );
+    }
+    if let Some(n) = &s.nodes {
+        return match n.trim() {
+            "control-plane" => Ok(PeerSelector::Nodes(NodeScope::ControlPlane)),
+            "all" => Ok(PeerSelector::Nodes(NodeScope::All)),
+            other => Err(format!(
+                "`nodes: {other}`: expected `control-plane` or `all`"
+            )),
+        };
+    }
+    if let Some(RawPods { namespace, labels }) = &s.pods {
+        if let Some(ns) = namespace {
+            if ns.trim().is_empty() {
+                return Err(
+                    "`pods.namespace` is empty (leave it out to mean every namespace)".to_owned(),
+                );
+            }
+        }
+        if let Some(k) = labels.keys().find(|k| k.trim().is_empty()) {
+            return Err(format!("`pods.labels` has an empty key (`{k}`)"));
+        }
+        return Ok(PeerSelector::Pods {
+            namespace: namespace.as_ref().map(|n| n.trim().to_owned()),
+            labels: labels.clone(),
+        });
+    }
+    let mut accounts = Vec::new();
+    for sa in s.service_accounts.iter().flatten() {
+        match sa.trim().split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                accounts.push((ns.to_owned(), name.to_owned()));
+            }
+            _ => {
+                return Err(format!(
+                    "service account `{sa}` must be written `namespace/name`"
+                ))
+            }
+        }
+    }
+    if accounts.is_empty() {
+        return Err("`serviceAccounts` lists no service account".to_owned());
+    }
+    Ok(PeerSelector::ServiceAccounts(accounts))
+}
+
+fn parse_peer_text(text: &str) -> Result<PeerEntry, String> {
     let t = text.trim();
     if t == "loopback" {
         return Ok(PeerEntry::Loopback);
+    }
+    if t == "apiserver" {
+        return Ok(PeerEntry::Selector(PeerSelector::Apiserver));
     }
     if let Some(group) = t.strip_prefix('@') {
         return Ok(PeerEntry::Group(group.to_owned()));
@@ -295,7 +460,7 @@ fn parse_peer(text: &str) -> Result<PeerEntry, String> {
         return Ok(PeerEntry::Net(IpNet::from(ip)));
     }
     Err(format!(
-        "`{text}` is not a CIDR, an IP address, `loopback` or an `@group` reference"
+        "`{text}` is not a CIDR, an IP address, `loopback`, `apiserver` or an `@group` reference"
     ))
 }
 
@@ -401,7 +566,7 @@ impl Validator {
 
     fn groups(
         &mut self,
-        raw: Spanned<BTreeMap<String, Vec<Spanned<String>>>>,
+        raw: Spanned<BTreeMap<String, Vec<Spanned<RawPeer>>>>,
     ) -> BTreeMap<String, PeerSet> {
         let at = pos(&raw);
         let mut groups = BTreeMap::new();
@@ -418,12 +583,10 @@ impl Validator {
                 match parse_peer(&entry.value) {
                     Ok(PeerEntry::Loopback) => set.loopback = true,
                     Ok(PeerEntry::Net(n)) => set.nets.push(n),
-                    Ok(PeerEntry::Group(_)) => self.error(
+                    Ok(PeerEntry::Selector(sel)) => set.selectors.push(sel),
+                    Ok(PeerEntry::Group(g)) => self.error(
                         pos(entry),
-                        format!(
-                            "peer group `{name}` cannot reference another group (`{}`)",
-                            entry.value
-                        ),
+                        format!("peer group `{name}` cannot reference another group (`@{g}`)"),
                     ),
                     Err(m) => self.error(pos(entry), m),
                 }
@@ -483,11 +646,9 @@ impl Validator {
             match parse_peer(&entry.value) {
                 Ok(PeerEntry::Loopback) => expected_peers.loopback = true,
                 Ok(PeerEntry::Net(n)) => expected_peers.nets.push(n),
+                Ok(PeerEntry::Selector(sel)) => expected_peers.selectors.push(sel),
                 Ok(PeerEntry::Group(g)) => match groups.get(&g) {
-                    Some(set) => {
-                        expected_peers.loopback |= set.loopback;
-                        expected_peers.nets.extend_from_slice(&set.nets);
-                    }
+                    Some(set) => expected_peers.extend(set),
                     None => {
                         self.error(
                             pos(entry),
@@ -502,8 +663,7 @@ impl Validator {
                 }
             }
         }
-        expected_peers.nets.sort();
-        expected_peers.nets.dedup();
+        expected_peers.normalize();
 
         let expected_clients = self.clients(raw.expected_clients, &mut ok);
 

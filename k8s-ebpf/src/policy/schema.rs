@@ -14,9 +14,9 @@ pub(super) struct RawPolicy {
     pub version: Spanned<i64>,
     #[serde(default)]
     pub defaults: Option<RawDefaults>,
-    /// Named peer groups: name → CIDRs / addresses / `loopback`.
+    /// Named peer groups: name → CIDRs / addresses / `loopback` / selectors.
     #[serde(default)]
-    pub peers: Option<Spanned<BTreeMap<String, Vec<Spanned<String>>>>>,
+    pub peers: Option<Spanned<BTreeMap<String, Vec<Spanned<RawPeer>>>>>,
     #[serde(default)]
     pub rules: Vec<RawRule>,
 }
@@ -51,7 +51,7 @@ pub(super) struct RawRule {
     #[serde(default)]
     pub bind: Option<BindScope>,
     #[serde(default)]
-    pub expected_peers: Vec<Spanned<String>>,
+    pub expected_peers: Vec<Spanned<RawPeer>>,
     #[serde(default)]
     pub expected_clients: RawClients,
 }
@@ -73,4 +73,38 @@ pub(super) struct RawClients {
 pub(super) enum RawCgroup {
     Id(u64),
     Path(String),
+}
+
+/// One `expected_peers` entry as written: a word (`loopback`, `apiserver`, `@group`, an
+/// address or CIDR) or a one-key Kubernetes selector map.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a peer: `loopback`, `apiserver`, `@group`, an address or CIDR, or a map with one of `nodes`, `pods`, `serviceAccounts`"
+)]
+pub(super) enum RawPeer {
+    Text(String),
+    Selector(RawSelector),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawSelector {
+    /// `control-plane` or `all`.
+    #[serde(default)]
+    pub nodes: Option<String>,
+    #[serde(default)]
+    pub pods: Option<RawPods>,
+    /// `namespace/name` entries.
+    #[serde(default)]
+    pub service_accounts: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPods {
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }

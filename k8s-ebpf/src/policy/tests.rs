@@ -1,6 +1,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::*;
+use crate::identity::PeerIdentity;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
@@ -24,13 +25,145 @@ fn embedded_default_parses_and_watches_the_table() {
         }
     );
     for rule in p.rules() {
-        assert!(rule.expected_peers.includes_loopback(), "{}", rule.name);
+        // The read-only kubelet port expects nobody, not even loopback.
+        assert_eq!(
+            rule.expected_peers.includes_loopback(),
+            rule.port != 10255,
+            "{}",
+            rule.name
+        );
         assert!(
             !rule.expected_peers.contains(ip("10.1.2.3")),
             "{}",
             rule.name
         );
     }
+    assert!(p.rule(10255).is_some_and(|r| r.expected_peers.is_empty()));
+    assert!(p.needs_identities());
+}
+
+fn pod_identity(ns: &str, labels: &[(&str, &str)], sa: &str) -> PeerIdentity {
+    PeerIdentity {
+        pod: Some(std::sync::Arc::new(crate::identity::PodIdentity {
+            namespace: ns.into(),
+            name: "p".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            service_account: Some(sa.into()),
+            ..Default::default()
+        })),
+        ..PeerIdentity::default()
+    }
+}
+
+fn node_identity(roles: &[&str]) -> PeerIdentity {
+    PeerIdentity {
+        node: Some(std::sync::Arc::new(crate::identity::NodeIdentity {
+            name: "n".into(),
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            addresses: vec![],
+        })),
+        ..PeerIdentity::default()
+    }
+}
+
+/// In a cluster the default policy means: etcd and the kubelet expect the control plane,
+/// the kubelet also the monitoring pods, 10255 nobody.
+#[test]
+fn embedded_default_selectors_in_a_cluster() {
+    let p = Policy::embedded_default();
+    let peer = ip("198.51.100.20");
+    let admits = |port: u16, id: &PeerIdentity| {
+        p.rule(port)
+            .expect("watched")
+            .expected_peers
+            .admits(peer, Some(id))
+    };
+    let cp = node_identity(&["control-plane"]);
+    let worker = node_identity(&[]);
+    let prom = pod_identity(
+        "monitoring",
+        &[("app.kubernetes.io/name", "prometheus")],
+        "prometheus",
+    );
+    let other_pod = pod_identity(
+        "monitoring",
+        &[("app.kubernetes.io/name", "grafana")],
+        "grafana",
+    );
+    let unknown = PeerIdentity::default();
+    assert!(admits(2379, &cp) && admits(10250, &cp));
+    assert!(!admits(2379, &worker) && !admits(10250, &worker));
+    assert!(admits(10250, &prom) && !admits(2379, &prom));
+    assert!(!admits(10250, &other_pod));
+    assert!(admits(6443, &worker) && admits(6443, &other_pod));
+    for id in [&cp, &worker, &prom, &unknown] {
+        assert!(!admits(10255, id));
+    }
+    assert!(!admits(10250, &unknown));
+    // No identity (no Kubernetes API): only addresses count.
+    assert!(!p
+        .rule(10250)
+        .expect("10250")
+        .expected_peers
+        .admits(peer, None));
+}
+
+#[test]
+fn selectors_parse_and_match() {
+    let text = "version: 1
+peers:
+  scrapers:
+    - serviceAccounts: [monitoring/prometheus, tools/scraper]
+rules:
+  - name: kubelet
+    port: 10250
+    expected_peers:
+      - \"@scrapers\"
+      - apiserver
+      - pods: {namespace: ops}
+      - nodes: all
+";
+    let p = Policy::parse(text, "t").unwrap_or_else(|e| panic!("{e}"));
+    let set = &p.rule(10250).expect("rule").expected_peers;
+    assert_eq!(set.selectors().len(), 4);
+    let any = ip("192.0.2.1");
+    assert!(set.admits(any, Some(&pod_identity("tools", &[], "scraper"))));
+    assert!(!set.admits(any, Some(&pod_identity("tools", &[], "default"))));
+    assert!(set.admits(any, Some(&pod_identity("ops", &[("x", "y")], "default"))));
+    assert!(set.admits(any, Some(&node_identity(&[]))));
+    let api = PeerIdentity {
+        apiserver: true,
+        ..PeerIdentity::default()
+    };
+    assert!(set.admits(any, Some(&api)));
+    assert!(!set.admits(any, Some(&PeerIdentity::default())));
+}
+
+#[test]
+fn bad_selectors_are_errors_with_positions() {
+    let text = "version: 1
+rules:
+  - name: a
+    port: 1
+    expected_peers:
+      - nodes: workers
+      - serviceAccounts: [prometheus]
+      - {nodes: all, pods: {}}
+";
+    let e = Policy::parse(text, "t").expect_err("invalid").to_string();
+    assert!(
+        e.contains("t:6:") && e.contains("`control-plane` or `all`"),
+        "{e}"
+    );
+    assert!(e.contains("t:7:") && e.contains("namespace/name"), "{e}");
+    assert!(e.contains("t:8:") && e.contains("exactly one of"), "{e}");
+    // A misspelt key inside a selector is a syntax error at that entry.
+    let typo = "version: 1\nrules:\n  - name: a\n    port: 1\n    expected_peers:\n      - pods: {namespace: x, label: {a: b}}\n";
+    let e = Policy::parse(typo, "t").expect_err("invalid").to_string();
+    assert!(e.contains("t:6:") && e.contains("`serviceAccounts`"), "{e}");
 }
 
 /// The default must not drift from the port table it is built from.

@@ -1,0 +1,511 @@
+//! Keeps [`Identities`] current from the Kubernetes API with kube-runtime watchers: one
+//! list-then-watch loop per resource (Nodes, Pods, the `kubernetes` Service's
+//! EndpointSlices).
+//!
+//! kube-runtime does the protocol work: it lists, watches from the list's
+//! resourceVersion, re-lists when the server answers 410 Gone (an expired
+//! resourceVersion), and with [`WatchStreamExt::default_backoff`] waits with exponential
+//! backoff after errors. Here every re-list replaces that resource's part of the cache at
+//! once (so objects deleted while we were not watching disappear), every error is counted
+//! in `k8s_ebpf_kubernetes_api_errors_total{resource,reason}` and logged with what it
+//! means, and [`SyncState`] tells readiness whether each resource is current.
+
+use std::{net::IpAddr, path::Path, sync::Arc};
+
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::{
+    core::v1::{Node, Pod},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        watcher::{self, Event},
+        WatchStreamExt as _,
+    },
+    Api, Client, Config, ResourceExt as _,
+};
+use tokio::{sync::watch as signal, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use super::{Identities, NodeIdentity, ObjectKey, PodIdentity, Resource, SyncState};
+use crate::metrics::Metrics;
+
+/// The Service whose endpoints are the API servers.
+const APISERVER_SERVICE: &str = "kubernetes";
+const APISERVER_NAMESPACE: &str = "default";
+
+/// Where the API's address and credentials come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiSource {
+    /// `--kubeconfig FILE`.
+    Kubeconfig(std::path::PathBuf),
+    /// In-cluster service account, else `$KUBECONFIG` / `~/.kube/config`.
+    Infer,
+}
+
+/// Whether anything points at a cluster: in-cluster environment, `$KUBECONFIG` or
+/// `~/.kube/config`. Without any, the daemon runs on the policy's static lists.
+pub fn cluster_configured() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
+        || std::env::var_os("HOME").is_some_and(|h| Path::new(&h).join(".kube/config").is_file())
+}
+
+/// Builds a client for `source`.
+pub async fn client(source: &ApiSource) -> anyhow::Result<Client> {
+    let config = match source {
+        ApiSource::Kubeconfig(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| anyhow::anyhow!("cannot read kubeconfig {}: {e}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?
+        }
+        ApiSource::Infer => Config::infer()
+            .await
+            .map_err(|e| anyhow::anyhow!("no usable Kubernetes configuration: {e}"))?,
+    };
+    let server = config.cluster_url.to_string();
+    let client = Client::try_from(config)
+        .map_err(|e| anyhow::anyhow!("cannot build a client for {server}: {e}"))?;
+    info!(%server, "Kubernetes API configured");
+    Ok(client)
+}
+
+/// Builds a client for `mode` and starts the watchers. Without any configuration there
+/// is nothing to start (static lists only). Failing to build a client is not fatal: it is
+/// logged, counted (`k8s_ebpf_kubernetes_api_errors_total{resource="all",reason="config"}`)
+/// and leaves the identities enabled but never synced, so a policy with selectors is not
+/// ready.
+pub async fn start(
+    mode: &super::ApiMode,
+    identities: &Identities,
+    metrics: &Arc<Metrics>,
+    stop: signal::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let source = match mode {
+        super::ApiMode::Kubeconfig(path) => ApiSource::Kubeconfig(path.clone()),
+        super::ApiMode::Auto if cluster_configured() => ApiSource::Infer,
+        super::ApiMode::Auto | super::ApiMode::Off => {
+            info!(
+                "no Kubernetes API configured (no in-cluster service account, $KUBECONFIG or \
+                 ~/.kube/config): peers are judged by address only"
+            );
+            return Vec::new();
+        }
+    };
+    match client(&source).await {
+        Ok(client) => spawn(client, identities.clone(), Arc::clone(metrics), stop),
+        Err(e) => {
+            identities.enable();
+            metrics
+                .kubernetes_api_errors
+                .with_label_values(&["all", "config"])
+                .inc();
+            warn!(error = %format!("{e:#}"), "cannot use the Kubernetes API: peers resolve as unknown");
+            Vec::new()
+        }
+    }
+}
+
+/// Starts the three watchers; they run until `stop` turns true.
+pub fn spawn(
+    client: Client,
+    identities: Identities,
+    metrics: Arc<Metrics>,
+    stop: signal::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    identities.enable();
+    let nodes = Api::<Node>::all(client.clone());
+    let pods = Api::<Pod>::all(client.clone());
+    let slices = Api::<EndpointSlice>::namespaced(client, APISERVER_NAMESPACE);
+    let slice_config = watcher::Config::default()
+        .labels(&format!("kubernetes.io/service-name={APISERVER_SERVICE}"));
+    vec![
+        tokio::spawn(run(
+            Resource::Nodes,
+            nodes,
+            watcher::Config::default(),
+            identities.clone(),
+            Arc::clone(&metrics),
+            stop.clone(),
+        )),
+        tokio::spawn(run(
+            Resource::Pods,
+            pods,
+            watcher::Config::default(),
+            identities.clone(),
+            Arc::clone(&metrics),
+            stop.clone(),
+        )),
+        tokio::spawn(run(
+            Resource::EndpointSlices,
+            slices,
+            slice_config,
+            identities,
+            metrics,
+            stop,
+        )),
+    ]
+}
+
+/// One object type: how to reduce it and where it goes in the cache.
+trait Watched:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + 'static
+{
+    type Reduced: Send;
+    fn reduce(self) -> Self::Reduced;
+    fn apply(cache: &mut super::IdentityCache, item: Self::Reduced);
+    fn delete(cache: &mut super::IdentityCache, obj: &Self);
+    fn replace(cache: &mut super::IdentityCache, items: Vec<Self::Reduced>);
+}
+
+impl Watched for Node {
+    type Reduced = NodeIdentity;
+    fn reduce(self) -> NodeIdentity {
+        let roles = NodeIdentity::roles_from_labels(self.labels());
+        let addresses = self
+            .status
+            .and_then(|s| s.addresses)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        NodeIdentity {
+            name: self.metadata.name.unwrap_or_default(),
+            roles,
+            addresses,
+        }
+    }
+    fn apply(cache: &mut super::IdentityCache, item: NodeIdentity) {
+        cache.apply_node(item);
+    }
+    fn delete(cache: &mut super::IdentityCache, obj: &Self) {
+        cache.delete_node(&obj.name_any());
+    }
+    fn replace(cache: &mut super::IdentityCache, items: Vec<NodeIdentity>) {
+        cache.replace_nodes(items);
+    }
+}
+
+impl Watched for Pod {
+    type Reduced = PodIdentity;
+    fn reduce(self) -> PodIdentity {
+        let spec = self.spec.unwrap_or_default();
+        let status = self.status.unwrap_or_default();
+        let mut ips: Vec<IpAddr> = status
+            .pod_ips
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| p.ip.parse().ok())
+            .collect();
+        if ips.is_empty() {
+            ips.extend(
+                status
+                    .pod_ip
+                    .as_deref()
+                    .and_then(|ip| ip.parse::<IpAddr>().ok()),
+            );
+        }
+        let container_ids = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .chain(status.init_container_statuses.iter().flatten())
+            .filter_map(|c| c.container_id.as_deref())
+            // `containerd://<id>`, `cri-o://<id>`, `docker://<id>`
+            .map(|id| id.rsplit("://").next().unwrap_or(id).to_owned())
+            .collect();
+        PodIdentity {
+            namespace: self.metadata.namespace.unwrap_or_default(),
+            name: self.metadata.name.unwrap_or_default(),
+            uid: self.metadata.uid,
+            labels: self.metadata.labels.unwrap_or_default(),
+            service_account: spec.service_account_name,
+            node_name: spec.node_name,
+            host_network: spec.host_network.unwrap_or(false),
+            ips,
+            container_ids,
+            finished: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
+        }
+    }
+    fn apply(cache: &mut super::IdentityCache, item: PodIdentity) {
+        cache.apply_pod(item);
+    }
+    fn delete(cache: &mut super::IdentityCache, obj: &Self) {
+        cache.delete_pod(&obj.namespace().unwrap_or_default(), &obj.name_any());
+    }
+    fn replace(cache: &mut super::IdentityCache, items: Vec<PodIdentity>) {
+        cache.replace_pods(items);
+    }
+}
+
+impl Watched for EndpointSlice {
+    type Reduced = (ObjectKey, Vec<IpAddr>);
+    fn reduce(self) -> (ObjectKey, Vec<IpAddr>) {
+        let key = (
+            self.metadata.namespace.unwrap_or_default(),
+            self.metadata.name.unwrap_or_default(),
+        );
+        let addresses = self
+            .endpoints
+            .into_iter()
+            // `ready` unset means ready (the API's documented default).
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .flat_map(|e| e.addresses)
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        (key, addresses)
+    }
+    fn apply(cache: &mut super::IdentityCache, (key, addresses): Self::Reduced) {
+        cache.apply_slice(key, addresses);
+    }
+    fn delete(cache: &mut super::IdentityCache, obj: &Self) {
+        cache.delete_slice(&(obj.namespace().unwrap_or_default(), obj.name_any()));
+    }
+    fn replace(cache: &mut super::IdentityCache, items: Vec<Self::Reduced>) {
+        cache.replace_slices(items);
+    }
+}
+
+async fn run<K: Watched>(
+    resource: Resource,
+    api: Api<K>,
+    config: watcher::Config,
+    identities: Identities,
+    metrics: Arc<Metrics>,
+    mut stop: signal::Receiver<bool>,
+) {
+    let name = resource.as_str();
+    let stream = watcher::watcher(api, config)
+        .default_backoff()
+        .into_stream();
+    futures_util::pin_mut!(stream);
+    // Objects of the list in progress; swapped into the cache whole at InitDone.
+    let mut listing: Option<Vec<K::Reduced>> = None;
+    loop {
+        let next = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            next = stream.next() => next,
+        };
+        let Some(next) = next else {
+            warn!(resource = name, "the Kubernetes watch ended");
+            return;
+        };
+        match next {
+            Ok(Event::Init) => listing = Some(Vec::new()),
+            Ok(Event::InitApply(obj)) => {
+                if let Some(l) = listing.as_mut() {
+                    l.push(obj.reduce());
+                }
+            }
+            Ok(Event::InitDone) => {
+                let items = listing.take().unwrap_or_default();
+                let count = items.len();
+                identities.update(|c| K::replace(c, items));
+                let first = !identities.sync(resource).synced;
+                identities.set_sync(
+                    resource,
+                    SyncState {
+                        synced: true,
+                        failing: None,
+                    },
+                );
+                metrics.kubernetes_lists.with_label_values(&[name]).inc();
+                metrics.kubernetes_synced.with_label_values(&[name]).set(1);
+                if first {
+                    info!(
+                        resource = name,
+                        objects = count,
+                        "Kubernetes identities synced"
+                    );
+                }
+            }
+            Ok(Event::Apply(obj)) => {
+                let reduced = obj.reduce();
+                identities.update(|c| K::apply(c, reduced));
+            }
+            Ok(Event::Delete(obj)) => identities.update(|c| K::delete(c, &obj)),
+            Err(e) => {
+                let reason = classify(&e);
+                metrics
+                    .kubernetes_api_errors
+                    .with_label_values(&[name, reason])
+                    .inc();
+                if reason == "gone" {
+                    // Normal life of a watch: the server compacted our resourceVersion;
+                    // kube-runtime lists again and the next InitDone replaces the cache.
+                    info!(resource = name, "watch expired (410 Gone): listing again");
+                    continue;
+                }
+                let before = identities.sync(resource);
+                identities.set_sync(
+                    resource,
+                    SyncState {
+                        synced: false,
+                        failing: Some(reason),
+                    },
+                );
+                metrics.kubernetes_synced.with_label_values(&[name]).set(0);
+                // Once per change of reason; the retries (backoff) are counted, not logged.
+                if before.failing != Some(reason) {
+                    warn!(
+                        resource = name,
+                        reason,
+                        error = %describe(&e),
+                        "{}",
+                        explain(resource, reason)
+                    );
+                } else {
+                    debug!(resource = name, reason, error = %describe(&e), "still failing");
+                }
+            }
+        }
+        metrics
+            .kubernetes_objects
+            .with_label_values(&[name])
+            .set(i64::try_from(identities.len(resource)).unwrap_or(i64::MAX));
+    }
+}
+
+/// What went wrong, for the log: the API's own status message, or the error's chain of
+/// causes (kube's messages leave the cause out).
+fn describe(e: &watcher::Error) -> String {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s,
+        watcher::Error::WatchError(s) => s,
+        _ => return chain(e),
+    };
+    format!("HTTP {} {}: {}", status.code, status.reason, status.message)
+}
+
+/// The error and its causes, `: `-separated.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// A fixed vocabulary for the metric's `reason` label.
+fn classify(e: &watcher::Error) -> &'static str {
+    let client_error = match e {
+        watcher::Error::InitialListFailed(c)
+        | watcher::Error::WatchStartFailed(c)
+        | watcher::Error::WatchFailed(c) => c,
+        watcher::Error::WatchError(status) => return status_reason(status.code),
+        watcher::Error::NoResourceVersion => return "protocol",
+    };
+    match client_error {
+        kube::Error::Api(status) => status_reason(status.code),
+        kube::Error::SerdeError(_) => "protocol",
+        _ => "unreachable",
+    }
+}
+
+fn status_reason(code: u16) -> &'static str {
+    match code {
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not-found",
+        410 => "gone",
+        _ => "server-error",
+    }
+}
+
+fn explain(resource: Resource, reason: &str) -> String {
+    let what = resource.as_str();
+    let group = match resource {
+        Resource::EndpointSlices => "discovery.k8s.io",
+        _ => "\"\" (core)",
+    };
+    let consequence =
+        "peers of this kind resolve as unknown until it recovers (retrying with backoff)";
+    match reason {
+        "forbidden" => format!(
+            "the Kubernetes API refused to list/watch {what} (403 Forbidden): grant list and watch on {what} in API group {group} to the daemon's service account (deploy/base/clusterrole.yaml); {consequence}"
+        ),
+        "unauthorized" => format!(
+            "the Kubernetes API rejected our credentials for {what} (401 Unauthorized): check the token or kubeconfig; {consequence}"
+        ),
+        "unreachable" => format!(
+            "cannot reach the Kubernetes API to watch {what}; {consequence}"
+        ),
+        _ => format!("watching {what} failed; {consequence}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_reduce_to_what_the_policy_uses() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "prom-0", "namespace": "monitoring", "uid": "u1",
+                         "labels": {"app.kubernetes.io/name": "prometheus"}},
+            "spec": {"serviceAccountName": "prometheus", "nodeName": "node-a",
+                     "containers": [{"name": "p"}]},
+            "status": {"phase": "Running", "podIP": "198.51.100.20",
+                       "podIPs": [{"ip": "198.51.100.20"}, {"ip": "2001:db8::20"}],
+                       "containerStatuses": [{"name": "p", "containerID": "containerd://abc123",
+                         "image": "i", "imageID": "", "ready": true, "restartCount": 0}]}
+        }))
+        .expect("pod JSON");
+        let p = pod.reduce();
+        assert_eq!(
+            (p.namespace.as_str(), p.name.as_str()),
+            ("monitoring", "prom-0")
+        );
+        assert_eq!(p.ips.len(), 2);
+        assert_eq!(p.container_ids, vec!["abc123".to_owned()]);
+        assert_eq!(p.service_account.as_deref(), Some("prometheus"));
+        assert!(!p.finished && !p.host_network);
+    }
+
+    #[test]
+    fn nodes_keep_internal_ips_and_roles() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cp-1", "labels": {"node-role.kubernetes.io/control-plane": ""}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"},
+                                     {"type": "Hostname", "address": "cp-1"},
+                                     {"type": "ExternalIP", "address": "203.0.113.10"}]}
+        }))
+        .expect("node JSON");
+        let n = node.reduce();
+        assert!(n.is_control_plane());
+        assert_eq!(
+            n.addresses,
+            vec!["192.0.2.10".parse::<IpAddr>().expect("ip")]
+        );
+    }
+
+    #[test]
+    fn slices_keep_ready_addresses() {
+        let s: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kubernetes", "namespace": "default"},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["192.0.2.10"]},
+                          {"addresses": ["192.0.2.11"], "conditions": {"ready": false}}]
+        }))
+        .expect("slice JSON");
+        let (_, addresses) = s.reduce();
+        assert_eq!(addresses, vec!["192.0.2.10".parse::<IpAddr>().expect("ip")]);
+    }
+}

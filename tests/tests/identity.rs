@@ -1,0 +1,565 @@
+//! Kubernetes identities with real connections and a local HTTPS server that speaks the
+//! API's list and watch protocol (tests/fixtures/fakeapi.py; no kube-apiserver can be
+//! installed here). The daemon runs the embedded default policy (window shortened to 1 s
+//! so one peer can alert again quickly) with `--kubeconfig` pointing at the fake API:
+//!
+//! - peer 198.51.100.20 is `monitoring/prometheus-0` (matching the default policy's
+//!   monitoring selector): it reaches the kubelet (10250) with no alert;
+//! - a pod added by a watch event is in the cache within 1 s and names the next alert;
+//! - after `prometheus-0` is deleted, the same peer alerts with identity `unknown`;
+//! - a 410 Gone makes the daemon list again (a pod removed without an event disappears);
+//! - a 403 gives a warning naming the fix and the metric, and makes the daemon not ready
+//!   (its policy needs identities) until the API allows it again; a daemon whose policy
+//!   has no selectors stays ready with the same API;
+//! - `learn` against the fake API writes a selector, not the address, and the learned
+//!   policy passes `check-config` and expects the learned pod.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    certificate, daemon::Daemon, daemon_bin, link, privileged, run, NetNs, Proc,
+};
+use serde_json::{json, Value};
+
+const NODE: &str = "192.0.2.1";
+const CONTROL_PLANE: &str = "192.0.2.10";
+const PROMETHEUS: &str = "198.51.100.20";
+const OTHER: &str = "198.51.100.21";
+const TOKEN: &str = "test-token-k8s-ebpf";
+
+/// The fake API server in the node's namespace, and its control API (via curl).
+struct FakeApi {
+    _proc: Proc,
+    ns: String,
+    port: u16,
+    log: PathBuf,
+}
+
+impl FakeApi {
+    fn start(node: &NetNs, dir: &Path) -> Self {
+        // A CA and a server certificate it signs (webpki refuses a CA certificate as the
+        // server's own, so a self-signed one will not do).
+        let (ca_crt, ca_key) = certificate(dir, "fake-ca", "DNS:fake-ca", None);
+        let (crt, key) = certificate(
+            dir,
+            "fakeapi",
+            "IP:127.0.0.1,DNS:localhost",
+            Some((Path::new(&ca_crt), Path::new(&ca_key))),
+        );
+        let port_file = dir.join("fakeapi.port");
+        let log = dir.join("fakeapi.log");
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/fakeapi.py");
+        let proc = Proc::spawn(
+            "fakeapi",
+            node.command("python3")
+                .arg(&script)
+                .args([
+                    "--cert",
+                    &crt,
+                    "--key",
+                    &key,
+                    "--token",
+                    TOKEN,
+                    "--port-file",
+                ])
+                .arg(&port_file),
+            &log,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            if let Some(p) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fake API did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca_crt}\nusers:\n- name: k8s-ebpf\n  user:\n    token: {TOKEN}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: k8s-ebpf}}\ncurrent-context: fake\n"
+        );
+        std::fs::write(dir.join("kubeconfig"), kubeconfig).expect("write kubeconfig");
+        Self {
+            _proc: proc,
+            ns: node.name.clone(),
+            port,
+            log,
+        }
+    }
+
+    /// A control call: POST `body` to /fake/PATH (GET without a body); the reply as JSON.
+    fn call(&self, path: &str, body: Option<Value>) -> Value {
+        let url = format!("https://127.0.0.1:{}/fake/{path}", self.port);
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.ns,
+            "curl",
+            "-sk",
+            "--max-time",
+            "5",
+            "-f",
+        ]);
+        if let Some(b) = &body {
+            cmd.args([
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "--data",
+            ])
+            .arg(b.to_string());
+        }
+        let out = cmd.arg(&url).output().expect("curl");
+        assert!(
+            out.status.success(),
+            "fake API {path} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn lists(&self, resource: &str) -> u64 {
+        self.call("stats", None)["lists"][resource]
+            .as_u64()
+            .unwrap_or(0)
+    }
+}
+
+/// A cgroup v2 directory named like a containerd container's, removed when dropped.
+struct FakeContainerCgroup {
+    dir: PathBuf,
+}
+
+impl FakeContainerCgroup {
+    fn new(id: &str) -> Self {
+        let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+        let root = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(2) == Some(&"cgroup2"))
+            .map(|f| PathBuf::from(f[1]))
+            .expect("a cgroup v2 hierarchy is mounted");
+        let dir = root.join(format!("k8s-ebpf-test/cri-containerd-{id}.scope"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Self { dir }
+    }
+
+    /// Runs the Python `script` in `ns`, inside the cgroup. `ip netns exec` remounts /sys,
+    /// so the test moves the process (ip execs python3: same pid) before releasing it
+    /// through its stdin.
+    fn python(&self, ns: &NetNs, script: &str) -> std::process::Child {
+        let prologue = "import sys\nsys.stdin.readline()\n";
+        let mut child = ns
+            .command("python3")
+            .args(["-c", &format!("{prologue}{script}")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3");
+        let procs = self.dir.join("cgroup.procs");
+        std::fs::write(&procs, child.id().to_string())
+            .unwrap_or_else(|e| panic!("write {}: {e}", procs.display()));
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"go\n").expect("release python3");
+        child
+    }
+}
+
+impl Drop for FakeContainerCgroup {
+    fn drop(&mut self) {
+        // Empty once its processes have exited; bounded wait.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+fn pod(namespace: &str, name: &str, ip: &str, labels: Value, sa: &str) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"nodeName": "node-a", "serviceAccountName": sa,
+                 "containers": [{"name": "main", "image": "registry.example/main:1"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    })
+}
+
+fn seed(api: &FakeApi) {
+    api.call(
+        "nodes/apply",
+        Some(json!({
+            "metadata": {"name": "cp-1", "labels": {"node-role.kubernetes.io/control-plane": ""}},
+            "status": {"addresses": [{"type": "InternalIP", "address": CONTROL_PLANE}]}
+        })),
+    );
+    api.call(
+        "endpointslices/apply",
+        Some(json!({
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "kubernetes"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [CONTROL_PLANE]}],
+            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]
+        })),
+    );
+    api.call(
+        "pods/apply",
+        Some(pod(
+            "monitoring",
+            "prometheus-0",
+            PROMETHEUS,
+            json!({"app.kubernetes.io/name": "prometheus"}),
+            "prometheus",
+        )),
+    );
+}
+
+/// The embedded default policy with a 1 s window.
+fn default_policy(dir: &Path) -> PathBuf {
+    let text =
+        include_str!("../../k8s-ebpf/policy/default.yaml").replace("window: 10s", "window: 1s");
+    assert!(text.contains("window: 1s"));
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, text).expect("write policy");
+    path
+}
+
+/// Polls `f` (≤ `timeout`); returns how long it took.
+fn within(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < timeout, "not within {timeout:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn inbound_alerts<'a>(records: &'a [Value], peer: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|r| r["source"]["ip"] == peer && r["event"]["action"] == "unexpected-inbound")
+        .collect()
+}
+
+#[test]
+fn peers_resolve_to_kubernetes_identities() {
+    if !privileged("peers_resolve_to_kubernetes_identities") {
+        return;
+    }
+    let node = NetNs::new("k8snode");
+    let prom = NetNs::new("k8sprom");
+    let other = NetNs::new("k8sother");
+    link(
+        &node,
+        &[&format!("{NODE}/32")],
+        &prom,
+        &[&format!("{PROMETHEUS}/32")],
+    );
+    link(
+        &node,
+        &[&format!("{NODE}/32")],
+        &other,
+        &[&format!("{OTHER}/32")],
+    );
+    let _kubelet = node.listen("0.0.0.0:10250");
+    let kubelet = format!("{NODE}:10250");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let api = FakeApi::start(&node, dir.path());
+    seed(&api);
+    let kubeconfig = dir.path().join("kubeconfig");
+    let kc = kubeconfig.to_str().expect("utf-8");
+    let policy = default_policy(dir.path());
+
+    // Ready means synced: the default policy has selectors.
+    let mut daemon = Daemon::start(
+        &node,
+        &[
+            "--policy",
+            policy.to_str().expect("utf-8"),
+            "--kubeconfig",
+            kc,
+            // The node name: pods with this spec.nodeName are local (container ids).
+            "--hostname",
+            "node-a",
+        ],
+    );
+    for r in ["nodes", "pods", "endpointslices"] {
+        assert_eq!(
+            daemon.metric(&format!("k8s_ebpf_kubernetes_synced{{resource=\"{r}\"}}")),
+            1.0
+        );
+    }
+    let pods = || daemon.metric("k8s_ebpf_kubernetes_objects{resource=\"pods\"}");
+    assert_eq!(pods(), 1.0);
+
+    // 1. The monitoring pod reaches the kubelet: expected. An unknown peer right after it
+    //    alerts, with identity unknown, and marks that the first was judged.
+    prom.connect(&kubelet).expect("connect");
+    other.connect(&kubelet).expect("connect");
+    let records = daemon.wait_records("the unknown peer's alert", Duration::from_secs(5), |r| {
+        !inbound_alerts(r, OTHER).is_empty()
+    });
+    let first = inbound_alerts(&records, OTHER)[0];
+    assert_eq!(first["kubernetes"]["identity"], "unknown", "{first:#}");
+    assert!(first["kubernetes"].get("pod").is_none());
+    assert!(
+        inbound_alerts(&records, PROMETHEUS).is_empty(),
+        "the monitoring pod alerted: {records:#?}"
+    );
+
+    // 2. A pod added by a watch event is resolved within 1 s, and names the next alert.
+    api.call(
+        "pods/apply",
+        Some(pod(
+            "default",
+            "debug-shell",
+            OTHER,
+            json!({"run": "debug-shell"}),
+            "default",
+        )),
+    );
+    let took = within(
+        "the watched pod in the cache",
+        Duration::from_secs(1),
+        || pods() == 2.0,
+    );
+    eprintln!("pod added by a watch event resolved after {took:?}");
+    std::thread::sleep(Duration::from_millis(1300)); // past the 1 s window
+    other.connect(&kubelet).expect("connect");
+    let records = daemon.wait_records("the pod's alert", Duration::from_secs(5), |r| {
+        inbound_alerts(r, OTHER).len() >= 2
+    });
+    let named = inbound_alerts(&records, OTHER)[1];
+    assert_eq!(named["kubernetes"]["identity"], "pod", "{named:#}");
+    assert_eq!(named["kubernetes"]["pod"]["name"], "debug-shell");
+    assert_eq!(named["kubernetes"]["namespace"], "default");
+    assert_eq!(named["kubernetes"]["labels"]["run"], "debug-shell");
+    assert_eq!(named["kubernetes"]["service_account"]["name"], "default");
+    assert!(named["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("pod default/debug-shell")));
+
+    // 3. Outbound: a process in a container of a pod on this node reaches another host's
+    //    kubelet. The alert names its container (from /proc/PID/cgroup) and its pod.
+    let container = "c0ffee".repeat(10) + "0123";
+    api.call(
+        "pods/apply",
+        Some(json!({
+            "metadata": {"name": "shell-0", "namespace": "tools", "labels": {"app": "shell"}},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "shell",
+                     "containers": [{"name": "sh", "image": "registry.example/sh:1"}]},
+            "status": {"phase": "Running", "podIP": "203.0.113.50",
+                       "podIPs": [{"ip": "203.0.113.50"}],
+                       "containerStatuses": [{"name": "sh", "ready": true, "restartCount": 0,
+                           "image": "registry.example/sh:1", "imageID": "",
+                           "containerID": format!("containerd://{container}")}]}
+        })),
+    );
+    within(
+        "the container's pod in the cache",
+        Duration::from_secs(1),
+        || pods() == 3.0,
+    );
+    let remote_kubelet = prom.listen(&format!("{PROMETHEUS}:10250"));
+    let cgroup = FakeContainerCgroup::new(&container);
+    let mut pivot = cgroup.python(
+        &node,
+        &format!("import socket, time\nsocket.create_connection(('{PROMETHEUS}', 10250), 2)\ntime.sleep(3)\n"),
+    );
+    let records = daemon.wait_records("the outbound alert", Duration::from_secs(5), |r| {
+        r.iter()
+            .any(|r| r["event"]["action"] == "unexpected-outbound")
+    });
+    let out = records
+        .iter()
+        .find(|r| r["event"]["action"] == "unexpected-outbound")
+        .expect("outbound alert");
+    assert_eq!(out["container"]["id"], container.as_str(), "{out:#}");
+    assert_eq!(out["kubernetes"]["pod"]["name"], "shell-0", "{out:#}");
+    assert_eq!(out["kubernetes"]["namespace"], "tools");
+    assert_eq!(out["process"]["name"], "python3");
+    assert_eq!(out["destination"]["ip"], PROMETHEUS);
+    let _ = pivot.kill();
+    let _ = pivot.wait();
+    drop(remote_kubelet);
+    drop(cgroup);
+    api.call(
+        "pods/delete",
+        Some(json!({"namespace": "tools", "name": "shell-0"})),
+    );
+    within("the container's pod gone", Duration::from_secs(2), || {
+        pods() == 2.0
+    });
+
+    // 4. The monitoring pod is deleted: the same address now alerts, identity unknown.
+    api.call(
+        "pods/delete",
+        Some(json!({"namespace": "monitoring", "name": "prometheus-0"})),
+    );
+    within(
+        "the deleted pod gone from the cache",
+        Duration::from_secs(2),
+        || pods() == 1.0,
+    );
+    prom.connect(&kubelet).expect("connect");
+    let records = daemon.wait_records("the former pod's alert", Duration::from_secs(5), |r| {
+        !inbound_alerts(r, PROMETHEUS).is_empty()
+    });
+    let gone = inbound_alerts(&records, PROMETHEUS)[0];
+    assert_eq!(gone["kubernetes"]["identity"], "unknown", "{gone:#}");
+    assert_eq!(gone["rule"]["name"], "kubelet");
+    assert_eq!(gone["destination"]["port"], 10250);
+
+    // 5. 410 Gone: the daemon lists again. The pod removed without an event is gone after.
+    let lists = api.lists("pods");
+    let relists = daemon.metric("k8s_ebpf_kubernetes_lists_total{resource=\"pods\"}");
+    api.call(
+        "pods/silent-delete",
+        Some(json!({"namespace": "default", "name": "debug-shell"})),
+    );
+    api.call("pods/expire", Some(json!({})));
+    within("a re-list after 410 Gone", Duration::from_secs(5), || {
+        api.lists("pods") > lists
+            && daemon.metric("k8s_ebpf_kubernetes_lists_total{resource=\"pods\"}") > relists
+    });
+    within("the re-list applied", Duration::from_secs(2), || {
+        pods() == 0.0
+    });
+    assert!(
+        daemon.metric("k8s_ebpf_kubernetes_api_errors_total{reason=\"gone\",resource=\"pods\"}")
+            >= 1.0
+    );
+    assert_eq!(daemon.get("/readyz").expect("readyz").0, 200);
+
+    // 6. 403 Forbidden: warning with the fix, metric, not ready; ready again once allowed.
+    api.call("pods/forbid", Some(json!({"forbidden": true})));
+    api.call("pods/expire", Some(json!({})));
+    within("the 403 counted", Duration::from_secs(5), || {
+        daemon
+            .metric("k8s_ebpf_kubernetes_api_errors_total{reason=\"forbidden\",resource=\"pods\"}")
+            >= 1.0
+    });
+    within("not ready while forbidden", Duration::from_secs(3), || {
+        matches!(daemon.get("/readyz"), Ok((503, _)))
+    });
+    let (_, body) = daemon.get("/readyz").expect("readyz");
+    assert!(body.contains("kubernetes_identities"), "{body}");
+    let log = daemon.stderr();
+    assert!(
+        log.contains("403 Forbidden") && log.contains("grant list and watch on pods"),
+        "{log}"
+    );
+    api.call("pods/forbid", Some(json!({"forbidden": false})));
+    within("ready again once allowed", Duration::from_secs(40), || {
+        matches!(daemon.get("/readyz"), Ok((200, _)))
+    });
+    let (status, _) = daemon.stop();
+    assert!(status.success());
+    if std::env::var_os("SHOW_DAEMON_LOG").is_some() {
+        eprintln!("{}", daemon.stderr());
+    }
+
+    // A policy without selectors does not need identities: ready despite the 403.
+    api.call("pods/forbid", Some(json!({"forbidden": true})));
+    let static_policy = dir.path().join("static.yaml");
+    std::fs::write(
+        &static_policy,
+        "version: 1\nrules:\n  - {name: kubelet, port: 10250, expected_peers: [loopback]}\n",
+    )
+    .expect("write");
+    let mut plain = Daemon::start(
+        &node,
+        &[
+            "--policy",
+            static_policy.to_str().expect("utf-8"),
+            "--kubeconfig",
+            kc,
+        ],
+    );
+    within("the 403 counted", Duration::from_secs(5), || {
+        plain.metric("k8s_ebpf_kubernetes_api_errors_total{reason=\"forbidden\",resource=\"pods\"}")
+            >= 1.0
+    });
+    assert_eq!(plain.get("/readyz").expect("readyz").0, 200);
+    let (status, _) = plain.stop();
+    assert!(status.success());
+    api.call("pods/forbid", Some(json!({"forbidden": false})));
+
+    // 7. learn: the monitoring pod (back, at the same address) is learned as a selector.
+    api.call(
+        "pods/apply",
+        Some(pod(
+            "tools",
+            "scraper-0",
+            PROMETHEUS,
+            json!({"app": "scraper", "pod-template-hash": "5d4f"}),
+            "scraper",
+        )),
+    );
+    let learned = dir.path().join("learned.yaml");
+    let learning = node
+        .command(daemon_bin().to_str().expect("utf-8"))
+        .args(["learn", "--duration", "4s", "--kubeconfig", kc, "--policy"])
+        .arg(&policy)
+        .arg("--output")
+        .arg(&learned)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("k8s-ebpf learn");
+    std::thread::sleep(Duration::from_millis(2500));
+    prom.connect(&kubelet).expect("connect");
+    let out = learning.wait_with_output().expect("learn finished");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&learned).expect("learned policy");
+    assert!(text.contains("tools/scraper"), "{text}");
+    assert!(!text.contains(PROMETHEUS), "learned as an address: {text}");
+    let check = run(Command::new(daemon_bin()).arg("check-config").arg(&learned));
+    assert!(check.status.success());
+
+    let mut replay = Daemon::start(
+        &node,
+        &[
+            "--policy",
+            learned.to_str().expect("utf-8"),
+            "--kubeconfig",
+            kc,
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1300));
+    prom.connect(&kubelet).expect("connect");
+    other.connect(&kubelet).expect("connect");
+    let records = replay.wait_records("the unknown peer's alert", Duration::from_secs(5), |r| {
+        !inbound_alerts(r, OTHER).is_empty()
+    });
+    assert!(
+        inbound_alerts(&records, PROMETHEUS).is_empty(),
+        "the learned pod alerted: {records:#?}"
+    );
+    let (status, _) = replay.stop();
+    assert!(status.success());
+}
