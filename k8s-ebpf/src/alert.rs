@@ -290,6 +290,32 @@ impl KubernetesFields {
             apiserver: false,
         }
     }
+
+    /// How a message names a remote peer: ` (pod NS/NAME)`, ` (node NAME)`,
+    /// ` (API server)` or ` (unknown to Kubernetes)`.
+    pub fn peer_label(&self) -> String {
+        match (&self.pod, &self.namespace, &self.node) {
+            (Some(p), Some(ns), _) => format!(" (pod {ns}/{})", p.name),
+            (None, _, Some(n)) => format!(" (node {})", n.name),
+            _ if self.apiserver => " (API server)".to_owned(),
+            _ => " (unknown to Kubernetes)".to_owned(),
+        }
+    }
+}
+
+/// What a `port-scan` record reports.
+#[derive(Clone, Debug)]
+pub struct PortScan {
+    pub peer: IpAddr,
+    /// The scanner's identity, when the Kubernetes API is in use.
+    pub kubernetes: Option<KubernetesFields>,
+    /// The watched ports it touched, ascending.
+    pub ports: Vec<u16>,
+    /// Unexpected contacts counted.
+    pub count: u64,
+    /// The policy's scan window.
+    pub window: Duration,
+    pub severity: Severity,
 }
 
 /// ECS `host.*`.
@@ -411,12 +437,7 @@ impl AlertEvent {
         // Inbound: who the peer is in the cluster, when known.
         let peer_name = match subject.kubernetes {
             Some(k) if matches!(obs.kind, EventKind::Inbound | EventKind::Refused) => {
-                match (&k.pod, &k.namespace, &k.node) {
-                    (Some(p), Some(ns), _) => format!(" (pod {ns}/{})", p.name),
-                    (None, _, Some(n)) => format!(" (node {})", n.name),
-                    _ if k.apiserver => " (API server)".to_owned(),
-                    _ => " (unknown to Kubernetes)".to_owned(),
-                }
+                k.peer_label()
             }
             _ => String::new(),
         };
@@ -484,23 +505,22 @@ impl AlertEvent {
     }
 
     /// The `port-scan` record: `peer` touched `ports` (sorted) within `window`.
-    pub fn port_scan(
-        peer: IpAddr,
-        ports: Vec<u16>,
-        count: u64,
-        window: Duration,
-        at: SystemTime,
-        severity: Severity,
-        hostname: &str,
-    ) -> Self {
-        let list = ports
+    pub fn port_scan(scan: &PortScan, at: SystemTime, hostname: &str) -> Self {
+        let peer = scan.peer;
+        let list = scan
+            .ports
             .iter()
             .map(u16::to_string)
             .collect::<Vec<_>>()
             .join(", ");
+        let who = scan
+            .kubernetes
+            .as_ref()
+            .map(KubernetesFields::peer_label)
+            .unwrap_or_default();
         Self {
             timestamp: at,
-            event: event_fields(Action::PortScan, severity),
+            event: event_fields(Action::PortScan, scan.severity),
             source: Some(Endpoint {
                 ip: peer,
                 port: None,
@@ -512,21 +532,21 @@ impl AlertEvent {
             host: HostFields {
                 hostname: hostname.to_owned(),
             },
-            kubernetes: None,
+            kubernetes: scan.kubernetes.clone(),
             rule: RuleFields {
                 name: "port-scan".to_owned(),
                 ruleset: None,
             },
             message: format!(
-                "port scan from {peer}: {} watched ports touched within {} ({list})",
-                ports.len(),
-                humantime::format_duration(window)
+                "port scan from {peer}{who}: {} watched ports touched within {} ({list})",
+                scan.ports.len(),
+                humantime::format_duration(scan.window)
             ),
             k8s_ebpf: Extension {
-                count,
+                count: scan.count,
                 summary: false,
                 component: "node".to_owned(),
-                ports: Some(ports),
+                ports: Some(scan.ports.clone()),
                 hook: None,
                 cgroup_id: None,
                 netns: None,
@@ -734,16 +754,19 @@ mod tests {
             .as_str()
             .is_some_and(|m| m.ends_with("(57 times in 10s)")));
 
-        let scan = AlertEvent::port_scan(
-            "192.0.2.9".parse().expect("ip"),
-            vec![2379, 6443, 10250],
-            3,
-            Duration::from_secs(60),
-            end,
-            Severity::High,
-            "node-1",
-        );
-        let v = parse(&scan);
+        let mut report = PortScan {
+            peer: "192.0.2.9".parse().expect("ip"),
+            kubernetes: None,
+            ports: vec![2379, 6443, 10250],
+            count: 3,
+            window: Duration::from_secs(60),
+            severity: Severity::High,
+        };
+        let v = parse(&AlertEvent::port_scan(&report, end, "node-1"));
+        assert!(v.get("kubernetes").is_none());
+        assert!(v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("port scan from 192.0.2.9: 3 watched ports")));
         assert_eq!(v["event"]["action"], "port-scan");
         assert_eq!(
             v["k8s_ebpf"]["ports"],
@@ -752,6 +775,22 @@ mod tests {
         assert_eq!(v["source"]["ip"], "192.0.2.9");
         assert!(v["source"].get("port").is_none());
         assert_eq!(v["rule"]["name"], "port-scan");
+
+        // A scanner known to the cluster is named.
+        report.kubernetes = Some(KubernetesFields {
+            identity: "pod",
+            pod: Some(KubernetesPod {
+                name: "curl-7".to_owned(),
+                uid: Some("u1".to_owned()),
+            }),
+            namespace: Some("tools".to_owned()),
+            ..KubernetesFields::default()
+        });
+        let v = parse(&AlertEvent::port_scan(&report, end, "node-1"));
+        assert_eq!(v["kubernetes"]["pod"]["name"], "curl-7");
+        assert!(v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("port scan from 192.0.2.9 (pod tools/curl-7): ")));
     }
 
     #[test]

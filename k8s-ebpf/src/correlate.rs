@@ -33,7 +33,7 @@ use std::{
 };
 
 use crate::{
-    alert::{Action, AlertEvent, KubernetesFields, RecordKind, Subject},
+    alert::{Action, AlertEvent, KubernetesFields, PortScan, RecordKind, Subject},
     capture::{EventKind, Observation},
     metrics::Metrics,
     policy::Policy,
@@ -104,6 +104,17 @@ struct ScanPeer {
     /// Events at the moment the scan was declared (`None` until it is).
     declared_at_events: Option<u64>,
     severity: Severity,
+    /// The scanner's Kubernetes identity as last resolved.
+    kubernetes: Option<KubernetesFields>,
+}
+
+/// One unexpected contact counted toward a port scan.
+struct ScanTouch<'a> {
+    peer: IpAddr,
+    port: u16,
+    severity: Severity,
+    added: u64,
+    kubernetes: Option<&'a KubernetesFields>,
 }
 
 /// The correlation engine; see the module docs for its rules.
@@ -226,8 +237,22 @@ impl Engine {
             _ => obs.remote.ip(),
         };
 
+        // The side the record is about: the remote peer inbound, the local pod otherwise.
+        let kubernetes = match obs.kind {
+            EventKind::Inbound | EventKind::Refused => client.peer.map(KubernetesFields::from_peer),
+            EventKind::Outbound | EventKind::Listen | EventKind::ListenClose => {
+                client.pod.map(KubernetesFields::from_pod)
+            }
+        };
         if matches!(action, Action::UnexpectedInbound | Action::RefusedAttempt) {
-            if let Some(a) = self.scan_touch(peer, rule.port, rule.severity, added, obs.at, now) {
+            let touch = ScanTouch {
+                peer,
+                port: rule.port,
+                severity: rule.severity,
+                added,
+                kubernetes: kubernetes.as_ref(),
+            };
+            if let Some(a) = self.scan_touch(&touch, obs.at, now) {
                 out.push(a);
             }
         }
@@ -241,12 +266,6 @@ impl Engine {
             w.total += added;
             return out;
         }
-        // The side the record is about: the remote peer inbound, the local pod outbound.
-        let kubernetes = match obs.kind {
-            EventKind::Inbound | EventKind::Refused => client.peer.map(KubernetesFields::from_peer),
-            EventKind::Outbound => client.pod.map(KubernetesFields::from_pod),
-            EventKind::Listen | EventKind::ListenClose => None,
-        };
         let subject = Subject {
             rule_name: &rule.name,
             component: &rule.component,
@@ -356,13 +375,11 @@ impl Engine {
     /// declared it.
     fn scan_touch(
         &mut self,
-        peer: IpAddr,
-        port: u16,
-        severity: Severity,
-        added: u64,
+        touch: &ScanTouch<'_>,
         at: SystemTime,
         now: SystemTime,
     ) -> Option<AlertEvent> {
+        let peer = touch.peer;
         if !self.scans.contains_key(&peer) {
             while self.scans.len() >= self.settings.max_scan_peers.max(1) {
                 let Some((_, oldest)) = self.scan_order.pop_first() else {
@@ -385,15 +402,19 @@ impl Engine {
                     ports: BTreeSet::new(),
                     events: 0,
                     declared_at_events: None,
-                    severity,
+                    severity: touch.severity,
+                    kubernetes: None,
                 },
             );
         }
         let threshold = self.policy.scan().ports;
         let s = self.scans.get_mut(&peer)?;
-        s.ports.insert(port);
-        s.events += added;
-        s.severity = s.severity.max(severity);
+        s.ports.insert(touch.port);
+        s.events += touch.added;
+        s.severity = s.severity.max(touch.severity);
+        if let Some(k) = touch.kubernetes {
+            s.kubernetes = Some(k.clone());
+        }
         if s.declared_at_events.is_some() || s.ports.len() < threshold {
             return None;
         }
@@ -404,6 +425,7 @@ impl Engine {
             events: s.events,
             declared_at_events: s.declared_at_events,
             severity: s.severity,
+            kubernetes: s.kubernetes.clone(),
         };
         let mut alert = self.scan_record(peer, &snapshot, at);
         alert.k8s_ebpf.count = snapshot.events;
@@ -414,16 +436,15 @@ impl Engine {
     }
 
     fn scan_record(&self, peer: IpAddr, s: &ScanPeer, at: SystemTime) -> AlertEvent {
-        let scan = self.policy.scan();
-        AlertEvent::port_scan(
+        let report = PortScan {
             peer,
-            s.ports.iter().copied().collect(),
-            s.events,
-            scan.window,
-            at,
-            s.severity.max(Severity::High),
-            &self.settings.hostname,
-        )
+            kubernetes: s.kubernetes.clone(),
+            ports: s.ports.iter().copied().collect(),
+            count: s.events,
+            window: self.policy.scan().window,
+            severity: s.severity.max(Severity::High),
+        };
+        AlertEvent::port_scan(&report, at, &self.settings.hostname)
     }
 }
 

@@ -319,7 +319,13 @@ async fn emit(
     let cgroup = obs
         .process
         .as_ref()
-        .filter(|_| obs.kind == EventKind::Outbound)
+        // The local process is the record's subject for these; inbound it is the server.
+        .filter(|_| {
+            matches!(
+                obs.kind,
+                EventKind::Outbound | EventKind::Listen | EventKind::ListenClose
+            )
+        })
         .and_then(|p| proc_cgroup(p.pid));
     let container = cgroup.as_deref().and_then(container_id);
     let peer = match obs.kind {

@@ -359,8 +359,9 @@ fn peers_resolve_to_kubernetes_identities() {
         .as_str()
         .is_some_and(|m| m.contains("pod default/debug-shell")));
 
-    // 3. Outbound: a process in a container of a pod on this node reaches another host's
-    //    kubelet. The alert names its container (from /proc/PID/cgroup) and its pod.
+    // 3. A process in a container of a pod on this node reaches another host's kubelet,
+    //    and opens etcd's metrics port (loopback-only by policy) on every address. Both
+    //    alerts name its container (from /proc/PID/cgroup) and its pod.
     let container = "c0ffee".repeat(10) + "0123";
     api.call(
         "pods/apply",
@@ -384,20 +385,40 @@ fn peers_resolve_to_kubernetes_identities() {
     let cgroup = FakeContainerCgroup::new(&container);
     let mut pivot = cgroup.python(
         &node,
-        &format!("import socket, time\nsocket.create_connection(('{PROMETHEUS}', 10250), 2)\ntime.sleep(3)\n"),
+        &format!(
+            "import socket, time\n\
+             socket.create_connection(('{PROMETHEUS}', 10250), 2)\n\
+             s = socket.socket()\n\
+             s.bind(('0.0.0.0', 2381))\n\
+             s.listen()\n\
+             time.sleep(3)\n"
+        ),
     );
-    let records = daemon.wait_records("the outbound alert", Duration::from_secs(5), |r| {
-        r.iter()
-            .any(|r| r["event"]["action"] == "unexpected-outbound")
-    });
+    let records = daemon.wait_records(
+        "the outbound and listener alerts",
+        Duration::from_secs(5),
+        |r| {
+            ["unexpected-outbound", "exposed-listener"]
+                .iter()
+                .all(|a| r.iter().any(|r| r["event"]["action"] == *a))
+        },
+    );
+    for action in ["unexpected-outbound", "exposed-listener"] {
+        let rec = records
+            .iter()
+            .find(|r| r["event"]["action"] == action)
+            .expect("alert");
+        assert_eq!(rec["container"]["id"], container.as_str(), "{rec:#}");
+        assert_eq!(rec["kubernetes"]["identity"], "pod", "{rec:#}");
+        assert_eq!(rec["kubernetes"]["pod"]["name"], "shell-0", "{rec:#}");
+        assert_eq!(rec["kubernetes"]["namespace"], "tools");
+        assert_eq!(rec["kubernetes"]["service_account"]["name"], "shell");
+        assert_eq!(rec["process"]["name"], "python3");
+    }
     let out = records
         .iter()
         .find(|r| r["event"]["action"] == "unexpected-outbound")
         .expect("outbound alert");
-    assert_eq!(out["container"]["id"], container.as_str(), "{out:#}");
-    assert_eq!(out["kubernetes"]["pod"]["name"], "shell-0", "{out:#}");
-    assert_eq!(out["kubernetes"]["namespace"], "tools");
-    assert_eq!(out["process"]["name"], "python3");
     assert_eq!(out["destination"]["ip"], PROMETHEUS);
     let _ = pivot.kill();
     let _ = pivot.wait();

@@ -210,6 +210,39 @@ fn port_scan_is_declared_once_beside_the_per_port_alerts() {
 }
 
 #[test]
+fn a_scanner_known_to_the_cluster_is_named() {
+    let pod = crate::identity::PodIdentity {
+        namespace: "tools".to_owned(),
+        name: "nmap-1".to_owned(),
+        ..Default::default()
+    };
+    let scanner = crate::identity::PeerIdentity {
+        pod: Some(Arc::new(pod)),
+        ..Default::default()
+    };
+    let client = ClientContext {
+        peer: Some(&scanner),
+        ..Default::default()
+    };
+    let mut e = engine();
+    let mut records = Vec::new();
+    for (i, port) in [2379, 6443, 10250].into_iter().enumerate() {
+        records.extend(e.observe_with(&inbound(port, "192.0.2.7"), &client, t(i as u64)));
+    }
+    let scan = records
+        .iter()
+        .find(|r| r.event.action == Action::PortScan)
+        .expect("a port-scan record");
+    let v = json(scan);
+    assert_eq!(v["kubernetes"]["identity"], "pod");
+    assert_eq!(v["kubernetes"]["pod"]["name"], "nmap-1");
+    assert_eq!(v["kubernetes"]["namespace"], "tools");
+    assert!(v["message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("port scan from 192.0.2.7 (pod tools/nmap-1):")));
+}
+
+#[test]
 fn expected_peers_never_count_as_scanners() {
     let mut e = engine();
     for (i, port) in [2379, 6443, 10250].into_iter().enumerate() {
