@@ -35,6 +35,7 @@ use std::{
 use crate::{
     alert::{Action, AlertEvent, KubernetesFields, PortScan, RecordKind, Subject},
     capture::{EventKind, Observation},
+    identity::PeerIdentity,
     metrics::Metrics,
     policy::Policy,
     ports::Severity,
@@ -105,7 +106,7 @@ struct ScanPeer {
     declared_at_events: Option<u64>,
     severity: Severity,
     /// The scanner's Kubernetes identity as last resolved.
-    kubernetes: Option<KubernetesFields>,
+    identity: Option<PeerIdentity>,
 }
 
 /// One unexpected contact counted toward a port scan.
@@ -114,7 +115,7 @@ struct ScanTouch<'a> {
     port: u16,
     severity: Severity,
     added: u64,
-    kubernetes: Option<&'a KubernetesFields>,
+    identity: Option<&'a PeerIdentity>,
 }
 
 /// The correlation engine; see the module docs for its rules.
@@ -237,20 +238,13 @@ impl Engine {
             _ => obs.remote.ip(),
         };
 
-        // The side the record is about: the remote peer inbound, the local pod otherwise.
-        let kubernetes = match obs.kind {
-            EventKind::Inbound | EventKind::Refused => client.peer.map(KubernetesFields::from_peer),
-            EventKind::Outbound | EventKind::Listen | EventKind::ListenClose => {
-                client.pod.map(KubernetesFields::from_pod)
-            }
-        };
         if matches!(action, Action::UnexpectedInbound | Action::RefusedAttempt) {
             let touch = ScanTouch {
                 peer,
                 port: rule.port,
                 severity: rule.severity,
                 added,
-                kubernetes: kubernetes.as_ref(),
+                identity: client.peer,
             };
             if let Some(a) = self.scan_touch(&touch, obs.at, now) {
                 out.push(a);
@@ -266,6 +260,13 @@ impl Engine {
             w.total += added;
             return out;
         }
+        // The side the record is about: the remote peer inbound, the local pod otherwise.
+        let kubernetes = match obs.kind {
+            EventKind::Inbound | EventKind::Refused => client.peer.map(KubernetesFields::from_peer),
+            EventKind::Outbound | EventKind::Listen | EventKind::ListenClose => {
+                client.pod.map(KubernetesFields::from_pod)
+            }
+        };
         let subject = Subject {
             rule_name: &rule.name,
             component: &rule.component,
@@ -403,7 +404,7 @@ impl Engine {
                     events: 0,
                     declared_at_events: None,
                     severity: touch.severity,
-                    kubernetes: None,
+                    identity: None,
                 },
             );
         }
@@ -412,8 +413,9 @@ impl Engine {
         s.ports.insert(touch.port);
         s.events += touch.added;
         s.severity = s.severity.max(touch.severity);
-        if let Some(k) = touch.kubernetes {
-            s.kubernetes = Some(k.clone());
+        if let Some(id) = touch.identity {
+            // Shared pointers: cheap to keep per unexpected contact.
+            s.identity = Some(id.clone());
         }
         if s.declared_at_events.is_some() || s.ports.len() < threshold {
             return None;
@@ -425,7 +427,7 @@ impl Engine {
             events: s.events,
             declared_at_events: s.declared_at_events,
             severity: s.severity,
-            kubernetes: s.kubernetes.clone(),
+            identity: s.identity.clone(),
         };
         let mut alert = self.scan_record(peer, &snapshot, at);
         alert.k8s_ebpf.count = snapshot.events;
@@ -438,7 +440,7 @@ impl Engine {
     fn scan_record(&self, peer: IpAddr, s: &ScanPeer, at: SystemTime) -> AlertEvent {
         let report = PortScan {
             peer,
-            kubernetes: s.kubernetes.clone(),
+            kubernetes: s.identity.as_ref().map(KubernetesFields::from_peer),
             ports: s.ports.iter().copied().collect(),
             count: s.events,
             window: self.policy.scan().window,

@@ -328,10 +328,7 @@ async fn emit(
         })
         .and_then(|p| proc_cgroup(p.pid));
     let container = cgroup.as_deref().and_then(container_id);
-    let peer = match obs.kind {
-        EventKind::Inbound | EventKind::Refused => identities.lookup(obs.remote.ip()),
-        _ => None,
-    };
+    let peer = identities.peer_of(obs);
     let pod = container.and_then(|id| identities.pod_for_container(id));
     let client = ClientContext {
         cgroup_path: cgroup.as_deref(),

@@ -395,19 +395,13 @@ async fn learn(args: LearnArgs) -> anyhow::Result<()> {
             tracing::warn!("Kubernetes identities not synced after 30 s: unknown peers are learned as addresses");
         }
     }
-    let peer_of = |o: &k8s_ebpf::capture::Observation| match o.kind {
-        k8s_ebpf_common::EventKind::Inbound | k8s_ebpf_common::EventKind::Refused => {
-            identities.lookup(o.remote.ip())
-        }
-        _ => None,
-    };
     let mut learned = k8s_ebpf::learn::Learned::default();
     // What is already there: listeners and established connections.
     for l in k8s_ebpf::inventory::scan_listeners(&ports).context("listing listeners")? {
         learned.observe(&base, &l.to_observation(), None);
     }
     for o in k8s_ebpf::inventory::established(&ports).context("listing connections")? {
-        learned.observe(&base, &o, peer_of(&o).as_ref());
+        learned.observe(&base, &o, identities.peer_of(&o).as_ref());
     }
     tracing::info!(duration = ?args.duration, ports = ?ports, "learning");
     let reader = Reader::new(streams, Arc::new(ReaderStats::default())).context("ring buffer")?;
@@ -419,7 +413,7 @@ async fn learn(args: LearnArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             o = rx.recv() => match o {
-                Some(o) => learned.observe(&base, &o, peer_of(&o).as_ref()),
+                Some(o) => learned.observe(&base, &o, identities.peer_of(&o).as_ref()),
                 None => break,
             },
             () = &mut deadline => break,
@@ -429,7 +423,7 @@ async fn learn(args: LearnArgs) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     while let Some(o) = rx.recv().await {
-        learned.observe(&base, &o, peer_of(&o).as_ref());
+        learned.observe(&base, &o, identities.peer_of(&o).as_ref());
     }
     reader
         .await

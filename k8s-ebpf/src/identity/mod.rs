@@ -20,6 +20,8 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use crate::capture::{EventKind, Observation};
+
 /// Label keys that give a node its roles: `node-role.kubernetes.io/<role>` (any value).
 pub const NODE_ROLE_PREFIX: &str = "node-role.kubernetes.io/";
 /// Roles that make a node part of the control plane.
@@ -80,10 +82,6 @@ pub struct PeerIdentity {
 }
 
 impl PeerIdentity {
-    pub fn is_unknown(&self) -> bool {
-        self.node.is_none() && self.pod.is_none() && !self.apiserver
-    }
-
     /// `pod`, `node`, `apiserver` or `unknown`: the most specific thing it is.
     pub fn kind(&self) -> &'static str {
         if self.pod.is_some() {
@@ -359,6 +357,15 @@ impl Identities {
         s.enabled.then(|| s.cache.lookup(ip))
     }
 
+    /// The remote peer of a record about the remote side (inbound, refused); `None` for
+    /// the others and when no API is configured.
+    pub fn peer_of(&self, obs: &Observation) -> Option<PeerIdentity> {
+        match obs.kind {
+            EventKind::Inbound | EventKind::Refused => self.lookup(obs.remote.ip()),
+            EventKind::Outbound | EventKind::Listen | EventKind::ListenClose => None,
+        }
+    }
+
     pub fn pod_for_container(&self, id: &str) -> Option<Arc<PodIdentity>> {
         let s = self.read();
         if s.enabled {
@@ -486,7 +493,7 @@ mod tests {
         let n = c.lookup(ip("::ffff:192.0.2.10"));
         assert_eq!(n.kind(), "node");
         assert!(n.apiserver && n.node.as_ref().is_some_and(|n| n.is_control_plane()));
-        assert!(c.lookup(ip("203.0.113.1")).is_unknown());
+        assert_eq!(c.lookup(ip("203.0.113.1")).kind(), "unknown");
 
         let id = format!("{:0>64}", "prom");
         assert_eq!(
@@ -496,7 +503,7 @@ mod tests {
         assert!(c.pod_for_container(&id[..12]).is_some());
 
         c.delete_pod("monitoring", "prom");
-        assert!(c.lookup(ip("198.51.100.20")).is_unknown());
+        assert_eq!(c.lookup(ip("198.51.100.20")).kind(), "unknown");
         assert!(c.pod_for_container(&id).is_none());
         c.delete_slice(&("default".into(), "kubernetes".into()));
         assert!(!c.lookup(ip("192.0.2.10")).apiserver);
@@ -522,8 +529,8 @@ mod tests {
         let mut f = pod("jobs", "done", "198.51.100.9");
         f.finished = true;
         c.apply_pod(f);
-        assert!(c.lookup(ip("192.0.2.10")).is_unknown());
-        assert!(c.lookup(ip("198.51.100.9")).is_unknown());
+        assert_eq!(c.lookup(ip("192.0.2.10")).kind(), "unknown");
+        assert_eq!(c.lookup(ip("198.51.100.9")).kind(), "unknown");
         assert_eq!(c.len(Resource::Pods), 2);
     }
 
@@ -532,7 +539,7 @@ mod tests {
         let mut c = IdentityCache::new("node-a");
         c.apply_pod(pod("a", "one", "198.51.100.1"));
         c.replace_pods(vec![pod("a", "two", "198.51.100.2")]);
-        assert!(c.lookup(ip("198.51.100.1")).is_unknown());
+        assert_eq!(c.lookup(ip("198.51.100.1")).kind(), "unknown");
         assert_eq!(c.lookup(ip("198.51.100.2")).kind(), "pod");
         assert_eq!(c.len(Resource::Pods), 1);
     }
