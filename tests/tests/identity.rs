@@ -359,6 +359,25 @@ fn peers_resolve_to_kubernetes_identities() {
         .as_str()
         .is_some_and(|m| m.contains("pod default/debug-shell")));
 
+    //    The same pod then tries two more watched ports where nothing listens (refused):
+    //    three ports, a port scan, and the scan names the pod.
+    for port in [2379, 2380] {
+        let refused = other.connect(&format!("{NODE}:{port}"));
+        assert!(refused.is_err(), "nothing listens on {port}");
+    }
+    let records = daemon.wait_records("the port scan", Duration::from_secs(5), |r| {
+        r.iter().any(|r| r["event"]["action"] == "port-scan")
+    });
+    let scan = records
+        .iter()
+        .find(|r| r["event"]["action"] == "port-scan")
+        .expect("port-scan record");
+    assert_eq!(scan["source"]["ip"], OTHER, "{scan:#}");
+    assert_eq!(scan["kubernetes"]["pod"]["name"], "debug-shell", "{scan:#}");
+    assert!(scan["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("(pod default/debug-shell)")));
+
     // 3. A process in a container of a pod on this node reaches another host's kubelet,
     //    and opens etcd's metrics port (loopback-only by policy) on every address. Both
     //    alerts name its container (from /proc/PID/cgroup) and its pod.

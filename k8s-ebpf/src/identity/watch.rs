@@ -436,7 +436,7 @@ fn explain(resource: Resource, reason: &str) -> String {
         _ => "\"\" (core)",
     };
     let consequence =
-        "peers of this kind resolve as unknown until it recovers (retrying with backoff)";
+        "until it recovers (retrying with backoff) the identities of this kind stay as last seen and new ones resolve as unknown";
     match reason {
         "forbidden" => format!(
             "the Kubernetes API refused to list/watch {what} (403 Forbidden): grant list and watch on {what} in API group {group} to the daemon's service account (deploy/base/clusterrole.yaml); {consequence}"
