@@ -22,10 +22,26 @@ pub enum EventKind {
     /// A listener on a watched port closed.
     ListenClose = 4,
     /// A SYN to a watched local port was answered with a reset: nothing listens there.
+    /// Since the SYN hook, userspace makes these from [`EventKind::Syn`] records.
     Refused = 5,
+    /// A segment looking for a listener on a watched local port: a SYN, open port or
+    /// closed (also FIN/NULL/Xmas probes, which look up a listener the same way).
+    Syn = 6,
+    /// Userspace only: a [`EventKind::Syn`] to a listening port whose handshake did not
+    /// complete in time (a half-open probe such as `nmap -sS`).
+    HalfOpen = 7,
 }
 
 impl EventKind {
+    /// Whether the record is about a remote peer reaching a local port (the remote side
+    /// is the subject), rather than a local process or socket.
+    pub const fn is_remote_attempt(self) -> bool {
+        matches!(
+            self,
+            Self::Inbound | Self::Refused | Self::Syn | Self::HalfOpen
+        )
+    }
+
     pub const fn from_u32(v: u32) -> Option<Self> {
         match v {
             1 => Some(Self::Inbound),
@@ -33,6 +49,8 @@ impl EventKind {
             3 => Some(Self::Listen),
             4 => Some(Self::ListenClose),
             5 => Some(Self::Refused),
+            6 => Some(Self::Syn),
+            7 => Some(Self::HalfOpen),
             _ => None,
         }
     }
@@ -49,6 +67,9 @@ pub enum HookKind {
     /// Userspace only: found by a sock_diag scan at start (a listener, or a connection
     /// made while the daemon was not running). Never in a kernel record.
     Scan = 5,
+    /// `sk_lookup` program on the watched network namespace: runs for every segment that
+    /// looks for a listener (Linux 5.9+).
+    SkLookup = 6,
 }
 
 impl HookKind {
@@ -58,6 +79,7 @@ impl HookKind {
             2 => Some(Self::Kretprobe),
             3 => Some(Self::Fexit),
             4 => Some(Self::ResetTracepoint),
+            6 => Some(Self::SkLookup),
             _ => None,
         }
     }
@@ -101,13 +123,20 @@ pub struct ConnRecord {
     pub comm: [u8; COMM_LEN],
 }
 
-/// Key of the in-kernel dedup map: one entry per (direction, watched port, peer).
+/// Key of the in-kernel dedup map: everything a verdict depends on, so that a window
+/// never folds two events the policy tells apart. One entry per (kind, watched port,
+/// peer, network namespace) and, for outbound, per local process (cgroup and tgid: an
+/// attacker's process must not hide in an expected client's window).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DedupKey {
     pub kind: u32,
     pub port: u16,
     pub family: u16,
+    pub netns: u32,
+    /// Outbound only (0 otherwise): the connecting process.
+    pub tgid: u32,
+    pub cgroup_id: u64,
     pub peer: [u8; 16],
 }
 
@@ -140,6 +169,12 @@ pub mod counter {
     /// Dedup-map updates that failed (the event was still emitted, without folding).
     pub const DEDUP_UPDATE_ERRORS: u32 = 7;
     pub const COUNT: u32 = 8;
+    /// Outcomes the kernel counts outside the programs, read by userspace and exported
+    /// beside the ones above: returns of `inet_csk_accept` the kretprobe missed (its
+    /// instance pool was exhausted), and program runs the kernel skipped because another
+    /// BPF program was running on that CPU (`bpf_prog_info.recursion_misses`).
+    pub const KRETPROBE_MISSED: &str = "kretprobe_missed";
+    pub const RECURSION_MISSES: &str = "recursion_misses";
     pub const NAMES: [&str; COUNT as usize] = [
         "calls",
         "filtered",
@@ -182,10 +217,6 @@ pub struct KernelOffsets {
     pub skc_v6_rcv_saddr: u32,
     /// `struct net` → `ns.inum`.
     pub net_ns_inum: u32,
-    /// `struct sk_buff` → `dev`, and `struct net_device` → `nd_net`, for the netns of a
-    /// reset sent without a socket.
-    pub skb_dev: u32,
-    pub dev_nd_net: u32,
     /// Tracepoint `sock/inet_sock_set_state` field offsets (from its format file).
     pub tp_skaddr: u32,
     pub tp_oldstate: u32,
@@ -198,12 +229,6 @@ pub struct KernelOffsets {
     pub tp_daddr: u32,
     pub tp_saddr_v6: u32,
     pub tp_daddr_v6: u32,
-    /// Tracepoint `tcp/tcp_send_reset` field offsets; `rst_saddr == 0` means the kernel's
-    /// tracepoint carries no addresses (before 6.10) and refused attempts are not captured.
-    pub rst_skbaddr: u32,
-    pub rst_skaddr: u32,
-    pub rst_saddr: u32,
-    pub rst_daddr: u32,
     /// `sock.sk_protocol` (a u16 since Linux 5.6); [`KernelOffsets::UNAVAILABLE`] when it
     /// is a bitfield, which rules out the `tp_btf` state program.
     pub sk_protocol: u32,

@@ -1,10 +1,18 @@
 //! k8s-ebpf kernel programs.
 //!
 //! Every program funnels into [`observe`]: drop events on unwatched ports (one array
-//! lookup) or other network namespaces, fold repeats of a (kind, port, peer) into the
-//! dedup window, and write one [`ConnRecord`] per first sighting into the ring buffer.
-//! Every event on a watched port ends in exactly one counter: emitted, deduplicated or
-//! ringbuf_full.
+//! lookup) or other network namespaces, fold repeats of the same (kind, port, peer,
+//! namespace, and for outbound the process) into the dedup window, and write one
+//! [`ConnRecord`] per first sighting into the ring buffer. Every event on a watched port
+//! ends in exactly one counter: emitted, deduplicated or ringbuf_full. A window only opens
+//! once its record has room in the ring buffer, so a full ring never hides a peer: the
+//! lost event is counted, and the peer's next event tries again.
+//!
+//! Hooks: `sk_lookup` on the watched namespace sees every segment that looks for a
+//! listener (each SYN, open port or closed: half-open scans and refused attempts);
+//! `tp_btf` (or the classic tracepoint) on `inet_sock_set_state` sees connects, listens
+//! and completed handshakes; `fexit`/`kretprobe` on `inet_csk_accept` name the accepting
+//! process where the kernel allows them.
 //!
 //! Kernel struct and tracepoint field offsets are not compiled in: userspace reads them
 //! from the running kernel's BTF and tracepoint format files and passes them in
@@ -26,9 +34,11 @@ mod programs {
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
             bpf_ktime_get_ns, bpf_probe_read_kernel,
         },
-        macros::{btf_tracepoint, fexit, kretprobe, map, tracepoint},
+        macros::{btf_tracepoint, fexit, kretprobe, map, sk_lookup, tracepoint},
         maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-        programs::{BtfTracePointContext, FExitContext, RetProbeContext, TracePointContext},
+        programs::{
+            BtfTracePointContext, FExitContext, RetProbeContext, SkLookupContext, TracePointContext,
+        },
         Global,
     };
     use k8s_ebpf_common::{
@@ -48,8 +58,6 @@ mod programs {
         skc_v6_daddr: 0,
         skc_v6_rcv_saddr: 0,
         net_ns_inum: 0,
-        skb_dev: 0,
-        dev_nd_net: 0,
         tp_skaddr: 0,
         tp_oldstate: 0,
         tp_newstate: 0,
@@ -61,16 +69,17 @@ mod programs {
         tp_daddr: 0,
         tp_saddr_v6: 0,
         tp_daddr_v6: 0,
-        rst_skbaddr: 0,
-        rst_skaddr: 0,
-        rst_saddr: 0,
-        rst_daddr: 0,
         sk_protocol: 0,
     });
 
     /// Network-namespace inode to watch; 0 watches every namespace.
     #[unsafe(no_mangle)]
     static TARGET_NETNS: Global<u32> = Global::new(0);
+
+    /// Inode of the namespace the `sk_lookup` program is attached to (its context does
+    /// not say).
+    #[unsafe(no_mangle)]
+    static SYN_NETNS: Global<u32> = Global::new(0);
 
     /// Length of the dedup window in nanoseconds; 0 disables folding.
     #[unsafe(no_mangle)]
@@ -105,9 +114,10 @@ mod programs {
     #[inline(always)]
     fn count(index: u32) {
         if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-            // Per-CPU slot: no other CPU writes it, and BPF programs do not nest on one CPU
-            // for these hooks, so a plain increment is exact.
-            unsafe { *slot += 1 };
+            // Per-CPU slot, but a program of another type (sk_lookup in softirq) can
+            // interrupt a tracing program on the same CPU between its load and store: an
+            // atomic add keeps the count exact.
+            add_atomic(unsafe { &mut *slot });
         }
     }
 
@@ -170,25 +180,44 @@ mod programs {
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1) };
     }
 
-    /// Fold into the dedup window. Returns `None` when the event was folded, else the
-    /// previous window's (count, start) to carry in the record (zeros when none).
+    /// The dedup key of an event: everything its verdict depends on.
     #[inline(always)]
-    fn dedup(ev: &Event, now: u64) -> Option<(u32, u64)> {
-        let window = DEDUP_WINDOW_NS.load();
-        if window == 0 || matches!(ev.kind, EventKind::Listen | EventKind::ListenClose) {
-            return Some((0, 0));
-        }
-        let key = DedupKey {
+    fn dedup_key(ev: &Event, tgid: u32, cgroup_id: u64) -> DedupKey {
+        let outbound = ev.kind == EventKind::Outbound;
+        DedupKey {
             kind: ev.kind as u32,
             port: ev.watched_port(),
             family: ev.family,
+            netns: ev.netns,
+            tgid: if outbound { tgid } else { 0 },
+            cgroup_id: if outbound { cgroup_id } else { 0 },
             peer: ev.remote_addr,
-        };
+        }
+    }
+
+    /// Whether the event falls into an open window (and is counted there).
+    #[inline(always)]
+    fn fold_into_open_window(key: &DedupKey, now: u64, window: u64) -> bool {
         if let Some(slot) = DEDUP.get_ptr_mut(key) {
             let slot = unsafe { &mut *slot };
             if now.wrapping_sub(slot.start_ns) < window {
                 add_atomic(&mut slot.count);
                 count(counter::DEDUPLICATED);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Opens the window whose first record is already reserved. Returns `None` when
+    /// another CPU opened it first (the event folds into that one), else the previous
+    /// window's (count, start) for the record (zeros when there was none).
+    #[inline(always)]
+    fn open_window(key: &DedupKey, now: u64, window: u64) -> Option<(u32, u64)> {
+        if let Some(slot) = DEDUP.get_ptr_mut(key) {
+            let slot = unsafe { &mut *slot };
+            if now.wrapping_sub(slot.start_ns) < window {
+                add_atomic(&mut slot.count);
                 return None;
             }
             // The window closed: open a new one, and tell userspace what the old one held
@@ -202,11 +231,10 @@ mod programs {
             start_ns: now,
             count: 1,
         };
-        if DEDUP.insert(key, fresh, u64::from(BPF_NOEXIST)).is_err() {
+        if DEDUP.insert(key, &fresh, u64::from(BPF_NOEXIST)).is_err() {
             // Lost a race with another CPU that opened the same window: fold into it.
             if let Some(slot) = DEDUP.get_ptr_mut(key) {
                 add_atomic(unsafe { &mut (*slot).count });
-                count(counter::DEDUPLICATED);
                 return None;
             }
             count(counter::DEDUP_UPDATE_ERRORS);
@@ -225,23 +253,42 @@ mod programs {
         count(counter::SEEN);
         normalise(&mut ev);
         let now = unsafe { bpf_ktime_get_ns() };
-        let Some((prev_count, prev_window_start_ns)) = dedup(&ev, now) else {
-            return;
+        let (pid, tgid, cgroup_id) = if ev.process_context {
+            let id = bpf_get_current_pid_tgid();
+            (id as u32, (id >> 32) as u32, unsafe {
+                bpf_get_current_cgroup_id()
+            })
+        } else {
+            (0, 0, 0)
         };
+        let window = DEDUP_WINDOW_NS.load();
+        let folds = window != 0 && !matches!(ev.kind, EventKind::Listen | EventKind::ListenClose);
+        let key = dedup_key(&ev, tgid, cgroup_id);
+        if folds && fold_into_open_window(&key, now, window) {
+            return;
+        }
+        // Reserve before opening a window: a window whose first record was lost would hide
+        // the peer until it closed.
         let Some(mut entry) = EVENTS.reserve::<ConnRecord>(0) else {
             count(counter::RINGBUF_FULL);
             return;
         };
-        let (pid, tgid, cgroup_id, comm) = if ev.process_context {
-            let id = bpf_get_current_pid_tgid();
-            (
-                id as u32,
-                (id >> 32) as u32,
-                unsafe { bpf_get_current_cgroup_id() },
-                bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
-            )
+        let (prev_count, prev_window_start_ns) = if folds {
+            match open_window(&key, now, window) {
+                Some(prev) => prev,
+                None => {
+                    entry.discard(0);
+                    count(counter::DEDUPLICATED);
+                    return;
+                }
+            }
         } else {
-            (0, 0, 0, [0u8; COMM_LEN])
+            (0, 0)
+        };
+        let comm = if ev.process_context {
+            bpf_get_current_comm().unwrap_or([0u8; COMM_LEN])
+        } else {
+            [0u8; COMM_LEN]
         };
         entry.write(ConnRecord {
             kind: ev.kind as u32,
@@ -265,17 +312,29 @@ mod programs {
         count(counter::EMITTED);
     }
 
+    /// A field of a kernel struct at `base + offset`. `DIRECT` is for pointers the
+    /// verifier knows by their BTF type (tp_btf and fexit arguments): a plain load, which
+    /// the verifier checks against the type and guards against faults — no helper call.
+    /// The offsets are constants to the verifier (they come from the frozen read-only
+    /// `OFFSETS`). Other pointers go through `bpf_probe_read_kernel`.
     #[inline(always)]
-    unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i64> {
-        bpf_probe_read_kernel(base.wrapping_add(offset as usize) as *const T).map_err(i64::from)
+    unsafe fn read_at<T: Copy, const DIRECT: bool>(base: *const u8, offset: u32) -> Result<T, i64> {
+        let at = base.wrapping_add(offset as usize) as *const T;
+        if DIRECT {
+            Ok(core::ptr::read_volatile(at))
+        } else {
+            bpf_probe_read_kernel(at).map_err(i64::from)
+        }
     }
 
     /// Inode of the network namespace behind a `possible_net_t` at `holder + offset`.
     #[inline(always)]
-    unsafe fn netns_inum(holder: *const u8, net_offset: u32) -> u32 {
+    unsafe fn netns_inum<const DIRECT: bool>(holder: *const u8, net_offset: u32) -> u32 {
         let offsets = OFFSETS.load();
-        match read_at::<*const u8>(holder, net_offset) {
-            Ok(net) if !net.is_null() => read_at::<u32>(net, offsets.net_ns_inum).unwrap_or(0),
+        match read_at::<*const u8, DIRECT>(holder, net_offset) {
+            Ok(net) if !net.is_null() => {
+                read_at::<u32, DIRECT>(net, offsets.net_ns_inum).unwrap_or(0)
+            }
             _ => 0,
         }
     }
@@ -318,20 +377,23 @@ mod programs {
         let Some(kind) = classify(old, new) else {
             return 0;
         };
-        if unsafe { state_from_sock(sk, kind) }.is_err() {
+        if unsafe { state_from_sock::<true>(sk, kind) }.is_err() {
             count(counter::READ_ERRORS);
         }
         0
     }
 
-    unsafe fn state_from_sock(sk: *const u8, kind: EventKind) -> Result<(), i64> {
+    unsafe fn state_from_sock<const DIRECT: bool>(
+        sk: *const u8,
+        kind: EventKind,
+    ) -> Result<(), i64> {
         let o = OFFSETS.load();
-        let protocol: u16 = read_at(sk, o.sk_protocol)?;
+        let protocol: u16 = read_at::<_, DIRECT>(sk, o.sk_protocol)?;
         if protocol != IPPROTO_TCP {
             return Ok(());
         }
-        let local_port: u16 = read_at(sk, o.skc_num)?;
-        let remote_port = u16::from_be(read_at::<u16>(sk, o.skc_dport)?);
+        let local_port: u16 = read_at::<_, DIRECT>(sk, o.skc_num)?;
+        let remote_port = u16::from_be(read_at::<u16, DIRECT>(sk, o.skc_dport)?);
         let watched = if kind == EventKind::Outbound {
             remote_port
         } else {
@@ -341,7 +403,7 @@ mod programs {
             count(counter::FILTERED);
             return Ok(());
         }
-        let Some((family, local_addr, remote_addr)) = sock_addresses(sk)? else {
+        let Some((family, local_addr, remote_addr)) = sock_addresses::<DIRECT>(sk)? else {
             return Ok(());
         };
         observe(Event {
@@ -358,7 +420,7 @@ mod programs {
             remote_port,
             local_addr,
             remote_addr,
-            netns: netns_inum(sk, o.skc_net),
+            netns: netns_inum::<DIRECT>(sk, o.skc_net),
             process_context: kind != EventKind::Inbound,
         });
         Ok(())
@@ -369,20 +431,20 @@ mod programs {
 
     /// The addresses of an IPv4 or IPv6 socket; `None` for other families.
     #[inline(always)]
-    unsafe fn sock_addresses(sk: *const u8) -> Result<Option<Addresses>, i64> {
+    unsafe fn sock_addresses<const DIRECT: bool>(sk: *const u8) -> Result<Option<Addresses>, i64> {
         let o = OFFSETS.load();
-        let family: u16 = read_at(sk, o.skc_family)?;
+        let family: u16 = read_at::<_, DIRECT>(sk, o.skc_family)?;
         if family == AF_INET6 {
             Ok(Some((
                 family,
-                read_at::<[u8; 16]>(sk, o.skc_v6_rcv_saddr)?,
-                read_at::<[u8; 16]>(sk, o.skc_v6_daddr)?,
+                read_at::<[u8; 16], DIRECT>(sk, o.skc_v6_rcv_saddr)?,
+                read_at::<[u8; 16], DIRECT>(sk, o.skc_v6_daddr)?,
             )))
         } else if family == AF_INET {
             let mut l = [0u8; 16];
             let mut r = [0u8; 16];
-            l[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, o.skc_rcv_saddr)?);
-            r[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, o.skc_daddr)?);
+            l[..4].copy_from_slice(&read_at::<[u8; 4], DIRECT>(sk, o.skc_rcv_saddr)?);
+            r[..4].copy_from_slice(&read_at::<[u8; 4], DIRECT>(sk, o.skc_daddr)?);
             Ok(Some((family, l, r)))
         } else {
             Ok(None)
@@ -426,7 +488,7 @@ mod programs {
             (l, r)
         };
         let sk: *const u8 = ctx.read_at(o.tp_skaddr as usize)?;
-        let netns = netns_inum(sk, o.skc_net);
+        let netns = netns_inum::<false>(sk, o.skc_net);
         observe(Event {
             kind,
             hook: HookKind::Tracepoint,
@@ -444,18 +506,18 @@ mod programs {
     }
 
     /// Inbound from the socket `inet_csk_accept` returns, in the accepting process.
-    unsafe fn accepted(sk: *const u8, hook: HookKind) -> Result<(), i64> {
+    unsafe fn accepted<const DIRECT: bool>(sk: *const u8, hook: HookKind) -> Result<(), i64> {
         if sk.is_null() {
             return Ok(());
         }
         let o = OFFSETS.load();
-        let local_port: u16 = read_at(sk, o.skc_num)?;
+        let local_port: u16 = read_at::<_, DIRECT>(sk, o.skc_num)?;
         if !is_watched(local_port) {
             count(counter::FILTERED);
             return Ok(());
         }
-        let remote_port = u16::from_be(read_at::<u16>(sk, o.skc_dport)?);
-        let Some((family, local_addr, remote_addr)) = sock_addresses(sk)? else {
+        let remote_port = u16::from_be(read_at::<u16, DIRECT>(sk, o.skc_dport)?);
+        let Some((family, local_addr, remote_addr)) = sock_addresses::<DIRECT>(sk)? else {
             return Ok(());
         };
         observe(Event {
@@ -466,7 +528,7 @@ mod programs {
             remote_port,
             local_addr,
             remote_addr,
-            netns: netns_inum(sk, o.skc_net),
+            netns: netns_inum::<DIRECT>(sk, o.skc_net),
             process_context: true,
         });
         Ok(())
@@ -475,7 +537,7 @@ mod programs {
     #[kretprobe]
     pub fn inet_csk_accept_kretprobe(ctx: RetProbeContext) -> u32 {
         let sk: *const u8 = ctx.ret();
-        if unsafe { accepted(sk, HookKind::Kretprobe) }.is_err() {
+        if unsafe { accepted::<false>(sk, HookKind::Kretprobe) }.is_err() {
             count(counter::READ_ERRORS);
         }
         0
@@ -493,72 +555,71 @@ mod programs {
                 return 0;
             }
         };
-        if unsafe { accepted(sk, HookKind::Fexit) }.is_err() {
+        if unsafe { accepted::<false>(sk, HookKind::Fexit) }.is_err() {
             count(counter::READ_ERRORS);
         }
         0
     }
 
-    /// A reset sent without a socket (skaddr NULL): a SYN or segment reached a port nothing
-    /// listens on. The 6.10+ tracepoint carries the addresses of the segment that caused
-    /// it; userspace leaves this program unattached on kernels whose format lacks them.
-    #[tracepoint(category = "tcp", name = "tcp_send_reset")]
-    pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-        if unsafe { try_tcp_send_reset(&ctx) }.is_err() {
+    const SK_PASS: u32 = 1;
+
+    /// Every segment that looks for a listener in the watched namespace: each SYN (open
+    /// port or closed), and stray FIN/NULL/Xmas probes to closed ports. The program only
+    /// watches; it never steers the lookup.
+    #[sk_lookup]
+    pub fn syn_lookup(ctx: SkLookupContext) -> u32 {
+        if unsafe { try_syn_lookup(&ctx) }.is_err() {
             count(counter::READ_ERRORS);
         }
-        0
+        SK_PASS
     }
 
-    unsafe fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
-        let o = OFFSETS.load();
-        let sk: u64 = ctx.read_at(o.rst_skaddr as usize)?;
-        if sk != 0 {
+    /// One 4-byte context load (the only width every kernel since 5.9 accepts for each
+    /// field of `struct bpf_sk_lookup`).
+    #[inline(always)]
+    unsafe fn lookup_u32(ctx: &SkLookupContext, offset: usize) -> u32 {
+        core::ptr::read_volatile((ctx.lookup as *const u8).add(offset) as *const u32)
+    }
+
+    unsafe fn try_syn_lookup(ctx: &SkLookupContext) -> Result<(), i64> {
+        // struct bpf_sk_lookup (uapi): sk/cookie 0, family 8, protocol 12, remote_ip4 16,
+        // remote_ip6 20, remote_port 36 (network order in its first two bytes), local_ip4
+        // 40, local_ip6 44, local_port 60 (host order).
+        if lookup_u32(ctx, 12) != u32::from(IPPROTO_TCP) {
             return Ok(());
         }
-        // struct sockaddr_in / sockaddr_in6 as the tracepoint stores them: family, then
-        // the port in network order, then the address (at 4 for v4, at 8 for v6).
-        let local = o.rst_saddr as usize;
-        let remote = o.rst_daddr as usize;
-        let local_port = u16::from_be(ctx.read_at::<u16>(local + 2)?);
+        let local_port = lookup_u32(ctx, 60) as u16;
         if !is_watched(local_port) {
             count(counter::FILTERED);
             return Ok(());
         }
-        let family: u16 = ctx.read_at(local)?;
-        let remote_port = u16::from_be(ctx.read_at::<u16>(remote + 2)?);
-        let (local_addr, remote_addr) = if family == AF_INET6 {
-            (
-                ctx.read_at::<[u8; 16]>(local + 8)?,
-                ctx.read_at::<[u8; 16]>(remote + 8)?,
-            )
+        let family = lookup_u32(ctx, 8) as u16;
+        let remote_port = u16::from_be(lookup_u32(ctx, 36) as u16);
+        let mut local_addr = [0u8; 16];
+        let mut remote_addr = [0u8; 16];
+        if family == AF_INET6 {
+            for i in 0..4 {
+                let l = lookup_u32(ctx, 44 + 4 * i).to_ne_bytes();
+                let r = lookup_u32(ctx, 20 + 4 * i).to_ne_bytes();
+                local_addr[4 * i..4 * i + 4].copy_from_slice(&l);
+                remote_addr[4 * i..4 * i + 4].copy_from_slice(&r);
+            }
+        } else if family == AF_INET {
+            local_addr[..4].copy_from_slice(&lookup_u32(ctx, 40).to_ne_bytes());
+            remote_addr[..4].copy_from_slice(&lookup_u32(ctx, 16).to_ne_bytes());
         } else {
-            let mut l = [0u8; 16];
-            let mut r = [0u8; 16];
-            l[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(local + 4)?);
-            r[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(remote + 4)?);
-            (l, r)
-        };
-        let skb: *const u8 = ctx.read_at(o.rst_skbaddr as usize)?;
-        let dev: *const u8 = if skb.is_null() {
-            core::ptr::null()
-        } else {
-            read_at(skb, o.skb_dev)?
-        };
-        let netns = if dev.is_null() {
-            0
-        } else {
-            netns_inum(dev, o.dev_nd_net)
-        };
+            return Ok(());
+        }
         observe(Event {
-            kind: EventKind::Refused,
-            hook: HookKind::ResetTracepoint,
+            kind: EventKind::Syn,
+            hook: HookKind::SkLookup,
             family,
             local_port,
             remote_port,
             local_addr,
             remote_addr,
-            netns,
+            netns: SYN_NETNS.load(),
+            // Softirq: "current" is whoever happened to be on the CPU.
             process_context: false,
         });
         Ok(())

@@ -45,6 +45,7 @@ pub enum Action {
     UnexpectedOutbound,
     ExposedListener,
     RefusedAttempt,
+    HalfOpenAttempt,
     PortScan,
     AllowedInbound,
     AllowedOutbound,
@@ -57,6 +58,7 @@ impl Action {
             Self::UnexpectedOutbound => "unexpected-outbound",
             Self::ExposedListener => "exposed-listener",
             Self::RefusedAttempt => "refused-attempt",
+            Self::HalfOpenAttempt => "half-open-attempt",
             Self::PortScan => "port-scan",
             Self::AllowedInbound => "allowed-inbound",
             Self::AllowedOutbound => "allowed-outbound",
@@ -77,6 +79,7 @@ impl Action {
             Self::AllowedInbound | Self::AllowedOutbound => &["connection", "allowed"],
             Self::ExposedListener => &["start"],
             Self::RefusedAttempt => &["connection", "denied"],
+            Self::HalfOpenAttempt => &["connection"],
             Self::PortScan => &["connection"],
         }
     }
@@ -86,7 +89,11 @@ impl Action {
         match kind {
             EventKind::Inbound => Some(Self::AllowedInbound),
             EventKind::Outbound => Some(Self::AllowedOutbound),
-            EventKind::Listen | EventKind::ListenClose | EventKind::Refused => None,
+            EventKind::Listen
+            | EventKind::ListenClose
+            | EventKind::Refused
+            | EventKind::Syn
+            | EventKind::HalfOpen => None,
         }
     }
 }
@@ -98,6 +105,7 @@ impl From<Finding> for Action {
             Finding::UnexpectedOutbound => Self::UnexpectedOutbound,
             Finding::ExposedListener => Self::ExposedListener,
             Finding::RefusedAttempt => Self::RefusedAttempt,
+            Finding::HalfOpenAttempt => Self::HalfOpenAttempt,
         }
     }
 }
@@ -398,6 +406,7 @@ pub fn hook_name(h: HookKind) -> &'static str {
         HookKind::Fexit => "fexit",
         HookKind::ResetTracepoint => "reset-tracepoint",
         HookKind::Scan => "sock-diag-scan",
+        HookKind::SkLookup => "sk-lookup",
     }
 }
 
@@ -412,7 +421,7 @@ impl AlertEvent {
                 Some("egress"),
             ),
             EventKind::Listen | EventKind::ListenClose => (None, Some(obs.local.into()), None),
-            EventKind::Inbound | EventKind::Refused => (
+            EventKind::Inbound | EventKind::Refused | EventKind::Syn | EventKind::HalfOpen => (
                 Some(obs.remote.into()),
                 Some(obs.local.into()),
                 Some("ingress"),
@@ -436,9 +445,7 @@ impl AlertEvent {
         let what = format_args!("{} port {port} ({})", subject.component, subject.rule_name);
         // Inbound: who the peer is in the cluster, when known.
         let peer_name = match subject.kubernetes {
-            Some(k) if matches!(obs.kind, EventKind::Inbound | EventKind::Refused) => {
-                k.peer_label()
-            }
+            Some(k) if obs.kind.is_remote_attempt() => k.peer_label(),
             _ => String::new(),
         };
         let message = match action {
@@ -465,6 +472,11 @@ impl AlertEvent {
             ),
             Action::RefusedAttempt => format!(
                 "refused connection attempt to {what} from {}{peer_name}: nothing listens there",
+                obs.remote.ip()
+            ),
+            Action::HalfOpenAttempt => format!(
+                "half-open connection attempt to {what} from {}{peer_name}: a SYN that never \
+                 completed its handshake (a SYN scan or flood)",
                 obs.remote.ip()
             ),
             Action::PortScan => format!("port scan touching {what} from {}", obs.remote.ip()),

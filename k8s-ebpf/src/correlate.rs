@@ -139,6 +139,8 @@ fn kind_label(kind: EventKind) -> &'static str {
         EventKind::Listen => "listen",
         EventKind::ListenClose => "listen_close",
         EventKind::Refused => "refused",
+        EventKind::Syn => "syn",
+        EventKind::HalfOpen => "half_open",
     }
 }
 
@@ -238,7 +240,10 @@ impl Engine {
             _ => obs.remote.ip(),
         };
 
-        if matches!(action, Action::UnexpectedInbound | Action::RefusedAttempt) {
+        if matches!(
+            action,
+            Action::UnexpectedInbound | Action::RefusedAttempt | Action::HalfOpenAttempt
+        ) {
             let touch = ScanTouch {
                 peer,
                 port: rule.port,
@@ -262,10 +267,8 @@ impl Engine {
         }
         // The side the record is about: the remote peer inbound, the local pod otherwise.
         let kubernetes = match obs.kind {
-            EventKind::Inbound | EventKind::Refused => client.peer.map(KubernetesFields::from_peer),
-            EventKind::Outbound | EventKind::Listen | EventKind::ListenClose => {
-                client.pod.map(KubernetesFields::from_pod)
-            }
+            kind if kind.is_remote_attempt() => client.peer.map(KubernetesFields::from_peer),
+            _ => client.pod.map(KubernetesFields::from_pod),
         };
         let subject = Subject {
             rule_name: &rule.name,

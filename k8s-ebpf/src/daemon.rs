@@ -1,7 +1,7 @@
 //! `k8s-ebpf run`: the long-running daemon that ties the pieces together.
 //!
 //! ```text
-//! Capture (kernel) ─▶ Reader ─▶ mpsc ─▶ this loop: Engine::observe ─▶ AlertSender ─▶ writer
+//! Capture (kernel) ─▶ Reader ─▶ mpsc ─▶ this loop: Attempts ─▶ Engine::observe ─▶ AlertSender ─▶ writer
 //!                                          │  every second: Engine::tick, kernel counters → metrics
 //!                                          │  SIGHUP / file change: policy reload (kernel map + engine)
 //!                                          └─ SIGTERM / SIGINT: drain, report open windows, exit 0
@@ -29,9 +29,10 @@ use tracing::{info, warn};
 
 use crate::{
     capture::{
+        attempts::Attempts,
         reader::{Reader, ReaderStats},
         AttachMode, Capture, CaptureConfig, CaptureStreams, KernelCounters, NetnsScope,
-        Observation, StateHook,
+        Observation, StateHook, SynHook,
     },
     correlate::{Engine, EngineSettings},
     identity::{self, ApiMode, Identities},
@@ -55,6 +56,7 @@ pub struct DaemonConfig {
     pub policy_path: Option<PathBuf>,
     pub attach: AttachMode,
     pub state_hook: StateHook,
+    pub syn_hook: SynHook,
     pub netns: NetnsScope,
     /// `None`: no metrics or health endpoint.
     pub metrics_addr: Option<SocketAddr>,
@@ -125,11 +127,12 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
         window: policy.window(),
         ring_bytes: config.ring_bytes,
         state_hook: config.state_hook,
+        syn_hook: config.syn_hook,
     };
     let (capture, streams) = Capture::load(&capture_config, &policy.watched_ports())?;
     info!(
         inbound = capture.inbound().as_str(),
-        refused = capture.captures_refused(),
+        syn = ?capture.syn_netns(),
         netns = capture.netns(),
         "kernel programs attached"
     );
@@ -241,20 +244,33 @@ async fn run_loop(
     let mut poll = tokio::time::interval(POLICY_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drops = DropWatch::default();
+    // SYNs become refused or half-open attempts, or vanish into their completed handshake.
+    let mut attempts = Attempts::new();
+    let mut handshake_check = tokio::time::interval(Duration::from_millis(250));
+    handshake_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         tokio::select! {
             obs = obs_rx.recv() => match obs {
                 Some(obs) => {
                     inventory.track(&obs, &metrics);
-                    emit(&sender, &mut engine, &local, &identities, &obs).await;
+                    let now = std::time::Instant::now();
+                    for obs in attempts.observe(obs, now, |o| inventory.listening(o.local)) {
+                        emit(&sender, &mut engine, &local, &identities, &obs).await;
+                    }
                 }
                 None => {
                     warn!("the ring-buffer reader stopped");
                     break;
                 }
             },
+            _ = handshake_check.tick() => {
+                for obs in attempts.expire(std::time::Instant::now()) {
+                    emit(&sender, &mut engine, &local, &identities, &obs).await;
+                }
+            }
             _ = tick.tick() => {
+                metrics.set_attempts(&attempts.stats(), attempts.pending());
                 for alert in engine.tick(SystemTime::now()) {
                     sender.send(alert).await;
                 }
@@ -279,8 +295,16 @@ async fn run_loop(
     readiness.set_attached(false);
     let _ = stop_tx.send(true);
     while let Some(obs) = obs_rx.recv().await {
+        inventory.track(&obs, &metrics);
+        let now = std::time::Instant::now();
+        for obs in attempts.observe(obs, now, |o| inventory.listening(o.local)) {
+            emit(&sender, &mut engine, &local, &identities, &obs).await;
+        }
+    }
+    for obs in attempts.flush() {
         emit(&sender, &mut engine, &local, &identities, &obs).await;
     }
+    metrics.set_attempts(&attempts.stats(), attempts.pending());
     for w in watchers {
         let _ = w.await;
     }
@@ -520,6 +544,9 @@ impl DropWatch {
             );
             self.ringbuf_full = full;
         }
+        let records = reader.records.load(Ordering::Relaxed);
+        m.ring_records
+            .inc_by(records.saturating_sub(m.ring_records.get()));
         let decode = reader.decode_errors.load(Ordering::Relaxed);
         if decode > self.decode_errors {
             m.decode_errors.inc_by(decode - self.decode_errors);
@@ -564,6 +591,21 @@ impl Inventory {
                 warn!(error = %e, "cannot list the established connections at start (sock_diag)")
             }
         }
+    }
+
+    /// Whether something listens on `local` (its address, or the wildcard of its family;
+    /// an IPv6 wildcard also takes IPv4 unless it is v6-only, which the scan cannot tell).
+    fn listening(&self, local: SocketAddr) -> bool {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let port = local.port();
+        self.listeners.contains(&local)
+            || self
+                .listeners
+                .contains(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
+            || (local.is_ipv4()
+                && self
+                    .listeners
+                    .contains(&SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)))
     }
 
     /// What the scan at start found, for the policy to judge.

@@ -107,7 +107,7 @@ impl Learned {
         self.learned += 1;
         let port = j.rule.port;
         match obs.kind {
-            EventKind::Inbound | EventKind::Refused => {
+            EventKind::Inbound | EventKind::Refused | EventKind::Syn | EventKind::HalfOpen => {
                 self.peers
                     .entry(port)
                     .or_default()

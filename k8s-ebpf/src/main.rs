@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use k8s_ebpf::{
     capture::{
         reader::{Reader, ReaderStats},
-        AttachMode, Capture, CaptureConfig, CaptureError, NetnsScope, StateHook,
+        AttachMode, Capture, CaptureConfig, CaptureError, NetnsScope, StateHook, SynHook,
     },
     daemon::{self, DaemonConfig, UsageError},
     identity::{self, ApiMode, Identities},
@@ -122,6 +122,10 @@ struct RunArgs {
     /// TCP state-change hook: auto picks tp-btf, then the classic tracepoint.
     #[arg(long, value_enum, default_value = "auto")]
     state_hook: StateHook,
+    /// SYN hook (half-open probes, refused attempts): `sk-lookup` on the watched
+    /// namespace (the node's under `--netns all`), or `off`.
+    #[arg(long, value_enum, default_value = "sk-lookup")]
+    syn_hook: SynHook,
     /// Network namespaces to watch: `self` (this process's), `all`, or an inode number.
     #[arg(long, default_value = "self")]
     netns: NetnsScope,
@@ -171,6 +175,9 @@ struct CaptureArgs {
     /// TCP state-change hook: auto picks tp-btf, then the classic tracepoint.
     #[arg(long, value_enum, default_value = "auto")]
     state_hook: StateHook,
+    /// SYN hook: `sk-lookup` or `off`.
+    #[arg(long, value_enum, default_value = "sk-lookup")]
+    syn_hook: SynHook,
     /// Ports to watch, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     ports: Vec<u16>,
@@ -323,6 +330,7 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
         policy_path: args.policy,
         attach: args.attach,
         state_hook: args.state_hook,
+        syn_hook: args.syn_hook,
         netns: args.netns,
         metrics_addr: args.metrics_addr.0,
         output,
@@ -451,6 +459,7 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         window: args.window,
         ring_bytes: args.ring_bytes,
         state_hook: args.state_hook,
+        syn_hook: args.syn_hook,
     };
     let ports: BTreeSet<u16> = args.ports.into_iter().collect();
     let (capture, streams) = Capture::load(&config, &ports)?;
@@ -458,7 +467,7 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"status": "attached", "inbound": capture.inbound().as_str(),
             "state": capture.state_hook(),
-            "refused": capture.captures_refused(), "netns": capture.netns()})
+            "syn": capture.captures_syns(), "netns": capture.netns()})
     );
     let stats = Arc::new(ReaderStats::default());
     let reader = Reader::new(streams, stats.clone()).context("ring buffer")?;

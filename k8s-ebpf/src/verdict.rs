@@ -39,6 +39,9 @@ pub enum Finding {
     ExposedListener,
     /// An unexpected peer reached the port and nothing listened (RST).
     RefusedAttempt,
+    /// An unexpected peer sent a SYN to a listening port and never completed the
+    /// handshake (a SYN scan, a SYN flood).
+    HalfOpenAttempt,
 }
 
 impl Finding {
@@ -49,6 +52,7 @@ impl Finding {
             Self::UnexpectedOutbound => "unexpected-outbound",
             Self::ExposedListener => "exposed-listener",
             Self::RefusedAttempt => "refused-attempt",
+            Self::HalfOpenAttempt => "half-open-attempt",
         }
     }
 }
@@ -114,6 +118,10 @@ pub fn judge_rule(rule: &Rule, obs: &Observation, client: &ClientContext<'_>) ->
         EventKind::Inbound => unexpected(Finding::UnexpectedInbound),
         EventKind::Refused if peer_expected => Verdict::Expected,
         EventKind::Refused => unexpected(Finding::RefusedAttempt),
+        // A raw SYN record only reaches a verdict where no tracker resolved it (`learn`);
+        // it is an attempt either way.
+        EventKind::Syn | EventKind::HalfOpen if peer_expected => Verdict::Expected,
+        EventKind::Syn | EventKind::HalfOpen => unexpected(Finding::HalfOpenAttempt),
         EventKind::Outbound if client_expected(rule, obs, client) => Verdict::Expected,
         EventKind::Outbound => unexpected(Finding::UnexpectedOutbound),
         EventKind::Listen if bind_allowed(rule.bind, obs.local.ip()) => Verdict::Expected,

@@ -12,8 +12,8 @@ use std::{
 use integration_tests::{link, privileged, NetNs};
 use k8s_ebpf::capture::{
     reader::{Reader, ReaderStats},
-    AttachMode, Capture, CaptureConfig, EventKind, KernelCounters, NetnsScope, Observation,
-    StateHook,
+    AttachMode, Capture, CaptureConfig, EventKind, HookKind, KernelCounters, NetnsScope,
+    Observation, StateHook, SynHook,
 };
 use k8s_ebpf_common::counter;
 use tokio::sync::{mpsc, watch};
@@ -60,6 +60,7 @@ fn start_with(node: &NetNs, ports: &[u16], window: Duration, state_hook: StateHo
         window,
         ring_bytes: 1 << 20,
         state_hook,
+        syn_hook: SynHook::SkLookup,
     };
     let ports: BTreeSet<u16> = ports.iter().copied().collect();
     let (capture, streams) = Capture::load(&config, &ports).expect("load and attach");
@@ -239,20 +240,20 @@ async fn listen_on_all_interfaces_is_recorded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn syn_to_a_closed_watched_port_is_a_refused_record() {
-    if !privileged("syn_to_a_closed_watched_port_is_a_refused_record") {
+async fn syn_to_a_closed_watched_port_is_a_syn_record() {
+    if !privileged("syn_to_a_closed_watched_port_is_a_syn_record") {
         return;
     }
     let p = pair();
     let mut s = start(&p.node, &[2379], Duration::from_secs(10));
-    if !s.capture.captures_refused() {
-        panic!("this kernel (6.10+ expected here) should capture refused attempts");
-    }
+    assert!(
+        s.capture.captures_syns(),
+        "the SYN hook attaches on every supported kernel"
+    );
     let err = connect_from(&p.peer, &format!("{NODE_V4}:2379")).expect_err("nothing listens");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
-    let o = s
-        .expect("refused record", |o| o.kind == EventKind::Refused)
-        .await;
+    let o = s.expect("SYN record", |o| o.kind == EventKind::Syn).await;
+    assert_eq!(o.hook, HookKind::SkLookup);
     assert_eq!(o.remote.ip(), ip(PEER_V4));
     assert_eq!(o.local, format!("{NODE_V4}:2379").parse().unwrap());
     assert_eq!(o.netns, p.node.inode());
@@ -350,9 +351,10 @@ async fn ten_thousand_connections_fold_into_one_window_with_exact_counts() {
         c(counter::EMITTED) + c(counter::DEDUPLICATED) + c(counter::RINGBUF_FULL),
         "every watched event ends in exactly one outcome: {counters:?}"
     );
-    assert_eq!(c(counter::DEDUPLICATED), N as u64 - 1, "{counters:?}");
+    // Each connection is a SYN and an inbound event: both fold into one window each.
+    assert_eq!(c(counter::DEDUPLICATED), 2 * (N as u64 - 1), "{counters:?}");
     assert_eq!(c(counter::RINGBUF_FULL), 0, "{counters:?}");
-    // The inbound events plus the listener's listen and close (the acceptor thread dropped
-    // it), and nothing from other namespaces.
-    assert_eq!(c(counter::SEEN), N as u64 + 2, "{counters:?}");
+    // The SYN and inbound events plus the listener's listen and close (the acceptor
+    // thread dropped it), and nothing from other namespaces.
+    assert_eq!(c(counter::SEEN), 2 * N as u64 + 2, "{counters:?}");
 }

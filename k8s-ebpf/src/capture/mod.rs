@@ -2,12 +2,20 @@
 //! keeps the watched-ports map in step with the policy, and hands the ring buffer and dedup
 //! map to the [`reader`].
 
+pub mod attempts;
 pub mod decode;
+mod kretprobe;
 pub mod observation;
 pub mod offsets;
 pub mod reader;
 
-use std::{collections::BTreeSet, fmt, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    path::Path,
+    time::Duration,
+};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
@@ -18,7 +26,6 @@ use k8s_ebpf_common::{counter, inbound_source, setting, DedupKey, DedupWindow};
 use tracing::{info, warn};
 
 pub use self::observation::{EventKind, HookKind, Observation, ProcessInfo};
-use self::offsets::ResetTracepoint;
 use k8s_ebpf_common::KernelOffsets;
 
 /// The kernel object, built by build.rs and embedded so the binary is self-contained.
@@ -98,6 +105,16 @@ impl std::str::FromStr for NetnsScope {
     }
 }
 
+/// Whether the SYN hook is attached, as chosen with `--syn-hook`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SynHook {
+    /// `sk_lookup` on the watched namespace; failing to attach it is an error.
+    #[default]
+    SkLookup,
+    /// No SYN hook: half-open probes and refused attempts go unseen (a warning says so).
+    Off,
+}
+
 #[derive(Clone, Debug)]
 pub struct CaptureConfig {
     pub attach: AttachMode,
@@ -107,11 +124,13 @@ pub struct CaptureConfig {
     /// Ring-buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: u32,
     pub state_hook: StateHook,
+    pub syn_hook: SynHook,
 }
 
 impl Default for CaptureConfig {
     fn default() -> Self {
         Self {
+            syn_hook: SynHook::SkLookup,
             state_hook: StateHook::Auto,
             attach: AttachMode::Auto,
             netns: NetnsScope::Own,
@@ -148,12 +167,21 @@ pub enum CaptureError {
     Netns(std::io::Error),
     #[error("ring buffer size {0} is not a power of two of at least 4096 bytes")]
     RingSize(u32),
+    #[error(
+        "the SYN hook (sk_lookup on network namespace {netns}) did not attach: {reason}; it \
+         needs Linux 5.9+ and CAP_NET_ADMIN besides CAP_BPF (without it half-open probes and \
+         refused attempts go unseen: `--syn-hook off` runs anyway)"
+    )]
+    SynHook { netns: u32, reason: String },
 }
 
 impl CaptureError {
     /// Whether the error comes from what the user asked for (exit 64) rather than the host.
     pub fn is_usage(&self) -> bool {
-        matches!(self, Self::MechanismUnavailable { .. } | Self::RingSize(_))
+        matches!(
+            self,
+            Self::MechanismUnavailable { .. } | Self::RingSize(_) | Self::SynHook { .. }
+        )
     }
 }
 
@@ -163,7 +191,10 @@ pub struct Capture {
     _ebpf: Ebpf,
     inbound: InboundMechanism,
     state_hook: &'static str,
-    refused: bool,
+    /// The namespace the SYN hook watches, when attached.
+    syn_netns: Option<u32>,
+    /// The kretprobe's own tracefs event (removed on drop), when that is the accept hook.
+    kretprobe: Option<kretprobe::ReturnProbe>,
     netns: u32,
     watched_map: Array<MapData, u8>,
     watched: BTreeSet<u16>,
@@ -179,7 +210,7 @@ pub struct CaptureStreams {
 
 const TRACEPOINT_PROGRAM: &str = "inet_sock_set_state";
 const BTF_STATE_PROGRAM: &str = "inet_sock_set_state_btf";
-const RESET_PROGRAM: &str = "tcp_send_reset";
+const SYN_PROGRAM: &str = "syn_lookup";
 const KRETPROBE_PROGRAM: &str = "inet_csk_accept_kretprobe";
 const FEXIT_PROGRAM: &str = "inet_csk_accept_fexit";
 const ACCEPT_FUNCTION: &str = "inet_csk_accept";
@@ -195,16 +226,21 @@ impl Capture {
         }
         ensure_tracefs()?;
         raise_memlock_limit();
-        let (offsets, reset_tp) = offsets::kernel_offsets()?;
+        let offsets = offsets::kernel_offsets()?;
+        let own = own_netns().map_err(CaptureError::Netns)?;
         let netns = match config.netns {
             NetnsScope::All => 0,
             NetnsScope::Inode(inode) => inode,
-            NetnsScope::Own => own_netns().map_err(CaptureError::Netns)?,
+            NetnsScope::Own => own,
         };
+        // Under `all`, SYNs are watched in the node's namespace (the daemon's own, in a
+        // hostNetwork pod): that is where inbound connections to the node arrive.
+        let syn_netns = if netns == 0 { own } else { netns };
         let window_ns = u64::try_from(config.window.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("TARGET_NETNS", &netns, true)
+            .override_global("SYN_NETNS", &syn_netns, true)
             .override_global("DEDUP_WINDOW_NS", &window_ns, true)
             .map_max_entries("EVENTS", config.ring_bytes)
             .load(EBPF_OBJECT)?;
@@ -225,7 +261,7 @@ impl Capture {
         // else the classic tracepoint.
         let state_hook = attach_state_program(&mut ebpf, &offsets, config.state_hook)?;
 
-        let inbound = attach_inbound(&mut ebpf, config.attach)?;
+        let (inbound, kretprobe) = attach_inbound(&mut ebpf, config.attach)?;
         let source = match inbound {
             InboundMechanism::Tracepoint => inbound_source::TRACEPOINT,
             _ => inbound_source::ACCEPT_HOOK,
@@ -237,23 +273,17 @@ impl Capture {
                 source,
             })?;
 
-        let refused = match reset_tp {
-            ResetTracepoint::WithAddresses => {
-                let rst: &mut TracePoint = program(&mut ebpf, RESET_PROGRAM)?;
-                match rst
-                    .load()
-                    .and_then(|()| rst.attach("tcp", "tcp_send_reset").map(drop))
-                {
-                    Ok(()) => true,
-                    Err(e) => {
-                        warn!(error = %e, "refused attempts are not captured: tcp/tcp_send_reset did not attach");
-                        false
-                    }
-                }
+        let syn_attached = match config.syn_hook {
+            SynHook::SkLookup => {
+                attach_syn_hook(&mut ebpf, syn_netns).map_err(|reason| CaptureError::SynHook {
+                    netns: syn_netns,
+                    reason,
+                })?;
+                Some(syn_netns)
             }
-            ResetTracepoint::Unavailable => {
-                warn!("refused attempts are not captured: this kernel's tcp/tcp_send_reset tracepoint carries no addresses (Linux < 6.10)");
-                false
+            SynHook::Off => {
+                warn!("--syn-hook off: half-open probes and refused attempts are not captured");
+                None
             }
         };
 
@@ -263,7 +293,7 @@ impl Capture {
         info!(
             inbound = %inbound,
             state = state_hook,
-            refused,
+            syn = ?syn_attached,
             netns = if netns == 0 { "all".to_owned() } else { netns.to_string() },
             ports = ?ports,
             "kernel programs attached"
@@ -273,7 +303,8 @@ impl Capture {
                 _ebpf: ebpf,
                 inbound,
                 state_hook,
-                refused,
+                syn_netns: syn_attached,
+                kretprobe,
                 netns,
                 watched_map,
                 watched: ports.clone(),
@@ -296,9 +327,19 @@ impl Capture {
         self.state_hook
     }
 
-    /// Whether refused attempts (resets from closed watched ports) are captured.
-    pub fn captures_refused(&self) -> bool {
-        self.refused
+    /// Whether SYNs (half-open probes, refused attempts) are captured.
+    pub fn captures_syns(&self) -> bool {
+        self.syn_netns.is_some()
+    }
+
+    /// The namespace whose SYNs are watched.
+    pub fn syn_netns(&self) -> Option<u32> {
+        self.syn_netns
+    }
+
+    /// The kernel's loaded programs, for per-program statistics.
+    pub fn programs(&self) -> impl Iterator<Item = (&str, &aya::programs::Program)> {
+        self._ebpf.programs()
     }
 
     /// The watched network namespace's inode, 0 for all.
@@ -343,17 +384,67 @@ impl Capture {
                     })?;
             *total = values.iter().sum();
         }
-        Ok(KernelCounters(totals))
+        let kretprobe_missed = self.kretprobe.as_ref().map_or(0, |k| k.missed());
+        let recursion_misses = self
+            .programs()
+            .filter_map(|(_, p)| p.fd().ok())
+            .map(|fd| program_recursion_misses(fd.as_fd()))
+            .sum();
+        Ok(KernelCounters {
+            programs: totals,
+            kretprobe_missed,
+            recursion_misses,
+        })
     }
 }
 
-/// Totals of the kernel's per-CPU outcome counters.
+/// `bpf_prog_info.recursion_misses` (Linux 5.12+; 0 before): runs the kernel skipped
+/// because a BPF program was already running on that CPU.
+fn program_recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: bpf_prog_info is plain integers (and bitfield bytes): all-zero is valid.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: std::ptr::addr_of_mut!(info) as u64,
+    };
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: the attr points at a live, writable bpf_prog_info of the length it states;
+    // the kernel writes at most that many bytes (older kernels fewer, leaving zeros).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            std::ptr::addr_of_mut!(attr),
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    if rc == 0 {
+        info.recursion_misses
+    } else {
+        0
+    }
+}
+
+/// Totals of the kernel's per-CPU outcome counters, and what the kernel counts for us
+/// outside the programs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelCounters(pub [u64; counter::COUNT as usize]);
+pub struct KernelCounters {
+    pub programs: [u64; counter::COUNT as usize],
+    pub kretprobe_missed: u64,
+    pub recursion_misses: u64,
+}
 
 impl KernelCounters {
     pub fn get(&self, index: u32) -> u64 {
-        self.0[index as usize]
+        self.programs[index as usize]
     }
 
     /// The counters by name (the unused `calls` slot left out).
@@ -361,13 +452,21 @@ impl KernelCounters {
         counter::NAMES
             .iter()
             .copied()
-            .zip(self.0.iter().copied())
+            .zip(self.programs.iter().copied())
             .filter(|(name, _)| Self::exported(name))
+            .chain([
+                (counter::KRETPROBE_MISSED, self.kretprobe_missed),
+                (counter::RECURSION_MISSES, self.recursion_misses),
+            ])
     }
 
     /// The names [`KernelCounters::named`] yields.
     pub fn exported_names() -> impl Iterator<Item = &'static str> {
-        counter::NAMES.iter().copied().filter(|n| Self::exported(n))
+        counter::NAMES
+            .iter()
+            .copied()
+            .filter(|n| Self::exported(n))
+            .chain([counter::KRETPROBE_MISSED, counter::RECURSION_MISSES])
     }
 
     fn exported(name: &str) -> bool {
@@ -424,7 +523,10 @@ fn attach_state_program(
     Ok("tracepoint")
 }
 
-fn attach_inbound(ebpf: &mut Ebpf, mode: AttachMode) -> Result<InboundMechanism, CaptureError> {
+fn attach_inbound(
+    ebpf: &mut Ebpf,
+    mode: AttachMode,
+) -> Result<(InboundMechanism, Option<kretprobe::ReturnProbe>), CaptureError> {
     let order: &[InboundMechanism] = match mode {
         AttachMode::Auto => &[
             InboundMechanism::Fentry,
@@ -438,12 +540,12 @@ fn attach_inbound(ebpf: &mut Ebpf, mode: AttachMode) -> Result<InboundMechanism,
     let mut last = None;
     for mechanism in order {
         let attempt = match mechanism {
-            InboundMechanism::Fentry => attach_fexit(ebpf),
-            InboundMechanism::Kprobe => attach_kretprobe(ebpf),
-            InboundMechanism::Tracepoint => return Ok(InboundMechanism::Tracepoint),
+            InboundMechanism::Fentry => attach_fexit(ebpf).map(|()| None),
+            InboundMechanism::Kprobe => attach_kretprobe(ebpf).map(Some),
+            InboundMechanism::Tracepoint => return Ok((InboundMechanism::Tracepoint, None)),
         };
         match attempt {
-            Ok(()) => return Ok(*mechanism),
+            Ok(probe) => return Ok((*mechanism, probe)),
             Err(reason) => {
                 if mode == AttachMode::Auto {
                     info!(mechanism = %mechanism, %reason, "inbound hook unavailable, trying the next");
@@ -476,7 +578,7 @@ fn attach_fexit(ebpf: &mut Ebpf) -> Result<(), String> {
     })
 }
 
-fn attach_kretprobe(ebpf: &mut Ebpf) -> Result<(), String> {
+fn attach_kretprobe(ebpf: &mut Ebpf) -> Result<kretprobe::ReturnProbe, String> {
     if !Path::new("/sys/kernel/tracing/kprobe_events").exists() {
         return Err(
             "the kernel has no kprobe support (CONFIG_KPROBES is not set: \
@@ -491,12 +593,48 @@ fn attach_kretprobe(ebpf: &mut Ebpf) -> Result<(), String> {
             source_chain(&e)
         )
     })?;
-    prog.attach(ACCEPT_FUNCTION, 0).map(drop).map_err(|e| {
-        format!(
-            "kretprobe/{ACCEPT_FUNCTION} did not attach ({}); kretprobes need CONFIG_KPROBES",
-            source_chain(&e)
+    let fd = prog.fd().map_err(|e| source_chain(&e))?;
+    kretprobe::ReturnProbe::attach(ACCEPT_FUNCTION, fd.as_fd())
+        .map_err(|e| format!("kretprobe/{ACCEPT_FUNCTION} did not attach: {e}"))
+}
+
+/// Attaches the SYN hook to the network namespace with inode `netns`.
+fn attach_syn_hook(ebpf: &mut Ebpf, netns: u32) -> Result<(), String> {
+    let ns =
+        open_netns(netns).map_err(|e| format!("cannot open network namespace {netns}: {e}"))?;
+    let prog: &mut aya::programs::SkLookup =
+        program(ebpf, SYN_PROGRAM).map_err(|e| e.to_string())?;
+    prog.load().map_err(|e| source_chain(&e))?;
+    prog.attach(ns).map(drop).map_err(|e| source_chain(&e))
+}
+
+/// A descriptor of the network namespace with this inode: ours, else the first process
+/// (or `ip netns` bind mount) found in it.
+fn open_netns(inode: u32) -> std::io::Result<std::fs::File> {
+    let candidates = std::iter::once(std::path::PathBuf::from("/proc/self/ns/net"))
+        .chain(
+            std::fs::read_dir("/run/netns")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path()),
         )
-    })
+        .chain(
+            std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join("ns/net")),
+        );
+    for path in candidates {
+        if std::fs::metadata(&path).is_ok_and(|m| m.ino() as u32 == inode) {
+            return std::fs::File::open(path);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "no process or /run/netns entry is in it",
+    ))
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {

@@ -59,6 +59,8 @@ impl Observation {
             EventKind::Listen => "listen",
             EventKind::ListenClose => "listen-close",
             EventKind::Refused => "refused",
+            EventKind::Syn => "syn",
+            EventKind::HalfOpen => "half-open",
         };
         let hook = match self.hook {
             HookKind::Tracepoint => "tracepoint",
@@ -66,6 +68,7 @@ impl Observation {
             HookKind::Fexit => "fexit",
             HookKind::ResetTracepoint => "reset-tracepoint",
             HookKind::Scan => "sock-diag-scan",
+            HookKind::SkLookup => "sk-lookup",
         };
         let p = self.process.as_ref();
         serde_json::json!({

@@ -180,16 +180,8 @@ fn field(
     }
 }
 
-/// Whether the kernel's `tcp_send_reset` tracepoint carries the segment's addresses
-/// (Linux 6.10+); without them refused attempts cannot be attributed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResetTracepoint {
-    WithAddresses,
-    Unavailable,
-}
-
 /// Reads every offset the kernel programs need from this kernel.
-pub fn kernel_offsets() -> Result<(KernelOffsets, ResetTracepoint), OffsetError> {
+pub fn kernel_offsets() -> Result<KernelOffsets, OffsetError> {
     let btf = Btf::from_file(VMLINUX_BTF).map_err(|source| OffsetError::Btf {
         path: VMLINUX_BTF.to_owned(),
         source,
@@ -197,7 +189,7 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, ResetTracepoint), OffsetError>
     let sc = |path: &[&str]| member_offset(&btf, "sock_common", path);
     const SET_STATE: &str = "sock/inet_sock_set_state";
     let tp = read_format("sock", "inet_sock_set_state")?;
-    let mut offsets = KernelOffsets {
+    Ok(KernelOffsets {
         skc_daddr: sc(&["skc_daddr"])?,
         skc_rcv_saddr: sc(&["skc_rcv_saddr"])?,
         skc_dport: sc(&["skc_dport"])?,
@@ -207,8 +199,6 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, ResetTracepoint), OffsetError>
         skc_v6_daddr: sc(&["skc_v6_daddr"])?,
         skc_v6_rcv_saddr: sc(&["skc_v6_rcv_saddr"])?,
         net_ns_inum: member_offset(&btf, "net", &["ns", "inum"])?,
-        skb_dev: member_offset(&btf, "sk_buff", &["dev"])?,
-        dev_nd_net: member_offset(&btf, "net_device", &["nd_net", "net"])?,
         tp_skaddr: field(&tp, SET_STATE, "skaddr", 8)?,
         tp_oldstate: field(&tp, SET_STATE, "oldstate", 4)?,
         tp_newstate: field(&tp, SET_STATE, "newstate", 4)?,
@@ -222,28 +212,7 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, ResetTracepoint), OffsetError>
         tp_daddr_v6: field(&tp, SET_STATE, "daddr_v6", 16)?,
         sk_protocol: plain_member_offset(&btf, "sock", "sk_protocol")
             .unwrap_or(KernelOffsets::UNAVAILABLE),
-        ..KernelOffsets::default()
-    };
-    const RESET: &str = "tcp/tcp_send_reset";
-    let reset = read_format("tcp", "tcp_send_reset").ok().and_then(|rst| {
-        Some((
-            field(&rst, RESET, "skbaddr", 8).ok()?,
-            field(&rst, RESET, "skaddr", 8).ok()?,
-            field(&rst, RESET, "saddr", 28).ok()?,
-            field(&rst, RESET, "daddr", 28).ok()?,
-        ))
-    });
-    let reset = match reset {
-        Some((skb, sk, saddr, daddr)) => {
-            offsets.rst_skbaddr = skb;
-            offsets.rst_skaddr = sk;
-            offsets.rst_saddr = saddr;
-            offsets.rst_daddr = daddr;
-            ResetTracepoint::WithAddresses
-        }
-        None => ResetTracepoint::Unavailable,
-    };
-    Ok((offsets, reset))
+    })
 }
 
 #[cfg(test)]

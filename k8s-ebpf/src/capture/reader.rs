@@ -6,6 +6,16 @@
 //! first: the sweep here finds the window expired in the dedup map, or the kernel opens the
 //! next window for the same key and carries the old total in the new record
 //! (`prev_count`). `reported` makes sure each window is reported once.
+//!
+//! The reader never stalls: a wake-up reads a bounded batch (so a flood cannot starve the
+//! sweep or shutdown) and, when the batch was full, keeps the descriptor marked ready so
+//! the next turn of the loop reads on. The ring buffer's epoll only wakes a reader that
+//! has caught up, so clearing readiness with records left would wait forever. Shutdown
+//! reads until the ring is empty.
+//!
+//! The bookkeeping maps are bounded by the kernel's dedup map: an entry lives only while
+//! the kernel still holds a window with that start (each sweep prunes the rest), so
+//! nothing is cleared wholesale and no summary loses its first record's context.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -42,16 +52,21 @@ pub struct ReaderStats {
 /// racing with the end of the window has landed.
 const SWEEP_GRACE: Duration = Duration::from_millis(200);
 
-/// Upper bound on tracked keys, matching the kernel's LRU map size.
-const MAX_TRACKED: usize = 16384;
+/// Records read per wake-up before the sweep and shutdown get a turn.
+const BATCH: usize = 4096;
+
+/// Records read at shutdown at most: the ring's capacity many times over (a producer that
+/// never stops must not hold the exit forever).
+const SHUTDOWN_MAX: usize = 1 << 22;
 
 pub struct Reader {
     ring: AsyncFd<RingBuf<MapData>>,
     dedup: HashMap<MapData, DedupKey, DedupWindow>,
     window: Duration,
     clock: Clock,
-    /// The first record of each key's current window, to give summaries their context.
-    first: StdHashMap<DedupKey, Observation>,
+    /// The first record of each key's current window (and that window's start), to give
+    /// summaries their context.
+    first: StdHashMap<DedupKey, (u64, Observation)>,
     /// Start of the last window reported per key.
     reported: StdHashMap<DedupKey, u64>,
     stats: Arc<ReaderStats>,
@@ -87,8 +102,10 @@ impl Reader {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
                     let mut guard = guard?;
-                    drain(guard.get_inner_mut(), &mut batch);
-                    guard.clear_ready();
+                    if drain(guard.get_inner_mut(), &mut batch, BATCH) < BATCH {
+                        // Caught up: the next record will wake us.
+                        guard.clear_ready();
+                    }
                 }
                 _ = sweep.tick(), if !self.window.is_zero() => {
                     let summaries = self.sweep(self.window + SWEEP_GRACE);
@@ -98,7 +115,7 @@ impl Reader {
                     continue;
                 }
                 _ = shutdown.changed() => {
-                    drain(self.ring.get_mut(), &mut batch);
+                    drain(self.ring.get_mut(), &mut batch, SHUTDOWN_MAX);
                     let mut out = self.process(&mut batch);
                     // Windows still open would otherwise never be reported.
                     out.extend(self.sweep(Duration::ZERO));
@@ -117,6 +134,8 @@ impl Reader {
     }
 
     fn process(&mut self, batch: &mut Vec<ConnRecord>) -> Vec<Observation> {
+        // Per batch, so that a step of the wall clock (NTP) shows in the next records.
+        self.clock = Clock::now();
         let mut out = Vec::with_capacity(batch.len());
         for record in batch.drain(..) {
             self.stats.records.fetch_add(1, Ordering::Relaxed);
@@ -139,10 +158,7 @@ impl Reader {
                         out.push(summary);
                     }
                 }
-                if self.first.len() >= MAX_TRACKED && !self.first.contains_key(&key) {
-                    self.first.clear();
-                }
-                self.first.insert(key, observation.clone());
+                self.first.insert(key, (record.ts_ns, observation.clone()));
             }
             out.push(observation);
         }
@@ -154,15 +170,12 @@ impl Reader {
         if self.reported.get(key).is_some_and(|last| *last >= start) {
             return None;
         }
-        if self.reported.len() >= MAX_TRACKED && !self.reported.contains_key(key) {
-            self.reported.clear();
-        }
         self.reported.insert(*key, start);
         self.stats.window_summaries.fetch_add(1, Ordering::Relaxed);
         let mut summary = match self.first.get(key) {
-            Some(first) => first.clone(),
+            Some((first_start, first)) if *first_start == start => first.clone(),
             // The first record was lost (ring buffer full); say what the key says.
-            None => synthesise(key, self.clock.wall(start)),
+            _ => synthesise(key, self.clock.wall(start)),
         };
         summary.count = count;
         summary.window_summary = true;
@@ -174,32 +187,58 @@ impl Reader {
         let now = monotonic_ns();
         let window_ns = u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX);
         let mut closed = Vec::new();
+        let mut live = StdHashMap::with_capacity(self.first.len().max(self.reported.len()));
+        let mut complete = true;
         for entry in self.dedup.iter() {
             match entry {
-                Ok((key, w)) if w.count > 1 && now.saturating_sub(w.start_ns) >= window_ns => {
-                    closed.push((key, w))
+                Ok((key, w)) => {
+                    live.insert(key, w.start_ns);
+                    if w.count > 1 && now.saturating_sub(w.start_ns) >= window_ns {
+                        closed.push((key, w));
+                    }
                 }
-                Ok(_) => {}
                 // The map changes under the iterator; a vanished key is not an error.
-                Err(_) => break,
+                Err(_) => {
+                    complete = false;
+                    break;
+                }
             }
         }
-        closed
+        let out = closed
             .into_iter()
             .filter_map(|(key, w)| self.summary(&key, w.start_ns, w.count))
-            .collect()
+            .collect();
+        if complete {
+            // Keep only what a window the kernel still holds can need: its first record
+            // (until its summary is out) and the start of the last window reported.
+            let reported = &self.reported;
+            self.first.retain(|key, (start, _)| {
+                live.get(key) == Some(start) && reported.get(key) != Some(start)
+            });
+            self.reported
+                .retain(|key, start| live.get(key) == Some(start));
+        }
+        out
+    }
+
+    /// Keys tracked for summaries (bounded by the kernel's dedup map).
+    pub fn tracked(&self) -> (usize, usize) {
+        (self.first.len(), self.reported.len())
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<ConnRecord>) {
-    // Bounded per wake-up so a flood cannot starve the sweep or shutdown.
-    for _ in 0..4096 {
+/// Reads at most `max` records; returns how many it read.
+fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<ConnRecord>, max: usize) -> usize {
+    let mut read = 0;
+    while read < max {
         let Some(item) = ring.next() else { break };
+        read += 1;
         match decode::record_from_bytes(&item) {
             Ok(r) => batch.push(r),
             Err(e) => warn!(error = %e, "malformed record from the kernel"),
         }
     }
+    read
 }
 
 fn folds(kind: EventKind) -> bool {
@@ -209,21 +248,28 @@ fn folds(kind: EventKind) -> bool {
 /// The kernel's dedup key for a record (the record's family and addresses are already
 /// normalised, as they were when the kernel built the key).
 fn key_of(r: &ConnRecord) -> DedupKey {
-    let port = if r.kind == EventKind::Outbound as u32 {
-        r.remote_port
-    } else {
-        r.local_port
-    };
+    let outbound = r.kind == EventKind::Outbound as u32;
     DedupKey {
         kind: r.kind,
-        port,
+        port: if outbound {
+            r.remote_port
+        } else {
+            r.local_port
+        },
         family: r.family,
+        netns: r.netns,
+        tgid: if outbound { r.tgid } else { 0 },
+        cgroup_id: if outbound { r.cgroup_id } else { 0 },
         peer: r.remote_addr,
     }
 }
 
 fn synthesise(key: &DedupKey, at: std::time::SystemTime) -> Observation {
     let kind = EventKind::from_u32(key.kind).unwrap_or(EventKind::Inbound);
+    let hook = match kind {
+        EventKind::Syn => HookKind::SkLookup,
+        _ => HookKind::Tracepoint,
+    };
     let peer = decode::ip(key.family, &key.peer).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let unspecified = match peer {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -241,12 +287,12 @@ fn synthesise(key: &DedupKey, at: std::time::SystemTime) -> Observation {
     };
     Observation {
         kind,
-        hook: HookKind::Tracepoint,
+        hook,
         at,
         local,
         remote,
         process: None,
-        netns: 0,
+        netns: key.netns,
         count: 0,
         window_summary: true,
     }

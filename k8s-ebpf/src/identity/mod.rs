@@ -20,7 +20,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use crate::capture::{EventKind, Observation};
+use crate::capture::Observation;
 
 /// Label keys that give a node its roles: `node-role.kubernetes.io/<role>` (any value).
 pub const NODE_ROLE_PREFIX: &str = "node-role.kubernetes.io/";
@@ -361,8 +361,8 @@ impl Identities {
     /// the others and when no API is configured.
     pub fn peer_of(&self, obs: &Observation) -> Option<PeerIdentity> {
         match obs.kind {
-            EventKind::Inbound | EventKind::Refused => self.lookup(obs.remote.ip()),
-            EventKind::Outbound | EventKind::Listen | EventKind::ListenClose => None,
+            kind if kind.is_remote_attempt() => self.lookup(obs.remote.ip()),
+            _ => None,
         }
     }
 

@@ -5,7 +5,9 @@
 
 pub mod server;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 pub use self::server::{MetricsServer, MetricsServerError, Readiness, DEFAULT_METRICS_ADDR};
 
@@ -41,6 +43,14 @@ pub struct Metrics {
     pub kubernetes_synced: IntGaugeVec,
     /// Full lists applied (the first sync and every re-list), by resource.
     pub kubernetes_lists: IntCounterVec,
+    /// SYNs to watched ports by what became of them (`completed`, `half_open`,
+    /// `refused`), set from the daemon's attempt tracker.
+    pub syn_attempts: IntCounterVec,
+    /// SYNs to listening watched ports still waiting for their handshake.
+    pub syn_pending: IntGauge,
+    /// Records the reader took from the ring buffer (equals the kernel's `emitted` once
+    /// the reader has caught up).
+    pub ring_records: IntCounter,
     /// Kubernetes API errors, by resource and reason (`forbidden`, `unauthorized`,
     /// `unreachable`, `gone`, `not-found`, `server-error`, `protocol`, `config`).
     pub kubernetes_api_errors: IntCounterVec,
@@ -161,6 +171,27 @@ impl Metrics {
                 "Full lists applied to the identity cache (first sync and re-lists), by resource.",
                 &["resource"],
             ),
+            syn_attempts: counter_vec(
+                &r,
+                "k8s_ebpf_syn_attempts_total",
+                "SYNs to watched ports, by resolution: completed (the handshake finished: an inbound connection), half_open (a listener, no handshake), refused (nothing listens).",
+                &["resolution"],
+            ),
+            syn_pending: {
+                let g = IntGauge::new(
+                    "k8s_ebpf_syn_pending",
+                    "SYNs to listening watched ports waiting for their handshake to complete.",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone()))
+                    .expect("metric names are unique");
+                g
+            },
+            ring_records: counter(
+                &r,
+                "k8s_ebpf_ring_records_total",
+                "Records the daemon read from the kernel's ring buffer (equals the kernel's emitted count once caught up).",
+            ),
             kubernetes_api_errors: counter_vec(
                 &r,
                 "k8s_ebpf_kubernetes_api_errors_total",
@@ -195,6 +226,20 @@ impl Metrics {
             c.reset();
             c.inc_by(total);
         }
+    }
+
+    /// The attempt tracker's totals.
+    pub fn set_attempts(&self, stats: &crate::capture::attempts::AttemptStats, pending: usize) {
+        for (resolution, total) in [
+            ("completed", stats.completed),
+            ("half_open", stats.half_open),
+            ("refused", stats.refused),
+        ] {
+            let c = self.syn_attempts.with_label_values(&[resolution]);
+            c.inc_by(total.saturating_sub(c.get()));
+        }
+        self.syn_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
     }
 
     /// Marks `mechanism` as the attached inbound hook (and no other).

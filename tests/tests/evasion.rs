@@ -1,0 +1,317 @@
+//! The attacker's view (THREAT-MODEL.md): each test tries one cheap trick against the
+//! running daemon and shows it still costs the attacker an alert, or a counted, visible
+//! outcome. The node and the attacker live in namespaces this test creates, joined by a
+//! veth pair; the daemon runs in the node's namespace on the embedded default policy.
+
+use std::{
+    collections::BTreeSet,
+    net::TcpListener,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{daemon::Daemon, link, privileged, run, NetNs};
+use serde_json::Value;
+
+const NODE: &str = "192.0.2.10";
+const NODE6: &str = "2001:db8::10";
+const ATTACKER: &str = "192.0.2.66";
+const ATTACKER6: &str = "2001:db8::66";
+/// A second attacker address, for the connections that complete.
+const CLIENT: &str = "192.0.2.67";
+
+struct Lab {
+    node: NetNs,
+    attacker: NetNs,
+}
+
+fn lab() -> Lab {
+    let node = NetNs::new("node");
+    let attacker = NetNs::new("attack");
+    link(
+        &node,
+        &[&format!("{NODE}/24"), &format!("{NODE6}/64")],
+        &attacker,
+        &[
+            &format!("{ATTACKER}/24"),
+            &format!("{CLIENT}/24"),
+            &format!("{ATTACKER6}/64"),
+        ],
+    );
+    Lab { node, attacker }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn kernel(d: &Daemon, outcome: &str) -> f64 {
+    d.metric(&format!(
+        "k8s_ebpf_kernel_events_total{{outcome=\"{outcome}\"}}"
+    ))
+}
+
+/// First sightings (not window summaries) with this action.
+fn alerts<'a>(records: &'a [Value], action: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+    records.iter().filter(move |r| {
+        r["event"]["action"] == action
+            && r["event"]["kind"] == "alert"
+            && r["k8s_ebpf"]["summary"] != true
+    })
+}
+
+fn has_alert(records: &[Value], action: &str, source: &str, port: u64) -> bool {
+    alerts(records, action).any(|r| r["source"]["ip"] == source && r["destination"]["port"] == port)
+}
+
+/// A connection from `source` (an address of the attacker's namespace) to `to`.
+fn connect_from(ns: &NetNs, source: &str, to: &str) -> std::io::Result<()> {
+    let out = ns
+        .command("python3")
+        .args([
+            "-c",
+            "import socket,sys\n\
+             a,p=sys.argv[2].rsplit(':',1)\n\
+             s=socket.socket(socket.AF_INET6 if ':' in a else socket.AF_INET)\n\
+             s.settimeout(3); s.bind((sys.argv[1],0)); s.connect((a.strip('[]'),int(p)))",
+            source,
+            to,
+        ])
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+}
+
+/// Opens and closes `n` listeners on a watched port in `ns`: two records each (listen,
+/// listen-close), never folded — the cheapest way for any local process to pile up
+/// records.
+fn churn_listeners(ns: &NetNs, n: usize) {
+    ns.enter(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for _ in 0..n {
+            assert!(Instant::now() < deadline, "listener churn took over 60 s");
+            drop(TcpListener::bind("127.0.0.1:2381").expect("bind 127.0.0.1:2381"));
+        }
+    });
+}
+
+/// Technique: pause the daemon (or outrun it) while a local process churns listeners, so
+/// that the backlog is larger than one read batch. On a529923 the reader read one batch
+/// and went back to sleep; the ring only wakes a reader that has caught up, so it never
+/// read again: every later attack went unreported and /readyz stayed 200.
+#[test]
+fn a_backlog_does_not_stall_the_reader() {
+    if !privileged("a_backlog_does_not_stall_the_reader") {
+        return;
+    }
+    let lab = lab();
+    let _etcd = lab.node.listen(&format!("{NODE}:2379"));
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    daemon.signal(libc::SIGSTOP);
+    churn_listeners(&lab.node, 6_000);
+    daemon.signal(libc::SIGCONT);
+    wait_for("the backlog read", Duration::from_secs(20), || {
+        daemon.metric("k8s_ebpf_ring_records_total") >= 12_000.0
+    });
+    connect_from(&lab.attacker, ATTACKER, &format!("{NODE}:2379")).expect("connect 2379");
+    daemon.wait_records(
+        "the attacker's alert after the backlog",
+        Duration::from_secs(10),
+        |r| has_alert(r, "unexpected-inbound", ATTACKER, 2379),
+    );
+    assert_eq!(
+        kernel(&daemon, "ringbuf_full"),
+        0.0,
+        "the default ring held it"
+    );
+    assert_eq!(
+        daemon.metric("k8s_ebpf_ring_records_total"),
+        kernel(&daemon, "emitted"),
+        "every record the kernel wrote was read"
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// Technique: fill the ring buffer, then connect while it is full, then again once it has
+/// room. On a529923 the dedup window opened before the ring-buffer reserve, so the lost
+/// first record left the peer's window open with no alert, and every later connection in
+/// the window was folded into it: the peer stayed hidden. Also: under a backlog larger
+/// than the ring, every record is read or counted lost.
+#[test]
+fn a_full_ring_does_not_hide_a_peer() {
+    if !privileged("a_full_ring_does_not_hide_a_peer") {
+        return;
+    }
+    let lab = lab();
+    let _etcd = lab.node.listen(&format!("{NODE}:2379"));
+    let mut daemon = Daemon::start(&lab.node, &["--ring-bytes", "65536"]);
+    daemon.signal(libc::SIGSTOP);
+    churn_listeners(&lab.node, 2_000);
+    // The ring is full: this connection's records are lost (and counted).
+    connect_from(&lab.attacker, ATTACKER, &format!("{NODE}:2379")).expect("connect 2379");
+    daemon.signal(libc::SIGCONT);
+    wait_for("the ring drained", Duration::from_secs(20), || {
+        let emitted = kernel(&daemon, "emitted");
+        emitted > 0.0 && daemon.metric("k8s_ebpf_ring_records_total") == emitted
+    });
+    let lost = kernel(&daemon, "ringbuf_full");
+    assert!(lost > 0.0, "a 64 KiB ring held 4,000 records?");
+    assert!(
+        !has_alert(&daemon.records(), "unexpected-inbound", ATTACKER, 2379),
+        "the first connection was meant to be lost"
+    );
+    // The same peer again, within what would have been its dedup window.
+    connect_from(&lab.attacker, ATTACKER, &format!("{NODE}:2379")).expect("connect 2379");
+    daemon.wait_records(
+        "the peer's alert after the loss",
+        Duration::from_secs(10),
+        |r| has_alert(r, "unexpected-inbound", ATTACKER, 2379),
+    );
+    let seen = kernel(&daemon, "seen");
+    let outcomes = kernel(&daemon, "emitted")
+        + kernel(&daemon, "deduplicated")
+        + kernel(&daemon, "ringbuf_full");
+    assert_eq!(seen, outcomes, "every watched event ends in one outcome");
+    assert_eq!(
+        daemon.metric("k8s_ebpf_ring_records_total"),
+        kernel(&daemon, "emitted")
+    );
+    eprintln!("ring buffer: {lost} records lost and counted; the peer was still reported");
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// Technique: connect out to another node's kubelet right after an expected client did
+/// the same (same peer, same port), hoping to fold into its window. On a529923 the dedup
+/// key had no process in it: the attacker's connection was folded, no alert, ever.
+#[test]
+fn an_outbound_connection_does_not_hide_in_an_expected_clients_window() {
+    if !privileged("an_outbound_connection_does_not_hide_in_an_expected_clients_window") {
+        return;
+    }
+    let lab = lab();
+    let kubelet = lab.attacker.listen(&format!("{ATTACKER}:10250"));
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    let connect_as = |name: &str| {
+        // The name is the task's comm (what the default policy's processes match).
+        run(lab.node.command("python3").args([
+            "-c",
+            "import ctypes,socket,sys\n\
+             ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)\n\
+             socket.create_connection((sys.argv[2], 10250), timeout=3).close()",
+            name,
+            ATTACKER,
+        ]));
+    };
+    connect_as("kube-apiserver");
+    std::thread::sleep(Duration::from_millis(500));
+    connect_as("python3");
+    let records = daemon.wait_records("the second process's alert", Duration::from_secs(10), |r| {
+        alerts(r, "unexpected-outbound")
+            .any(|a| a["process"]["name"] == "python3" && a["destination"]["port"] == 10250)
+    });
+    assert!(
+        !alerts(&records, "unexpected-outbound").any(|a| a["process"]["name"] == "kube-apiserver"),
+        "the expected client raised an alert"
+    );
+    drop(kubelet);
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// Technique: a half-open SYN scan (`nmap -sS`, root's default) of two open ports and one
+/// closed one, over IPv4 and IPv6. On a529923: zero records (inbound was only seen at
+/// SYN_RECV → ESTABLISHED, refused attempts only on 6.10+). Each probe is an alert, each
+/// family's scan is one port-scan record naming the three ports, and a connection that
+/// completes stays one alert (no half-open alert beside it).
+#[test]
+fn a_half_open_syn_scan_is_seen() {
+    if !privileged("a_half_open_syn_scan_is_seen") {
+        return;
+    }
+    let lab = lab();
+    let _etcd = lab.node.listen("[::]:2379");
+    let _apiserver = lab.node.listen("[::]:6443");
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    for target in [NODE, NODE6] {
+        let mut nmap = lab.attacker.command("nmap");
+        nmap.args([
+            "-sS",
+            "-Pn",
+            "-n",
+            "-p",
+            "2379,6443,10250",
+            "--max-retries",
+            "0",
+        ]);
+        if target.contains(':') {
+            nmap.arg("-6");
+        }
+        let out = run(nmap.args(["--host-timeout", "30s", target]));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let state = |port: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{port}/tcp")))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap_or("?")
+                .to_owned()
+        };
+        assert_eq!(state("2379"), "open", "{text}");
+        assert_eq!(state("10250"), "closed", "{text}");
+    }
+    // A complete connection from another address: one alert, not a probe alert as well.
+    connect_from(&lab.attacker, CLIENT, &format!("{NODE}:6443")).expect("connect 6443");
+
+    let expected = |r: &[Value]| {
+        [ATTACKER, ATTACKER6].iter().all(|src| {
+            has_alert(r, "half-open-attempt", src, 2379)
+                && has_alert(r, "half-open-attempt", src, 6443)
+                && has_alert(r, "refused-attempt", src, 10250)
+        }) && has_alert(r, "unexpected-inbound", CLIENT, 6443)
+    };
+    daemon.wait_records("every probe as an alert", Duration::from_secs(15), expected);
+    std::thread::sleep(Duration::from_secs(4)); // a completed handshake's hold has passed
+    let records = daemon.records();
+
+    for src in [ATTACKER, ATTACKER6] {
+        let scans: Vec<_> = alerts(&records, "port-scan")
+            .filter(|r| r["source"]["ip"] == *src)
+            .collect();
+        assert_eq!(
+            scans.len(),
+            1,
+            "one port-scan record per scanner: {scans:#?}"
+        );
+        let ports: BTreeSet<u64> = scans[0]["k8s_ebpf"]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        assert_eq!(ports, BTreeSet::from([2379, 6443, 10250]));
+        assert!(
+            !has_alert(&records, "unexpected-inbound", src, 2379),
+            "a half-open probe is not a connection"
+        );
+    }
+    let client: Vec<_> = records
+        .iter()
+        .filter(|r| r["source"]["ip"] == CLIENT && r["event"]["kind"] == "alert")
+        .map(|r| r["event"]["action"].as_str().unwrap_or("?").to_owned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(client, ["unexpected-inbound"], "one connection, one alert");
+    assert!(daemon.metric(r#"k8s_ebpf_syn_attempts_total{resolution="half_open"}"#) >= 4.0);
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
