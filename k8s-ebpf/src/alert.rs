@@ -314,7 +314,10 @@ impl KubernetesFields {
 /// What a `port-scan` record reports.
 #[derive(Clone, Debug)]
 pub struct PortScan {
+    /// The scanner; with several sources in one prefix, the first of them.
     pub peer: IpAddr,
+    /// With several sources: the prefix they share and how many there were.
+    pub prefix: Option<(ipnet::IpNet, u64)>,
     /// The scanner's identity, when the Kubernetes API is in use.
     pub kubernetes: Option<KubernetesFields>,
     /// The watched ports it touched, ascending.
@@ -360,6 +363,13 @@ pub struct Extension {
     pub cgroup_id: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<u32>,
+    /// A record for many sources at once (a flood past `defaults.flood.sources`, or a scan
+    /// from several addresses): the network they share (/24, /64).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// With `prefix`: how many sources it stands for (sightings of a new source).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sources: Option<u64>,
 }
 
 /// One alert or event record.
@@ -512,8 +522,35 @@ impl AlertEvent {
                     .map(|p| p.cgroup_id)
                     .filter(|&id| id != 0),
                 netns: (obs.netns != 0).then_some(obs.netns),
+                prefix: None,
+                sources: None,
             },
         }
+    }
+
+    /// Turns a first sighting into the record for a flood of sources in `prefix`: no
+    /// single source named, the prefix and the number of sources instead.
+    pub fn into_flood(mut self, prefix: ipnet::IpNet, sources: u64) -> Self {
+        self.source = None;
+        self.kubernetes = None;
+        self.k8s_ebpf.prefix = Some(prefix.to_string());
+        self.set_sources(sources);
+        self
+    }
+
+    /// Sets the number of sources a flood record stands for (and its message).
+    pub fn set_sources(&mut self, sources: u64) {
+        let Some(prefix) = &self.k8s_ebpf.prefix else {
+            return;
+        };
+        let port = self.destination.as_ref().and_then(|d| d.port).unwrap_or(0);
+        self.message = format!(
+            "{} to {} port {port} from {sources} source(s) in {prefix}: a flood of sources \
+             (past the policy's flood threshold, new sources fold by prefix)",
+            self.event.action.as_str(),
+            self.k8s_ebpf.component
+        );
+        self.k8s_ebpf.sources = Some(sources);
     }
 
     /// The `port-scan` record: `peer` touched `ports` (sorted) within `window`.
@@ -549,11 +586,18 @@ impl AlertEvent {
                 name: "port-scan".to_owned(),
                 ruleset: None,
             },
-            message: format!(
-                "port scan from {peer}{who}: {} watched ports touched within {} ({list})",
-                scan.ports.len(),
-                humantime::format_duration(scan.window)
-            ),
+            message: match scan.prefix {
+                None => format!(
+                    "port scan from {peer}{who}: {} watched ports touched within {} ({list})",
+                    scan.ports.len(),
+                    humantime::format_duration(scan.window)
+                ),
+                Some((prefix, sources)) => format!(
+                    "port scan from {sources} sources in {prefix} (first {peer}{who}): {} watched ports touched within {} ({list})",
+                    scan.ports.len(),
+                    humantime::format_duration(scan.window)
+                ),
+            },
             k8s_ebpf: Extension {
                 count: scan.count,
                 summary: false,
@@ -562,6 +606,8 @@ impl AlertEvent {
                 hook: None,
                 cgroup_id: None,
                 netns: None,
+                prefix: scan.prefix.map(|(p, _)| p.to_string()),
+                sources: scan.prefix.map(|(_, n)| n),
             },
         }
     }
@@ -768,6 +814,7 @@ mod tests {
 
         let mut report = PortScan {
             peer: "192.0.2.9".parse().expect("ip"),
+            prefix: None,
             kubernetes: None,
             ports: vec![2379, 6443, 10250],
             count: 3,

@@ -7,10 +7,21 @@
 //!   window summary carries the kernel window's total *including* that first event, so a
 //!   summary adds `count - 1`. A kernel summary arriving after our window closed opens a
 //!   count-only window (no new alert) that reports at its own close.
-//! - **Port scans.** One peer reaching `defaults.scan.ports` distinct watched ports with
-//!   *unexpected* inbound connections or refused attempts within `defaults.scan.window`
-//!   (a fixed window from its first such contact) raises one `port-scan` alert listing
-//!   the ports, and a closing `port-scan` summary with every port and the total count.
+//!   A window holds only what one verdict covers: the key is (finding, port, peer,
+//!   network namespace) and, outbound, the local process (an attacker's process never
+//!   folds into an expected client's window).
+//! - **Port scans.** One peer — or one prefix (/24, /64: rotating the source address per
+//!   port does not dodge it) — reaching `defaults.scan.ports` distinct watched ports with
+//!   *unexpected* inbound connections, half-open probes or refused attempts within
+//!   `defaults.scan.window` (a fixed window from its first such contact) raises one
+//!   `port-scan` alert listing the ports, and a closing `port-scan` summary with every
+//!   port and the total count. Several sources: the record names the first, the prefix
+//!   and how many.
+//! - **Floods.** Past `defaults.flood.sources` distinct unexpected sources on one
+//!   (finding, port) within `defaults.window`, further sources fold into one record per
+//!   prefix (/24, /64) carrying `k8s_ebpf.prefix`, the number of sources and the exact
+//!   event count: the first sources are still named one by one, the SIEM is not buried,
+//!   and the counts still add up to what the kernel saw.
 //!   The per-port alerts go on beside it, one per (rule, peer) and window: each names its
 //!   port's rule and severity (etcd is not the read-only kubelet), and a scan of all 65,535
 //!   ports still yields at most one alert per watched port plus the scan. Expected peers
@@ -44,6 +55,8 @@ use crate::{
 
 pub const DEFAULT_MAX_WINDOWS: usize = 65_536;
 pub const DEFAULT_MAX_SCAN_PEERS: usize = 16_384;
+/// Distinct sources a scan record counts exactly; beyond it, "at least".
+const MAX_SCAN_SOURCES: usize = 4096;
 
 /// How the engine runs, apart from the policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,8 +95,30 @@ pub struct EngineStats {
 struct WindowKey {
     action: Action,
     port: u16,
-    /// The remote peer; for listeners, the bound address.
+    /// The remote peer; for listeners, the bound address; for a flood, the prefix's
+    /// network address.
     peer: IpAddr,
+    /// The prefix length of a flood window (`peer` is then the network); 0 otherwise.
+    prefix_len: u8,
+    netns: u32,
+    /// Outbound: the local process (tgid) and its cgroup; 0 otherwise.
+    tgid: u32,
+    cgroup_id: u64,
+}
+
+/// Unexpected sources named one by one on a (finding, port) in the current window.
+struct SourceCount {
+    started: SystemTime,
+    named: usize,
+}
+
+/// The prefix a source is folded into when it floods or scans: /24 for IPv4, /64 for
+/// IPv6 (what one host or one tenant typically holds).
+pub fn source_prefix(ip: IpAddr) -> ipnet::IpNet {
+    let len = if ip.is_ipv4() { 24 } else { 64 };
+    ipnet::IpNet::new(ip, len)
+        .map(|n| n.trunc())
+        .unwrap_or_else(|_| ipnet::IpNet::from(ip))
 }
 
 /// Insertion-ordered position: (open time, sequence) so equal times stay distinct.
@@ -96,10 +131,16 @@ struct Window {
     total: u64,
     /// Events already reported by the opening record.
     reported: u64,
+    /// Flood windows: sources folded in so far.
+    sources: u64,
 }
 
 struct ScanPeer {
     slot: Slot,
+    /// The first source seen in the prefix, and how many distinct sources (counted up to
+    /// [`MAX_SCAN_SOURCES`]).
+    first: IpAddr,
+    sources: BTreeSet<IpAddr>,
     ports: BTreeSet<u16>,
     events: u64,
     /// Events at the moment the scan was declared (`None` until it is).
@@ -125,7 +166,10 @@ pub struct Engine {
     metrics: Option<Arc<Metrics>>,
     windows: HashMap<WindowKey, Window>,
     window_order: BTreeMap<Slot, WindowKey>,
+    /// Keyed by the source's prefix (see [`source_prefix`]).
     scans: HashMap<IpAddr, ScanPeer>,
+    /// Per (finding, port): unexpected sources named in the current window.
+    floods: HashMap<(Action, u16), SourceCount>,
     scan_order: BTreeMap<Slot, IpAddr>,
     seq: u64,
     windows_evicted: u64,
@@ -163,6 +207,7 @@ impl Engine {
             windows: HashMap::new(),
             window_order: BTreeMap::new(),
             scans: HashMap::new(),
+            floods: HashMap::new(),
             scan_order: BTreeMap::new(),
             seq: 0,
             windows_evicted: 0,
@@ -240,10 +285,11 @@ impl Engine {
             _ => obs.remote.ip(),
         };
 
-        if matches!(
+        let remote = matches!(
             action,
             Action::UnexpectedInbound | Action::RefusedAttempt | Action::HalfOpenAttempt
-        ) {
+        );
+        if remote {
             let touch = ScanTouch {
                 peer,
                 port: rule.port,
@@ -256,14 +302,33 @@ impl Engine {
             }
         }
 
-        let key = WindowKey {
+        let outbound = obs.kind == EventKind::Outbound;
+        let process = obs.process.as_ref().filter(|_| outbound);
+        let mut key = WindowKey {
             action,
             port: rule.port,
             peer,
+            prefix_len: 0,
+            netns: obs.netns,
+            tgid: process.map_or(0, |p| p.pid),
+            cgroup_id: process.map_or(0, |p| p.cgroup_id),
         };
         if let Some(w) = self.windows.get_mut(&key) {
             w.total += added;
             return out;
+        }
+        let flood = remote && self.past_flood_threshold(action, rule.port, now);
+        if flood {
+            let prefix = source_prefix(peer);
+            key.peer = prefix.network();
+            key.prefix_len = prefix.prefix_len();
+            if let Some(w) = self.windows.get_mut(&key) {
+                w.total += added;
+                if !obs.window_summary {
+                    w.sources += 1;
+                }
+                return out;
+            }
         }
         // The side the record is about: the remote peer inbound, the local pod otherwise.
         let kubernetes = match obs.kind {
@@ -280,6 +345,9 @@ impl Engine {
             kubernetes: kubernetes.as_ref(),
         };
         let mut record = AlertEvent::for_observation(obs, action, &subject);
+        if flood {
+            record = record.into_flood(source_prefix(peer), 1);
+        }
         let reported = if obs.window_summary {
             // Our window for this already closed; report the rest at this one's close.
             0
@@ -295,6 +363,29 @@ impl Engine {
         };
         self.open_window(key, record, added, reported, now);
         out
+    }
+
+    /// Counts one more unexpected source opening a window on (action, port); true once
+    /// the policy's flood threshold for the current window is passed.
+    fn past_flood_threshold(&mut self, action: Action, port: u16, now: SystemTime) -> bool {
+        let window = self.policy.window();
+        let threshold = self.policy.flood_sources();
+        let count = self.floods.entry((action, port)).or_insert(SourceCount {
+            started: now,
+            named: 0,
+        });
+        if expired(count.started, window, now) {
+            *count = SourceCount {
+                started: now,
+                named: 0,
+            };
+        }
+        if count.named < threshold {
+            count.named += 1;
+            false
+        } else {
+            true
+        }
     }
 
     /// Closes every window and scan whose time is up; returns their summaries.
@@ -315,8 +406,9 @@ impl Engine {
                 break;
             }
             self.window_order.remove(&slot);
-            if let Some(w) = self.windows.remove(&key) {
+            if let Some(mut w) = self.windows.remove(&key) {
                 if w.total > w.reported {
+                    w.template.set_sources(w.sources);
                     out.push(w.template.summary(w.total, slot.0, now));
                 }
             }
@@ -329,7 +421,7 @@ impl Engine {
             self.scan_order.remove(&slot);
             if let Some(s) = self.scans.remove(&peer) {
                 if s.declared_at_events.is_some_and(|at| s.events > at) {
-                    let scan = self.scan_record(peer, &s, now);
+                    let scan = self.scan_record(&s, now);
                     out.push(scan.summary(s.events, slot.0, now));
                 }
             }
@@ -370,6 +462,7 @@ impl Engine {
                 template,
                 total,
                 reported,
+                sources: 1,
             },
         );
     }
@@ -383,8 +476,8 @@ impl Engine {
         at: SystemTime,
         now: SystemTime,
     ) -> Option<AlertEvent> {
-        let peer = touch.peer;
-        if !self.scans.contains_key(&peer) {
+        let prefix = source_prefix(touch.peer).network();
+        if !self.scans.contains_key(&prefix) {
             while self.scans.len() >= self.settings.max_scan_peers.max(1) {
                 let Some((_, oldest)) = self.scan_order.pop_first() else {
                     break;
@@ -398,11 +491,13 @@ impl Engine {
                 }
             }
             let slot = self.next_slot(now);
-            self.scan_order.insert(slot, peer);
+            self.scan_order.insert(slot, prefix);
             self.scans.insert(
-                peer,
+                prefix,
                 ScanPeer {
                     slot,
+                    first: touch.peer,
+                    sources: BTreeSet::new(),
                     ports: BTreeSet::new(),
                     events: 0,
                     declared_at_events: None,
@@ -412,7 +507,10 @@ impl Engine {
             );
         }
         let threshold = self.policy.scan().ports;
-        let s = self.scans.get_mut(&peer)?;
+        let s = self.scans.get_mut(&prefix)?;
+        if s.sources.len() < MAX_SCAN_SOURCES {
+            s.sources.insert(touch.peer);
+        }
         s.ports.insert(touch.port);
         s.events += touch.added;
         s.severity = s.severity.max(touch.severity);
@@ -426,13 +524,15 @@ impl Engine {
         s.declared_at_events = Some(s.events);
         let snapshot = ScanPeer {
             slot: s.slot,
+            first: s.first,
+            sources: s.sources.clone(),
             ports: s.ports.clone(),
             events: s.events,
             declared_at_events: s.declared_at_events,
             severity: s.severity,
             identity: s.identity.clone(),
         };
-        let mut alert = self.scan_record(peer, &snapshot, at);
+        let mut alert = self.scan_record(&snapshot, at);
         alert.k8s_ebpf.count = snapshot.events;
         if let Some(m) = &self.metrics {
             m.record_alert("port-scan", Action::PortScan.as_str());
@@ -440,9 +540,10 @@ impl Engine {
         Some(alert)
     }
 
-    fn scan_record(&self, peer: IpAddr, s: &ScanPeer, at: SystemTime) -> AlertEvent {
+    fn scan_record(&self, s: &ScanPeer, at: SystemTime) -> AlertEvent {
         let report = PortScan {
-            peer,
+            peer: s.first,
+            prefix: (s.sources.len() > 1).then(|| (source_prefix(s.first), s.sources.len() as u64)),
             kubernetes: s.identity.as_ref().map(KubernetesFields::from_peer),
             ports: s.ports.iter().copied().collect(),
             count: s.events,

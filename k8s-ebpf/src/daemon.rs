@@ -120,7 +120,7 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
         ports = ?policy.watched_ports(),
         "policy loaded"
     );
-    privilege::check_can_load()?;
+    privilege::check_can_load(config.syn_hook != SynHook::Off)?;
     let capture_config = CaptureConfig {
         attach: config.attach,
         netns: config.netns,

@@ -136,6 +136,9 @@ impl Learned {
                     ports: scan.ports,
                     window: humantime::format_duration(scan.window).to_string(),
                 },
+                flood: OutFlood {
+                    sources: base.flood_sources(),
+                },
             },
             rules: base.rules().map(|r| self.rule(r)).collect(),
         };
@@ -212,6 +215,12 @@ struct OutPolicy {
 struct OutDefaults {
     window: String,
     scan: OutScan,
+    flood: OutFlood,
+}
+
+#[derive(Serialize)]
+struct OutFlood {
+    sources: usize,
 }
 
 #[derive(Serialize)]

@@ -20,10 +20,17 @@ const NEEDED: &[(Capability, &str)] = &[
     ),
 ];
 
+/// What the SYN hook needs besides: `sk_lookup` is a networking program type, whose load
+/// the kernel grants with CAP_NET_ADMIN next to CAP_BPF.
+const NEEDED_FOR_SYN_HOOK: (Capability, &str) = (
+    Capability::CAP_NET_ADMIN,
+    "CAP_NET_ADMIN (load the sk_lookup SYN hook; or run with --syn-hook off)",
+);
+
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
     #[error(
-        "missing capabilities: {}; run as root, or grant them (the DaemonSet adds BPF and PERFMON)",
+        "missing capabilities: {}; run as root, or grant them (the DaemonSet adds BPF, PERFMON and NET_ADMIN)",
         .0.join(", ")
     )]
     Missing(Vec<&'static str>),
@@ -33,15 +40,18 @@ pub enum PrivilegeError {
     Drop(String),
 }
 
-/// Fails, naming each missing capability, when this thread cannot load and attach.
-pub fn check_can_load() -> Result<(), PrivilegeError> {
+/// Fails, naming each missing capability, when this thread cannot load and attach (with
+/// the SYN hook, when `syn_hook`).
+pub fn check_can_load(syn_hook: bool) -> Result<(), PrivilegeError> {
     let effective =
         caps::read(None, CapSet::Effective).map_err(|e| PrivilegeError::Read(e.to_string()))?;
     if effective.contains(&Capability::CAP_SYS_ADMIN) {
         return Ok(());
     }
+    let syn = syn_hook.then_some(&NEEDED_FOR_SYN_HOOK);
     let missing: Vec<&'static str> = NEEDED
         .iter()
+        .chain(syn)
         .filter(|(cap, _)| !effective.contains(cap))
         .map(|(_, why)| *why)
         .collect();

@@ -87,7 +87,7 @@ fn daemonset_capabilities_are_enough_and_sys_admin_is_not_needed() {
     let caps = daemonset_capabilities();
     eprintln!("DaemonSet capabilities: {caps:?}");
     assert!(
-        caps.contains("CAP_BPF") && caps.contains("CAP_PERFMON"),
+        caps.contains("CAP_BPF") && caps.contains("CAP_PERFMON") && caps.contains("CAP_NET_ADMIN"),
         "{caps:?}"
     );
     let node = NetNs::new("node");
@@ -189,8 +189,14 @@ fn missing_capabilities_are_named() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("CAP_PERFMON"), "{err}");
 
+    // The SYN hook (sk_lookup) is a networking program: CAP_NET_ADMIN besides CAP_BPF.
+    let (code, err) = run(&["CAP_BPF", "CAP_PERFMON"], true);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("missing capabilities: CAP_NET_ADMIN"), "{err}");
+    assert!(err.contains("--syn-hook off"), "{err}");
+
     // No tracefs and no CAP_SYS_ADMIN to mount it: the error says how to fix it.
-    let (code, err) = run(&["CAP_BPF", "CAP_PERFMON"], false);
+    let (code, err) = run(&["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"], false);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("mount -t tracefs"), "{err}");
 }

@@ -122,7 +122,7 @@ fn run(_root: &Path, args: Vec<OsString>) -> Result<()> {
         Command::new(&bin)
     } else {
         eprintln!(
-            "xtask: not root; re-running with sudo (loading eBPF needs CAP_BPF and CAP_PERFMON)"
+            "xtask: not root; re-running with sudo (loading eBPF needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
         );
         let mut c = Command::new("sudo");
         c.arg("--preserve-env=RUST_LOG").arg(&bin);

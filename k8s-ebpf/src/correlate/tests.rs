@@ -270,7 +270,8 @@ fn tracked_state_is_bounded_and_evictions_counted() {
     settings.max_scan_peers = 2;
     let mut e =
         Engine::new(Arc::clone(engine().policy()), settings).with_metrics(Arc::clone(&metrics));
-    for (i, peer) in ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"]
+    // Four prefixes: scans are tracked per /24.
+    for (i, peer) in ["192.0.2.1", "198.51.100.2", "203.0.113.3", "10.9.9.4"]
         .iter()
         .enumerate()
     {
@@ -328,4 +329,145 @@ fn policy_hot_reload_changes_verdicts() {
     assert!(e.observe(&o, t(2)).is_empty());
     assert_eq!(e.tick(t(10)).len(), 1);
     assert_eq!(e.policy().origin(), "new.yaml");
+}
+
+#[test]
+fn outbound_windows_keep_processes_apart() {
+    let mut e = engine();
+    let mut apiserver = obs(
+        EventKind::Outbound,
+        "10.0.0.2:0",
+        "192.0.2.50:10250",
+        Some("kube-apiserver"),
+    );
+    apiserver.process.as_mut().unwrap().pid = 100;
+    let mut shell = obs(
+        EventKind::Outbound,
+        "10.0.0.2:0",
+        "192.0.2.50:10250",
+        Some("python3"),
+    );
+    shell.process.as_mut().unwrap().pid = 200;
+    assert!(e.observe(&apiserver, t(0)).is_empty(), "an expected client");
+    let out = e.observe(&shell, t(0));
+    assert_eq!(actions(&out), ["unexpected-outbound"]);
+    // Two unexpected processes to the same peer are two windows: each is named.
+    let mut other = shell.clone();
+    other.process.as_mut().unwrap().pid = 201;
+    assert_eq!(actions(&e.observe(&other, t(1))), ["unexpected-outbound"]);
+    // The same process again folds.
+    assert!(e.observe(&other, t(2)).is_empty());
+}
+
+#[test]
+fn inbound_windows_keep_namespaces_apart() {
+    let mut e = engine();
+    let a = inbound(2379, "192.0.2.9");
+    let mut b = a.clone();
+    b.netns += 1;
+    assert_eq!(actions(&e.observe(&a, t(0))), ["unexpected-inbound"]);
+    assert_eq!(actions(&e.observe(&b, t(0))), ["unexpected-inbound"]);
+}
+
+#[test]
+fn a_flood_of_sources_folds_by_prefix_with_exact_counts() {
+    let mut e = engine();
+    let threshold = e.policy().flood_sources();
+    let mut records = Vec::new();
+    // 300 sources in two /24s, each sending 2 half-open probes (a live record and a
+    // kernel window summary of 2).
+    let mut sent = 0u64;
+    for i in 0..300u32 {
+        let peer = format!("198.51.{}.{}", 100 + i % 2, i / 2 + 1);
+        let mut o = obs(
+            EventKind::HalfOpen,
+            "10.0.0.2:2379",
+            &format!("{peer}:1"),
+            None,
+        );
+        records.extend(e.observe(&o, t(0)));
+        o.window_summary = true;
+        o.count = 2;
+        records.extend(e.observe(&o, t(1)));
+        sent += 2;
+    }
+    records.extend(e.close_all(t(30)));
+    let named: Vec<_> = records
+        .iter()
+        .filter(|r| r.event.action == Action::HalfOpenAttempt && r.k8s_ebpf.prefix.is_none())
+        .filter(|r| !r.k8s_ebpf.summary)
+        .collect();
+    assert_eq!(
+        named.len(),
+        threshold,
+        "the first sources are named one by one"
+    );
+    let floods: Vec<_> = records
+        .iter()
+        .filter(|r| r.k8s_ebpf.prefix.is_some())
+        .collect();
+    let prefixes: BTreeSet<_> = floods
+        .iter()
+        .map(|r| r.k8s_ebpf.prefix.clone().unwrap())
+        .collect();
+    assert_eq!(
+        prefixes,
+        BTreeSet::from(["198.51.100.0/24".to_owned(), "198.51.101.0/24".to_owned()])
+    );
+    for r in &floods {
+        assert!(r.source.is_none(), "a flood record names no single source");
+    }
+    // Exact counts: every event is in a first sighting or a window's summary.
+    let live: u64 = records
+        .iter()
+        .filter(|r| r.event.action == Action::HalfOpenAttempt && !r.k8s_ebpf.summary)
+        .map(|r| r.k8s_ebpf.count)
+        .sum();
+    let summaries: u64 = records
+        .iter()
+        .filter(|r| r.event.action == Action::HalfOpenAttempt && r.k8s_ebpf.summary)
+        .map(|r| r.k8s_ebpf.count)
+        .sum();
+    // A window's summary count covers the whole window (its first sighting included).
+    let windows_with_summary = records
+        .iter()
+        .filter(|r| r.event.action == Action::HalfOpenAttempt && r.k8s_ebpf.summary)
+        .count() as u64;
+    // Each summarised window's opener is counted again in its summary.
+    assert_eq!(
+        live - windows_with_summary + summaries,
+        sent,
+        "{records:#?}"
+    );
+    let sources: u64 = floods
+        .iter()
+        .filter(|r| r.k8s_ebpf.summary)
+        .map(|r| r.k8s_ebpf.sources.unwrap())
+        .sum();
+    assert_eq!(
+        sources,
+        300 - threshold as u64,
+        "every folded source counted"
+    );
+}
+
+#[test]
+fn rotating_the_source_per_port_is_still_a_scan() {
+    let mut e = engine();
+    let mut out = Vec::new();
+    for (port, peer) in [
+        (2379, "203.0.113.1"),
+        (6443, "203.0.113.2"),
+        (10250, "203.0.113.3"),
+    ] {
+        out.extend(e.observe(&inbound(port, peer), t(0)));
+    }
+    let scans: Vec<_> = out
+        .iter()
+        .filter(|r| r.event.action == Action::PortScan)
+        .collect();
+    assert_eq!(scans.len(), 1, "{out:#?}");
+    assert_eq!(scans[0].k8s_ebpf.ports, Some(vec![2379, 6443, 10250]));
+    assert_eq!(scans[0].k8s_ebpf.prefix.as_deref(), Some("203.0.113.0/24"));
+    assert_eq!(scans[0].k8s_ebpf.sources, Some(3));
 }

@@ -79,6 +79,9 @@ pub const EMBEDDED_ORIGIN: &str = "<embedded default policy>";
 
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
 pub const DEFAULT_SCAN_PORTS: usize = 3;
+/// Unexpected sources per (finding, port) and window named one by one before further
+/// ones fold by prefix (`defaults.flood.sources`).
+pub const DEFAULT_FLOOD_SOURCES: usize = 64;
 pub const DEFAULT_SCAN_WINDOW: Duration = Duration::from_secs(60);
 
 /// The kernel keeps at most this many bytes of a task name (`TASK_COMM_LEN` - 1).
@@ -287,6 +290,7 @@ pub struct Policy {
     origin: String,
     window: Duration,
     scan: ScanSettings,
+    flood_sources: usize,
     rules: BTreeMap<u16, Rule>,
 }
 
@@ -334,6 +338,12 @@ impl Policy {
 
     pub fn scan(&self) -> ScanSettings {
         self.scan
+    }
+
+    /// `defaults.flood.sources`: unexpected sources named one by one per (finding, port)
+    /// and window before further ones fold by prefix.
+    pub fn flood_sources(&self) -> usize {
+        self.flood_sources
     }
 
     pub fn rule(&self, port: u16) -> Option<&Rule> {
@@ -538,6 +548,20 @@ impl Validator {
             .and_then(|w| parse_duration(w, "defaults.scan.window", &mut self.errors))
             .unwrap_or(DEFAULT_SCAN_WINDOW);
 
+        let flood_sources = match defaults.flood.as_ref().and_then(|f| f.sources.as_ref()) {
+            None => DEFAULT_FLOOD_SOURCES,
+            Some(n) => match usize::try_from(n.value) {
+                Ok(v) if (1..=1_000_000).contains(&v) => v,
+                _ => {
+                    self.error(
+                        pos(n),
+                        format!("defaults.flood.sources must be 1-1000000, not {}", n.value),
+                    );
+                    DEFAULT_FLOOD_SOURCES
+                }
+            },
+        };
+
         let groups = raw.peers.map(|g| self.groups(g)).unwrap_or_default();
 
         let mut rules = BTreeMap::new();
@@ -557,6 +581,7 @@ impl Validator {
                     ports: scan_ports,
                     window: scan_window,
                 },
+                flood_sources,
                 rules,
             })
         } else {

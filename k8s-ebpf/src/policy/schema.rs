@@ -28,6 +28,15 @@ pub(super) struct RawDefaults {
     pub window: Option<Spanned<String>>,
     #[serde(default)]
     pub scan: Option<RawScan>,
+    #[serde(default)]
+    pub flood: Option<RawFlood>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFlood {
+    #[serde(default)]
+    pub sources: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
