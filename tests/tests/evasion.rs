@@ -63,6 +63,16 @@ fn alerts<'a>(records: &'a [Value], action: &'a str) -> impl Iterator<Item = &'a
     })
 }
 
+/// Every alert record (first sightings and window summaries) with this action, in order.
+fn alerts_and_summaries<'a>(
+    records: &'a [Value],
+    action: &'a str,
+) -> impl Iterator<Item = &'a Value> + 'a {
+    records
+        .iter()
+        .filter(move |r| r["event"]["action"] == action && r["event"]["kind"] == "alert")
+}
+
 fn has_alert(records: &[Value], action: &str, source: &str, port: u64) -> bool {
     alerts(records, action).any(|r| r["source"]["ip"] == source && r["destination"]["port"] == port)
 }
@@ -314,4 +324,140 @@ fn a_half_open_syn_scan_is_seen() {
     assert!(daemon.metric(r#"k8s_ebpf_syn_attempts_total{resolution="half_open"}"#) >= 4.0);
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
+}
+
+/// Technique: a SYN flood from spoofed sources (thousands of addresses cost an attacker on
+/// the segment nothing), and a scan that rotates its source address for every port. On
+/// a529923 half-open SYNs were invisible; with every SYN seen, each source would be an
+/// alert of its own and bury the SIEM. Past `defaults.flood.sources` (64) sources on a
+/// port, further ones fold into one record per /24 with exact counts, and the rotating
+/// scan is one port-scan record for its /24.
+#[test]
+fn a_spoofed_syn_flood_folds_by_prefix_and_a_rotating_scan_is_caught() {
+    if !privileged("a_spoofed_syn_flood_folds_by_prefix_and_a_rotating_scan_is_caught") {
+        return;
+    }
+    let lab = lab();
+    let _etcd = lab.node.listen("[::]:2379");
+    // Replies to the spoofed sources go back towards the attacker (and die there).
+    for net in ["198.51.100.0/23", "203.0.113.0/24"] {
+        lab.node.ip(&["route", "add", net, "via", ATTACKER]);
+    }
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    let mut input = String::new();
+    for i in 0..500u32 {
+        input += &format!("198.51.{}.{} {NODE} 2379\n", 100 + i % 2, i / 2 + 1);
+    }
+    for (source, port) in [
+        ("203.0.113.1", 2379),
+        ("203.0.113.2", 6443),
+        ("203.0.113.3", 10250),
+    ] {
+        input += &format!("{source} {NODE} {port}\n");
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/synflood.py");
+    let mut child = lab
+        .attacker
+        .command("python3")
+        .arg(&script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("synflood.py");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write SYN list");
+    let out = child.wait_with_output().expect("synflood.py");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "503");
+
+    let flood_prefixes = |r: &[Value]| -> BTreeSet<String> {
+        alerts(r, "half-open-attempt")
+            .filter_map(|a| a["k8s_ebpf"]["prefix"].as_str().map(str::to_owned))
+            .collect()
+    };
+    daemon.wait_records(
+        "the flood records and the rotating scan",
+        Duration::from_secs(15),
+        |r| {
+            flood_prefixes(r).contains("198.51.100.0/24")
+                && flood_prefixes(r).contains("198.51.101.0/24")
+                && alerts(r, "port-scan").any(|a| a["k8s_ebpf"]["prefix"] == "203.0.113.0/24")
+        },
+    );
+    wait_for("every SYN resolved", Duration::from_secs(10), || {
+        daemon.metric("k8s_ebpf_syn_pending") == 0.0
+    });
+    let seen = kernel(&daemon, "seen");
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+    let records = daemon.records();
+
+    let scans: Vec<_> = alerts(&records, "port-scan").collect();
+    assert_eq!(
+        scans.len(),
+        1,
+        "one scan record for the rotating scanner: {scans:#?}"
+    );
+    assert_eq!(
+        scans[0]["k8s_ebpf"]["ports"],
+        serde_json::json!([2379, 6443, 10250])
+    );
+    assert_eq!(scans[0]["k8s_ebpf"]["sources"], 3);
+
+    let named = alerts(&records, "half-open-attempt")
+        .filter(|a| a["k8s_ebpf"]["prefix"].is_null())
+        .count();
+    assert_eq!(named, 64, "the first 64 sources are named one by one");
+    let lines = records
+        .iter()
+        .filter(|r| r["event"]["kind"] == "alert")
+        .count();
+    assert!(lines < 100, "{lines} alert lines for a 503-SYN flood");
+
+    // Exact counts: per window, its summary's count (it covers the whole window), else
+    // its first sighting's; their sum is every SYN the kernel saw.
+    let mut per_window: std::collections::BTreeMap<(String, u64, String), (u64, bool)> =
+        Default::default();
+    for r in records.iter().filter(|r| {
+        r["event"]["action"] == "half-open-attempt" || r["event"]["action"] == "refused-attempt"
+    }) {
+        let who = r["k8s_ebpf"]["prefix"]
+            .as_str()
+            .or(r["source"]["ip"].as_str())
+            .unwrap_or("?")
+            .to_owned();
+        let key = (
+            r["event"]["action"].as_str().unwrap_or("?").to_owned(),
+            r["destination"]["port"].as_u64().unwrap_or(0),
+            who,
+        );
+        let count = r["k8s_ebpf"]["count"].as_u64().unwrap_or(0);
+        let summary = r["k8s_ebpf"]["summary"] == true;
+        let e = per_window.entry(key).or_insert((0, false));
+        if summary || !e.1 {
+            *e = (count, summary);
+        }
+    }
+    let total: u64 = per_window.values().map(|(c, _)| c).sum();
+    assert_eq!(
+        total as f64, seen,
+        "alert counts add up to the SYNs the kernel saw"
+    );
+    // Per flood window, the last word on its sources (the summary's, when it has one).
+    let mut flood_sources = std::collections::BTreeMap::new();
+    for r in alerts_and_summaries(&records, "half-open-attempt") {
+        if let Some(prefix) = r["k8s_ebpf"]["prefix"].as_str() {
+            flood_sources.insert(
+                prefix.to_owned(),
+                r["k8s_ebpf"]["sources"].as_u64().unwrap_or(0),
+            );
+        }
+    }
+    let sources: u64 = flood_sources.values().sum();
+    assert_eq!(sources, 500 + 1 - 64, "every folded source counted");
 }
