@@ -4,14 +4,16 @@
 //!            lan (bridge br0, 192.0.2.0/24, 2001:db8::/64)
 //!   ┌──────────────┬──────────────┬───────────────┬──────────────┐
 //!  node .1        apiserver .2   monitoring .3    router .254 ── attacker 203.0.113.66
-//!  etcd 2379/2380 etcdctl, curl  curl 10250       (forwards)     2001:db8:66::66
+//!  etcd 2379/2380 etcdctl, curl  curl 10250       (forwards)  │   2001:db8:66::66
+//!                                                             └─ scanner 198.51.100.77
 //!  (2381 on lo)   kubelet 10250
 //!  6443 TLS (dual stack), 10250 TLS, 10255 plain
 //!  k8s-ebpf run
 //! ```
 //!
-//! The expected peers do their normal work (no alert); the attacker scans with nmap, reads
-//! the read-only kubelet and dumps etcd; an IPv6 attacker reaches the API server; a process
+//! The expected peers do their normal work (no alert); the attacker scans with nmap (a full
+//! connect scan, `-sT`), reads the read-only kubelet and dumps etcd; a second attacker
+//! scans half-open (`nmap -sS`, root's default), never completing a handshake; an IPv6 attacker reaches the API server; a process
 //! on the node (a compromised pod) reaches another host's kubelet. The test asserts the
 //! exact alert set, that the metrics agree, and keeps the alert log in `target/e2e/`.
 
@@ -34,6 +36,7 @@ const APISERVER: &str = "192.0.2.2";
 const MONITORING: &str = "192.0.2.3";
 const ATTACKER: &str = "203.0.113.66";
 const ATTACKER6: &str = "2001:db8:66::66";
+const SCANNER: &str = "198.51.100.77";
 
 const POLICY: &str = r#"version: 1
 defaults:
@@ -63,6 +66,7 @@ struct Lab {
     apiserver: NetNs,
     monitoring: NetNs,
     attacker: NetNs,
+    scanner: NetNs,
     _router: NetNs,
     _lan: NetNs,
     dir: tempfile::TempDir,
@@ -77,6 +81,7 @@ fn lab() -> Lab {
     let monitoring = NetNs::new("monit");
     let router = NetNs::new("router");
     let attacker = NetNs::new("attack");
+    let scanner = NetNs::new("scan");
     bridge_port(
         &lan,
         "br0",
@@ -97,6 +102,13 @@ fn lab() -> Lab {
         &attacker,
         &[&format!("{ATTACKER}/24"), &format!("{ATTACKER6}/64")],
     );
+    link(
+        &router,
+        &["198.51.100.1/24"],
+        &scanner,
+        &[&format!("{SCANNER}/24")],
+    );
+    scanner.ip(&["route", "add", "default", "via", "198.51.100.1"]);
     attacker.ip(&["link", "set", "lo", "up"]);
     attacker.ip(&["route", "add", "default", "via", "203.0.113.1"]);
     attacker.ip(&["-6", "route", "add", "default", "via", "2001:db8:66::1"]);
@@ -113,6 +125,7 @@ fn lab() -> Lab {
         apiserver,
         monitoring,
         attacker,
+        scanner,
         _router: router,
         _lan: lan,
         dir: tempfile::tempdir().expect("temp dir"),
@@ -292,6 +305,23 @@ fn control_plane_node_under_attack() {
             ]
         )
         .success());
+    // The half-open scan: SYNs only; open ports answer SYN-ACK, nmap never completes.
+    assert!(lab
+        .exec(
+            &lab.scanner,
+            "nmap",
+            &[
+                "-sS",
+                "-Pn",
+                "-n",
+                "-p",
+                "2379,2380,2381,6443,10250,10255,10257",
+                "--host-timeout",
+                "60s",
+                NODE,
+            ]
+        )
+        .success());
     lab.exec(
         &lab.attacker,
         "curl",
@@ -331,6 +361,14 @@ fn control_plane_node_under_attack() {
         ("unexpected-inbound", ATTACKER, 10255),
         ("refused-attempt", ATTACKER, 10257),
         ("port-scan", ATTACKER, 0),
+        ("half-open-attempt", SCANNER, 2379),
+        ("half-open-attempt", SCANNER, 2380),
+        ("refused-attempt", SCANNER, 2381),
+        ("half-open-attempt", SCANNER, 6443),
+        ("half-open-attempt", SCANNER, 10250),
+        ("half-open-attempt", SCANNER, 10255),
+        ("refused-attempt", SCANNER, 10257),
+        ("port-scan", SCANNER, 0),
         ("unexpected-inbound", ATTACKER6, 6443),
         ("unexpected-outbound", "curl", 10250),
     ]
@@ -344,7 +382,8 @@ fn control_plane_node_under_attack() {
             .cloned()
             .collect()
     };
-    daemon.wait_records("every expected alert", Duration::from_secs(10), |r| {
+    // Half-open probes are judged once their handshake has had time to complete (3 s).
+    daemon.wait_records("every expected alert", Duration::from_secs(15), |r| {
         let got: BTreeSet<Key> = first_sightings(r).iter().map(key).collect();
         expected.is_subset(&got)
     });
@@ -446,14 +485,20 @@ fn control_plane_node_under_attack() {
         }
     }
     // The scan's closing summary names every port the attacker touched.
-    let scan_summary = records
-        .iter()
-        .find(|r| r["event"]["action"] == "port-scan" && r["k8s_ebpf"]["summary"] == true)
-        .expect("a port-scan summary at shutdown");
-    assert_eq!(
-        scan_summary["k8s_ebpf"]["ports"],
-        serde_json::json!([2379, 2380, 2381, 6443, 10250, 10255, 10257])
-    );
+    for scanner in [ATTACKER, SCANNER] {
+        let scan_summary = records
+            .iter()
+            .find(|r| {
+                r["event"]["action"] == "port-scan"
+                    && r["k8s_ebpf"]["summary"] == true
+                    && r["source"]["ip"] == scanner
+            })
+            .unwrap_or_else(|| panic!("a port-scan summary for {scanner} at shutdown"));
+        assert_eq!(
+            scan_summary["k8s_ebpf"]["ports"],
+            serde_json::json!([2379, 2380, 2381, 6443, 10250, 10255, 10257])
+        );
+    }
     let v6 = alerts
         .iter()
         .find(|a| a["source"]["ip"] == ATTACKER6)

@@ -128,9 +128,11 @@ fn a_backlog_does_not_stall_the_reader() {
     daemon.signal(libc::SIGSTOP);
     churn_listeners(&lab.node, 6_000);
     daemon.signal(libc::SIGCONT);
-    wait_for("the backlog read", Duration::from_secs(20), || {
-        daemon.metric("k8s_ebpf_ring_records_total") >= 12_000.0
-    });
+    wait_for(
+        "the kernel's count of the backlog",
+        Duration::from_secs(20),
+        || kernel(&daemon, "emitted") >= 12_000.0,
+    );
     connect_from(&lab.attacker, ATTACKER, &format!("{NODE}:2379")).expect("connect 2379");
     daemon.wait_records(
         "the attacker's alert after the backlog",
