@@ -5,8 +5,10 @@
 //!    (a) no monitor, (b) k8s-ebpf watching the storm port, (c) k8s-ebpf not watching it,
 //!    (d) libbpf-tools `tcplife`, (e) a bpftrace one-liner printing each accept on the
 //!    port. REPS interleaved repetitions; medians; each as a ratio to (a).
-//! 2. The daemon's cost during (b): CPU seconds, peak RSS, drop counters, and per-program
-//!    run time from `kernel.bpf_stats_enabled`.
+//! 2. The daemon's cost during (b): CPU seconds, peak RSS, drop counters; and, in one more
+//!    storm per monitor with `kernel.bpf_stats_enabled`, the kernel's own count of eBPF
+//!    run time: nanoseconds per connection (run_time_ns summed over the monitor's
+//!    programs, divided by connections) for (b), (c), (d) and (e) side by side.
 //! 3. The userspace pipeline (criterion: `cargo bench -p k8s-ebpf --bench pipeline`).
 //! 4. A flood from an attacker namespace: `nmap -p-` then a 30,000-connection burst.
 //!
@@ -115,8 +117,8 @@ struct DaemonCost {
     peak_rss_kib: u64,
     ringbuf_full: f64,
     output_dropped: f64,
-    /// program name → (run_time_ns, run_cnt) summed over the (b) runs.
-    programs: BTreeMap<String, (u64, u64)>,
+    /// Per monitor: program name → (run_time_ns, run_cnt) over one stats-enabled storm.
+    programs: BTreeMap<Config, BTreeMap<String, (u64, u64)>>,
 }
 
 pub fn run(root: &Path, daemon: &Path, storm: &Path) -> Result<()> {
@@ -213,9 +215,12 @@ struct Storm {
     cpu_per_conn: Rates,
 }
 
-/// One more (b) run with kernel.bpf_stats_enabled on, for the programs' run times. Apart
-/// from the measured runs: the statistics add two clock reads to every program run.
-fn program_run_times(tools: &Tools, policy: &Path) -> Result<BTreeMap<String, (u64, u64)>> {
+/// One more storm per monitor with kernel.bpf_stats_enabled on, for the programs' run
+/// times. Apart from the measured runs: the statistics add two clock reads to every run.
+fn program_run_times(
+    tools: &Tools,
+    policy: &Path,
+) -> Result<BTreeMap<Config, BTreeMap<String, (u64, u64)>>> {
     const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
     let before = std::fs::read_to_string(SYSCTL)
         .unwrap_or_default()
@@ -223,15 +228,32 @@ fn program_run_times(tools: &Tools, policy: &Path) -> Result<BTreeMap<String, (u
         .to_owned();
     std::fs::write(SYSCTL, "1").context("enabling kernel.bpf_stats_enabled")?;
     let result = (|| {
-        let ns = Ns::new("stats")?;
-        let monitor = start_monitor(tools, &ns, Config::Watched, policy)?.context("the daemon")?;
-        sh_out(ns.cmd(&tools.storm).args([
-            "both",
-            &format!("127.0.0.1:{STORM_PORT}"),
-            &STORM_CONNECTIONS.to_string(),
-            "2",
-        ]))?;
-        Ok(program_stats(monitor.child.id()))
+        let mut out = BTreeMap::new();
+        for config in [
+            Config::Watched,
+            Config::Unwatched,
+            Config::Tcplife,
+            Config::Bpftrace,
+        ] {
+            std::thread::sleep(Duration::from_millis(1500));
+            let ns = Ns::new("stats")?;
+            let monitor = start_monitor(tools, &ns, config, policy)?.context("the monitor")?;
+            sh_out(ns.cmd(&tools.storm).args([
+                "both",
+                &format!("127.0.0.1:{STORM_PORT}"),
+                &STORM_CONNECTIONS.to_string(),
+                "2",
+            ]))?;
+            let stats = program_stats(monitor.child.id());
+            let ns_per_conn =
+                stats.values().map(|(t, _)| *t).sum::<u64>() as f64 / STORM_CONNECTIONS as f64;
+            eprintln!(
+                "xtask bench: eBPF run time {:<42} {ns_per_conn:>8.0} ns/conn",
+                config.label()
+            );
+            out.insert(config, stats);
+        }
+        Ok(out)
     })();
     let _ = std::fs::write(SYSCTL, if before.is_empty() { "0" } else { &before });
     result
@@ -538,7 +560,7 @@ fn render(storm: &Storm, cost: &DaemonCost, flood: &Flood, pipeline: &Pipeline) 
     )?;
     writeln!(s, "| kernel ring-buffer drops | {} |", cost.ringbuf_full)?;
     writeln!(s, "| output queue drops | {} |", cost.output_dropped)?;
-    for (name, (run_ns, cnt)) in &cost.programs {
+    for (name, (run_ns, cnt)) in cost.programs.get(&Config::Watched).into_iter().flatten() {
         let per = if *cnt > 0 {
             *run_ns as f64 / *cnt as f64
         } else {
@@ -546,8 +568,45 @@ fn render(storm: &Storm, cost: &DaemonCost, flood: &Flood, pipeline: &Pipeline) 
         };
         writeln!(
             s,
-            "| program `{name}`: runs / mean run time | {cnt} / {per:.0} ns |"
+            "| program `{name}` in (b): runs / mean run time | {cnt} / {per:.0} ns |"
         )?;
+    }
+    writeln!(
+        s,
+        "\n## eBPF run time per connection (kernel.bpf_stats_enabled, one {STORM_CONNECTIONS}-connection storm each)\n"
+    )?;
+    writeln!(s, "The kernel's own count: run_time_ns summed over every program the monitor holds, divided by the storm's connections (each loopback connection is both ends). The statistics add two clock reads to every run, so absolute values are a little high; all monitors pay the same.\n")?;
+    writeln!(
+        s,
+        "| monitor | program runs / connection | eBPF ns / connection | ratio to (b) |"
+    )?;
+    writeln!(s, "|---|---:|---:|---:|")?;
+    let per_conn = |config: Config| {
+        cost.programs.get(&config).map(|p| {
+            let (t, n) = p
+                .values()
+                .fold((0u64, 0u64), |(t, n), (rt, rc)| (t + rt, n + rc));
+            (
+                n as f64 / STORM_CONNECTIONS as f64,
+                t as f64 / STORM_CONNECTIONS as f64,
+            )
+        })
+    };
+    let watched = per_conn(Config::Watched).map_or(0.0, |(_, t)| t);
+    for config in [
+        Config::Watched,
+        Config::Unwatched,
+        Config::Tcplife,
+        Config::Bpftrace,
+    ] {
+        if let Some((runs, ns)) = per_conn(config) {
+            let ratio = if watched > 0.0 { ns / watched } else { 0.0 };
+            writeln!(
+                s,
+                "| {} | {runs:.1} | {ns:.0} | {ratio:.2} |",
+                config.label()
+            )?;
+        }
     }
     writeln!(s, "\n## Userspace pipeline (criterion, one core)\n")?;
     writeln!(s, "| path | events/s |\n|---|---:|")?;

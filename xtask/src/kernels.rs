@@ -1,7 +1,10 @@
 //! The VM kernel matrix: Debian's 6.1 and 6.12 kernels booted under QEMU (software
 //! emulation), where kprobes and BPF trampolines work, so the `kretprobe` and `fexit`
 //! accept hooks run for real. Each boot runs `k8s-ebpf capture` with every attach mode
-//! against a loopback accept by busybox `nc`, and the records are checked here.
+//! against a loopback accept by busybox `nc` and a SYN to a closed watched port, and the
+//! records are checked here: the accept hook's (with the accepting process), the state
+//! hook's (outbound, listen) and the SYN hook's (`sk_lookup`, open port and closed); the
+//! kretprobe's own tracefs event (its instance pool) is gone after the run.
 //!
 //! Kernels come from Debian's packages (`apt-get download`) and are cached, with the
 //! extracted `vmlinuz`, in `.cache/vm/`. Serial logs stay in `target/vm/` for a person.
@@ -198,7 +201,8 @@ fn build_initramfs(dir: &Path, daemon: &Path) -> Result<PathBuf> {
             &INIT_MODE
                 .replace("@ARGS@", args)
                 .replace("@MODE@", mode)
-                .replace("@PORT@", &port(i).to_string()),
+                .replace("@PORT@", &port(i).to_string())
+                .replace("@CLOSED@", &closed_port(i).to_string()),
         );
     }
     init.push_str("echo '=== DONE'\npoweroff -f\n");
@@ -242,10 +246,15 @@ fn port(mode_index: usize) -> u16 {
     10250 + mode_index as u16
 }
 
+/// A watched port nothing listens on, for the SYN hook's refused attempt.
+fn closed_port(mode_index: usize) -> u16 {
+    2379 + mode_index as u16
+}
+
 /// One attach mode: start the capture, wait (bounded) until attached, make one loopback
 /// connection to a busybox nc listener, wait (bounded) for the capture to finish.
 const INIT_MODE: &str = r#"
-/k8s-ebpf capture @ARGS@ --ports @PORT@ --window 0 --max-records 3 --duration 30s > /tmp/out.@MODE@ 2> /tmp/err.@MODE@ &
+/k8s-ebpf capture @ARGS@ --ports @PORT@,@CLOSED@ --window 0 --max-records 7 --duration 30s --counters > /tmp/out.@MODE@ 2> /tmp/err.@MODE@ &
 cap=$!
 i=0
 while [ $i -lt 600 ] && ! grep -q attached /tmp/out.@MODE@ 2>/dev/null && kill -0 $cap 2>/dev/null; do sleep 0.1; i=$((i+1)); done
@@ -253,6 +262,8 @@ if grep -q attached /tmp/out.@MODE@; then
   timeout 10 nc -l -p @PORT@ > /dev/null 2>> /tmp/nc.@MODE@ &
   sleep 0.5
   (echo hello | timeout 5 nc 127.0.0.1 @PORT@ > /dev/null 2>> /tmp/nc.@MODE@) &
+  sleep 0.5
+  timeout 5 nc 127.0.0.1 @CLOSED@ < /dev/null > /dev/null 2>> /tmp/nc.@MODE@
 fi
 i=0
 while [ $i -lt 300 ] && kill -0 $cap 2>/dev/null; do sleep 0.1; i=$((i+1)); done
@@ -262,6 +273,7 @@ killall nc timeout 2>/dev/null
 sleep 0.3
 echo "=== BEGIN @MODE@"
 cat /tmp/out.@MODE@ /tmp/err.@MODE@ /tmp/nc.@MODE@ 2>/dev/null
+echo "{\"kprobe_events\": \"$(grep -c k8s_ebpf /sys/kernel/tracing/kprobe_events 2>/dev/null)\"}"
 echo "=== END @MODE@"
 "#;
 
@@ -385,8 +397,39 @@ fn check(output: &str) -> Vec<Result<String, String>> {
                 return Err(format!("wrong outbound record: {outbound}"));
             }
             find("listen").ok_or("no listen record")?;
+            let syn_to = |p: u16| {
+                lines.iter().any(|v| {
+                    v["kind"] == "syn"
+                        && v["hook"] == "sk-lookup"
+                        && v["local"] == format!("127.0.0.1:{p}").as_str()
+                })
+            };
+            if !syn_to(port) {
+                return Err("no SYN record (sk_lookup) for the open port".to_owned());
+            }
+            if !syn_to(closed_port(i)) {
+                return Err("no SYN record (sk_lookup) for the closed port".to_owned());
+            }
+            let counters = lines
+                .iter()
+                .find(|v| v.get("counters").is_some())
+                .ok_or("no counters line")?;
+            for outcome in ["kretprobe_missed", "recursion_misses"] {
+                if counters["counters"][outcome].as_u64().is_none() {
+                    return Err(format!("counter {outcome} missing: {counters}"));
+                }
+            }
+            let leftover = lines
+                .iter()
+                .find_map(|v| v["kprobe_events"].as_str())
+                .unwrap_or("?");
+            if leftover != "0" {
+                return Err(format!(
+                    "{leftover} k8s_ebpf kprobe event(s) left in tracefs after exit"
+                ));
+            }
             Ok(format!(
-                "inbound via {hook}: pid {} comm {}; outbound and listen records via {want_state}",
+                "inbound via {hook}: pid {} comm {}; outbound and listen via {want_state}; SYNs via sk_lookup (open and closed port)",
                 inbound["pid"], inbound["comm"]
             ))
         })
