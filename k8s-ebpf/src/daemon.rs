@@ -39,7 +39,7 @@ use crate::{
     inventory,
     metrics::{Metrics, MetricsServer, Readiness},
     output::{self, AlertSender, Destination, OutputSettings},
-    policy::{Policy, PolicyErrors},
+    policy::{executables::ExecutableIndex, Policy, PolicyErrors},
     privilege,
     verdict::ClientContext,
 };
@@ -231,8 +231,18 @@ async fn run_loop(
     // start, not only when the next one binds.
     inventory.publish(&metrics);
     let mut local = LocalAddresses::new();
+    // The policy's executables by file identity, looked up again with the addresses.
+    let mut executables = ExecutableIndex::new(&policy);
     for obs in inventory.start_observations() {
-        emit(&sender, &mut engine, &local, &identities, &obs).await;
+        emit(
+            &sender,
+            &mut engine,
+            &local,
+            &identities,
+            &executables,
+            &obs,
+        )
+        .await;
     }
 
     let mut reload = PolicyWatch::new(config.policy_path.clone(), &policy);
@@ -256,7 +266,7 @@ async fn run_loop(
                     inventory.track(&obs, &metrics);
                     let now = std::time::Instant::now();
                     for obs in attempts.observe(obs, now, |o| inventory.listening(o.local)) {
-                        emit(&sender, &mut engine, &local, &identities, &obs).await;
+                        emit(&sender, &mut engine, &local, &identities, &executables, &obs).await;
                     }
                 }
                 None => {
@@ -266,7 +276,7 @@ async fn run_loop(
             },
             _ = handshake_check.tick() => {
                 for obs in attempts.expire(std::time::Instant::now()) {
-                    emit(&sender, &mut engine, &local, &identities, &obs).await;
+                    emit(&sender, &mut engine, &local, &identities, &executables, &obs).await;
                 }
             }
             _ = tick.tick() => {
@@ -278,13 +288,21 @@ async fn run_loop(
                     Ok(c) => drops.update(&c, &reader_stats, &metrics),
                     Err(e) => warn!(error = %e, "cannot read the kernel counters"),
                 }
-                local.refresh_if_stale();
+                if local.refresh_if_stale() {
+                    executables.refresh(engine.policy());
+                }
                 readiness.set_identities_blocked(!identity_ready(&engine));
             }
-            _ = poll.tick() => reload.check(false, capture, &mut engine, &metrics),
+            _ = poll.tick() => {
+                if reload.check(false, capture, &mut engine, &metrics) {
+                    executables.refresh(engine.policy());
+                }
+            }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the policy");
-                reload.check(true, capture, &mut engine, &metrics);
+                if reload.check(true, capture, &mut engine, &metrics) {
+                    executables.refresh(engine.policy());
+                }
             }
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
@@ -298,11 +316,27 @@ async fn run_loop(
         inventory.track(&obs, &metrics);
         let now = std::time::Instant::now();
         for obs in attempts.observe(obs, now, |o| inventory.listening(o.local)) {
-            emit(&sender, &mut engine, &local, &identities, &obs).await;
+            emit(
+                &sender,
+                &mut engine,
+                &local,
+                &identities,
+                &executables,
+                &obs,
+            )
+            .await;
         }
     }
     for obs in attempts.flush() {
-        emit(&sender, &mut engine, &local, &identities, &obs).await;
+        emit(
+            &sender,
+            &mut engine,
+            &local,
+            &identities,
+            &executables,
+            &obs,
+        )
+        .await;
     }
     metrics.set_attempts(&attempts.stats(), attempts.pending());
     for w in watchers {
@@ -338,6 +372,7 @@ async fn emit(
     engine: &mut Engine,
     local: &LocalAddresses,
     identities: &Identities,
+    executables: &ExecutableIndex,
     obs: &Observation,
 ) {
     let cgroup = obs
@@ -354,12 +389,24 @@ async fn emit(
     let container = cgroup.as_deref().and_then(container_id);
     let peer = identities.peer_of(obs);
     let pod = container.and_then(|id| identities.pod_for_container(id));
+    let local_process = obs
+        .process
+        .as_ref()
+        .filter(|_| matches!(obs.kind, EventKind::Outbound | EventKind::Listen));
+    let executable = local_process
+        .and_then(|p| p.exe)
+        .and_then(|id| executables.path_of(id));
+    let executable_path = local_process
+        .and_then(|p| std::fs::read_link(format!("/proc/{}/exe", p.pid)).ok())
+        .map(|p| p.display().to_string());
     let client = ClientContext {
         cgroup_path: cgroup.as_deref(),
         container_id: container,
         peer_is_node: local.contains(obs),
         peer: peer.as_ref(),
         pod: pod.as_deref(),
+        executable,
+        executable_path: executable_path.as_deref(),
     };
     for alert in engine.observe_with(obs, &client, SystemTime::now()) {
         sender.send(alert).await;
@@ -385,11 +432,14 @@ impl LocalAddresses {
         }
     }
 
-    fn refresh_if_stale(&mut self) {
-        if self.read_at.elapsed() >= Self::MAX_AGE {
-            self.addresses = interface_addresses();
-            self.read_at = std::time::Instant::now();
+    /// Returns whether it refreshed.
+    fn refresh_if_stale(&mut self) -> bool {
+        if self.read_at.elapsed() < Self::MAX_AGE {
+            return false;
         }
+        self.addresses = interface_addresses();
+        self.read_at = std::time::Instant::now();
+        true
     }
 
     /// Whether `obs` (in this namespace) goes to one of its own addresses.
@@ -468,12 +518,19 @@ impl PolicyWatch {
         }
     }
 
-    fn check(&mut self, forced: bool, capture: &mut Capture, engine: &mut Engine, m: &Metrics) {
+    /// Returns whether a new policy took effect.
+    fn check(
+        &mut self,
+        forced: bool,
+        capture: &mut Capture,
+        engine: &mut Engine,
+        m: &Metrics,
+    ) -> bool {
         let Some(path) = &self.path else {
             if forced {
                 info!("no policy file: the embedded default stays");
             }
-            return;
+            return false;
         };
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -484,11 +541,11 @@ impl PolicyWatch {
                     m.record_policy_reload(false);
                     self.last_error = Some(msg);
                 }
-                return;
+                return false;
             }
         };
         if !forced && self.last_text.as_deref() == Some(text.as_str()) {
-            return;
+            return false;
         }
         self.last_text = Some(text.clone());
         match Policy::parse(&text, &path.display().to_string()) {
@@ -498,7 +555,7 @@ impl PolicyWatch {
                 if let Err(e) = capture.set_watched_ports(&ports) {
                     warn!(error = %e, "cannot update the kernel's watched ports; keeping the last good policy");
                     m.record_policy_reload(false);
-                    return;
+                    return false;
                 }
                 if policy.window() != old_window {
                     warn!(
@@ -510,6 +567,7 @@ impl PolicyWatch {
                 engine.set_policy(Arc::new(policy));
                 m.record_policy_reload(true);
                 self.last_error = None;
+                true
             }
             Err(errors) => {
                 let msg = errors.to_string();
@@ -518,6 +576,7 @@ impl PolicyWatch {
                     m.record_policy_reload(false);
                     self.last_error = Some(msg);
                 }
+                false
             }
         }
     }

@@ -316,6 +316,7 @@ mod tests {
                 tid: 7,
                 name: c.to_owned(),
                 cgroup_id: 1,
+                exe: None,
             }),
             netns: 0,
             count: 1,

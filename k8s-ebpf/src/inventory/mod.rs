@@ -72,6 +72,24 @@ pub struct Owner {
     pub exe: Option<String>,
 }
 
+impl Owner {
+    /// The owner as the kernel programs would have named it: pid, comm and the
+    /// executable's identity (the file `/proc/PID/exe` opens, not its name).
+    fn to_process(&self) -> ProcessInfo {
+        ProcessInfo {
+            pid: self.pid,
+            tid: self.pid,
+            name: self.comm.clone(),
+            cgroup_id: 0,
+            exe: crate::capture::ExeId::of_path(std::path::Path::new(&format!(
+                "/proc/{}/exe",
+                self.pid
+            )))
+            .ok(),
+        }
+    }
+}
+
 /// One TCP socket as sock_diag reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpSocket {
@@ -107,12 +125,7 @@ impl Listener {
             at: std::time::SystemTime::now(),
             local: self.address,
             remote: SocketAddr::new(self.address.ip(), 0),
-            process: self.owner.as_ref().map(|o| ProcessInfo {
-                pid: o.pid,
-                tid: o.pid,
-                name: o.comm.clone(),
-                cgroup_id: 0,
-            }),
+            process: self.owner.as_ref().map(Owner::to_process),
             netns: 0,
             count: 1,
             window_summary: false,
@@ -242,12 +255,7 @@ pub fn established(ports: &BTreeSet<u16>) -> std::io::Result<Vec<Observation>> {
         if !seen.insert((kind as u32, port, s.remote.ip())) {
             continue;
         }
-        let process = owners.get(&s.inode).map(|o| ProcessInfo {
-            pid: o.pid,
-            tid: o.pid,
-            name: o.comm.clone(),
-            cgroup_id: 0,
-        });
+        let process = owners.get(&s.inode).map(Owner::to_process);
         out.push(Observation {
             kind,
             hook: HookKind::Scan,
