@@ -20,7 +20,10 @@ use hyper::{
     StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::oneshot,
+};
 use tracing::debug;
 
 use super::Metrics;
@@ -45,6 +48,11 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// well above any legitimate use (a kubelet's probes and a few scrapers) and, with
 /// [`MAX_BUF_BYTES`], bounds what idle connections can cost to a few megabytes.
 const MAX_CONNECTIONS: usize = 256;
+/// Connections the kernel completes before we accept them. A burst of connects (hundreds
+/// at once from one pod) would overflow a 128-deep queue before the accept loop drains it,
+/// and a probe whose SYN is dropped waits a second for the retransmit. The kernel caps this
+/// at `net.core.somaxconn` (4096 by default since Linux 5.4).
+const ACCEPT_BACKLOG: u32 = 1024;
 /// Per-connection buffer cap (hyper's minimum; its default is ~400 KiB). Our requests are
 /// one short GET line and a Host header.
 const MAX_BUF_BYTES: usize = 8192;
@@ -116,9 +124,7 @@ impl MetricsServer {
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
     ) -> Result<Self, MetricsServerError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| MetricsServerError::Bind { addr, source })?;
+        let listener = listen(addr).map_err(|source| MetricsServerError::Bind { addr, source })?;
         Ok(Self {
             listener,
             metrics,
@@ -177,6 +183,17 @@ impl MetricsServer {
     }
 }
 
+/// A listening socket with room for [`ACCEPT_BACKLOG`] connections not yet accepted.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// The connections being served, oldest first, each with the means to close it.
 #[derive(Clone, Default)]
 struct OpenConnections {
@@ -214,7 +231,11 @@ impl OpenConnections {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).live.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live
+            .len()
     }
 }
 
