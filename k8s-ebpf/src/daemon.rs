@@ -207,7 +207,14 @@ async fn run_loop(
     let (sender, output_handle) = output::spawn(
         OutputSettings::new(config.output.clone()),
         Some(Arc::clone(&metrics)),
-    )?;
+    )
+    .map_err(|e| {
+        if e.is_usage() {
+            anyhow::Error::from(UsageError(e.to_string()))
+        } else {
+            e.into()
+        }
+    })?;
     metrics.set_attach_mechanism(capture.inbound().as_str());
     readiness.set_attached(true);
 

@@ -137,6 +137,9 @@ struct RunArgs {
     /// Rotated alert files to keep.
     #[arg(long, default_value_t = DEFAULT_KEEP)]
     output_keep: usize,
+    /// Permission bits of the alert files, in octal (set whenever a file is opened).
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    output_mode: u32,
     /// Also write expected connections, as `event.kind: event` records.
     #[arg(long)]
     log_allowed: bool,
@@ -192,6 +195,15 @@ struct CaptureArgs {
     /// Print the kernel counters as a final JSON line.
     #[arg(long)]
     counters: bool,
+}
+
+/// An octal file mode: `600`, `0640`, `0o640`.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("`{s}` is not an octal file mode (e.g. 600 or 0640)"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -317,6 +329,7 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
             path: args.output.into(),
             max_bytes: args.output_max_bytes,
             keep: args.output_keep,
+            mode: args.output_mode,
         })
     };
     daemon::prepare(DaemonConfig {
