@@ -462,10 +462,9 @@ pub fn render_text(report: &Report) -> String {
     );
     for e in &report.listeners {
         let l = &e.listener;
-        let owner = l
-            .owner
-            .as_ref()
-            .map_or("?".to_owned(), |o| format!("{} ({})", escape(&o.comm), o.pid));
+        let owner = l.owner.as_ref().map_or("?".to_owned(), |o| {
+            format!("{} ({})", escape(&o.comm), o.pid)
+        });
         let _ = writeln!(
             s,
             "{:<6} {:<24} {:<9} {:<18} {:<28} {}",
