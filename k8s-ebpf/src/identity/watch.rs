@@ -227,6 +227,7 @@ impl Watched for Pod {
             namespace: self.metadata.namespace.unwrap_or_default(),
             name: self.metadata.name.unwrap_or_default(),
             uid: self.metadata.uid,
+            resource_version: self.metadata.resource_version,
             labels: self.metadata.labels.unwrap_or_default(),
             service_account: spec.service_account_name,
             node_name: spec.node_name,
@@ -240,7 +241,11 @@ impl Watched for Pod {
         cache.apply_pod(item);
     }
     fn delete(cache: &mut super::IdentityCache, obj: &Self) {
-        cache.delete_pod(&obj.namespace().unwrap_or_default(), &obj.name_any());
+        cache.delete_pod(
+            &obj.namespace().unwrap_or_default(),
+            &obj.name_any(),
+            obj.metadata.uid.as_deref(),
+        );
     }
     fn replace(cache: &mut super::IdentityCache, items: Vec<PodIdentity>) {
         cache.replace_pods(items);
