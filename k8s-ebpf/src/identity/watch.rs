@@ -35,6 +35,46 @@ use crate::metrics::Metrics;
 const APISERVER_SERVICE: &str = "kubernetes";
 const APISERVER_NAMESPACE: &str = "default";
 
+/// `endpointslice.kubernetes.io/managed-by`, and the values of the controllers that manage
+/// other Services' slices. The label selector alone (`kubernetes.io/service-name:
+/// kubernetes`) admits any slice that anyone allowed to create EndpointSlices in
+/// `default` labels so; it must not make its addresses API servers.
+const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+const SLICE_CONTROLLERS: [&str; 2] = [
+    "endpointslice-controller.k8s.io",
+    "endpointslicemirroring-controller.k8s.io",
+];
+
+/// Whether a slice selected for the `kubernetes` Service is the API server's own.
+///
+/// Not the managed-by label the EndpointSlice controller sets: the `kubernetes` Service
+/// has no selector, so that controller never manages its slices (and the mirroring
+/// controller skips it: its Endpoints carry `endpointslice.kubernetes.io/skip-mirror`).
+/// The kube-apiserver's endpoint reconciler writes them itself (kubernetes/kubernetes
+/// pkg/controlplane/reconcilers/endpointsadapter.go: `updateEndpointSlice`, and
+/// `endpointSliceFromEndpoints` in older releases): named `kubernetes`, plus `kubernetes-v4` or
+/// `kubernetes-v6` for the second family of a dual-stack cluster, with the labels reset
+/// to `kubernetes.io/service-name` only — no managed-by label. So the name must be one of
+/// those (only holders of update rights on the real objects can write them), and a
+/// managed-by naming a slice controller marks a copy.
+fn is_apiserver_slice(slice: &EndpointSlice) -> bool {
+    let name = slice.metadata.name.as_deref().unwrap_or_default();
+    let named = match name.strip_prefix(APISERVER_SERVICE) {
+        Some("") => true,
+        Some("-v4") => slice.address_type == "IPv4",
+        Some("-v6") => slice.address_type == "IPv6",
+        _ => false,
+    };
+    let managed_by = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY));
+    named
+        && slice.metadata.namespace.as_deref() == Some(APISERVER_NAMESPACE)
+        && !managed_by.is_some_and(|m| SLICE_CONTROLLERS.contains(&m.as_str()))
+}
+
 /// Where the API's address and credentials come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiSource {
@@ -255,10 +295,21 @@ impl Watched for Pod {
 impl Watched for EndpointSlice {
     type Reduced = (ObjectKey, Vec<IpAddr>);
     fn reduce(self) -> (ObjectKey, Vec<IpAddr>) {
+        let genuine = is_apiserver_slice(&self);
         let key = (
             self.metadata.namespace.unwrap_or_default(),
             self.metadata.name.unwrap_or_default(),
         );
+        if !genuine {
+            warn!(
+                namespace = %key.0,
+                name = %key.1,
+                "ignoring an EndpointSlice labelled for the kubernetes Service that is not the \
+                 API server's own (only `kubernetes`, `kubernetes-v4`, `kubernetes-v6` written by \
+                 kube-apiserver name API servers): its addresses are not API servers"
+            );
+            return (key, Vec::new());
+        }
         let addresses = self
             .endpoints
             .into_iter()
@@ -499,6 +550,42 @@ mod tests {
             n.addresses,
             vec!["192.0.2.10".parse::<IpAddr>().expect("ip")]
         );
+    }
+
+    fn slice(name: &str, labels: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "labels": labels},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["203.0.113.66"]}]
+        }))
+        .expect("slice JSON")
+    }
+
+    /// Anyone allowed to create EndpointSlices in `default` can label one for the
+    /// `kubernetes` Service; only the API server's own slices name API servers.
+    #[test]
+    fn a_look_alike_kubernetes_slice_names_no_apiserver() {
+        let svc = || serde_json::json!({"kubernetes.io/service-name": "kubernetes"});
+        let mut managed = svc();
+        managed["endpointslice.kubernetes.io/managed-by"] =
+            "endpointslice-controller.k8s.io".into();
+        for fake in [
+            slice("kubernetes-extra", svc()),
+            slice("kubernetes-abcde", svc()),
+            slice("kubernetes", managed),
+        ] {
+            let name = fake.metadata.name.clone();
+            let (_, addresses) = fake.reduce();
+            assert!(addresses.is_empty(), "{name:?} counted as an API server");
+        }
+        // The kube-apiserver's own: `kubernetes` (and `kubernetes-v6` for the second
+        // family of a dual-stack cluster), with the service-name label only.
+        let (_, addresses) = slice("kubernetes", svc()).reduce();
+        assert_eq!(addresses.len(), 1);
+        let mut v6: EndpointSlice = slice("kubernetes-v6", svc());
+        v6.address_type = "IPv6".into();
+        v6.endpoints[0].addresses = vec!["2001:db8::66".into()];
+        assert_eq!(v6.reduce().1.len(), 1);
     }
 
     #[test]
