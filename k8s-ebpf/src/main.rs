@@ -390,12 +390,12 @@ async fn learn(args: LearnArgs) -> anyhow::Result<()> {
         ..CaptureConfig::default()
     };
     let mode = args.kubernetes.mode();
-    identity::check_mode(&mode).map_err(UsageError)?;
+    let api = identity::load(&mode).map_err(UsageError)?;
     let (_capture, streams) = Capture::load(&config, &ports)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let identities = Identities::new(daemon::default_hostname());
     let metrics = Arc::new(k8s_ebpf::metrics::Metrics::new());
-    let watchers = identity::start(&mode, &identities, &metrics, stop_rx.clone()).await;
+    let watchers = identity::start(&api, &identities, &metrics, stop_rx.clone()).await;
     if identities.is_enabled() {
         // Peers seen before the first sync would be learned as addresses.
         let synced = tokio::time::timeout(Duration::from_secs(30), async {

@@ -500,30 +500,52 @@ pub enum ApiMode {
     Off,
 }
 
-/// Checks what can be checked before starting (a named kubeconfig must be readable and
-/// parse); the message is for the user.
-pub fn check_mode(mode: &ApiMode) -> Result<(), String> {
+/// The API settings with a `--kubeconfig` already read, built before the daemon drops its
+/// capabilities: the kubeconfig and the files it names (certificate authority, client
+/// certificate and key, token file) may be readable by root only with
+/// CAP_DAC_READ_SEARCH (e.g. mode 0600 owned by another user), which the daemon no longer
+/// has when the watchers start.
+#[derive(Clone)]
+pub struct ApiConfig {
+    mode: ApiMode,
+    #[cfg(feature = "kubernetes")]
+    kubeconfig: Option<kube::config::Kubeconfig>,
+}
+
+impl ApiConfig {
+    pub fn mode(&self) -> &ApiMode {
+        &self.mode
+    }
+}
+
+/// Reads what `mode` names from disk (a bad kubeconfig is an error for the user).
+pub fn load(mode: &ApiMode) -> Result<ApiConfig, String> {
     match mode {
         #[cfg(feature = "kubernetes")]
-        ApiMode::Kubeconfig(path) => kube::config::Kubeconfig::read_from(path)
-            .map(drop)
-            .map_err(|e| format!("--kubeconfig {}: {e}", path.display())),
+        ApiMode::Kubeconfig(path) => Ok(ApiConfig {
+            mode: mode.clone(),
+            kubeconfig: Some(watch::read_kubeconfig(path)?),
+        }),
         #[cfg(not(feature = "kubernetes"))]
         ApiMode::Kubeconfig(_) => {
             Err("--kubeconfig: this build has no Kubernetes support (feature `kubernetes`)".into())
         }
-        ApiMode::Auto | ApiMode::Off => Ok(()),
+        ApiMode::Auto | ApiMode::Off => Ok(ApiConfig {
+            mode: mode.clone(),
+            #[cfg(feature = "kubernetes")]
+            kubeconfig: None,
+        }),
     }
 }
 
-/// Starts the watchers `mode` asks for (none without an API) and returns their tasks.
+/// Starts the watchers `config` asks for (none without an API) and returns their tasks.
 pub async fn start(
-    mode: &ApiMode,
+    config: &ApiConfig,
     identities: &Identities,
     metrics: &std::sync::Arc<crate::metrics::Metrics>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    if *mode == ApiMode::Off {
+    if config.mode == ApiMode::Off {
         tracing::info!(
             "Kubernetes identities off (--no-kubernetes): peers are judged by address only"
         );
@@ -531,7 +553,7 @@ pub async fn start(
     }
     #[cfg(feature = "kubernetes")]
     {
-        watch::start(mode, identities, metrics, stop).await
+        watch::start(config, identities, metrics, stop).await
     }
     #[cfg(not(feature = "kubernetes"))]
     {

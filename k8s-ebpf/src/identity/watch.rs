@@ -76,12 +76,59 @@ fn is_apiserver_slice(slice: &EndpointSlice) -> bool {
 }
 
 /// Where the API's address and credentials come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum ApiSource {
-    /// `--kubeconfig FILE`.
-    Kubeconfig(std::path::PathBuf),
+    /// `--kubeconfig FILE`, already read ([`read_kubeconfig`]).
+    Kubeconfig(std::path::PathBuf, Box<Kubeconfig>),
     /// In-cluster service account, else `$KUBECONFIG` / `~/.kube/config`.
     Infer,
+}
+
+/// Reads a kubeconfig and, into it, the files it names (certificate authority, client
+/// certificate and key, token file), so that nothing is left to read after the
+/// capability drop. A named file that cannot be read now is left as a path (kube reports
+/// it if the context in use needs it). A token file read here is not re-read when it
+/// rotates: a kubeconfig with rotating tokens belongs in-cluster (the service account).
+pub fn read_kubeconfig(path: &Path) -> Result<Kubeconfig, String> {
+    use base64::Engine as _;
+    let mut kc =
+        Kubeconfig::read_from(path).map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?;
+    let b64 = |bytes: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let read = |file: &Option<String>| file.as_deref().and_then(|f| std::fs::read(f).ok());
+    for cluster in kc.clusters.iter_mut().filter_map(|c| c.cluster.as_mut()) {
+        if cluster.certificate_authority_data.is_none() {
+            if let Some(ca) = read(&cluster.certificate_authority) {
+                cluster.certificate_authority_data = Some(b64(ca));
+                cluster.certificate_authority = None;
+            }
+        }
+    }
+    for user in kc
+        .auth_infos
+        .iter_mut()
+        .filter_map(|a| a.auth_info.as_mut())
+    {
+        if user.client_certificate_data.is_none() {
+            if let Some(crt) = read(&user.client_certificate) {
+                user.client_certificate_data = Some(b64(crt));
+                user.client_certificate = None;
+            }
+        }
+        if user.client_key_data.is_none() {
+            if let Some(key) = read(&user.client_key) {
+                user.client_key_data = Some(secrecy::SecretString::from(b64(key)));
+                user.client_key = None;
+            }
+        }
+        if user.token.is_none() {
+            if let Some(token) = read(&user.token_file) {
+                let token = String::from_utf8_lossy(&token).trim().to_owned();
+                user.token = Some(secrecy::SecretString::from(token));
+                user.token_file = None;
+            }
+        }
+    }
+    Ok(kc)
 }
 
 /// Whether anything points at a cluster: in-cluster environment, `$KUBECONFIG` or
@@ -95,10 +142,8 @@ pub fn cluster_configured() -> bool {
 /// Builds a client for `source`.
 pub async fn client(source: &ApiSource) -> anyhow::Result<Client> {
     let config = match source {
-        ApiSource::Kubeconfig(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .map_err(|e| anyhow::anyhow!("cannot read kubeconfig {}: {e}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        ApiSource::Kubeconfig(path, kc) => {
+            Config::from_custom_kubeconfig((**kc).clone(), &KubeConfigOptions::default())
                 .await
                 .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?
         }
@@ -119,15 +164,17 @@ pub async fn client(source: &ApiSource) -> anyhow::Result<Client> {
 /// and leaves the identities enabled but never synced, so a policy with selectors is not
 /// ready.
 pub async fn start(
-    mode: &super::ApiMode,
+    config: &super::ApiConfig,
     identities: &Identities,
     metrics: &Arc<Metrics>,
     stop: signal::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
-    let source = match mode {
-        super::ApiMode::Kubeconfig(path) => ApiSource::Kubeconfig(path.clone()),
-        super::ApiMode::Auto if cluster_configured() => ApiSource::Infer,
-        super::ApiMode::Auto | super::ApiMode::Off => {
+    let source = match (&config.mode, &config.kubeconfig) {
+        (super::ApiMode::Kubeconfig(path), Some(kc)) => {
+            ApiSource::Kubeconfig(path.clone(), Box::new(kc.clone()))
+        }
+        (super::ApiMode::Auto, _) if cluster_configured() => ApiSource::Infer,
+        _ => {
             info!(
                 "no Kubernetes API configured (no in-cluster service account, $KUBECONFIG or \
                  ~/.kube/config): peers are judged by address only"
