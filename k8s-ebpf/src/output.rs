@@ -91,7 +91,7 @@ pub enum OutputError {
     Open { path: PathBuf, source: io::Error },
     #[error(
         "refusing the alert file {path}: it is a symbolic link (alert files are never opened \
-         through one; point --output at the file itself)"
+         through one; point --output at the file itself, or use `-` for stdout)"
     )]
     Symlink { path: PathBuf },
     #[error("refusing the alert file {path}: it is not a regular file")]
@@ -304,12 +304,11 @@ struct RotatingFile {
 }
 
 /// Opens (creating with `mode`) the alert file for appending, never through a symbolic
-/// link at `path` (ELOOP). The permission bits of a regular file are set to `mode`
-/// (whatever the umask, and for a file left by an older version). Anything but a regular
-/// file or a character device (`/dev/null`, `/dev/full`) is refused; `O_NONBLOCK` keeps a
-/// FIFO planted at the path from blocking the open.
+/// link at `path` (ELOOP). Anything but a regular file or a character device (`/dev/null`,
+/// `/dev/full`) is refused; `O_NONBLOCK` keeps a FIFO planted at the path from blocking the
+/// open.
 fn open_alert_file(path: &Path, mode: u32) -> io::Result<File> {
-    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
     // Read access too: a partial last line is found by reading the file's end.
     let file = OpenOptions::new()
         .read(true)
@@ -318,13 +317,8 @@ fn open_alert_file(path: &Path, mode: u32) -> io::Result<File> {
         .mode(mode)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)?;
-    let meta = file.metadata()?;
-    let kind = meta.file_type();
-    if kind.is_file() {
-        if meta.permissions().mode() & 0o7777 != mode {
-            file.set_permissions(fs::Permissions::from_mode(mode))?;
-        }
-    } else if !kind.is_char_device() {
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() && !kind.is_char_device() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not a regular file",
@@ -342,6 +336,21 @@ fn open_alert_file(path: &Path, mode: u32) -> io::Result<File> {
     Ok(file)
 }
 
+/// Sets a regular file's permission bits to `mode`: whatever the umask made of them at
+/// creation, and for a file left by an older version.
+fn set_mode(file: &File, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = file.metadata()?;
+    if meta.file_type().is_file() && meta.permissions().mode() & 0o7777 != mode {
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// The most of a partial last line [`trim_partial_line`] cuts: far more than any record.
+/// A file with no line end in its last MiB is not an alert file, and is left alone.
+const MAX_PARTIAL_LINE: u64 = 1 << 20;
+
 /// The length of `file` up to its last newline, the file cut there if a partial line
 /// follows (a write cut short whose cleanup failed, or a crash mid-line).
 fn trim_partial_line(file: &File) -> io::Result<u64> {
@@ -351,10 +360,20 @@ fn trim_partial_line(file: &File) -> io::Result<u64> {
     if !meta.file_type().is_file() || len == 0 {
         return Ok(len);
     }
+    let floor = len.saturating_sub(MAX_PARTIAL_LINE);
     let mut end = len;
     let mut buf = [0u8; 4096];
-    while end > 0 {
-        let start = end.saturating_sub(buf.len() as u64);
+    loop {
+        if end == floor {
+            if floor == 0 {
+                break; // one partial line and nothing before it
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no line end in its last MiB: not an alert file (left as it is)",
+            ));
+        }
+        let start = end.saturating_sub(buf.len() as u64).max(floor);
         let chunk = &mut buf[..(end - start) as usize];
         file.read_exact_at(chunk, start)?;
         if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
@@ -407,6 +426,7 @@ impl RotatingFile {
     fn reopen(&mut self) -> io::Result<()> {
         let file = open_alert_file(&self.rotation.path, self.rotation.mode)?;
         self.size = trim_partial_line(&file)?;
+        set_mode(&file, self.rotation.mode)?;
         self.file = Some(file);
         Ok(())
     }
@@ -889,6 +909,28 @@ mod tests {
         assert_eq!(
             fs::read_to_string(&path).expect("read"),
             "{\"old\":1}\n{\"new\":2}\n"
+        );
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    /// A file that is not an alert file (no line end in its last MiB) is not cut.
+    #[test]
+    fn a_file_without_line_ends_is_left_alone() {
+        let dir = scratch("noline");
+        let path = dir.join("blob");
+        let blob = vec![b'x'; (MAX_PARTIAL_LINE + 10) as usize];
+        fs::write(&path, &blob).expect("seed");
+        let err = RotatingFile::open(Rotation::new(&path))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("not an alert file"), "{err}");
+        let meta = fs::metadata(&path).expect("stat");
+        assert_eq!(meta.len(), blob.len() as u64);
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_ne!(
+            meta.permissions().mode() & 0o777,
+            DEFAULT_FILE_MODE,
+            "chmodded"
         );
         let _ = fs::remove_dir_all(dir);
     }
