@@ -894,6 +894,19 @@ mod tests {
         f.file = None; // as after a failed write: the next line reopens the path
         assert!(f.write_line(b"{}").is_err(), "wrote through the symlink");
         assert_eq!(fs::read_to_string(&victim).expect("read"), "precious\n");
+
+        // Planted while the file is open, then a rotation: the link is renamed aside (rename
+        // does not follow it) and a new regular file is created in its place.
+        fs::remove_file(&path).expect("rm");
+        let mut rotation = Rotation::new(&path);
+        rotation.max_bytes = 4;
+        let mut f = RotatingFile::open(rotation).expect("open");
+        f.write_line(b"{}").expect("write");
+        fs::remove_file(&path).expect("rm");
+        symlink(&victim, &path).expect("symlink");
+        f.write_line(b"{}").expect("write after a rotation");
+        assert!(fs::symlink_metadata(&path).expect("stat").is_file());
+        assert_eq!(fs::read_to_string(&victim).expect("read"), "precious\n");
         let _ = fs::remove_dir_all(dir);
     }
 
