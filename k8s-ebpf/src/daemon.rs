@@ -104,16 +104,18 @@ pub struct Prepared {
     capture: Capture,
     streams: CaptureStreams,
     inventory: Inventory,
+    api: identity::ApiConfig,
 }
 
 /// The privileged part of start-up, on the calling thread before any other thread exists
-/// (capabilities are per thread): parse the policy (a bad file is a usage error), check
-/// the capabilities, load and attach, take the first listener inventory, then drop every
-/// capability.
+/// (capabilities are per thread): parse the policy (a bad file is a usage error), read the
+/// kubeconfig and the files it names, check the capabilities, load and attach, take the
+/// first listener inventory, then drop every capability.
 pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
     let policy = load_policy(config.policy_path.as_deref())
         .map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
-    identity::check_mode(&config.kubernetes).map_err(UsageError)?;
+    // Before the capability drop: see `identity::ApiConfig`.
+    let api = identity::load(&config.kubernetes).map_err(UsageError)?;
     let policy = Arc::new(policy);
     info!(
         policy = policy.origin(),
@@ -150,6 +152,7 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
         capture,
         streams,
         inventory,
+        api,
     })
 }
 
@@ -162,13 +165,15 @@ impl Prepared {
             mut capture,
             streams,
             mut inventory,
+            api,
         } = self;
-        run_loop(config, policy, &mut capture, streams, &mut inventory).await
+        run_loop(config, api, policy, &mut capture, streams, &mut inventory).await
     }
 }
 
 async fn run_loop(
     config: DaemonConfig,
+    api: identity::ApiConfig,
     policy: Arc<Policy>,
     capture: &mut Capture,
     streams: CaptureStreams,
@@ -195,8 +200,7 @@ async fn run_loop(
     };
 
     let identities = Identities::new(config.hostname.clone());
-    let watchers =
-        identity::start(&config.kubernetes, &identities, &metrics, stop_rx.clone()).await;
+    let watchers = identity::start(&api, &identities, &metrics, stop_rx.clone()).await;
     if policy.needs_identities() && !identities.is_enabled() {
         warn!(
             "the policy expects peers by Kubernetes selector, but no Kubernetes API is in use: \
@@ -210,7 +214,14 @@ async fn run_loop(
     let (sender, output_handle) = output::spawn(
         OutputSettings::new(config.output.clone()),
         Some(Arc::clone(&metrics)),
-    )?;
+    )
+    .map_err(|e| {
+        if e.is_usage() {
+            anyhow::Error::from(UsageError(e.to_string()))
+        } else {
+            e.into()
+        }
+    })?;
     metrics.set_attach_mechanism(capture.inbound().as_str());
     readiness.set_attached(true);
 
