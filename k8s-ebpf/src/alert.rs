@@ -492,7 +492,7 @@ impl AlertEvent {
                 format!("{} connected to {what} on {}", who(), obs.remote.ip())
             }
             Action::ExposedListener => format!(
-                "{what} is listening on {} (by {}): a loopback-only port exposed to the network",
+                "{what} is listening on {} (by {}): wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
                 obs.local.ip(),
                 who()
             ),

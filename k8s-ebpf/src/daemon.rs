@@ -140,8 +140,16 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
     );
     let mut inventory = Inventory::default();
     inventory.rescan(&policy.watched_ports());
-    privilege::drop_all()?;
-    info!("all capabilities dropped");
+    let kept = privilege::kept_after_attach();
+    privilege::drop_all_but(&kept)?;
+    if kept.is_empty() {
+        info!("all capabilities dropped");
+    } else {
+        info!(
+            kept = ?kept,
+            "capabilities dropped but CAP_BPF: before Linux 5.19, with kernel.unprivileged_bpf_disabled set, every bpf() command needs it (map reads included)"
+        );
+    }
     // Loading parsed the kernel's BTF (megabytes, now freed): hand that memory back to
     // the system instead of keeping it in the allocator for the daemon's lifetime.
     // SAFETY: malloc_trim has no preconditions.
@@ -459,7 +467,28 @@ impl LocalAddresses {
     }
 }
 
-/// The addresses of this network namespace's interfaces (getifaddrs).
+/// Interfaces whose addresses are not the node's own: IPVS's dummy device holds every
+/// ClusterIP (kube-proxy in IPVS mode), and CNI plugins' gateway and tunnel devices hold
+/// addresses of the pod network or of services. A connection to one of those addresses
+/// is not the node talking to itself.
+const NOT_THE_NODE: &[&str] = &[
+    "kube-ipvs0",
+    "nodelocaldns",
+    "cni0",
+    "cbr0",
+    "docker0",
+    "cilium_host",
+    "cilium_net",
+    "flannel.1",
+    "vxlan.calico",
+    "tunl0",
+    "weave",
+    "kube-bridge",
+    "kube-dummy-if",
+];
+
+/// The addresses of this network namespace's own interfaces (getifaddrs), without those
+/// of [`NOT_THE_NODE`].
 fn interface_addresses() -> std::collections::HashSet<std::net::IpAddr> {
     let mut out = std::collections::HashSet::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -471,7 +500,10 @@ fn interface_addresses() -> std::collections::HashSet<std::net::IpAddr> {
         let mut cur = list;
         while !cur.is_null() {
             let addr = (*cur).ifa_addr;
-            if !addr.is_null() {
+            let name = (!(*cur).ifa_name.is_null())
+                .then(|| std::ffi::CStr::from_ptr((*cur).ifa_name).to_string_lossy());
+            let excluded = name.is_some_and(|n| NOT_THE_NODE.contains(&n.as_ref()));
+            if !addr.is_null() && !excluded {
                 match i32::from((*addr).sa_family) {
                     libc::AF_INET => {
                         let sin = &*(addr as *const libc::sockaddr_in);

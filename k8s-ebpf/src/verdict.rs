@@ -146,6 +146,7 @@ fn bind_allowed(scope: BindScope, bound: IpAddr) -> bool {
         BindScope::Any => true,
         // The wildcard (0.0.0.0 / ::) is not loopback: it exposes the port everywhere.
         BindScope::Loopback => is_loopback(bound),
+        BindScope::None => false,
     }
 }
 
@@ -434,6 +435,22 @@ rules:
             );
             let err = Policy::parse(&text, "t.yaml").expect_err(bad).to_string();
             assert!(err.contains("t.yaml:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bind_none_makes_every_listener_an_exposure() {
+        let text = "version: 1\nrules:\n  - {name: kubelet-readonly, port: 10255, bind: none}\n";
+        let p = Policy::parse(text, "t.yaml").expect("policy");
+        for local in ["127.0.0.1:10255", "0.0.0.0:10255", "[::1]:10255"] {
+            let o = obs(EventKind::Listen, local, "0.0.0.0:0", Some("kubelet"));
+            assert_eq!(
+                judge(&p, &o, &ClientContext::default()).unwrap().verdict,
+                Verdict::Unexpected {
+                    reason: Finding::ExposedListener
+                },
+                "{local}"
+            );
         }
     }
 }

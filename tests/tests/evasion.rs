@@ -462,15 +462,13 @@ fn a_spoofed_syn_flood_folds_by_prefix_and_a_rotating_scan_is_caught() {
     ] {
         input += &format!("{source} {NODE} {port}\n");
     }
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/synflood.py");
     let mut child = lab
         .attacker
-        .command("python3")
-        .arg(&script)
+        .command(env!("CARGO_BIN_EXE_synprobe"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .expect("synflood.py");
+        .expect("synprobe");
     use std::io::Write as _;
     child
         .stdin
@@ -478,7 +476,7 @@ fn a_spoofed_syn_flood_folds_by_prefix_and_a_rotating_scan_is_caught() {
         .expect("stdin")
         .write_all(input.as_bytes())
         .expect("write SYN list");
-    let out = child.wait_with_output().expect("synflood.py");
+    let out = child.wait_with_output().expect("synprobe");
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "503");
 

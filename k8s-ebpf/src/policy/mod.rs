@@ -21,7 +21,7 @@
 //!     port: 2379                  # required, unique, 1-65535
 //!     component: etcd             # optional; default from the port table, else "unknown"
 //!     severity: critical          # optional: low | medium | high | critical (default: table)
-//!     bind: any                   # optional: loopback | any: where a listener may bind
+//!     bind: any                   # optional: loopback | any | none: where a listener may bind
 //!     expected_peers:             # inbound: who may connect (default: nobody)
 //!       - loopback                # 127.0.0.0/8 and ::1
 //!       - "@control_plane"        # a named group
