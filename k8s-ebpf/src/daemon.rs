@@ -238,30 +238,27 @@ async fn run_loop(
     let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(4096);
     let reader_task = tokio::spawn(reader.run(obs_tx, stop_rx.clone()));
 
-    let mut engine = Engine::new(Arc::clone(&policy), {
+    let engine = Engine::new(Arc::clone(&policy), {
         let mut s = EngineSettings::new(config.hostname.clone());
         s.log_allowed = config.log_allowed;
         s
     })
     .with_metrics(Arc::clone(&metrics));
-    readiness.set_identities_blocked(!identity_ready(&engine));
+    let mut pipeline = Pipeline {
+        sender: &sender,
+        identities: &identities,
+        engine,
+        local: LocalAddresses::new(),
+        executables: ExecutableIndex::new(&policy),
+        attempts: Attempts::new(),
+    };
+    readiness.set_identities_blocked(!identity_ready(&pipeline.engine));
 
     // The listeners already there: a wide bind on a loopback-only port is an alert at
     // start, not only when the next one binds.
     inventory.publish(&metrics);
-    let mut local = LocalAddresses::new();
-    // The policy's executables by file identity, looked up again with the addresses.
-    let mut executables = ExecutableIndex::new(&policy);
     for obs in inventory.start_observations() {
-        emit(
-            &sender,
-            &mut engine,
-            &local,
-            &identities,
-            &executables,
-            &obs,
-        )
-        .await;
+        pipeline.emit(&obs).await;
     }
 
     let mut reload = PolicyWatch::new(config.policy_path.clone(), &policy);
@@ -273,54 +270,43 @@ async fn run_loop(
     let mut poll = tokio::time::interval(POLICY_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drops = DropWatch::default();
-    // SYNs become refused or half-open attempts, or vanish into their completed handshake.
-    let mut attempts = Attempts::new();
     let mut handshake_check = tokio::time::interval(Duration::from_millis(250));
     handshake_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         tokio::select! {
             obs = obs_rx.recv() => match obs {
-                Some(obs) => {
-                    inventory.track(&obs, &metrics);
-                    let now = std::time::Instant::now();
-                    for obs in attempts.observe(obs, now, |o| inventory.listening(o.local)) {
-                        emit(&sender, &mut engine, &local, &identities, &executables, &obs).await;
-                    }
-                }
+                Some(obs) => pipeline.take(obs, inventory, &metrics).await,
                 None => {
                     warn!("the ring-buffer reader stopped");
                     break;
                 }
             },
-            _ = handshake_check.tick() => {
-                for obs in attempts.expire(std::time::Instant::now()) {
-                    emit(&sender, &mut engine, &local, &identities, &executables, &obs).await;
-                }
-            }
+            _ = handshake_check.tick() => pipeline.expire_attempts().await,
             _ = tick.tick() => {
+                let attempts = &pipeline.attempts;
                 metrics.set_attempts(&attempts.stats(), attempts.pending());
-                for alert in engine.tick(SystemTime::now()) {
+                for alert in pipeline.engine.tick(SystemTime::now()) {
                     sender.send(alert).await;
                 }
                 match capture.counters() {
                     Ok(c) => drops.update(&c, &reader_stats, &metrics),
                     Err(e) => warn!(error = %e, "cannot read the kernel counters"),
                 }
-                if local.refresh_if_stale() {
-                    executables.refresh(engine.policy());
+                if pipeline.local.refresh_if_stale() {
+                    pipeline.executables.refresh(pipeline.engine.policy());
                 }
-                readiness.set_identities_blocked(!identity_ready(&engine));
+                readiness.set_identities_blocked(!identity_ready(&pipeline.engine));
             }
             _ = poll.tick() => {
-                if reload.check(false, capture, &mut engine, &metrics) {
-                    executables.refresh(engine.policy());
+                if reload.check(false, capture, &mut pipeline.engine, &metrics) {
+                    pipeline.executables.refresh(pipeline.engine.policy());
                 }
             }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the policy");
-                if reload.check(true, capture, &mut engine, &metrics) {
-                    executables.refresh(engine.policy());
+                if reload.check(true, capture, &mut pipeline.engine, &metrics) {
+                    pipeline.executables.refresh(pipeline.engine.policy());
                 }
             }
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
@@ -332,32 +318,10 @@ async fn run_loop(
     readiness.set_attached(false);
     let _ = stop_tx.send(true);
     while let Some(obs) = obs_rx.recv().await {
-        inventory.track(&obs, &metrics);
-        let now = std::time::Instant::now();
-        for obs in attempts.observe(obs, now, |o| inventory.listening(o.local)) {
-            emit(
-                &sender,
-                &mut engine,
-                &local,
-                &identities,
-                &executables,
-                &obs,
-            )
-            .await;
-        }
+        pipeline.take(obs, inventory, &metrics).await;
     }
-    for obs in attempts.flush() {
-        emit(
-            &sender,
-            &mut engine,
-            &local,
-            &identities,
-            &executables,
-            &obs,
-        )
-        .await;
-    }
-    metrics.set_attempts(&attempts.stats(), attempts.pending());
+    pipeline.flush_attempts().await;
+    metrics.set_attempts(&pipeline.attempts.stats(), pipeline.attempts.pending());
     for w in watchers {
         let _ = w.await;
     }
@@ -366,9 +330,10 @@ async fn run_loop(
         Err(e) => warn!(error = %e, "ring-buffer reader panicked"),
         Ok(Ok(())) => {}
     }
-    for alert in engine.close_all(SystemTime::now()) {
+    for alert in pipeline.engine.close_all(SystemTime::now()) {
         sender.send(alert).await;
     }
+    drop(pipeline);
     if let Ok(c) = capture.counters() {
         drops.update(&c, &reader_stats, &metrics);
     }
@@ -384,6 +349,62 @@ async fn run_loop(
         "stopped"
     );
     Ok(())
+}
+
+/// Observations from the reader to alert records: SYNs resolved into attempts, each
+/// observation given what is known about its sides, judged and correlated, sent out.
+struct Pipeline<'a> {
+    sender: &'a AlertSender,
+    identities: &'a Identities,
+    engine: Engine,
+    /// This namespace's own addresses (refreshed every 30 s).
+    local: LocalAddresses,
+    /// The policy's executables by file identity, looked up again with the addresses and
+    /// on every policy change.
+    executables: ExecutableIndex,
+    /// SYNs become refused or half-open attempts, or vanish into their completed
+    /// handshake.
+    attempts: Attempts,
+}
+
+impl Pipeline<'_> {
+    /// One observation from the kernel.
+    async fn take(&mut self, obs: Observation, inventory: &mut Inventory, metrics: &Metrics) {
+        inventory.track(&obs, metrics);
+        let now = std::time::Instant::now();
+        let ready = self
+            .attempts
+            .observe(obs, now, |o| inventory.listening(o.local));
+        for obs in ready {
+            self.emit(&obs).await;
+        }
+    }
+
+    /// SYNs whose handshake did not complete in time.
+    async fn expire_attempts(&mut self) {
+        for obs in self.attempts.expire(std::time::Instant::now()) {
+            self.emit(&obs).await;
+        }
+    }
+
+    /// At shutdown: every SYN still waiting.
+    async fn flush_attempts(&mut self) {
+        for obs in self.attempts.flush() {
+            self.emit(&obs).await;
+        }
+    }
+
+    async fn emit(&mut self, obs: &Observation) {
+        emit(
+            self.sender,
+            &mut self.engine,
+            &self.local,
+            self.identities,
+            &self.executables,
+            obs,
+        )
+        .await;
+    }
 }
 
 async fn emit(
