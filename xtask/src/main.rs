@@ -6,6 +6,7 @@
 mod bench;
 mod bootstrap;
 mod kernels;
+mod npm;
 mod soak;
 
 use std::{
