@@ -36,6 +36,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "buildah",
     "podman",
     "crun",
+    // crun 1.8 refuses cgroup v1/v2 hybrid hosts; the container test uses runc there.
+    "runc",
     "prometheus",
     "rsyslog",
 ];
