@@ -120,10 +120,9 @@ pub fn build(bin: &Path, target: &Path) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&storage);
     let size = std::fs::metadata(&archive)?.len();
     eprintln!(
-        "image: {} ({} as {}, {:.1} MB, {} shared objects beside the binary)",
+        "image: {} ({} as an OCI archive, {:.1} MB, {} shared objects beside the binary)",
         archive.display(),
         tag(),
-        "OCI archive",
         size as f64 / 1e6,
         libs.len()
     );
