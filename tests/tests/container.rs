@@ -3,7 +3,8 @@
 //! translated one by one (an unknown setting fails the test, so the manifest cannot grow
 //! a setting this test silently ignores): capabilities, user, read-only root, no
 //! privilege escalation, seccomp RuntimeDefault, host network (the test's "node" network
-//! namespace stands for the node's), host PID, the command, args and env, the mounts.
+//! namespace stands for the node's), host PID, the command, args and env, the mounts,
+//! the CPU and memory limits.
 //! It must become ready, alert on a connection and a refused SYN from another namespace,
 //! and exit 0 on SIGTERM within the grace period; without BPF or PERFMON it must fail
 //! naming the capability.
@@ -234,6 +235,29 @@ fn podman_run_args(
     let user = user.expect("runAsUser");
     push(&["--user", &format!("{user}:{}", group.unwrap_or(user))]);
 
+    // Limits (requests only steer scheduling): the daemon must live within them.
+    for (k, v) in c["resources"]["limits"]
+        .as_object()
+        .expect("resources.limits")
+    {
+        let v = v.as_str().expect("quantity");
+        match k.as_str() {
+            "memory" => {
+                let mib = v.strip_suffix("Mi").expect("memory limit in Mi");
+                push(&["--memory", &format!("{mib}m")]);
+            }
+            "cpu" => {
+                let milli: f64 = v
+                    .strip_suffix('m')
+                    .expect("cpu in millicores")
+                    .parse()
+                    .expect("cpu");
+                push(&["--cpus", &format!("{}", milli / 1000.0)]);
+            }
+            other => panic!("resources.limits.{other}: not translated"),
+        }
+    }
+
     // Env: the downward API values the manifest asks for.
     let mut env = BTreeMap::new();
     for e in c["env"].as_array().expect("env") {
@@ -456,6 +480,18 @@ fn image_runs_with_the_daemonset_security_context() {
         field("CapEff:"),
         "0000000000000000",
         "caps dropped after attach"
+    );
+    // The root filesystem as the daemon sees it is read-only.
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    let root = mountinfo
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 5 && f[4] == "/")
+        .expect("a root mount");
+    assert!(
+        root[5].split(',').any(|o| o == "ro"),
+        "root mounted {}",
+        root[5]
     );
 
     attacker

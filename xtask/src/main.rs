@@ -36,8 +36,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Install prerequisites and run every check and test: fmt, clippy, unit, root
-    /// integration tests, deploy manifests, and the VM kernel matrix.
+    /// Install prerequisites and run every check and test: fmt, clippy, the image, unit
+    /// and root integration tests, deploy manifests, and the VM kernel matrix.
     Test {
         /// Skip the VM kernel matrix (for quick local iterations only; CI never sets it).
         #[arg(long)]
