@@ -109,7 +109,6 @@ impl Drop for Podman {
             .command()
             .args(["rm", "--all", "--force", "--time", "0"])
             .output();
-        let _ = self.command().args(["system", "reset", "--force"]).output();
     }
 }
 
