@@ -121,6 +121,13 @@ pub struct ConnRecord {
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
     pub comm: [u8; COMM_LEN],
+    /// The executable the current task runs (process context only; 0 otherwise): the
+    /// inode number of `task->mm->exe_file` and its filesystem's device (the kernel's
+    /// dev_t encoding, major << 20 | minor). Taken in the kernel: not argv, not comm, so
+    /// a renamed or copied binary cannot claim another's identity.
+    pub exe_ino: u64,
+    pub exe_dev: u32,
+    pub _pad2: u32,
 }
 
 /// Key of the in-kernel dedup map: everything a verdict depends on, so that a window
@@ -232,6 +239,15 @@ pub struct KernelOffsets {
     /// `sock.sk_protocol` (a u16 since Linux 5.6); [`KernelOffsets::UNAVAILABLE`] when it
     /// is a bitfield, which rules out the `tp_btf` state program.
     pub sk_protocol: u32,
+    /// The chain from the current task to its executable's inode: `task_struct.mm`,
+    /// `mm_struct.exe_file`, `file.f_inode`, `inode.i_ino`, `inode.i_sb`,
+    /// `super_block.s_dev`.
+    pub task_mm: u32,
+    pub mm_exe_file: u32,
+    pub file_f_inode: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub sb_s_dev: u32,
 }
 
 impl KernelOffsets {

@@ -32,7 +32,7 @@ mod programs {
         bindings::BPF_NOEXIST,
         helpers::{
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-            bpf_ktime_get_ns, bpf_probe_read_kernel,
+            bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
         },
         macros::{btf_tracepoint, fexit, kretprobe, map, sk_lookup, tracepoint},
         maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -70,6 +70,12 @@ mod programs {
         tp_saddr_v6: 0,
         tp_daddr_v6: 0,
         sk_protocol: 0,
+        task_mm: 0,
+        mm_exe_file: 0,
+        file_f_inode: 0,
+        inode_i_ino: 0,
+        inode_i_sb: 0,
+        sb_s_dev: 0,
     });
 
     /// Network-namespace inode to watch; 0 watches every namespace.
@@ -285,10 +291,12 @@ mod programs {
         } else {
             (0, 0)
         };
-        let comm = if ev.process_context {
-            bpf_get_current_comm().unwrap_or([0u8; COMM_LEN])
+        let (comm, (exe_dev, exe_ino)) = if ev.process_context {
+            (bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]), unsafe {
+                current_executable()
+            })
         } else {
-            [0u8; COMM_LEN]
+            ([0u8; COMM_LEN], (0, 0))
         };
         entry.write(ConnRecord {
             kind: ev.kind as u32,
@@ -307,6 +315,9 @@ mod programs {
             local_addr: ev.local_addr,
             remote_addr: ev.remote_addr,
             comm,
+            exe_ino,
+            exe_dev,
+            _pad2: 0,
         });
         entry.submit(0);
         count(counter::EMITTED);
@@ -325,6 +336,31 @@ mod programs {
         } else {
             bpf_probe_read_kernel(at).map_err(i64::from)
         }
+    }
+
+    /// (device, inode) of the current task's executable; zeros for a kernel thread or when
+    /// a read fails. Only for records that are written (a first sighting), so folded
+    /// events never pay for it.
+    #[inline(always)]
+    unsafe fn current_executable() -> (u32, u64) {
+        let o = OFFSETS.load();
+        let task = bpf_get_current_task() as *const u8;
+        let read = || -> Result<(u32, u64), i64> {
+            let mm: *const u8 = read_at::<_, false>(task, o.task_mm)?;
+            if mm.is_null() {
+                return Ok((0, 0));
+            }
+            let file: *const u8 = read_at::<_, false>(mm, o.mm_exe_file)?;
+            if file.is_null() {
+                return Ok((0, 0));
+            }
+            let inode: *const u8 = read_at::<_, false>(file, o.file_f_inode)?;
+            let ino: u64 = read_at::<_, false>(inode, o.inode_i_ino)?;
+            let sb: *const u8 = read_at::<_, false>(inode, o.inode_i_sb)?;
+            let dev: u32 = read_at::<_, false>(sb, o.sb_s_dev)?;
+            Ok((dev, ino))
+        };
+        read().unwrap_or((0, 0))
     }
 
     /// Inode of the network namespace behind a `possible_net_t` at `holder + offset`.

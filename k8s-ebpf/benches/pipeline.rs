@@ -102,6 +102,9 @@ fn records() -> Vec<Vec<u8>> {
                 local_addr: addr(local),
                 remote_addr: addr(peer),
                 comm,
+                exe_ino: 0,
+                exe_dev: 0,
+                _pad2: 0,
             };
             // SAFETY: ConnRecord is plain old data; we copy its bytes.
             unsafe {

@@ -224,6 +224,10 @@ impl NetworkFields {
 pub struct ProcessFields {
     pub pid: u32,
     pub name: String,
+    /// The executable's path (`/proc/PID/exe` when judged, or the policy path its file
+    /// matched).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executable: Option<String>,
 }
 
 /// ECS `container.*`.
@@ -385,6 +389,17 @@ pub struct Extension {
     /// With `prefix`: how many sources it stands for (sightings of a new source).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sources: Option<u64>,
+    /// Outbound: how the local process was recognised as an expected client
+    /// (`executable`, `pod`, `cgroup`, `container`, `comm`); absent when it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_match: Option<&'static str>,
+    /// The local process's executable as the kernel identified it (the file, not its
+    /// name): `major:minor` of its filesystem and its inode. Present even when the path
+    /// could not be read (a process gone, or one the daemon may not inspect).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe_dev: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe_inode: Option<u64>,
 }
 
 /// One alert or event record.
@@ -460,6 +475,7 @@ impl AlertEvent {
         let process = obs.process.as_ref().map(|p| ProcessFields {
             pid: p.pid,
             name: p.name.clone(),
+            executable: None,
         });
         // Only outbound and listener messages name the process.
         let who = || {
@@ -492,7 +508,7 @@ impl AlertEvent {
                 format!("{} connected to {what} on {}", who(), obs.remote.ip())
             }
             Action::ExposedListener => format!(
-                "{what} is listening on {} (by {}): a loopback-only port exposed to the network",
+                "{what} is listening on {} (by {}): wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
                 obs.local.ip(),
                 who()
             ),
@@ -541,6 +557,13 @@ impl AlertEvent {
                 netns: (obs.netns != 0).then_some(obs.netns),
                 prefix: None,
                 sources: None,
+                client_match: None,
+                exe_dev: obs
+                    .process
+                    .as_ref()
+                    .and_then(|p| p.exe)
+                    .map(|e| format!("{}:{}", e.major, e.minor)),
+                exe_inode: obs.process.as_ref().and_then(|p| p.exe).map(|e| e.ino),
             },
         }
     }
@@ -626,6 +649,9 @@ impl AlertEvent {
                 netns: None,
                 prefix: scan.prefix.map(|(p, _)| p.to_string()),
                 sources: scan.prefix.map(|(_, n)| n),
+                client_match: None,
+                exe_dev: None,
+                exe_inode: None,
             },
         }
     }

@@ -345,6 +345,13 @@ impl Engine {
             kubernetes: kubernetes.as_ref(),
         };
         let mut record = AlertEvent::for_observation(obs, action, &subject);
+        record.k8s_ebpf.client_match = judgement.client_match.map(|m| m.as_str());
+        if let Some(p) = record.process.as_mut() {
+            p.executable = client
+                .executable_path
+                .map(str::to_owned)
+                .or_else(|| client.executable.map(|e| e.display().to_string()));
+        }
         if flood {
             record = record.into_flood(source_prefix(peer), 1);
         }

@@ -39,7 +39,7 @@ use crate::{
     inventory,
     metrics::{Metrics, MetricsServer, Readiness},
     output::{self, AlertSender, Destination, OutputSettings},
-    policy::{Policy, PolicyErrors},
+    policy::{executables::ExecutableIndex, Policy, PolicyErrors},
     privilege,
     verdict::ClientContext,
 };
@@ -104,16 +104,18 @@ pub struct Prepared {
     capture: Capture,
     streams: CaptureStreams,
     inventory: Inventory,
+    api: identity::ApiConfig,
 }
 
 /// The privileged part of start-up, on the calling thread before any other thread exists
-/// (capabilities are per thread): parse the policy (a bad file is a usage error), check
-/// the capabilities, load and attach, take the first listener inventory, then drop every
-/// capability.
+/// (capabilities are per thread): parse the policy (a bad file is a usage error), read the
+/// kubeconfig and the files it names, check the capabilities, load and attach, take the
+/// first listener inventory, then drop every capability.
 pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
     let policy = load_policy(config.policy_path.as_deref())
         .map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
-    identity::check_mode(&config.kubernetes).map_err(UsageError)?;
+    // Before the capability drop: see `identity::ApiConfig`.
+    let api = identity::load(&config.kubernetes).map_err(UsageError)?;
     let policy = Arc::new(policy);
     info!(
         policy = policy.origin(),
@@ -138,8 +140,16 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
     );
     let mut inventory = Inventory::default();
     inventory.rescan(&policy.watched_ports());
-    privilege::drop_all()?;
-    info!("all capabilities dropped");
+    let kept = privilege::kept_after_attach();
+    privilege::drop_all_but(&kept)?;
+    if kept.is_empty() {
+        info!("all capabilities dropped");
+    } else {
+        info!(
+            kept = ?kept,
+            "capabilities dropped but CAP_BPF: before Linux 5.19, with kernel.unprivileged_bpf_disabled set, every bpf() command needs it (map reads included)"
+        );
+    }
     // Loading parsed the kernel's BTF (megabytes, now freed): hand that memory back to
     // the system instead of keeping it in the allocator for the daemon's lifetime.
     // SAFETY: malloc_trim has no preconditions.
@@ -150,6 +160,7 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
         capture,
         streams,
         inventory,
+        api,
     })
 }
 
@@ -162,13 +173,15 @@ impl Prepared {
             mut capture,
             streams,
             mut inventory,
+            api,
         } = self;
-        run_loop(config, policy, &mut capture, streams, &mut inventory).await
+        run_loop(config, api, policy, &mut capture, streams, &mut inventory).await
     }
 }
 
 async fn run_loop(
     config: DaemonConfig,
+    api: identity::ApiConfig,
     policy: Arc<Policy>,
     capture: &mut Capture,
     streams: CaptureStreams,
@@ -195,8 +208,7 @@ async fn run_loop(
     };
 
     let identities = Identities::new(config.hostname.clone());
-    let watchers =
-        identity::start(&config.kubernetes, &identities, &metrics, stop_rx.clone()).await;
+    let watchers = identity::start(&api, &identities, &metrics, stop_rx.clone()).await;
     if policy.needs_identities() && !identities.is_enabled() {
         warn!(
             "the policy expects peers by Kubernetes selector, but no Kubernetes API is in use: \
@@ -210,7 +222,14 @@ async fn run_loop(
     let (sender, output_handle) = output::spawn(
         OutputSettings::new(config.output.clone()),
         Some(Arc::clone(&metrics)),
-    )?;
+    )
+    .map_err(|e| {
+        if e.is_usage() {
+            anyhow::Error::from(UsageError(e.to_string()))
+        } else {
+            e.into()
+        }
+    })?;
     metrics.set_attach_mechanism(capture.inbound().as_str());
     readiness.set_attached(true);
 
@@ -231,8 +250,18 @@ async fn run_loop(
     // start, not only when the next one binds.
     inventory.publish(&metrics);
     let mut local = LocalAddresses::new();
+    // The policy's executables by file identity, looked up again with the addresses.
+    let mut executables = ExecutableIndex::new(&policy);
     for obs in inventory.start_observations() {
-        emit(&sender, &mut engine, &local, &identities, &obs).await;
+        emit(
+            &sender,
+            &mut engine,
+            &local,
+            &identities,
+            &executables,
+            &obs,
+        )
+        .await;
     }
 
     let mut reload = PolicyWatch::new(config.policy_path.clone(), &policy);
@@ -256,7 +285,7 @@ async fn run_loop(
                     inventory.track(&obs, &metrics);
                     let now = std::time::Instant::now();
                     for obs in attempts.observe(obs, now, |o| inventory.listening(o.local)) {
-                        emit(&sender, &mut engine, &local, &identities, &obs).await;
+                        emit(&sender, &mut engine, &local, &identities, &executables, &obs).await;
                     }
                 }
                 None => {
@@ -266,7 +295,7 @@ async fn run_loop(
             },
             _ = handshake_check.tick() => {
                 for obs in attempts.expire(std::time::Instant::now()) {
-                    emit(&sender, &mut engine, &local, &identities, &obs).await;
+                    emit(&sender, &mut engine, &local, &identities, &executables, &obs).await;
                 }
             }
             _ = tick.tick() => {
@@ -278,13 +307,21 @@ async fn run_loop(
                     Ok(c) => drops.update(&c, &reader_stats, &metrics),
                     Err(e) => warn!(error = %e, "cannot read the kernel counters"),
                 }
-                local.refresh_if_stale();
+                if local.refresh_if_stale() {
+                    executables.refresh(engine.policy());
+                }
                 readiness.set_identities_blocked(!identity_ready(&engine));
             }
-            _ = poll.tick() => reload.check(false, capture, &mut engine, &metrics),
+            _ = poll.tick() => {
+                if reload.check(false, capture, &mut engine, &metrics) {
+                    executables.refresh(engine.policy());
+                }
+            }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the policy");
-                reload.check(true, capture, &mut engine, &metrics);
+                if reload.check(true, capture, &mut engine, &metrics) {
+                    executables.refresh(engine.policy());
+                }
             }
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
@@ -298,11 +335,27 @@ async fn run_loop(
         inventory.track(&obs, &metrics);
         let now = std::time::Instant::now();
         for obs in attempts.observe(obs, now, |o| inventory.listening(o.local)) {
-            emit(&sender, &mut engine, &local, &identities, &obs).await;
+            emit(
+                &sender,
+                &mut engine,
+                &local,
+                &identities,
+                &executables,
+                &obs,
+            )
+            .await;
         }
     }
     for obs in attempts.flush() {
-        emit(&sender, &mut engine, &local, &identities, &obs).await;
+        emit(
+            &sender,
+            &mut engine,
+            &local,
+            &identities,
+            &executables,
+            &obs,
+        )
+        .await;
     }
     metrics.set_attempts(&attempts.stats(), attempts.pending());
     for w in watchers {
@@ -338,6 +391,7 @@ async fn emit(
     engine: &mut Engine,
     local: &LocalAddresses,
     identities: &Identities,
+    executables: &ExecutableIndex,
     obs: &Observation,
 ) {
     let cgroup = obs
@@ -354,12 +408,24 @@ async fn emit(
     let container = cgroup.as_deref().and_then(container_id);
     let peer = identities.peer_of(obs);
     let pod = container.and_then(|id| identities.pod_for_container(id));
+    let local_process = obs
+        .process
+        .as_ref()
+        .filter(|_| matches!(obs.kind, EventKind::Outbound | EventKind::Listen));
+    let executable = local_process
+        .and_then(|p| p.exe)
+        .and_then(|id| executables.path_of(id));
+    let executable_path = local_process
+        .and_then(|p| std::fs::read_link(format!("/proc/{}/exe", p.pid)).ok())
+        .map(|p| p.display().to_string());
     let client = ClientContext {
         cgroup_path: cgroup.as_deref(),
         container_id: container,
         peer_is_node: local.contains(obs),
         peer: peer.as_ref(),
         pod: pod.as_deref(),
+        executable,
+        executable_path: executable_path.as_deref(),
     };
     for alert in engine.observe_with(obs, &client, SystemTime::now()) {
         sender.send(alert).await;
@@ -385,11 +451,14 @@ impl LocalAddresses {
         }
     }
 
-    fn refresh_if_stale(&mut self) {
-        if self.read_at.elapsed() >= Self::MAX_AGE {
-            self.addresses = interface_addresses();
-            self.read_at = std::time::Instant::now();
+    /// Returns whether it refreshed.
+    fn refresh_if_stale(&mut self) -> bool {
+        if self.read_at.elapsed() < Self::MAX_AGE {
+            return false;
         }
+        self.addresses = interface_addresses();
+        self.read_at = std::time::Instant::now();
+        true
     }
 
     /// Whether `obs` (in this namespace) goes to one of its own addresses.
@@ -398,7 +467,28 @@ impl LocalAddresses {
     }
 }
 
-/// The addresses of this network namespace's interfaces (getifaddrs).
+/// Interfaces whose addresses are not the node's own: IPVS's dummy device holds every
+/// ClusterIP (kube-proxy in IPVS mode), and CNI plugins' gateway and tunnel devices hold
+/// addresses of the pod network or of services. A connection to one of those addresses
+/// is not the node talking to itself.
+const NOT_THE_NODE: &[&str] = &[
+    "kube-ipvs0",
+    "nodelocaldns",
+    "cni0",
+    "cbr0",
+    "docker0",
+    "cilium_host",
+    "cilium_net",
+    "flannel.1",
+    "vxlan.calico",
+    "tunl0",
+    "weave",
+    "kube-bridge",
+    "kube-dummy-if",
+];
+
+/// The addresses of this network namespace's own interfaces (getifaddrs), without those
+/// of [`NOT_THE_NODE`].
 fn interface_addresses() -> std::collections::HashSet<std::net::IpAddr> {
     let mut out = std::collections::HashSet::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -410,7 +500,10 @@ fn interface_addresses() -> std::collections::HashSet<std::net::IpAddr> {
         let mut cur = list;
         while !cur.is_null() {
             let addr = (*cur).ifa_addr;
-            if !addr.is_null() {
+            let name = (!(*cur).ifa_name.is_null())
+                .then(|| std::ffi::CStr::from_ptr((*cur).ifa_name).to_string_lossy());
+            let excluded = name.is_some_and(|n| NOT_THE_NODE.contains(&n.as_ref()));
+            if !addr.is_null() && !excluded {
                 match i32::from((*addr).sa_family) {
                     libc::AF_INET => {
                         let sin = &*(addr as *const libc::sockaddr_in);
@@ -468,12 +561,19 @@ impl PolicyWatch {
         }
     }
 
-    fn check(&mut self, forced: bool, capture: &mut Capture, engine: &mut Engine, m: &Metrics) {
+    /// Returns whether a new policy took effect.
+    fn check(
+        &mut self,
+        forced: bool,
+        capture: &mut Capture,
+        engine: &mut Engine,
+        m: &Metrics,
+    ) -> bool {
         let Some(path) = &self.path else {
             if forced {
                 info!("no policy file: the embedded default stays");
             }
-            return;
+            return false;
         };
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -484,11 +584,11 @@ impl PolicyWatch {
                     m.record_policy_reload(false);
                     self.last_error = Some(msg);
                 }
-                return;
+                return false;
             }
         };
         if !forced && self.last_text.as_deref() == Some(text.as_str()) {
-            return;
+            return false;
         }
         self.last_text = Some(text.clone());
         match Policy::parse(&text, &path.display().to_string()) {
@@ -498,7 +598,7 @@ impl PolicyWatch {
                 if let Err(e) = capture.set_watched_ports(&ports) {
                     warn!(error = %e, "cannot update the kernel's watched ports; keeping the last good policy");
                     m.record_policy_reload(false);
-                    return;
+                    return false;
                 }
                 if policy.window() != old_window {
                     warn!(
@@ -510,6 +610,7 @@ impl PolicyWatch {
                 engine.set_policy(Arc::new(policy));
                 m.record_policy_reload(true);
                 self.last_error = None;
+                true
             }
             Err(errors) => {
                 let msg = errors.to_string();
@@ -518,6 +619,7 @@ impl PolicyWatch {
                     m.record_policy_reload(false);
                     self.last_error = Some(msg);
                 }
+                false
             }
         }
     }

@@ -2,8 +2,9 @@
 //!
 //! The output starts from a base policy (the embedded default, or `--policy`) and widens
 //! each rule by what the base would have alerted on: inbound and refused peers become
-//! expected peers (single-address CIDRs), outbound processes become expected clients, a
-//! wide listener on a loopback-only port makes that rule's `bind: any`.
+//! expected peers (single-address CIDRs), outbound processes become expected clients (by
+//! executable path; by task name only when the path cannot be read), a wide listener on
+//! a loopback-only port makes that rule's `bind: any`.
 //!
 //! With a Kubernetes API, a peer whose identity is known is learned as a selector rather
 //! than an address (addresses of pods and nodes change, identities less so): a pod as its
@@ -82,7 +83,7 @@ impl LearnedPeer {
 #[derive(Debug, Default)]
 pub struct Learned {
     peers: BTreeMap<u16, BTreeSet<LearnedPeer>>,
-    clients: BTreeMap<u16, BTreeSet<String>>,
+    clients: BTreeMap<u16, BTreeSet<LearnedClient>>,
     wide_binds: BTreeSet<u16>,
     /// Observations the base already expected, and those it did not.
     pub expected: u64,
@@ -115,7 +116,16 @@ impl Learned {
             }
             EventKind::Outbound => {
                 if let Some(p) = &obs.process {
-                    self.clients.entry(port).or_default().insert(p.name.clone());
+                    // The executable by path where it can still be read (learn keeps its
+                    // privileges): a path is matched by file identity, a name is not.
+                    let client = std::fs::read_link(format!("/proc/{}/exe", p.pid))
+                        .ok()
+                        .filter(|path| path.is_absolute())
+                        .map_or_else(
+                            || LearnedClient::Name(p.name.clone()),
+                            |path| LearnedClient::Executable(path.display().to_string()),
+                        );
+                    self.clients.entry(port).or_default().insert(client);
                 }
             }
             EventKind::Listen => {
@@ -176,9 +186,18 @@ impl Learned {
         }
         let c = &r.expected_clients;
         let mut processes = c.processes.clone();
-        for name in self.clients.get(&r.port).into_iter().flatten() {
-            if !processes.contains(name) {
-                processes.push(name.clone());
+        let mut executables: Vec<String> = c
+            .executables
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        for client in self.clients.get(&r.port).into_iter().flatten() {
+            let (list, value) = match client {
+                LearnedClient::Executable(path) => (&mut executables, path),
+                LearnedClient::Name(name) => (&mut processes, name),
+            };
+            if !list.contains(value) {
+                list.push(value.clone());
             }
         }
         let mut cgroups: Vec<OutCgroup> =
@@ -196,6 +215,16 @@ impl Learned {
             },
             expected_peers: peers,
             expected_clients: OutClients {
+                executables,
+                pods: c
+                    .pods
+                    .iter()
+                    .map(|(namespace, labels)| OutPods {
+                        namespace: namespace.clone(),
+                        labels: labels.clone(),
+                    })
+                    .collect(),
+                units: c.units.clone(),
                 processes,
                 cgroups,
                 containers: c.containers.clone(),
@@ -287,9 +316,23 @@ impl From<&PeerSelector> for OutPeer {
 
 #[derive(Serialize)]
 struct OutClients {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    executables: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pods: Vec<OutPods>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    units: Vec<String>,
     processes: Vec<String>,
     cgroups: Vec<OutCgroup>,
     containers: Vec<String>,
+}
+
+/// An outbound client seen while learning: its executable's path, or only its task name
+/// when the path could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum LearnedClient {
+    Executable(String),
+    Name(String),
 }
 
 #[derive(Serialize)]
@@ -316,6 +359,7 @@ mod tests {
                 tid: 7,
                 name: c.to_owned(),
                 cgroup_id: 1,
+                exe: None,
             }),
             netns: 0,
             count: 1,

@@ -17,4 +17,5 @@ pub mod output;
 pub mod policy;
 pub mod ports;
 pub mod privilege;
+pub mod terminal;
 pub mod verdict;

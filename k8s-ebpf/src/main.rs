@@ -141,6 +141,9 @@ struct RunArgs {
     /// Rotated alert files to keep.
     #[arg(long, default_value_t = DEFAULT_KEEP)]
     output_keep: usize,
+    /// Permission bits of the alert files, in octal (set whenever a file is opened).
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    output_mode: u32,
     /// Also write expected connections, as `event.kind: event` records.
     #[arg(long)]
     log_allowed: bool,
@@ -199,6 +202,15 @@ struct CaptureArgs {
     /// Print the kernel counters as a final JSON line.
     #[arg(long)]
     counters: bool,
+}
+
+/// An octal file mode: `600`, `0640`, `0o640`.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("`{s}` is not an octal file mode (e.g. 600 or 0640)"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -324,6 +336,7 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
             path: args.output.into(),
             max_bytes: args.output_max_bytes,
             keep: args.output_keep,
+            mode: args.output_mode,
         })
     };
     daemon::prepare(DaemonConfig {
@@ -385,12 +398,12 @@ async fn learn(args: LearnArgs) -> anyhow::Result<()> {
         ..CaptureConfig::default()
     };
     let mode = args.kubernetes.mode();
-    identity::check_mode(&mode).map_err(UsageError)?;
+    let api = identity::load(&mode).map_err(UsageError)?;
     let (_capture, streams) = Capture::load(&config, &ports)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let identities = Identities::new(daemon::default_hostname());
     let metrics = Arc::new(k8s_ebpf::metrics::Metrics::new());
-    let watchers = identity::start(&mode, &identities, &metrics, stop_rx.clone()).await;
+    let watchers = identity::start(&api, &identities, &metrics, stop_rx.clone()).await;
     if identities.is_enabled() {
         // Peers seen before the first sync would be learned as addresses.
         let synced = tokio::time::timeout(Duration::from_secs(30), async {

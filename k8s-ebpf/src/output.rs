@@ -3,6 +3,11 @@
 //! `alerts.json.1`, …). Under pressure plain events are dropped before alerts, every drop
 //! is counted, and a line that cannot be written goes to stderr instead: the writer
 //! never stops for a full disk.
+//!
+//! The alert file is something a local user may try to subvert: every line in it is whole
+//! or absent (a write cut short by a full disk is cut back out), it is created with mode
+//! 0600 unless `--output-mode` says otherwise, and it is never opened through a symbolic
+//! link, at start or when reopened after a rotation or a failure.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -30,6 +35,8 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
 pub const DEFAULT_ALERT_WAIT: Duration = Duration::from_millis(100);
 pub const DEFAULT_MAX_BYTES: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_KEEP: usize = 5;
+/// Alert files are readable by their owner only: they map who reaches the control plane.
+pub const DEFAULT_FILE_MODE: u32 = 0o600;
 
 /// Size-based rotation of the alert file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +46,8 @@ pub struct Rotation {
     pub max_bytes: u64,
     /// Rotated files kept (`path.1` … `path.keep`); 0 truncates instead.
     pub keep: usize,
+    /// Permission bits of the alert file (`--output-mode`), applied whenever it is opened.
+    pub mode: u32,
 }
 
 impl Rotation {
@@ -47,6 +56,7 @@ impl Rotation {
             path: path.into(),
             max_bytes: DEFAULT_MAX_BYTES,
             keep: DEFAULT_KEEP,
+            mode: DEFAULT_FILE_MODE,
         }
     }
 }
@@ -79,10 +89,24 @@ impl OutputSettings {
 pub enum OutputError {
     #[error("cannot open the alert file {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
+    #[error(
+        "refusing the alert file {path}: it is a symbolic link (alert files are never opened \
+         through one; point --output at the file itself, or use `-` for stdout)"
+    )]
+    Symlink { path: PathBuf },
+    #[error("refusing the alert file {path}: it is not a regular file")]
+    NotAFile { path: PathBuf },
     #[error("the alert writer has stopped")]
     Closed,
     #[error("the alert writer failed: {0}")]
     Writer(String),
+}
+
+impl OutputError {
+    /// A problem with the command line the user must fix (exit status 64).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Symlink { .. } | Self::NotAFile { .. })
+    }
 }
 
 /// Counters kept by the queue and the writer (mirrored into [`Metrics`] when given).
@@ -275,7 +299,97 @@ impl LineSink for StdoutSink {
 struct RotatingFile {
     rotation: Rotation,
     file: Option<File>,
+    /// Where the file's last whole line ends.
     size: u64,
+}
+
+/// Opens (creating with `mode`) the alert file for appending, never through a symbolic
+/// link at `path` (ELOOP). Anything but a regular file or a character device (`/dev/null`,
+/// `/dev/full`) is refused; `O_NONBLOCK` keeps a FIFO planted at the path from blocking the
+/// open.
+fn open_alert_file(path: &Path, mode: u32) -> io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    // Read access too: a partial last line is found by reading the file's end.
+    let file = OpenOptions::new()
+        .read(true)
+        .create(true)
+        .append(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() && !kind.is_char_device() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    // Back to blocking writes (a terminal behind /dev/stdout would otherwise say EAGAIN).
+    // SAFETY: fcntl on a descriptor we own, with integer arguments.
+    unsafe {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
+}
+
+/// Sets a regular file's permission bits to `mode`: whatever the umask made of them at
+/// creation, and for a file left by an older version.
+fn set_mode(file: &File, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = file.metadata()?;
+    if meta.file_type().is_file() && meta.permissions().mode() & 0o7777 != mode {
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// The most of a partial last line [`trim_partial_line`] cuts: far more than any record.
+/// A file with no line end in its last MiB is not an alert file, and is left alone.
+const MAX_PARTIAL_LINE: u64 = 1 << 20;
+
+/// The length of `file` up to its last newline, the file cut there if a partial line
+/// follows (a write cut short whose cleanup failed, or a crash mid-line).
+fn trim_partial_line(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt as _;
+    let meta = file.metadata()?;
+    let len = meta.len();
+    if !meta.file_type().is_file() || len == 0 {
+        return Ok(len);
+    }
+    let floor = len.saturating_sub(MAX_PARTIAL_LINE);
+    let mut end = len;
+    let mut buf = [0u8; 4096];
+    loop {
+        if end == floor {
+            if floor == 0 {
+                break; // one partial line and nothing before it
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no line end in its last MiB: not an alert file (left as it is)",
+            ));
+        }
+        let start = end.saturating_sub(buf.len() as u64).max(floor);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end != len {
+        file.set_len(end)?;
+        tracing::warn!(
+            cut = len - end,
+            "the alert file ended in a partial line: cut back to the last whole line"
+        );
+    }
+    Ok(end)
 }
 
 fn numbered(path: &Path, n: usize) -> PathBuf {
@@ -298,19 +412,21 @@ impl RotatingFile {
             file: None,
             size: 0,
         };
-        f.reopen().map_err(|source| OutputError::Open {
-            path: f.rotation.path.clone(),
-            source,
+        f.reopen().map_err(|source| {
+            let path = f.rotation.path.clone();
+            match source.raw_os_error() {
+                Some(libc::ELOOP) => OutputError::Symlink { path },
+                _ if source.kind() == io::ErrorKind::InvalidInput => OutputError::NotAFile { path },
+                _ => OutputError::Open { path, source },
+            }
         })?;
         Ok(f)
     }
 
     fn reopen(&mut self) -> io::Result<()> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.rotation.path)?;
-        self.size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let file = open_alert_file(&self.rotation.path, self.rotation.mode)?;
+        self.size = trim_partial_line(&file)?;
+        set_mode(&file, self.rotation.mode)?;
         self.file = Some(file);
         Ok(())
     }
@@ -346,7 +462,7 @@ impl LineSink for RotatingFile {
         let Some(file) = self.file.as_mut() else {
             return Err(io::Error::other("alert file not open"));
         };
-        match file.write_all(&buf) {
+        match append_whole(file, &buf, self.size) {
             Ok(()) => {
                 self.size += len;
                 Ok(())
@@ -363,6 +479,36 @@ impl LineSink for RotatingFile {
             Some(f) => f.sync_data(),
             None => Ok(()),
         }
+    }
+}
+
+/// What appending a whole line needs from the alert file (a trait so a test can make
+/// writes come up short).
+trait AppendFile: Write {
+    /// Cuts the file back to `len` bytes.
+    fn truncate_to(&mut self, len: u64) -> io::Result<()>;
+}
+
+impl AppendFile for File {
+    fn truncate_to(&mut self, len: u64) -> io::Result<()> {
+        self.set_len(len)
+    }
+}
+
+/// Appends `line` (newline included) to `file`, whose whole lines end at `size`. When the
+/// write fails part-way (a full disk takes what fits, then says ENOSPC) the file is cut back
+/// to `size`: the next line must not be glued to the end of a broken one.
+fn append_whole(file: &mut impl AppendFile, line: &[u8], size: u64) -> io::Result<()> {
+    let Err(e) = file.write_all(line) else {
+        return Ok(());
+    };
+    match file.truncate_to(size) {
+        Ok(()) => Err(e),
+        // The next reopen trims the partial line (`trim_partial_line`).
+        Err(t) => Err(io::Error::new(
+            e.kind(),
+            format!("{e} (and cutting the partial line failed: {t})"),
+        )),
     }
 }
 
@@ -514,6 +660,7 @@ mod tests {
             path: path.clone(),
             max_bytes: line_len * 2,
             keep: 2,
+            mode: DEFAULT_FILE_MODE,
         };
         let (tx, handle) =
             spawn(OutputSettings::new(Destination::File(rotation)), None).expect("open");
@@ -570,6 +717,7 @@ mod tests {
             path: full.to_path_buf(),
             max_bytes: u64::MAX,
             keep: 1,
+            mode: DEFAULT_FILE_MODE,
         };
         let metrics = Arc::new(Metrics::new());
         let (tx, handle) = spawn(
@@ -599,6 +747,207 @@ mod tests {
         );
     }
 
+    /// A file with room for `room` more bytes: a write that does not fit is cut short, the
+    /// next fails with ENOSPC (what a filling disk does).
+    struct FillingFile {
+        data: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for FillingFile {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let n = buf.len().min(self.room);
+            self.data.extend_from_slice(&buf[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl AppendFile for FillingFile {
+        fn truncate_to(&mut self, len: u64) -> io::Result<()> {
+            let len = usize::try_from(len).map_err(io::Error::other)?;
+            self.room += self.data.len().saturating_sub(len);
+            self.data.truncate(len);
+            Ok(())
+        }
+    }
+
+    /// A short write then ENOSPC leaves no partial line for the next record to join: every
+    /// line is whole or absent.
+    #[test]
+    fn a_short_write_leaves_no_partial_line() {
+        let mut f = FillingFile {
+            data: Vec::new(),
+            room: 15,
+        };
+        append_whole(&mut f, b"{\"n\":1}\n", 0).expect("fits");
+        let err = append_whole(&mut f, b"{\"n\":2,\"long\":true}\n", 8).expect_err("disk full");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        f.room += 100; // space comes back
+        append_whole(&mut f, b"{\"n\":3}\n", 8).expect("fits again");
+        let text = String::from_utf8(f.data).expect("utf-8");
+        assert_eq!(text, "{\"n\":1}\n{\"n\":3}\n");
+        for l in text.lines() {
+            serde_json::from_str::<serde_json::Value>(l).expect("each line is JSON");
+        }
+    }
+
+    /// The same against the kernel: a 64 KiB tmpfs fills up mid-line (a short write, then
+    /// ENOSPC), and the file still holds whole JSON lines only.
+    #[test]
+    fn a_full_filesystem_keeps_whole_lines() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        struct Mounted(PathBuf);
+        impl Drop for Mounted {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = scratch("tmpfs");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "k8s-ebpf-test"])
+            .arg(&dir)
+            .status();
+        if !mounted.is_ok_and(|s| s.success()) {
+            eprintln!("skipped: cannot mount a tmpfs on {}", dir.display());
+            let _ = fs::remove_dir_all(&dir);
+            return;
+        }
+        let dir = Mounted(dir);
+        let path = dir.0.join("alerts.json");
+        let mut rotation = Rotation::new(&path);
+        rotation.max_bytes = u64::MAX;
+        let mut f = RotatingFile::open(rotation).expect("open");
+        let pad = "x".repeat(1000);
+        let (mut written, mut failed) = (0, 0);
+        for n in 0..200 {
+            let line = format!("{{\"n\":\"{n:03}\",\"pad\":\"{pad}\"}}");
+            match f.write_line(line.as_bytes()) {
+                Ok(()) => written += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        assert!(
+            written > 0 && failed > 0,
+            "{written} written, {failed} failed"
+        );
+        let text = fs::read_to_string(&path).expect("read");
+        assert!(
+            text.is_empty() || text.ends_with('\n'),
+            "a partial last line"
+        );
+        for l in text.lines() {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not a whole JSON line ({e}): {l:.60}…"));
+        }
+        assert_eq!(text.lines().count(), written);
+    }
+
+    #[test]
+    fn alert_files_are_private_by_default() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = scratch("mode");
+        let path = dir.join("alerts.json");
+        let mut rotation = Rotation::new(&path);
+        rotation.max_bytes = 4;
+        let mut f = RotatingFile::open(rotation).expect("open");
+        f.write_line(b"{}").expect("write");
+        f.write_line(b"{}").expect("write, after a rotation");
+        for p in [path.clone(), numbered(&path, 1)] {
+            let mode = fs::metadata(&p).expect("stat").permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o600, "{} is {mode:o}", p.display());
+        }
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    /// A symbolic link at the alert path is refused: at start, and when the file is
+    /// reopened after a failed write (where one could have been planted since).
+    #[test]
+    fn never_follows_a_symlink_at_the_path() {
+        use std::os::unix::fs::symlink;
+        let dir = scratch("symlink");
+        let victim = dir.join("victim");
+        fs::write(&victim, "precious\n").expect("seed");
+        let path = dir.join("alerts.json");
+        symlink(&victim, &path).expect("symlink");
+        let err = RotatingFile::open(Rotation::new(&path))
+            .err()
+            .expect("a symlink is refused");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+
+        fs::remove_file(&path).expect("rm");
+        let mut f = RotatingFile::open(Rotation::new(&path)).expect("open");
+        fs::remove_file(&path).expect("rm");
+        symlink(&victim, &path).expect("symlink");
+        f.file = None; // as after a failed write: the next line reopens the path
+        assert!(f.write_line(b"{}").is_err(), "wrote through the symlink");
+        assert_eq!(fs::read_to_string(&victim).expect("read"), "precious\n");
+
+        // Planted while the file is open, then a rotation: the link is renamed aside (rename
+        // does not follow it) and a new regular file is created in its place.
+        fs::remove_file(&path).expect("rm");
+        let mut rotation = Rotation::new(&path);
+        rotation.max_bytes = 4;
+        let mut f = RotatingFile::open(rotation).expect("open");
+        f.write_line(b"{}").expect("write");
+        fs::remove_file(&path).expect("rm");
+        symlink(&victim, &path).expect("symlink");
+        f.write_line(b"{}").expect("write after a rotation");
+        assert!(fs::symlink_metadata(&path).expect("stat").is_file());
+        assert_eq!(fs::read_to_string(&victim).expect("read"), "precious\n");
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    /// A partial last line left before this process (a crash mid-write, or a cut-back that
+    /// failed) is cut when the file is opened, not continued by the next record.
+    #[test]
+    fn a_partial_line_found_at_open_is_cut() {
+        let dir = scratch("partial");
+        let path = dir.join("alerts.json");
+        fs::write(&path, "{\"old\":1}\n{\"brok").expect("seed");
+        let mut f = RotatingFile::open(Rotation::new(&path)).expect("open");
+        f.write_line(b"{\"new\":2}").expect("write");
+        assert_eq!(
+            fs::read_to_string(&path).expect("read"),
+            "{\"old\":1}\n{\"new\":2}\n"
+        );
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    /// A file that is not an alert file (no line end in its last MiB) is not cut.
+    #[test]
+    fn a_file_without_line_ends_is_left_alone() {
+        let dir = scratch("noline");
+        let path = dir.join("blob");
+        let blob = vec![b'x'; (MAX_PARTIAL_LINE + 10) as usize];
+        fs::write(&path, &blob).expect("seed");
+        let err = RotatingFile::open(Rotation::new(&path))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("not an alert file"), "{err}");
+        let meta = fs::metadata(&path).expect("stat");
+        assert_eq!(meta.len(), blob.len() as u64);
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_ne!(
+            meta.permissions().mode() & 0o777,
+            DEFAULT_FILE_MODE,
+            "chmodded"
+        );
+        let _ = fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn keep_zero_truncates() {
         let dir = scratch("keep0");
@@ -607,6 +956,7 @@ mod tests {
             path: path.clone(),
             max_bytes: 10,
             keep: 0,
+            mode: DEFAULT_FILE_MODE,
         })
         .expect("open");
         f.write_line(b"0123456789").expect("write");

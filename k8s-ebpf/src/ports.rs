@@ -58,6 +58,9 @@ pub enum BindScope {
     Loopback,
     /// Any address, including the wildcard.
     Any,
+    /// Nowhere: the port should be off (the read-only kubelet), so any listener, even on
+    /// loopback, is an exposure.
+    None,
 }
 
 impl BindScope {
@@ -65,6 +68,7 @@ impl BindScope {
         match self {
             Self::Loopback => "loopback",
             Self::Any => "any",
+            Self::None => "none",
         }
     }
 }
@@ -318,7 +322,7 @@ pub static PORTS: &[WatchedPort] = &[
                          details",
         hardening: "turn it off (readOnlyPort: 0); nothing should ever connect",
         severity: Severity::High,
-        allowed_bind: BindScope::Any,
+        allowed_bind: BindScope::None,
     },
     WatchedPort {
         port: 10256,

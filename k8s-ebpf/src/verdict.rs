@@ -7,7 +7,7 @@ use std::{fmt, net::IpAddr};
 use crate::{
     capture::{EventKind, Observation},
     identity::{PeerIdentity, PodIdentity},
-    policy::{is_loopback, Policy, Rule},
+    policy::{is_loopback, ClientMatch, ExpectedClients, Policy, Rule},
     ports::BindScope,
 };
 
@@ -26,6 +26,12 @@ pub struct ClientContext<'a> {
     pub peer: Option<&'a PeerIdentity>,
     /// Outbound: the pod of the local process's container, when known.
     pub pod: Option<&'a PodIdentity>,
+    /// The policy executable whose file (device, inode) the local process runs, as the
+    /// caller's [`crate::policy::executables::ExecutableIndex`] resolved it.
+    pub executable: Option<&'a std::path::Path>,
+    /// The local process's executable path as `/proc/PID/exe` named it when the record
+    /// was judged (for the alert; never for a verdict: paths can be renamed).
+    pub executable_path: Option<&'a str>,
 }
 
 /// Why an observation is unexpected; each maps to one alert `event.action`.
@@ -92,6 +98,8 @@ impl Verdict {
 pub struct Judgement<'p> {
     pub rule: &'p Rule,
     pub verdict: Verdict,
+    /// Outbound: how the local process was recognised as an expected client.
+    pub client_match: Option<ClientMatch>,
 }
 
 /// Judges `obs` under the policy's rule for its watched port; `None` when the policy no
@@ -105,6 +113,9 @@ pub fn judge<'p>(
     Some(Judgement {
         rule,
         verdict: judge_rule(rule, obs, client),
+        client_match: (obs.kind == EventKind::Outbound)
+            .then(|| client_match(&rule.expected_clients, obs, client))
+            .flatten(),
     })
 }
 
@@ -135,26 +146,50 @@ fn bind_allowed(scope: BindScope, bound: IpAddr) -> bool {
         BindScope::Any => true,
         // The wildcard (0.0.0.0 / ::) is not loopback: it exposes the port everywhere.
         BindScope::Loopback => is_loopback(bound),
+        BindScope::None => false,
     }
 }
 
 fn client_expected(rule: &Rule, obs: &Observation, client: &ClientContext<'_>) -> bool {
     // A connection to this node's own loopback or addresses never leaves it.
-    if is_loopback(obs.remote.ip()) || client.peer_is_node {
-        return true;
+    is_loopback(obs.remote.ip())
+        || client.peer_is_node
+        || client_match(&rule.expected_clients, obs, client).is_some()
+}
+
+/// The strongest identity by which the local process is an expected client, if any.
+pub fn client_match(
+    clients: &ExpectedClients,
+    obs: &Observation,
+    client: &ClientContext<'_>,
+) -> Option<ClientMatch> {
+    let process = obs.process.as_ref();
+    if client
+        .executable
+        .is_some_and(|path| clients.allows_executable(path))
+    {
+        return Some(ClientMatch::Executable);
     }
-    let clients = &rule.expected_clients;
-    let by_process = obs.process.as_ref().is_some_and(|p| {
-        clients.allows_process(&p.name)
-            || (p.cgroup_id != 0 && clients.allows_cgroup_id(p.cgroup_id))
-    });
-    by_process
+    if client.pod.is_some_and(|pod| clients.allows_pod(pod)) {
+        return Some(ClientMatch::Pod);
+    }
+    if process.is_some_and(|p| p.cgroup_id != 0 && clients.allows_cgroup_id(p.cgroup_id))
         || client
             .cgroup_path
-            .is_some_and(|path| clients.allows_cgroup_path(path))
-        || client
-            .container_id
-            .is_some_and(|id| clients.allows_container(id))
+            .is_some_and(|path| clients.allows_cgroup_path(path) || clients.allows_unit(path))
+    {
+        return Some(ClientMatch::Cgroup);
+    }
+    if client
+        .container_id
+        .is_some_and(|id| clients.allows_container(id))
+    {
+        return Some(ClientMatch::Container);
+    }
+    if process.is_some_and(|p| clients.allows_process(&p.name)) {
+        return Some(ClientMatch::Comm);
+    }
+    None
 }
 
 #[cfg(test)]
@@ -200,6 +235,7 @@ rules:
                 tid: 4243,
                 name: name.to_owned(),
                 cgroup_id: 9,
+                exe: None,
             }),
             netns: 4026531840,
             count: 1,
@@ -334,5 +370,87 @@ rules:
         assert_eq!(Finding::ExposedListener.action(), "exposed-listener");
         assert_eq!(Finding::RefusedAttempt.to_string(), "refused-attempt");
         assert_eq!(UNEXPECTED_IN.as_str(), "unexpected");
+    }
+
+    #[test]
+    fn clients_match_by_the_strongest_identity_and_say_which() {
+        let text = "version: 1\nrules:\n  - name: kubelet\n    port: 10250\n    expected_clients:\n      executables: [/usr/local/bin/kube-apiserver]\n      pods: [{namespace: kube-system, labels: {component: kube-apiserver}}]\n      units: [kube-apiserver.service]\n      processes: [kube-apiserver]\n";
+        let p = Policy::parse(text, "t.yaml").expect("policy");
+        let named = obs(
+            EventKind::Outbound,
+            "10.0.0.2:0",
+            "10.0.0.3:10250",
+            Some("kube-apiserver"),
+        );
+        let matched = |c: &ClientContext<'_>| judge(&p, &named, c).unwrap().client_match;
+        let exe = std::path::Path::new("/usr/local/bin/kube-apiserver");
+        let by_exe = ClientContext {
+            executable: Some(exe),
+            ..Default::default()
+        };
+        assert_eq!(matched(&by_exe), Some(ClientMatch::Executable));
+        let mut pod = PodIdentity {
+            namespace: "kube-system".into(),
+            ..Default::default()
+        };
+        pod.labels
+            .insert("component".into(), "kube-apiserver".into());
+        let by_pod = ClientContext {
+            pod: Some(&pod),
+            ..Default::default()
+        };
+        assert_eq!(matched(&by_pod), Some(ClientMatch::Pod));
+        let by_unit = ClientContext {
+            cgroup_path: Some("/system.slice/kube-apiserver.service"),
+            ..Default::default()
+        };
+        assert_eq!(matched(&by_unit), Some(ClientMatch::Cgroup));
+        // Only the task name: still expected here (the policy lists it), and visible.
+        assert_eq!(matched(&ClientContext::default()), Some(ClientMatch::Comm));
+        // A copy of an interpreter under another path: not the listed file.
+        let other = ClientContext {
+            executable: Some(std::path::Path::new("/tmp/kube-apiserver")),
+            ..Default::default()
+        };
+        assert_eq!(matched(&other), Some(ClientMatch::Comm));
+        let renamed = obs(
+            EventKind::Outbound,
+            "10.0.0.2:0",
+            "10.0.0.3:10250",
+            Some("python3"),
+        );
+        assert_eq!(
+            judge(&p, &renamed, &other).unwrap().verdict,
+            Verdict::Unexpected {
+                reason: Finding::UnexpectedOutbound
+            }
+        );
+    }
+
+    #[test]
+    fn executables_must_be_absolute_and_units_unit_names() {
+        for bad in ["executables: [kube-apiserver]", "units: [/system.slice]"] {
+            let text = format!(
+                "version: 1\nrules:\n  - name: kubelet\n    port: 10250\n    expected_clients: {{{bad}}}\n"
+            );
+            let err = Policy::parse(&text, "t.yaml").expect_err(bad).to_string();
+            assert!(err.contains("t.yaml:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bind_none_makes_every_listener_an_exposure() {
+        let text = "version: 1\nrules:\n  - {name: kubelet-readonly, port: 10255, bind: none}\n";
+        let p = Policy::parse(text, "t.yaml").expect("policy");
+        for local in ["127.0.0.1:10255", "0.0.0.0:10255", "[::1]:10255"] {
+            let o = obs(EventKind::Listen, local, "0.0.0.0:0", Some("kubelet"));
+            assert_eq!(
+                judge(&p, &o, &ClientContext::default()).unwrap().verdict,
+                Verdict::Unexpected {
+                    reason: Finding::ExposedListener
+                },
+                "{local}"
+            );
+        }
     }
 }

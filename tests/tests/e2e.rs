@@ -361,6 +361,8 @@ fn control_plane_node_under_attack() {
         ("unexpected-inbound", ATTACKER, 10255),
         ("refused-attempt", ATTACKER, 10257),
         ("port-scan", ATTACKER, 0),
+        // The read-only kubelet should be off: its listener is an exposure (bind: none).
+        ("exposed-listener", "?", 10255),
         ("half-open-attempt", SCANNER, 2379),
         ("half-open-attempt", SCANNER, 2380),
         ("refused-attempt", SCANNER, 2381),
@@ -472,6 +474,10 @@ fn control_plane_node_under_attack() {
                     .map(severity_of)
                     .max();
                 assert_eq!(a["event"]["severity"].as_u64(), max, "{a}");
+            }
+            "exposed-listener" => {
+                assert_eq!(a["destination"]["port"], 10255, "{a}");
+                assert_eq!(a["event"]["severity"], severity_of(10255), "{a}");
             }
             "unexpected-outbound" => {
                 assert!(a["process"]["pid"].as_u64().is_some_and(|p| p > 1), "{a}");

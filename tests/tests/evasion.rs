@@ -202,6 +202,31 @@ fn a_full_ring_does_not_hide_a_peer() {
     assert!(status.success(), "{status}");
 }
 
+/// A copy of the python3 interpreter at `path` (its comm is the file name).
+fn interpreter_at(path: &std::path::Path) {
+    let python = std::fs::canonicalize("/usr/bin/python3").expect("python3");
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::copy(&python, path).expect("copy python3");
+}
+
+/// Runs `interpreter` in `ns`, connecting to `peer:port` once.
+fn connect_with(ns: &NetNs, interpreter: &std::path::Path, peer: &str, port: u16) {
+    run(ns.command(interpreter.to_str().expect("utf-8")).args([
+        "-c",
+        "import socket,sys\nsocket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()",
+        peer,
+        &port.to_string(),
+    ]));
+}
+
+fn outbound_alerts<'a>(
+    records: &'a [Value],
+    name: &'a str,
+) -> impl Iterator<Item = &'a Value> + 'a {
+    alerts(records, "unexpected-outbound")
+        .filter(move |a| a["process"]["name"] == name && a["destination"]["port"] == 10250)
+}
+
 /// Technique: connect out to another node's kubelet right after an expected client did
 /// the same (same peer, same port), hoping to fold into its window. On a529923 the dedup
 /// key had no process in it: the attacker's connection was folded, no alert, ever.
@@ -212,29 +237,109 @@ fn an_outbound_connection_does_not_hide_in_an_expected_clients_window() {
     }
     let lab = lab();
     let kubelet = lab.attacker.listen(&format!("{ATTACKER}:10250"));
-    let mut daemon = Daemon::start(&lab.node, &[]);
-    let connect_as = |name: &str| {
-        // The name is the task's comm (what the default policy's processes match).
-        run(lab.node.command("python3").args([
-            "-c",
-            "import ctypes,socket,sys\n\
-             ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)\n\
-             socket.create_connection((sys.argv[2], 10250), timeout=3).close()",
-            name,
-            ATTACKER,
-        ]));
-    };
-    connect_as("kube-apiserver");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let apiserver = dir.path().join("bin/kube-apiserver");
+    interpreter_at(&apiserver);
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version: 1\nrules:\n  - name: kubelet\n    port: 10250\n    expected_clients:\n      executables: [{}]\n",
+            apiserver.display()
+        ),
+    )
+    .expect("policy");
+    let mut daemon = Daemon::start(&lab.node, &["--policy", policy.to_str().unwrap()]);
+    connect_with(&lab.node, &apiserver, ATTACKER, 10250);
     std::thread::sleep(Duration::from_millis(500));
-    connect_as("python3");
+    connect_with(
+        &lab.node,
+        std::path::Path::new("/usr/bin/python3"),
+        ATTACKER,
+        10250,
+    );
     let records = daemon.wait_records("the second process's alert", Duration::from_secs(10), |r| {
-        alerts(r, "unexpected-outbound")
-            .any(|a| a["process"]["name"] == "python3" && a["destination"]["port"] == 10250)
+        outbound_alerts(r, "python3").count() > 0
     });
-    assert!(
-        !alerts(&records, "unexpected-outbound").any(|a| a["process"]["name"] == "kube-apiserver"),
+    assert_eq!(
+        outbound_alerts(&records, "kube-apiserver").count(),
+        0,
         "the expected client raised an alert"
     );
+    drop(kubelet);
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// Technique: copy an interpreter to an expected client's name (here kube-apiserver) and
+/// reach a kubelet with it. On a529923 expected clients were matched by task name: the
+/// copy was an expected client of every kubelet under the default policy. Now the
+/// executable is matched by the file the kernel ran: the default policy (which names no
+/// task names) alerts, and a policy listing the real binary's path accepts only that
+/// file, saying so (`k8s_ebpf.client_match: executable`).
+#[test]
+fn a_renamed_binary_is_not_an_expected_client() {
+    if !privileged("a_renamed_binary_is_not_an_expected_client") {
+        return;
+    }
+    let lab = lab();
+    let kubelet = lab.attacker.listen(&format!("{ATTACKER}:10250"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let real = dir.path().join("usr/local/bin/kube-apiserver");
+    let fake = dir.path().join("tmp/kube-apiserver");
+    interpreter_at(&real);
+    interpreter_at(&fake);
+
+    // The default policy: the renamed copy is no expected client.
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    connect_with(&lab.node, &fake, ATTACKER, 10250);
+    let records = daemon.wait_records(
+        "the renamed binary's alert (default policy)",
+        Duration::from_secs(10),
+        |r| outbound_alerts(r, "kube-apiserver").count() > 0,
+    );
+    let alert = outbound_alerts(&records, "kube-apiserver").next().unwrap();
+    // The kernel named the file it ran: the copy's inode, whatever it is called.
+    use std::os::unix::fs::MetadataExt as _;
+    let fake_inode = std::fs::metadata(&fake).expect("stat").ino();
+    assert_eq!(alert["k8s_ebpf"]["exe_inode"], fake_inode, "{alert}");
+    assert!(alert["k8s_ebpf"]["client_match"].is_null(), "{alert}");
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+
+    // A policy naming the real file: that file is expected (and says how), the copy is not.
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version: 1\nrules:\n  - name: kubelet\n    port: 10250\n    expected_clients:\n      executables: [{}]\n      processes: []\n",
+            real.display()
+        ),
+    )
+    .expect("policy");
+    let mut daemon = Daemon::start(
+        &lab.node,
+        &["--policy", policy.to_str().unwrap(), "--log-allowed"],
+    );
+    connect_with(&lab.node, &real, ATTACKER, 10250);
+    connect_with(&lab.node, &fake, ATTACKER, 10250);
+    let records = daemon.wait_records(
+        "the real binary allowed, the copy alerted",
+        Duration::from_secs(10),
+        |r| {
+            r.iter().any(|e| e["event"]["action"] == "allowed-outbound")
+                && outbound_alerts(r, "kube-apiserver").count() > 0
+        },
+    );
+    let allowed: Vec<_> = records
+        .iter()
+        .filter(|e| e["event"]["action"] == "allowed-outbound")
+        .collect();
+    assert_eq!(allowed.len(), 1, "{allowed:#?}");
+    assert_eq!(allowed[0]["k8s_ebpf"]["client_match"], "executable");
+    assert_eq!(allowed[0]["process"]["executable"], real.to_str().unwrap());
+    let alerted = outbound_alerts(&records, "kube-apiserver").next().unwrap();
+    assert_eq!(alerted["k8s_ebpf"]["exe_inode"], fake_inode, "{alerted}");
     drop(kubelet);
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
@@ -357,15 +462,13 @@ fn a_spoofed_syn_flood_folds_by_prefix_and_a_rotating_scan_is_caught() {
     ] {
         input += &format!("{source} {NODE} {port}\n");
     }
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/synflood.py");
     let mut child = lab
         .attacker
-        .command("python3")
-        .arg(&script)
+        .command(env!("CARGO_BIN_EXE_synprobe"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .expect("synflood.py");
+        .expect("synprobe");
     use std::io::Write as _;
     child
         .stdin
@@ -373,7 +476,7 @@ fn a_spoofed_syn_flood_folds_by_prefix_and_a_rotating_scan_is_caught() {
         .expect("stdin")
         .write_all(input.as_bytes())
         .expect("write SYN list");
-    let out = child.wait_with_output().expect("synflood.py");
+    let out = child.wait_with_output().expect("synprobe");
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "503");
 

@@ -603,3 +603,59 @@ fn peers_resolve_to_kubernetes_identities() {
     let (status, _) = replay.stop();
     assert!(status.success());
 }
+
+/// A kubeconfig, and the CA file it names, that only a process holding CAP_DAC_OVERRIDE or
+/// CAP_DAC_READ_SEARCH can read (mode 0000, owned by another user): the daemon reads them
+/// before it drops its capabilities, so its identities sync and it becomes ready.
+#[test]
+fn a_kubeconfig_readable_only_with_capabilities_is_used() {
+    if !privileged("a_kubeconfig_readable_only_with_capabilities_is_used") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let node = NetNs::new("k8skc");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let api = FakeApi::start(&node, dir.path());
+    seed(&api);
+    let kubeconfig = dir.path().join("kubeconfig");
+    let ca = std::fs::read_to_string(&kubeconfig)
+        .expect("read kubeconfig")
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("certificate-authority: ")
+                .map(PathBuf::from)
+        })
+        .expect("the kubeconfig names its CA file");
+    for file in [&kubeconfig, &ca] {
+        // nobody:nogroup, no permission bits.
+        std::os::unix::fs::chown(file, Some(65534), Some(65534)).expect("chown");
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    }
+    let policy = default_policy(dir.path());
+    // Ready means synced: the default policy has selectors.
+    let daemon = Daemon::start(
+        &node,
+        &[
+            "--policy",
+            policy.to_str().expect("utf-8"),
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--hostname",
+            "node-a",
+        ],
+    );
+    for r in ["nodes", "pods", "endpointslices"] {
+        assert_eq!(
+            daemon.metric(&format!("k8s_ebpf_kubernetes_synced{{resource=\"{r}\"}}")),
+            1.0,
+            "{r}:\n{}",
+            daemon.stderr()
+        );
+    }
+    assert!(
+        daemon.stderr().contains("all capabilities dropped"),
+        "{}",
+        daemon.stderr()
+    );
+}

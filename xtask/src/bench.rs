@@ -111,14 +111,17 @@ struct Tools {
     dir: PathBuf,
 }
 
+/// Program name → (run_time_ns, run_cnt).
+type ProgramStats = BTreeMap<String, (u64, u64)>;
+
 #[derive(Default)]
 struct DaemonCost {
     cpu_seconds: Vec<f64>,
     peak_rss_kib: u64,
     ringbuf_full: f64,
     output_dropped: f64,
-    /// Per monitor: program name → (run_time_ns, run_cnt) over one stats-enabled storm.
-    programs: BTreeMap<Config, BTreeMap<String, (u64, u64)>>,
+    /// Per monitor: its programs' statistics over one stats-enabled storm.
+    programs: BTreeMap<Config, ProgramStats>,
 }
 
 pub fn run(root: &Path, daemon: &Path, storm: &Path) -> Result<()> {
@@ -217,10 +220,7 @@ struct Storm {
 
 /// One more storm per monitor with kernel.bpf_stats_enabled on, for the programs' run
 /// times. Apart from the measured runs: the statistics add two clock reads to every run.
-fn program_run_times(
-    tools: &Tools,
-    policy: &Path,
-) -> Result<BTreeMap<Config, BTreeMap<String, (u64, u64)>>> {
+fn program_run_times(tools: &Tools, policy: &Path) -> Result<BTreeMap<Config, ProgramStats>> {
     const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
     let before = std::fs::read_to_string(SYSCTL)
         .unwrap_or_default()

@@ -31,6 +31,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    "xz-utils",
     // Issue 20: the image built and run without a registry, promtool for the alert rules
     // and dashboard, a real log shipper, and Node for the ECS type check (npm below).
     "buildah",

@@ -1,13 +1,22 @@
-//! The VM kernel matrix: Debian's 6.1 and 6.12 kernels booted under QEMU (software
-//! emulation), where kprobes and BPF trampolines work, so the `kretprobe` and `fexit`
-//! accept hooks run for real. Each boot runs `k8s-ebpf capture` with every attach mode
+//! The VM kernel matrix: Debian's 5.10 (bullseye), 6.1 and 6.12 kernels booted under QEMU
+//! (software emulation), where kprobes and BPF trampolines work, so the `kretprobe` and
+//! `fexit` accept hooks run for real. Each boot runs `k8s-ebpf capture` with every attach mode
 //! against a loopback accept by busybox `nc` and a SYN to a closed watched port, and the
 //! records are checked here: the accept hook's (with the accepting process), the state
 //! hook's (outbound, listen) and the SYN hook's (`sk_lookup`, open port and closed); the
 //! kretprobe's own tracefs event (its instance pool) is gone after the run.
 //!
-//! Kernels come from Debian's packages (`apt-get download`) and are cached, with the
-//! extracted `vmlinuz`, in `.cache/vm/`. Serial logs stay in `target/vm/` for a person.
+//! Then the release daemon runs end to end in each VM, on the embedded default policy,
+//! with `kernel.unprivileged_bpf_disabled=2`, against an attacker on the other side of a
+//! veth pair: unexpected inbound, an outbound pivot, a wide listener, a refused and a
+//! half-open attempt, a policy hot reload that narrows then widens, the capability drop
+//! (every thread), the kernel counters in `/metrics`, and exit 0 on SIGTERM. The result
+//! is a kernel × scenario table.
+//!
+//! Kernels come from Debian's packages (`apt-get download`; bullseye's through a private
+//! sources list, lists and cache directory, leaving the machine's apt setup untouched)
+//! and are cached, with the extracted `vmlinuz` and `veth` module, in `.cache/vm/`.
+//! Serial logs stay in `target/vm/` for a person.
 
 use std::{
     fmt::Write as _,
@@ -34,56 +43,81 @@ struct Kernel {
     label: &'static str,
     /// apt-cache search pattern for the image package; the newest match is used.
     pattern: &'static str,
+    /// A Debian suite outside the machine's own apt sources (read through a private
+    /// sources list), or `None` for the machine's.
+    suite: Option<&'static str>,
+    /// Whether fexit can work: BPF trampolines and `bpf_get_func_ret` (Linux 5.17+).
+    fexit: bool,
 }
 
-const KERNELS: [Kernel; 2] = [
+const KERNELS: [Kernel; 3] = [
+    Kernel {
+        label: "5.10 (bullseye; no bpf_get_func_ret: kretprobe accept hook)",
+        pattern: r"^linux-image-5\.10\.0-[0-9]+-amd64$",
+        suite: Some("bullseye"),
+        fexit: false,
+    },
     Kernel {
         label: "6.1 (inet_csk_accept: sk, flags, err, kern)",
         pattern: r"^linux-image-6\.1\.0-[0-9]+-amd64$",
+        suite: None,
+        fexit: true,
     },
     Kernel {
         label: "6.12 (inet_csk_accept: sk, proto_accept_arg)",
         pattern: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$",
+        suite: None,
+        fexit: true,
     },
 ];
 
-pub fn run_matrix(root: &Path, daemon: &Path) -> Result<()> {
-    for tool in ["qemu-system-x86_64", "cpio", "apt-get", "dpkg-deb"] {
+pub fn run_matrix(root: &Path, daemon: &Path, synprobe: &Path) -> Result<()> {
+    for tool in ["qemu-system-x86_64", "cpio", "apt-get", "dpkg-deb", "ip"] {
         if Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())
             .status()
             .map_or(true, |s| !s.success())
         {
-            bail!("{tool} is missing: run `apt-get install -y qemu-system-x86 busybox-static cpio` (or `cargo xtask bootstrap` as root)");
+            bail!("{tool} is missing: run `apt-get install -y qemu-system-x86 busybox-static cpio iproute2` (or `cargo xtask bootstrap` as root)");
         }
     }
     let cache = root.join(".cache/vm");
     let logs = root.join("target/vm");
     std::fs::create_dir_all(&cache)?;
     std::fs::create_dir_all(&logs)?;
-    let initrd = build_initramfs(&logs, daemon)?;
+    let mut fetched = Vec::new();
+    for kernel in &KERNELS {
+        fetched.push(fetch_kernel(&cache, kernel)?);
+    }
+    let initrd = build_initramfs(&logs, daemon, synprobe, &fetched)?;
     let mut table = String::new();
     let mut failures = Vec::new();
-    for kernel in &KERNELS {
+    for (kernel, fetched) in KERNELS.iter().zip(&fetched) {
         let started = Instant::now();
-        let (package, vmlinuz) = fetch_kernel(&cache, kernel.pattern)?;
+        let package = &fetched.package;
         let log = logs.join(format!("{package}.log"));
-        let output = boot(&vmlinuz, &initrd, &log)?;
-        let results = check(&output);
+        let output = boot(&fetched.vmlinuz, &initrd, &log)?;
+        let results = check(&output, kernel);
+        let scenarios = check_daemon(&output);
         writeln!(
             table,
             "{} [{package}], {:.0} s",
             kernel.label,
             started.elapsed().as_secs_f64()
         )?;
-        for ((mode, _), result) in MODES.iter().zip(&results) {
+        let rows = MODES
+            .iter()
+            .map(|(mode, _)| format!("capture {mode}"))
+            .zip(results)
+            .chain(scenarios);
+        for (name, result) in rows {
             match result {
-                Ok(seen) => writeln!(table, "  {mode:<11} OK    {seen}")?,
+                Ok(seen) => writeln!(table, "  {name:<20} ok    {seen}")?,
                 Err(why) => {
-                    writeln!(table, "  {mode:<11} FAIL  {why}")?;
+                    writeln!(table, "  {name:<20} FAIL  {why}")?;
                     failures.push(format!(
-                        "{package} {mode}: {why} (serial log: {})",
+                        "{package} {name}: {why} (serial log: {})",
                         log.display()
                     ));
                 }
@@ -97,9 +131,74 @@ pub fn run_matrix(root: &Path, daemon: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The newest package matching `pattern`, downloaded once; returns (package, vmlinuz).
-fn fetch_kernel(cache: &Path, pattern: &str) -> Result<(String, PathBuf)> {
-    let out = Command::new("apt-cache")
+struct Fetched {
+    package: String,
+    vmlinuz: PathBuf,
+    /// The kernel's `veth` module (Debian builds it as a module), uncompressed.
+    veth: PathBuf,
+}
+
+impl Fetched {
+    /// `uname -r` of the kernel: the package name without its prefix.
+    fn release(&self) -> &str {
+        self.package
+            .strip_prefix("linux-image-")
+            .unwrap_or(&self.package)
+    }
+}
+
+/// apt's options for a suite outside the machine's sources: its own sources list, lists
+/// and cache, so the machine's apt state is never touched.
+fn apt_options(cache: &Path, suite: Option<&str>) -> Result<Vec<String>> {
+    let Some(suite) = suite else {
+        return Ok(Vec::new());
+    };
+    let dir = cache.join(format!("apt-{suite}"));
+    for d in ["lists/partial", "cache/archives/partial"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    let list = dir.join("sources.list");
+    std::fs::write(
+        &list,
+        format!(
+            "deb http://deb.debian.org/debian {suite} main\n\
+             deb http://deb.debian.org/debian-security {suite}-security main\n"
+        ),
+    )?;
+    let opts = vec![
+        format!("Dir::Etc::sourcelist={}", list.display()),
+        "Dir::Etc::sourceparts=-".to_owned(),
+        format!("Dir::State::Lists={}", dir.join("lists").display()),
+        format!("Dir::Cache={}", dir.join("cache").display()),
+    ];
+    let fresh = std::fs::read_dir(dir.join("lists"))?
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains("Packages"));
+    if !fresh {
+        let mut update = Command::new("apt-get");
+        for o in &opts {
+            update.arg("-o").arg(o);
+        }
+        let status = update.args(["-q", "update"]).status()?;
+        if !status.success() {
+            bail!("apt-get update for Debian {suite} (private sources list) failed");
+        }
+    }
+    Ok(opts)
+}
+
+/// The newest package matching the kernel's pattern, downloaded once.
+fn fetch_kernel(cache: &Path, kernel: &Kernel) -> Result<Fetched> {
+    let opts = apt_options(cache, kernel.suite)?;
+    let with_opts = |program: &str| {
+        let mut c = Command::new(program);
+        for o in &opts {
+            c.arg("-o").arg(o);
+        }
+        c
+    };
+    let pattern = kernel.pattern;
+    let out = with_opts("apt-cache")
         .args(["search", "--names-only", pattern])
         .output()
         .context("apt-cache search")?;
@@ -112,11 +211,16 @@ fn fetch_kernel(cache: &Path, pattern: &str) -> Result<(String, PathBuf)> {
         bail!("no Debian package matches {pattern}: run `apt-get update`");
     };
     let vmlinuz = cache.join(format!("{package}.vmlinuz"));
-    if vmlinuz.exists() {
-        return Ok((package, vmlinuz));
+    let veth = cache.join(format!("{package}.veth.ko"));
+    if vmlinuz.exists() && veth.exists() {
+        return Ok(Fetched {
+            package,
+            vmlinuz,
+            veth,
+        });
     }
     eprintln!("xtask vm: downloading {package}");
-    let status = Command::new("apt-get")
+    let status = with_opts("apt-get")
         .args(["download", &package])
         .current_dir(cache)
         .status()?;
@@ -149,9 +253,31 @@ fn fetch_kernel(cache: &Path, pattern: &str) -> Result<(String, PathBuf)> {
         })
         .context("boot/vmlinuz-* in the package")?;
     std::fs::rename(&image, &vmlinuz)?;
+    let module = Command::new("find")
+        .arg(&extract)
+        .args(["-name", "veth.ko*"])
+        .output()?;
+    let module = String::from_utf8_lossy(&module.stdout)
+        .lines()
+        .next()
+        .map(PathBuf::from)
+        .context("drivers/net/veth.ko in the package")?;
+    if module.extension().is_some_and(|e| e == "xz") {
+        let out = Command::new("xz").arg("-dc").arg(&module).output()?;
+        if !out.status.success() {
+            bail!("xz -d {} failed", module.display());
+        }
+        std::fs::write(&veth, out.stdout)?;
+    } else {
+        std::fs::rename(&module, &veth)?;
+    }
     std::fs::remove_dir_all(&extract)?;
     std::fs::remove_file(&deb)?;
-    Ok((package, vmlinuz))
+    Ok(Fetched {
+        package,
+        vmlinuz,
+        veth,
+    })
 }
 
 /// Numeric runs compared as numbers, so 6.1.0-56 sorts after 6.1.0-9.
@@ -162,8 +288,15 @@ fn version_key(name: &str) -> Vec<u64> {
         .collect()
 }
 
-/// busybox, the daemon and its shared libraries, and an /init running the modes.
-fn build_initramfs(dir: &Path, daemon: &Path) -> Result<PathBuf> {
+/// busybox, iproute2's `ip`, the daemon and the SYN prober with their shared libraries,
+/// every kernel's veth module, and an /init running the capture modes and then the
+/// daemon's scenarios.
+fn build_initramfs(
+    dir: &Path,
+    daemon: &Path,
+    synprobe: &Path,
+    kernels: &[Fetched],
+) -> Result<PathBuf> {
     let tree = dir.join("initramfs");
     if tree.exists() {
         std::fs::remove_dir_all(&tree)?;
@@ -176,24 +309,26 @@ fn build_initramfs(dir: &Path, daemon: &Path) -> Result<PathBuf> {
         "tmp",
         "lib64",
         "lib/x86_64-linux-gnu",
+        "run/netns",
+        "var/run/netns",
+        "etc",
     ] {
         std::fs::create_dir_all(tree.join(d))?;
     }
     std::fs::copy("/bin/busybox", tree.join("bin/busybox")).context("busybox-static")?;
-    std::fs::copy(daemon, tree.join("k8s-ebpf"))?;
-    let ldd = Command::new("ldd").arg(daemon).output()?;
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)"
-        let path = line
-            .split("=>")
-            .last()
-            .and_then(|s| s.split_whitespace().next())
-            .filter(|p| p.starts_with('/'));
-        if let Some(p) = path {
-            let dest = tree.join(p.trim_start_matches('/'));
-            std::fs::create_dir_all(dest.parent().context("library path")?)?;
-            std::fs::copy(p, &dest).with_context(|| format!("copy {p}"))?;
-        }
+    let ip = which("ip")?;
+    for (from, to) in [
+        (daemon.to_path_buf(), "k8s-ebpf"),
+        (synprobe.to_path_buf(), "synprobe"),
+        (ip, "iproute2-ip"),
+    ] {
+        std::fs::copy(&from, tree.join(to)).with_context(|| format!("copy {}", from.display()))?;
+        copy_libraries(&from, &tree)?;
+    }
+    for k in kernels {
+        let modules = tree.join("lib/modules").join(k.release());
+        std::fs::create_dir_all(&modules)?;
+        std::fs::copy(&k.veth, modules.join("veth.ko"))?;
     }
     let mut init = String::from(INIT_HEAD);
     for (i, (mode, args)) in MODES.iter().enumerate() {
@@ -205,6 +340,7 @@ fn build_initramfs(dir: &Path, daemon: &Path) -> Result<PathBuf> {
                 .replace("@CLOSED@", &closed_port(i).to_string()),
         );
     }
+    init.push_str(INIT_DAEMON);
     init.push_str("echo '=== DONE'\npoweroff -f\n");
     std::fs::write(tree.join("init"), init)?;
     Command::new("chmod")
@@ -277,6 +413,228 @@ echo "{\"kprobe_events\": \"$(grep -c k8s_ebpf /sys/kernel/tracing/kprobe_events
 echo "=== END @MODE@"
 "#;
 
+/// The daemon end to end (see the script's header).
+const INIT_DAEMON: &str = include_str!("vm_daemon.sh");
+
+fn which(program: &str) -> Result<PathBuf> {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if path.is_empty() {
+        bail!("{program} is not installed");
+    }
+    Ok(std::fs::canonicalize(path)?)
+}
+
+/// Copies the shared libraries `ldd` lists for `binary` into the initramfs tree.
+fn copy_libraries(binary: &Path, tree: &Path) -> Result<()> {
+    let ldd = Command::new("ldd").arg(binary).output()?;
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)"
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|s| s.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(p) = path {
+            let dest = tree.join(p.trim_start_matches('/'));
+            std::fs::create_dir_all(dest.parent().context("library path")?)?;
+            std::fs::copy(p, &dest).with_context(|| format!("copy {p}"))?;
+        }
+    }
+    Ok(())
+}
+
+type Scenario = (String, Result<String, String>);
+
+/// The JSON lines the daemon script printed.
+struct DaemonRun {
+    release: String,
+    lines: Vec<Value>,
+}
+
+impl DaemonRun {
+    fn parse(output: &str) -> Self {
+        // The console may put escape sequences before the marker.
+        let release = output
+            .lines()
+            .find_map(|l| l.split_once("=== KERNEL ").map(|(_, r)| r.trim()))
+            .unwrap_or("?")
+            .to_owned();
+        let lines = output
+            .split_once("=== BEGIN daemon")
+            .and_then(|(_, rest)| rest.split_once("=== END daemon"))
+            .map_or("", |(s, _)| s)
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        Self { release, lines }
+    }
+
+    fn all(&self, key: &str) -> Vec<&Value> {
+        self.lines.iter().filter_map(|v| v.get(key)).collect()
+    }
+
+    fn text(&self, key: &str) -> Vec<&str> {
+        self.all(key)
+            .into_iter()
+            .filter_map(Value::as_str)
+            .collect()
+    }
+
+    fn stderr(&self, run: u8) -> String {
+        self.text(&format!("stderr{run}")).join(" | ")
+    }
+
+    fn alert(&self, action: &str, source: Option<&str>, port: u64) -> Option<&Value> {
+        self.all("alert1").into_iter().find(|a| {
+            a["event"]["action"] == action
+                && a["destination"]["port"] == port
+                && source.is_none_or(|s| a["source"]["ip"] == s)
+        })
+    }
+
+    /// A sample's value from a run's `/metrics` lines.
+    fn metric(&self, key: &str, sample: &str) -> Option<f64> {
+        self.text(key).into_iter().find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+}
+
+/// The daemon's scenarios: (name, what was seen or why it failed).
+fn check_daemon(output: &str) -> Vec<Scenario> {
+    let run = DaemonRun::parse(output);
+    let mut out: Vec<Scenario> = Vec::new();
+    let mut expect = |name: &str, found: Option<String>, missing: &str| {
+        out.push((
+            name.to_owned(),
+            found.ok_or_else(|| format!("{missing}; daemon stderr: {}", run.stderr(1))),
+        ));
+    };
+    let sysctl = run.text("sysctl").first().copied().unwrap_or("?");
+    expect(
+        "unprivileged_bpf=2",
+        (sysctl == "2").then(|| "kernel.unprivileged_bpf_disabled = 2".to_owned()),
+        &format!("kernel.unprivileged_bpf_disabled is {sysctl}"),
+    );
+    expect(
+        "inbound",
+        run.alert("unexpected-inbound", Some("192.0.2.66"), 2379)
+            .map(|_| "unexpected-inbound 192.0.2.66 → 2379".to_owned()),
+        "no unexpected-inbound alert from 192.0.2.66 on 2379",
+    );
+    expect(
+        "outbound pivot",
+        run.alert("unexpected-outbound", None, 10250)
+            .filter(|a| a["process"]["name"] == "nc")
+            .map(|a| {
+                format!(
+                    "unexpected-outbound → 192.0.2.66:10250 by nc (pid {})",
+                    a["process"]["pid"]
+                )
+            }),
+        "no unexpected-outbound alert to 10250 naming the process",
+    );
+    expect(
+        "wide listener",
+        run.alert("exposed-listener", None, 2381)
+            .map(|_| "exposed-listener 0.0.0.0:2381".to_owned()),
+        "no exposed-listener alert for 2381",
+    );
+    expect(
+        "refused",
+        run.alert("refused-attempt", Some("192.0.2.66"), 10257)
+            .map(|_| "refused-attempt 192.0.2.66 → 10257 (sk_lookup)".to_owned()),
+        "no refused-attempt alert from 192.0.2.66 on 10257",
+    );
+    expect(
+        "half-open",
+        run.alert("half-open-attempt", Some("192.0.2.67"), 2379)
+            .map(|_| "half-open-attempt 192.0.2.67 → 2379 (raw SYN)".to_owned()),
+        "no half-open-attempt alert from 192.0.2.67 on 2379",
+    );
+    // Before 5.19 the daemon keeps CAP_BPF (bit 39), else nothing.
+    let old = version_key(&run.release) < vec![5, 19];
+    let want = if old {
+        "0000008000000000"
+    } else {
+        "0000000000000000"
+    };
+    let caps = run.text("capeff");
+    expect(
+        "capability drop",
+        (!caps.is_empty() && caps.iter().all(|c| *c == want)).then(|| {
+            format!(
+                "CapEff {want} on all {} threads ({})",
+                caps.len(),
+                if old {
+                    "CAP_BPF kept: before 5.19 every bpf() command needs it"
+                } else {
+                    "none kept"
+                }
+            )
+        }),
+        &format!("CapEff {caps:?}, expected {want} on every thread"),
+    );
+    let seen = run.metric("metric1", r#"k8s_ebpf_kernel_events_total{outcome="seen"}"#);
+    let emitted = run.metric(
+        "metric1",
+        r#"k8s_ebpf_kernel_events_total{outcome="emitted"}"#,
+    );
+    expect(
+        "kernel counters",
+        match (seen, emitted) {
+            (Some(s), Some(e)) if s > 0.0 && e > 0.0 => {
+                Some(format!("/metrics: seen {s}, emitted {e}"))
+            }
+            _ => None,
+        },
+        &format!("kernel counters not read (seen {seen:?}, emitted {emitted:?})"),
+    );
+    let inbound = |verdict: &str| {
+        run.metric(
+            "metric2",
+            &format!(
+                r#"k8s_ebpf_connections_total{{direction="inbound",port="2379",verdict="{verdict}"}}"#
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    let (expected, unexpected) = (inbound("expected"), inbound("unexpected"));
+    out.push((
+        "hot reload".to_owned(),
+        if expected == 2.0 && unexpected == 1.0 {
+            Ok("expected → narrowed: alert → widened: expected (SIGHUP)".to_owned())
+        } else {
+            Err(format!(
+                "inbound verdicts: expected {expected}, unexpected {unexpected} (want 2 and 1); daemon stderr: {}",
+                run.stderr(2)
+            ))
+        },
+    ));
+    let exits: Vec<String> = ["exit1", "exit2"]
+        .iter()
+        .map(|k| run.all(k).first().map_or("?".to_owned(), |v| v.to_string()))
+        .collect();
+    out.push((
+        "SIGTERM".to_owned(),
+        if exits.iter().all(|e| e == "0") {
+            Ok("exit 0 (both runs)".to_owned())
+        } else {
+            Err(format!("exit statuses {exits:?}"))
+        },
+    ));
+    out
+}
+
 /// Boots the kernel; returns the serial output (also saved to `log`).
 fn boot(vmlinuz: &Path, initrd: &Path, log: &Path) -> Result<String> {
     let out = std::fs::File::create(log)?;
@@ -322,7 +680,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path) -> Result<String> {
 }
 
 /// Per mode: what was seen, or why it failed.
-fn check(output: &str) -> Vec<Result<String, String>> {
+fn check(output: &str, kernel: &Kernel) -> Vec<Result<String, String>> {
     MODES
         .iter()
         .enumerate()
@@ -341,13 +699,22 @@ fn check(output: &str) -> Vec<Result<String, String>> {
                 .filter(|l| l.starts_with('{'))
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .collect();
+            if *mode == "fentry" && !kernel.fexit {
+                // Must be refused by name, not attach something else.
+                return if section.contains("cannot work on this kernel") {
+                    Ok("refused as expected: fexit needs bpf_get_func_ret (5.17+)".to_owned())
+                } else {
+                    Err(format!("--attach fentry was not refused: {}", section.trim()))
+                };
+            }
             let status = lines
                 .iter()
                 .find(|v| v["status"] == "attached")
                 .ok_or_else(|| format!("did not attach: {}", section.trim()))?;
             let mechanism = status["inbound"].as_str().unwrap_or("?");
             let want_mechanism = match *mode {
-                "auto" | "fentry" => "fentry",
+                "auto" | "fentry" if kernel.fexit => "fentry",
+                "auto" => "kprobe",
                 "classic" => "tracepoint",
                 other => other,
             };

@@ -43,7 +43,8 @@ enum Cmd {
         #[arg(long)]
         no_vm: bool,
     },
-    /// Only the VM kernel matrix (Debian 6.1 and 6.12 kernels under QEMU).
+    /// Only the VM kernel matrix (Debian 5.10, 6.1 and 6.12 kernels under QEMU): capture
+    /// per attach mode, then the daemon end to end; prints a kernel × scenario table.
     Vm,
     /// Benchmarks against a baseline and peer tools measured in the same run; writes
     /// docs/bench.md (needs root).
@@ -71,7 +72,7 @@ fn main() -> Result<()> {
         Cmd::Vm => {
             bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
             let bin = build_daemon()?;
-            kernels::run_matrix(&root, &bin)
+            kernels::run_matrix(&root, &bin, &build_synprobe()?)
         }
         Cmd::Bench => {
             bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
@@ -116,6 +117,21 @@ fn repo_root() -> Result<PathBuf> {
 fn build_daemon() -> Result<PathBuf> {
     cargo(&["build", "--release", "--package", "k8s-ebpf"])?;
     Ok(target_dir().join("release/k8s-ebpf"))
+}
+
+/// Builds the raw-SYN prober the VM's attacker uses (tests/src/bin/synprobe.rs).
+fn build_synprobe() -> Result<PathBuf> {
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "integration-tests",
+        "--bin",
+        "synprobe",
+    ])?;
+    Ok(std::fs::canonicalize(
+        target_dir().join("release/synprobe"),
+    )?)
 }
 
 fn target_dir() -> PathBuf {
@@ -190,7 +206,9 @@ fn test(root: &Path, with_vm: bool) -> Result<()> {
         })
     })?;
     if with_vm {
-        step("VM kernel matrix", || kernels::run_matrix(root, &bin))?;
+        step("VM kernel matrix", || {
+            kernels::run_matrix(root, &bin, &build_synprobe()?)
+        })?;
     } else {
         eprintln!("xtask: VM kernel matrix NOT run (--no-vm)");
     }

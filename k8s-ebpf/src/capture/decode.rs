@@ -8,7 +8,7 @@ use std::{
 
 use k8s_ebpf_common::{ConnRecord, EventKind, HookKind, AF_INET, AF_INET6};
 
-use super::observation::{Observation, ProcessInfo};
+use super::observation::{ExeId, Observation, ProcessInfo};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -87,6 +87,7 @@ pub fn decode(record: &ConnRecord, clock: &Clock) -> Result<Observation, DecodeE
         tid: record.pid,
         name: comm(&record.comm),
         cgroup_id: record.cgroup_id,
+        exe: ExeId::from_kernel(record.exe_dev, record.exe_ino),
     });
     Ok(Observation {
         kind,
@@ -128,6 +129,9 @@ mod tests {
             prev_window_start_ns: 0,
             local_addr,
             remote_addr,
+            exe_ino: 0,
+            exe_dev: 0,
+            _pad2: 0,
             comm,
         }
     }

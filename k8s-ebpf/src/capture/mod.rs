@@ -25,7 +25,7 @@ use aya::{
 use k8s_ebpf_common::{counter, inbound_source, setting, DedupKey, DedupWindow};
 use tracing::{info, warn};
 
-pub use self::observation::{EventKind, HookKind, Observation, ProcessInfo};
+pub use self::observation::{EventKind, ExeId, HookKind, Observation, ProcessInfo};
 use k8s_ebpf_common::KernelOffsets;
 
 /// The kernel object, built by build.rs and embedded so the binary is self-contained.

@@ -16,6 +16,39 @@ pub struct ProcessInfo {
     pub name: String,
     /// cgroup v2 id of the task.
     pub cgroup_id: u64,
+    /// The executable the task runs, as the kernel knows it (`None` when not read).
+    pub exe: Option<ExeId>,
+}
+
+/// An executable file by filesystem identity: the device (major, minor) and inode of the
+/// file the task runs. A copy or a rename of a binary is another file: another identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExeId {
+    pub major: u32,
+    pub minor: u32,
+    pub ino: u64,
+}
+
+impl ExeId {
+    /// From the kernel's internal dev_t (major << 20 | minor) and inode number.
+    pub fn from_kernel(dev: u32, ino: u64) -> Option<Self> {
+        (ino != 0).then_some(Self {
+            major: dev >> 20,
+            minor: dev & ((1 << 20) - 1),
+            ino,
+        })
+    }
+
+    /// The identity of the file at `path` now (following symlinks, as exec does).
+    pub fn of_path(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path)?;
+        Ok(Self {
+            major: libc::major(m.dev()),
+            minor: libc::minor(m.dev()),
+            ino: m.ino(),
+        })
+    }
 }
 
 /// One observation on a watched port.

@@ -212,6 +212,12 @@ pub fn kernel_offsets() -> Result<KernelOffsets, OffsetError> {
         tp_daddr_v6: field(&tp, SET_STATE, "daddr_v6", 16)?,
         sk_protocol: plain_member_offset(&btf, "sock", "sk_protocol")
             .unwrap_or(KernelOffsets::UNAVAILABLE),
+        task_mm: member_offset(&btf, "task_struct", &["mm"])?,
+        mm_exe_file: member_offset(&btf, "mm_struct", &["exe_file"])?,
+        file_f_inode: member_offset(&btf, "file", &["f_inode"])?,
+        inode_i_ino: member_offset(&btf, "inode", &["i_ino"])?,
+        inode_i_sb: member_offset(&btf, "inode", &["i_sb"])?,
+        sb_s_dev: member_offset(&btf, "super_block", &["s_dev"])?,
     })
 }
 

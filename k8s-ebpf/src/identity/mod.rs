@@ -10,6 +10,12 @@
 //! server, also an `apiserver` endpoint. Pods on the host network share their node's
 //! address and are not indexed by it (the peer is then the node). A pod that finished
 //! (`Succeeded`/`Failed`) no longer owns its address.
+//!
+//! Pod updates can be stale: a terminating pod's last status updates still list the
+//! address the network has already handed to a new pod, and after a re-list or a late
+//! event an older version can follow a newer one. So an update never re-claims an address
+//! its pod already listed once another pod has taken it, an update older than the version
+//! held (by `resourceVersion`) is ignored, and a deleted pod (by uid) does not come back.
 
 #[cfg(feature = "kubernetes")]
 pub mod watch;
@@ -59,6 +65,8 @@ pub struct PodIdentity {
     pub namespace: String,
     pub name: String,
     pub uid: Option<String>,
+    /// `metadata.resourceVersion` of the update this came from.
+    pub resource_version: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub service_account: Option<String>,
     /// The node it is scheduled on.
@@ -133,6 +141,27 @@ pub struct IdentityCache {
     pod_by_ip: HashMap<IpAddr, Arc<PodIdentity>>,
     pod_by_container: HashMap<String, Arc<PodIdentity>>,
     apiserver: BTreeSet<IpAddr>,
+    /// Uids of deleted pods, oldest first (at most [`DELETED_PODS_KEPT`]): their late
+    /// updates are ignored.
+    deleted_pods: std::collections::VecDeque<String>,
+    deleted_pod_set: std::collections::HashSet<String>,
+}
+
+/// Deleted pod uids remembered. A late update follows its DELETE by moments, not by
+/// thousands of deletions; at ~60 bytes each this is a few hundred kilobytes at most.
+const DELETED_PODS_KEPT: usize = 4096;
+
+/// `resourceVersion` as a number. The API calls it opaque, but an etcd-backed API server
+/// hands out its store's revision, which grows with every write; when either side is not
+/// a number the versions are not compared.
+fn revision(pod: &PodIdentity) -> Option<u64> {
+    pod.resource_version.as_deref()?.parse().ok()
+}
+
+/// `update` is older than `held`, the version of the same name already applied (a
+/// recreated pod under the same name is a newer write, so this holds across uids too).
+fn is_older(update: &PodIdentity, held: &PodIdentity) -> bool {
+    matches!((revision(update), revision(held)), (Some(u), Some(h)) if u < h)
 }
 
 impl IdentityCache {
@@ -207,36 +236,94 @@ impl IdentityCache {
         }
     }
 
-    pub fn apply_pod(&mut self, pod: PodIdentity) {
+    /// Adds or updates a pod; returns false when the update was stale and ignored (a
+    /// deleted pod's, or older than the version held).
+    pub fn apply_pod(&mut self, pod: PodIdentity) -> bool {
+        if pod
+            .uid
+            .as_ref()
+            .is_some_and(|u| self.deleted_pod_set.contains(u))
+        {
+            return false;
+        }
         let key = (pod.namespace.clone(), pod.name.clone());
+        if self.pods.get(&key).is_some_and(|held| is_older(&pod, held)) {
+            return false;
+        }
+        // The addresses this pod listed before this update. If another pod owns one now,
+        // it took it after us: listing it again does not take it back.
+        let mut listed = BTreeSet::new();
         if let Some(old) = self.pods.remove(&key) {
+            if old.uid == pod.uid {
+                listed.extend(old.ips.iter().map(|ip| canonical(*ip)));
+            }
             self.unindex_pod(&old);
         }
         let pod = Arc::new(pod);
-        self.index_pod(&pod);
+        self.index_pod(&pod, &listed);
         self.pods.insert(key, pod);
+        true
     }
 
-    pub fn delete_pod(&mut self, namespace: &str, name: &str) {
-        if let Some(old) = self.pods.remove(&(namespace.to_owned(), name.to_owned())) {
+    /// Removes the pod named so, if it is the one with `uid` (any, when `None`); a deleted
+    /// uid is remembered so that its late updates are ignored.
+    pub fn delete_pod(&mut self, namespace: &str, name: &str, uid: Option<&str>) {
+        if let Some(uid) = uid {
+            self.remember_deleted(uid);
+        }
+        let key = (namespace.to_owned(), name.to_owned());
+        let held = self.pods.get(&key);
+        // A DELETE for an earlier pod of the same name leaves the current one alone.
+        if held.is_some_and(|p| uid.is_some() && p.uid.as_deref().is_some_and(|u| Some(u) != uid)) {
+            return;
+        }
+        if let Some(old) = self.pods.remove(&key) {
             self.unindex_pod(&old);
         }
     }
 
-    /// Replaces every pod (a full list).
+    fn remember_deleted(&mut self, uid: &str) {
+        if !self.deleted_pod_set.insert(uid.to_owned()) {
+            return;
+        }
+        self.deleted_pods.push_back(uid.to_owned());
+        if self.deleted_pods.len() > DELETED_PODS_KEPT {
+            if let Some(oldest) = self.deleted_pods.pop_front() {
+                self.deleted_pod_set.remove(&oldest);
+            }
+        }
+    }
+
+    /// Replaces every pod (a full list). Where two listed pods claim one address, the one
+    /// that owned it before the list keeps it (a list has no order to go by).
     pub fn replace_pods(&mut self, pods: Vec<PodIdentity>) {
+        let owners: std::collections::HashSet<String> = self
+            .pod_by_ip
+            .values()
+            .filter_map(|p| p.uid.clone())
+            .collect();
         self.pods.clear();
         self.pod_by_ip.clear();
         self.pod_by_container.clear();
-        for pod in pods {
+        // Owners last: each listed address goes to the last pod applied that lists it.
+        let (owned, others): (Vec<_>, Vec<_>) = pods
+            .into_iter()
+            .partition(|p| p.uid.as_ref().is_some_and(|u| owners.contains(u)));
+        for pod in others.into_iter().chain(owned) {
             self.apply_pod(pod);
         }
     }
 
-    fn index_pod(&mut self, pod: &Arc<PodIdentity>) {
+    /// Indexes `pod`; addresses in `listed` (its own, from before this update) are only
+    /// taken when no other pod holds them.
+    fn index_pod(&mut self, pod: &Arc<PodIdentity>, listed: &BTreeSet<IpAddr>) {
         if !pod.host_network && !pod.finished {
             for ip in &pod.ips {
-                self.pod_by_ip.insert(canonical(*ip), Arc::clone(pod));
+                let ip = canonical(*ip);
+                if listed.contains(&ip) && self.pod_by_ip.contains_key(&ip) {
+                    continue;
+                }
+                self.pod_by_ip.insert(ip, Arc::clone(pod));
             }
         }
         if pod.node_name.as_deref() == Some(self.local_node.as_str()) {
@@ -413,30 +500,52 @@ pub enum ApiMode {
     Off,
 }
 
-/// Checks what can be checked before starting (a named kubeconfig must be readable and
-/// parse); the message is for the user.
-pub fn check_mode(mode: &ApiMode) -> Result<(), String> {
+/// The API settings with a `--kubeconfig` already read, built before the daemon drops its
+/// capabilities: the kubeconfig and the files it names (certificate authority, client
+/// certificate and key, token file) may be readable by root only with
+/// CAP_DAC_READ_SEARCH (e.g. mode 0600 owned by another user), which the daemon no longer
+/// has when the watchers start.
+#[derive(Clone)]
+pub struct ApiConfig {
+    mode: ApiMode,
+    #[cfg(feature = "kubernetes")]
+    kubeconfig: Option<kube::config::Kubeconfig>,
+}
+
+impl ApiConfig {
+    pub fn mode(&self) -> &ApiMode {
+        &self.mode
+    }
+}
+
+/// Reads what `mode` names from disk (a bad kubeconfig is an error for the user).
+pub fn load(mode: &ApiMode) -> Result<ApiConfig, String> {
     match mode {
         #[cfg(feature = "kubernetes")]
-        ApiMode::Kubeconfig(path) => kube::config::Kubeconfig::read_from(path)
-            .map(drop)
-            .map_err(|e| format!("--kubeconfig {}: {e}", path.display())),
+        ApiMode::Kubeconfig(path) => Ok(ApiConfig {
+            mode: mode.clone(),
+            kubeconfig: Some(watch::read_kubeconfig(path)?),
+        }),
         #[cfg(not(feature = "kubernetes"))]
         ApiMode::Kubeconfig(_) => {
             Err("--kubeconfig: this build has no Kubernetes support (feature `kubernetes`)".into())
         }
-        ApiMode::Auto | ApiMode::Off => Ok(()),
+        ApiMode::Auto | ApiMode::Off => Ok(ApiConfig {
+            mode: mode.clone(),
+            #[cfg(feature = "kubernetes")]
+            kubeconfig: None,
+        }),
     }
 }
 
-/// Starts the watchers `mode` asks for (none without an API) and returns their tasks.
+/// Starts the watchers `config` asks for (none without an API) and returns their tasks.
 pub async fn start(
-    mode: &ApiMode,
+    config: &ApiConfig,
     identities: &Identities,
     metrics: &std::sync::Arc<crate::metrics::Metrics>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    if *mode == ApiMode::Off {
+    if config.mode == ApiMode::Off {
         tracing::info!(
             "Kubernetes identities off (--no-kubernetes): peers are judged by address only"
         );
@@ -444,7 +553,7 @@ pub async fn start(
     }
     #[cfg(feature = "kubernetes")]
     {
-        watch::start(mode, identities, metrics, stop).await
+        watch::start(config, identities, metrics, stop).await
     }
     #[cfg(not(feature = "kubernetes"))]
     {
@@ -502,7 +611,7 @@ mod tests {
         );
         assert!(c.pod_for_container(&id[..12]).is_some());
 
-        c.delete_pod("monitoring", "prom");
+        c.delete_pod("monitoring", "prom", None);
         assert_eq!(c.lookup(ip("198.51.100.20")).kind(), "unknown");
         assert!(c.pod_for_container(&id).is_none());
         c.delete_slice(&("default".into(), "kubernetes".into()));
@@ -515,9 +624,80 @@ mod tests {
         c.apply_pod(pod("a", "old", "198.51.100.5"));
         c.apply_pod(pod("b", "new", "198.51.100.5"));
         // The old pod's deletion arrives late: the address stays with the new one.
-        c.delete_pod("a", "old");
+        c.delete_pod("a", "old", None);
         let p = c.lookup(ip("198.51.100.5"));
         assert_eq!(p.pod.map(|p| p.name.clone()), Some("new".into()));
+    }
+
+    fn versioned(mut p: PodIdentity, uid: &str, rv: u64) -> PodIdentity {
+        p.uid = Some(uid.into());
+        p.resource_version = Some(rv.to_string());
+        p
+    }
+
+    fn owner(c: &IdentityCache, addr: &str) -> Option<String> {
+        c.lookup(ip(addr)).pod.map(|p| p.name.clone())
+    }
+
+    /// A terminating pod's last updates still list the address the network has already
+    /// given to a new pod: they must not take it back, and the old pod's deletion must not
+    /// leave it unmapped.
+    #[test]
+    fn a_stale_pod_does_not_take_back_its_old_address() {
+        let mut c = IdentityCache::new("node-a");
+        let old = versioned(pod("a", "old", "198.51.100.5"), "uid-old", 100);
+        c.apply_pod(old.clone());
+        c.apply_pod(versioned(pod("b", "new", "198.51.100.5"), "uid-new", 200));
+        assert_eq!(owner(&c, "198.51.100.5").as_deref(), Some("new"));
+
+        // old′: a late MODIFIED of the old pod (newer than the new pod's ADDED, as a
+        // terminating pod's status updates are), still listing the address.
+        let mut late = versioned(old.clone(), "uid-old", 300);
+        late.labels.insert("phase".into(), "terminating".into());
+        c.apply_pod(late);
+        assert_eq!(owner(&c, "198.51.100.5").as_deref(), Some("new"));
+
+        c.delete_pod("a", "old", Some("uid-old"));
+        assert_eq!(owner(&c, "198.51.100.5").as_deref(), Some("new"));
+        // An update of the deleted pod arriving after its DELETE does not bring it back.
+        c.apply_pod(versioned(old, "uid-old", 400));
+        assert_eq!(owner(&c, "198.51.100.5").as_deref(), Some("new"));
+        assert_eq!(c.len(Resource::Pods), 1);
+    }
+
+    /// A re-list that holds both the terminating old pod and the new one (in any order)
+    /// leaves the address with the pod that owned it.
+    #[test]
+    fn a_relist_keeps_an_address_with_its_owner() {
+        let mut c = IdentityCache::new("node-a");
+        let old = versioned(pod("a", "old", "198.51.100.5"), "uid-old", 100);
+        let new = versioned(pod("b", "new", "198.51.100.5"), "uid-new", 200);
+        c.apply_pod(old.clone());
+        c.apply_pod(new.clone());
+        c.replace_pods(vec![new, versioned(old, "uid-old", 300)]);
+        assert_eq!(owner(&c, "198.51.100.5").as_deref(), Some("new"));
+        assert_eq!(c.len(Resource::Pods), 2);
+    }
+
+    /// Updates of one pod applied out of order: the older one is ignored.
+    #[test]
+    fn an_older_version_of_a_pod_is_ignored() {
+        let mut c = IdentityCache::new("node-a");
+        let mut v2 = versioned(pod("a", "web", "198.51.100.6"), "uid-web", 20);
+        v2.labels.insert("version".into(), "2".into());
+        let mut v1 = versioned(pod("a", "web", "198.51.100.6"), "uid-web", 10);
+        v1.labels.insert("version".into(), "1".into());
+        c.apply_pod(v2);
+        c.apply_pod(v1);
+        let p = c.lookup(ip("198.51.100.6")).pod.expect("indexed");
+        assert_eq!(p.labels.get("version").map(String::as_str), Some("2"));
+        // A pod recreated under the same name (a StatefulSet) is a newer object: applied.
+        let mut again = versioned(pod("a", "web", "198.51.100.7"), "uid-web-2", 30);
+        again.labels.insert("version".into(), "3".into());
+        c.delete_pod("a", "web", Some("uid-web"));
+        c.apply_pod(again);
+        assert_eq!(owner(&c, "198.51.100.7").as_deref(), Some("web"));
+        assert_eq!(owner(&c, "198.51.100.6"), None);
     }
 
     #[test]

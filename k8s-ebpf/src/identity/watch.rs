@@ -35,13 +35,100 @@ use crate::metrics::Metrics;
 const APISERVER_SERVICE: &str = "kubernetes";
 const APISERVER_NAMESPACE: &str = "default";
 
+/// `endpointslice.kubernetes.io/managed-by`, and the values of the controllers that manage
+/// other Services' slices. The label selector alone (`kubernetes.io/service-name:
+/// kubernetes`) admits any slice that anyone allowed to create EndpointSlices in
+/// `default` labels so; it must not make its addresses API servers.
+const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+const SLICE_CONTROLLERS: [&str; 2] = [
+    "endpointslice-controller.k8s.io",
+    "endpointslicemirroring-controller.k8s.io",
+];
+
+/// Whether a slice selected for the `kubernetes` Service is the API server's own.
+///
+/// Not the managed-by label the EndpointSlice controller sets: the `kubernetes` Service
+/// has no selector, so that controller never manages its slices (and the mirroring
+/// controller skips it: its Endpoints carry `endpointslice.kubernetes.io/skip-mirror`).
+/// The kube-apiserver's endpoint reconciler writes them itself (kubernetes/kubernetes
+/// pkg/controlplane/reconcilers/endpointsadapter.go: `updateEndpointSlice`, and
+/// `endpointSliceFromEndpoints` in older releases): named `kubernetes`, plus `kubernetes-v4` or
+/// `kubernetes-v6` for the second family of a dual-stack cluster, with the labels reset
+/// to `kubernetes.io/service-name` only — no managed-by label. So the name must be one of
+/// those (only holders of update rights on the real objects can write them), and a
+/// managed-by naming a slice controller marks a copy.
+fn is_apiserver_slice(slice: &EndpointSlice) -> bool {
+    let name = slice.metadata.name.as_deref().unwrap_or_default();
+    let named = match name.strip_prefix(APISERVER_SERVICE) {
+        Some("") => true,
+        Some("-v4") => slice.address_type == "IPv4",
+        Some("-v6") => slice.address_type == "IPv6",
+        _ => false,
+    };
+    let managed_by = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY));
+    named
+        && slice.metadata.namespace.as_deref() == Some(APISERVER_NAMESPACE)
+        && !managed_by.is_some_and(|m| SLICE_CONTROLLERS.contains(&m.as_str()))
+}
+
 /// Where the API's address and credentials come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum ApiSource {
-    /// `--kubeconfig FILE`.
-    Kubeconfig(std::path::PathBuf),
+    /// `--kubeconfig FILE`, already read ([`read_kubeconfig`]).
+    Kubeconfig(std::path::PathBuf, Box<Kubeconfig>),
     /// In-cluster service account, else `$KUBECONFIG` / `~/.kube/config`.
     Infer,
+}
+
+/// Reads a kubeconfig and, into it, the files it names (certificate authority, client
+/// certificate and key, token file), so that nothing is left to read after the
+/// capability drop. A named file that cannot be read now is left as a path (kube reports
+/// it if the context in use needs it). A token file read here is not re-read when it
+/// rotates: a kubeconfig with rotating tokens belongs in-cluster (the service account).
+pub fn read_kubeconfig(path: &Path) -> Result<Kubeconfig, String> {
+    use base64::Engine as _;
+    let mut kc =
+        Kubeconfig::read_from(path).map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?;
+    let b64 = |bytes: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let read = |file: &Option<String>| file.as_deref().and_then(|f| std::fs::read(f).ok());
+    for cluster in kc.clusters.iter_mut().filter_map(|c| c.cluster.as_mut()) {
+        if cluster.certificate_authority_data.is_none() {
+            if let Some(ca) = read(&cluster.certificate_authority) {
+                cluster.certificate_authority_data = Some(b64(ca));
+                cluster.certificate_authority = None;
+            }
+        }
+    }
+    for user in kc
+        .auth_infos
+        .iter_mut()
+        .filter_map(|a| a.auth_info.as_mut())
+    {
+        if user.client_certificate_data.is_none() {
+            if let Some(crt) = read(&user.client_certificate) {
+                user.client_certificate_data = Some(b64(crt));
+                user.client_certificate = None;
+            }
+        }
+        if user.client_key_data.is_none() {
+            if let Some(key) = read(&user.client_key) {
+                user.client_key_data = Some(secrecy::SecretString::from(b64(key)));
+                user.client_key = None;
+            }
+        }
+        if user.token.is_none() {
+            if let Some(token) = read(&user.token_file) {
+                let token = String::from_utf8_lossy(&token).trim().to_owned();
+                user.token = Some(secrecy::SecretString::from(token));
+                user.token_file = None;
+            }
+        }
+    }
+    Ok(kc)
 }
 
 /// Whether anything points at a cluster: in-cluster environment, `$KUBECONFIG` or
@@ -55,10 +142,8 @@ pub fn cluster_configured() -> bool {
 /// Builds a client for `source`.
 pub async fn client(source: &ApiSource) -> anyhow::Result<Client> {
     let config = match source {
-        ApiSource::Kubeconfig(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .map_err(|e| anyhow::anyhow!("cannot read kubeconfig {}: {e}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        ApiSource::Kubeconfig(path, kc) => {
+            Config::from_custom_kubeconfig((**kc).clone(), &KubeConfigOptions::default())
                 .await
                 .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?
         }
@@ -79,15 +164,17 @@ pub async fn client(source: &ApiSource) -> anyhow::Result<Client> {
 /// and leaves the identities enabled but never synced, so a policy with selectors is not
 /// ready.
 pub async fn start(
-    mode: &super::ApiMode,
+    config: &super::ApiConfig,
     identities: &Identities,
     metrics: &Arc<Metrics>,
     stop: signal::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
-    let source = match mode {
-        super::ApiMode::Kubeconfig(path) => ApiSource::Kubeconfig(path.clone()),
-        super::ApiMode::Auto if cluster_configured() => ApiSource::Infer,
-        super::ApiMode::Auto | super::ApiMode::Off => {
+    let source = match (&config.mode, &config.kubeconfig) {
+        (super::ApiMode::Kubeconfig(path), Some(kc)) => {
+            ApiSource::Kubeconfig(path.clone(), Box::new(kc.clone()))
+        }
+        (super::ApiMode::Auto, _) if cluster_configured() => ApiSource::Infer,
+        _ => {
             info!(
                 "no Kubernetes API configured (no in-cluster service account, $KUBECONFIG or \
                  ~/.kube/config): peers are judged by address only"
@@ -227,6 +314,7 @@ impl Watched for Pod {
             namespace: self.metadata.namespace.unwrap_or_default(),
             name: self.metadata.name.unwrap_or_default(),
             uid: self.metadata.uid,
+            resource_version: self.metadata.resource_version,
             labels: self.metadata.labels.unwrap_or_default(),
             service_account: spec.service_account_name,
             node_name: spec.node_name,
@@ -240,7 +328,11 @@ impl Watched for Pod {
         cache.apply_pod(item);
     }
     fn delete(cache: &mut super::IdentityCache, obj: &Self) {
-        cache.delete_pod(&obj.namespace().unwrap_or_default(), &obj.name_any());
+        cache.delete_pod(
+            &obj.namespace().unwrap_or_default(),
+            &obj.name_any(),
+            obj.metadata.uid.as_deref(),
+        );
     }
     fn replace(cache: &mut super::IdentityCache, items: Vec<PodIdentity>) {
         cache.replace_pods(items);
@@ -250,10 +342,21 @@ impl Watched for Pod {
 impl Watched for EndpointSlice {
     type Reduced = (ObjectKey, Vec<IpAddr>);
     fn reduce(self) -> (ObjectKey, Vec<IpAddr>) {
+        let genuine = is_apiserver_slice(&self);
         let key = (
             self.metadata.namespace.unwrap_or_default(),
             self.metadata.name.unwrap_or_default(),
         );
+        if !genuine {
+            warn!(
+                namespace = %key.0,
+                name = %key.1,
+                "ignoring an EndpointSlice labelled for the kubernetes Service that is not the \
+                 API server's own (only `kubernetes`, `kubernetes-v4`, `kubernetes-v6` written by \
+                 kube-apiserver name API servers): its addresses are not API servers"
+            );
+            return (key, Vec::new());
+        }
         let addresses = self
             .endpoints
             .into_iter()
@@ -499,6 +602,42 @@ mod tests {
             n.addresses,
             vec!["192.0.2.10".parse::<IpAddr>().expect("ip")]
         );
+    }
+
+    fn slice(name: &str, labels: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "labels": labels},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["203.0.113.66"]}]
+        }))
+        .expect("slice JSON")
+    }
+
+    /// Anyone allowed to create EndpointSlices in `default` can label one for the
+    /// `kubernetes` Service; only the API server's own slices name API servers.
+    #[test]
+    fn a_look_alike_kubernetes_slice_names_no_apiserver() {
+        let svc = || serde_json::json!({"kubernetes.io/service-name": "kubernetes"});
+        let mut managed = svc();
+        managed["endpointslice.kubernetes.io/managed-by"] =
+            "endpointslice-controller.k8s.io".into();
+        for fake in [
+            slice("kubernetes-extra", svc()),
+            slice("kubernetes-abcde", svc()),
+            slice("kubernetes", managed),
+        ] {
+            let name = fake.metadata.name.clone();
+            let (_, addresses) = fake.reduce();
+            assert!(addresses.is_empty(), "{name:?} counted as an API server");
+        }
+        // The kube-apiserver's own: `kubernetes` (and `kubernetes-v6` for the second
+        // family of a dual-stack cluster), with the service-name label only.
+        let (_, addresses) = slice("kubernetes", svc()).reduce();
+        assert_eq!(addresses.len(), 1);
+        let mut v6: EndpointSlice = slice("kubernetes-v6", svc());
+        v6.address_type = "IPv6".into();
+        v6.endpoints[0].addresses = vec!["2001:db8::66".into()];
+        assert_eq!(v6.reduce().1.len(), 1);
     }
 
     #[test]

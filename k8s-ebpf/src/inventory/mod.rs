@@ -72,6 +72,24 @@ pub struct Owner {
     pub exe: Option<String>,
 }
 
+impl Owner {
+    /// The owner as the kernel programs would have named it: pid, comm and the
+    /// executable's identity (the file `/proc/PID/exe` opens, not its name).
+    fn to_process(&self) -> ProcessInfo {
+        ProcessInfo {
+            pid: self.pid,
+            tid: self.pid,
+            name: self.comm.clone(),
+            cgroup_id: 0,
+            exe: crate::capture::ExeId::of_path(std::path::Path::new(&format!(
+                "/proc/{}/exe",
+                self.pid
+            )))
+            .ok(),
+        }
+    }
+}
+
 /// One TCP socket as sock_diag reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpSocket {
@@ -107,12 +125,7 @@ impl Listener {
             at: std::time::SystemTime::now(),
             local: self.address,
             remote: SocketAddr::new(self.address.ip(), 0),
-            process: self.owner.as_ref().map(|o| ProcessInfo {
-                pid: o.pid,
-                tid: o.pid,
-                name: o.comm.clone(),
-                cgroup_id: 0,
-            }),
+            process: self.owner.as_ref().map(Owner::to_process),
             netns: 0,
             count: 1,
             window_summary: false,
@@ -242,12 +255,7 @@ pub fn established(ports: &BTreeSet<u16>) -> std::io::Result<Vec<Observation>> {
         if !seen.insert((kind as u32, port, s.remote.ip())) {
             continue;
         }
-        let process = owners.get(&s.inode).map(|o| ProcessInfo {
-            pid: o.pid,
-            tid: o.pid,
-            name: o.comm.clone(),
-            cgroup_id: 0,
-        });
+        let process = owners.get(&s.inode).map(Owner::to_process);
         out.push(Observation {
             kind,
             hook: HookKind::Scan,
@@ -343,6 +351,63 @@ mod tests {
             Some(std::process::id())
         );
     }
+
+    /// A listener's name, certificate and error text reach the table escaped: no control
+    /// character of theirs gets to the terminal.
+    #[test]
+    fn text_report_escapes_what_listeners_chose() {
+        let address: SocketAddr = "127.0.0.1:10250".parse().unwrap();
+        let listener = Listener {
+            address,
+            port: 10250,
+            scope: Scope::Loopback,
+            family: "ipv4",
+            inode: 1,
+            uid: 0,
+            owner: Some(Owner {
+                pid: 42,
+                comm: "\x1b[2Jkubelet\r".into(),
+                exe: None,
+            }),
+        };
+        let probe = probe::ProbeResult {
+            target: address,
+            tls: true,
+            client_certificate_requested: false,
+            certificate: Some(probe::Certificate {
+                subject: "CN=kubelet\x1b]0;owned\x07".into(),
+                issuer: "CN=ca".into(),
+                sans: vec!["node-a\nFORGED ROW".into(), "10.0.0.1\u{9b}2J".into()],
+                not_after: "2030".into(),
+            }),
+            paths: Vec::new(),
+            error: Some("reset\x1b[1A".into()),
+        };
+        let report = Report {
+            listeners: vec![Entry {
+                component: "kubelet",
+                findings: findings::evaluate(&listener, Some(&probe)),
+                listener,
+                probe: Some(probe),
+            }],
+        };
+        let text = render_text(&report);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "raw control characters in:\n{text:?}"
+        );
+        for shown in [
+            "\\x1b[2Jkubelet\\r (42)",
+            "CN=kubelet\\x1b]0;owned\\x07",
+            "node-a\\nFORGED ROW",
+            "10.0.0.1\\u{9b}2J",
+            "probe failed: reset\\x1b[1A",
+        ] {
+            assert!(text.contains(shown), "{shown:?} not in:\n{text}");
+        }
+        // One table row per listener line: the SAN's newline did not start a new line.
+        assert!(!text.lines().any(|l| l.starts_with("FORGED")), "{text}");
+    }
 }
 
 /// One listener with what is known about it.
@@ -387,9 +452,12 @@ pub async fn exposure_report(ports: &BTreeSet<u16>, with_probe: bool) -> std::io
     Ok(Report { listeners: entries })
 }
 
-/// The report as a table for people.
+/// The report as a table for people. Everything a listener chose (its process name, its
+/// certificate, its error text) is escaped: see [`crate::terminal`].
 pub fn render_text(report: &Report) -> String {
     use std::fmt::Write as _;
+
+    use crate::terminal::escape;
     let mut s = String::new();
     if report.listeners.is_empty() {
         s.push_str("no listeners on watched ports\n");
@@ -402,10 +470,9 @@ pub fn render_text(report: &Report) -> String {
     );
     for e in &report.listeners {
         let l = &e.listener;
-        let owner = l
-            .owner
-            .as_ref()
-            .map_or("?".to_owned(), |o| format!("{} ({})", o.comm, o.pid));
+        let owner = l.owner.as_ref().map_or("?".to_owned(), |o| {
+            format!("{} ({})", escape(&o.comm), o.pid)
+        });
         let _ = writeln!(
             s,
             "{:<6} {:<24} {:<9} {:<18} {:<28} {}",
@@ -426,8 +493,12 @@ pub fn render_text(report: &Report) -> String {
                 let _ = write!(
                     line,
                     ", certificate {} (SANs: {})",
-                    c.subject,
-                    c.sans.join(", ")
+                    escape(&c.subject),
+                    c.sans
+                        .iter()
+                        .map(|san| escape(san))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             let statuses: Vec<String> = p
@@ -443,14 +514,16 @@ pub fn render_text(report: &Report) -> String {
                 .collect();
             let _ = writeln!(s, "{line}\n         {}", statuses.join(", "));
             if let Some(err) = &p.error {
-                let _ = writeln!(s, "         probe failed: {err}");
+                let _ = writeln!(s, "         probe failed: {}", escape(err));
             }
         }
         for f in &e.findings {
             let _ = writeln!(
                 s,
                 "         [{}] {}\n           advice: {}",
-                f.severity, f.title, f.advice
+                f.severity,
+                escape(&f.title),
+                f.advice
             );
         }
     }

@@ -20,7 +20,10 @@ use hyper::{
     StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::oneshot,
+};
 use tracing::debug;
 
 use super::Metrics;
@@ -37,8 +40,22 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 
 /// A slow client gets this long to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more wait in the accept backlog.
-const MAX_CONNECTIONS: usize = 64;
+/// Connections held at once. At the cap a new connection is never made to wait (a waiting
+/// health probe is a failing one, and the liveness probe would restart the daemon in a
+/// loop): the oldest connection is closed instead. Whoever holds connections open (idle,
+/// or dribbling headers) loses them to newer ones; a probe or a scrape sends its request as
+/// soon as it connects and is served long before 256 newer connections arrive. 256 is
+/// well above any legitimate use (a kubelet's probes and a few scrapers) and, with
+/// [`MAX_BUF_BYTES`], bounds what idle connections can cost to a few megabytes.
+const MAX_CONNECTIONS: usize = 256;
+/// Connections the kernel completes before we accept them. A burst of connects (hundreds
+/// at once from one pod) would overflow a 128-deep queue before the accept loop drains it,
+/// and a probe whose SYN is dropped waits a second for the retransmit. The kernel caps this
+/// at `net.core.somaxconn` (4096 by default since Linux 5.4).
+const ACCEPT_BACKLOG: u32 = 1024;
+/// Per-connection buffer cap (hyper's minimum; its default is ~400 KiB). Our requests are
+/// one short GET line and a Host header.
+const MAX_BUF_BYTES: usize = 8192;
 
 /// What `/readyz` waits for, set by the daemon as start-up progresses.
 #[derive(Debug, Default)]
@@ -107,9 +124,7 @@ impl MetricsServer {
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
     ) -> Result<Self, MetricsServerError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| MetricsServerError::Bind { addr, source })?;
+        let listener = listen(addr).map_err(|source| MetricsServerError::Bind { addr, source })?;
         Ok(Self {
             listener,
             metrics,
@@ -124,16 +139,9 @@ impl MetricsServer {
 
     /// Serves until `shutdown` completes; connections in flight finish on their own.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let open = OpenConnections::default();
         tokio::pin!(shutdown);
         loop {
-            let permit = tokio::select! {
-                () = &mut shutdown => return,
-                p = Arc::clone(&slots).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return, // the semaphore is never closed
-                },
-            };
             let (stream, peer) = tokio::select! {
                 () = &mut shutdown => return,
                 accepted = self.listener.accept() => match accepted {
@@ -146,24 +154,88 @@ impl MetricsServer {
                     }
                 },
             };
+            let (id, evicted) = open.admit();
             let metrics = Arc::clone(&self.metrics);
             let readiness = Arc::clone(&self.readiness);
+            let open = open.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let r = respond(&req, &metrics, &readiness);
                     async move { Ok::<_, Infallible>(r) }
                 });
-                let served = http1::Builder::new()
+                let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-                if let Err(e) = served {
-                    debug!(%peer, error = %e, "metrics connection ended with an error");
+                    .max_buf_size(MAX_BUF_BYTES)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    served = connection => {
+                        if let Err(e) = served {
+                            debug!(%peer, error = %e, "metrics connection ended with an error");
+                        }
+                    }
+                    // Dropping the connection closes it.
+                    _ = evicted => debug!(%peer, "metrics connection closed for a newer one"),
                 }
-                drop(permit);
+                open.release(id);
             });
         }
+    }
+}
+
+/// A listening socket with room for [`ACCEPT_BACKLOG`] connections not yet accepted.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
+/// The connections being served, oldest first, each with the means to close it.
+#[derive(Clone, Default)]
+struct OpenConnections {
+    inner: Arc<std::sync::Mutex<OpenInner>>,
+}
+
+#[derive(Default)]
+struct OpenInner {
+    next_id: u64,
+    /// By id, which grows with every accept: the first entry is the oldest.
+    live: std::collections::BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+impl OpenConnections {
+    /// Registers a new connection, closing the oldest when at [`MAX_CONNECTIONS`]. Returns
+    /// its id and what resolves when it is closed for a newer one.
+    fn admit(&self) -> (u64, oneshot::Receiver<()>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        while inner.live.len() >= MAX_CONNECTIONS {
+            if let Some((_, close)) = inner.live.pop_first() {
+                let _ = close.send(());
+            }
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let (close, closed) = oneshot::channel();
+        inner.live.insert(id, close);
+        (id, closed)
+    }
+
+    fn release(&self, id: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.live.remove(&id);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live
+            .len()
     }
 }
 
@@ -222,7 +294,6 @@ mod tests {
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpStream,
-        sync::oneshot,
     };
 
     use super::*;
@@ -284,6 +355,56 @@ mod tests {
         assert!(body.contains("k8s_ebpf_decode_errors_total 1"), "{body}");
         assert_eq!(get(addr, "/nope").await.0, 404);
 
+        let _ = stop.send(());
+        task.await.expect("server stops");
+    }
+
+    #[test]
+    fn the_oldest_connection_makes_room() {
+        let open = OpenConnections::default();
+        let mut first = open.admit().1;
+        let mut rest: Vec<_> = (1..MAX_CONNECTIONS).map(|_| open.admit()).collect();
+        assert_eq!(open.len(), MAX_CONNECTIONS);
+        assert!(first.try_recv().is_err(), "nothing closed below the cap");
+        let (newest, _) = open.admit();
+        assert_eq!(open.len(), MAX_CONNECTIONS);
+        assert!(first.try_recv().is_ok(), "the oldest is told to close");
+        assert!(rest[0].1.try_recv().is_err(), "the second oldest stays");
+        open.release(newest);
+        assert_eq!(open.len(), MAX_CONNECTIONS - 1);
+    }
+
+    /// Idle connections (connected, never a request) cannot starve the health endpoint:
+    /// with 300 held open, `/healthz` and `/readyz` still answer, each within 1 s.
+    #[tokio::test]
+    async fn health_answers_while_300_idle_connections_are_held() {
+        let readiness = Arc::new(Readiness::new());
+        readiness.set_attached(true);
+        readiness.set_policy_loaded(true);
+        let server = MetricsServer::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            Arc::new(Metrics::new()),
+            readiness,
+        )
+        .await
+        .expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        let mut idle = Vec::new();
+        for _ in 0..300 {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        for path in ["/healthz", "/readyz"] {
+            let answer = tokio::time::timeout(Duration::from_secs(1), get(addr, path)).await;
+            assert!(
+                matches!(answer, Ok((200, _))),
+                "{path} with 300 idle connections held: {answer:?}"
+            );
+        }
+        drop(idle);
         let _ = stop.send(());
         task.await.expect("server stops");
     }

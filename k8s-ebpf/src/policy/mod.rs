@@ -21,7 +21,7 @@
 //!     port: 2379                  # required, unique, 1-65535
 //!     component: etcd             # optional; default from the port table, else "unknown"
 //!     severity: critical          # optional: low | medium | high | critical (default: table)
-//!     bind: any                   # optional: loopback | any: where a listener may bind
+//!     bind: any                   # optional: loopback | any | none: where a listener may bind
 //!     expected_peers:             # inbound: who may connect (default: nobody)
 //!       - loopback                # 127.0.0.0/8 and ::1
 //!       - "@control_plane"        # a named group
@@ -50,6 +50,7 @@
 //! container ids match only when the caller resolved them for the observation.
 
 mod error;
+pub mod executables;
 mod schema;
 
 use std::{
@@ -66,7 +67,7 @@ use serde_saphyr::Spanned;
 pub use self::error::{PolicyError, PolicyErrors, Position};
 use self::schema::{RawCgroup, RawClients, RawPeer, RawPods, RawPolicy, RawRule, RawSelector};
 use crate::{
-    identity::PeerIdentity,
+    identity::{PeerIdentity, PodIdentity},
     ports::{self, BindScope, Severity},
 };
 
@@ -216,9 +217,18 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Local processes expected to connect out to a watched port on another host.
+/// Local processes expected to connect out to a watched port on another host, by the
+/// identities an attacker cannot take with `cp` (the executable file, the pod, the
+/// systemd unit, the cgroup, the container) and, weakest, by task name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExpectedClients {
+    /// Absolute paths; matched by the identity (device, inode) of the file at the path
+    /// against the file the kernel says the task runs.
+    pub executables: Vec<std::path::PathBuf>,
+    /// The local process's pod: `namespace` (any when `None`) and labels.
+    pub pods: Vec<(Option<String>, BTreeMap<String, String>)>,
+    /// systemd unit names (`kubelet.service`): the cgroup path's last component.
+    pub units: Vec<String>,
     /// Task names, already cut to the kernel's 15 bytes.
     pub processes: Vec<String>,
     pub cgroup_ids: Vec<u64>,
@@ -226,12 +236,55 @@ pub struct ExpectedClients {
     pub containers: Vec<String>,
 }
 
+/// How an expected client was recognised, strongest first; alerts and allowed events say
+/// which (`k8s_ebpf.client_match`), so a match by task name alone is visible.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ClientMatch {
+    Executable,
+    Pod,
+    Cgroup,
+    Container,
+    Comm,
+}
+
+impl ClientMatch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Executable => "executable",
+            Self::Pod => "pod",
+            Self::Cgroup => "cgroup",
+            Self::Container => "container",
+            Self::Comm => "comm",
+        }
+    }
+}
+
 impl ExpectedClients {
     pub fn is_empty(&self) -> bool {
-        self.processes.is_empty()
+        self.executables.is_empty()
+            && self.pods.is_empty()
+            && self.units.is_empty()
+            && self.processes.is_empty()
             && self.cgroup_ids.is_empty()
             && self.cgroup_paths.is_empty()
             && self.containers.is_empty()
+    }
+
+    pub fn allows_executable(&self, path: &std::path::Path) -> bool {
+        self.executables.iter().any(|p| p == path)
+    }
+
+    pub fn allows_pod(&self, pod: &PodIdentity) -> bool {
+        self.pods.iter().any(|(namespace, labels)| {
+            namespace.as_ref().is_none_or(|ns| *ns == pod.namespace)
+                && labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+        })
+    }
+
+    /// The cgroup path's last component is one of the listed units.
+    pub fn allows_unit(&self, cgroup_path: &str) -> bool {
+        let last = cgroup_path.rsplit('/').next().unwrap_or("");
+        self.units.iter().any(|u| u == last)
     }
 
     pub fn allows_process(&self, comm: &str) -> bool {
@@ -715,6 +768,50 @@ impl Validator {
 
     fn clients(&mut self, raw: RawClients, ok: &mut bool) -> ExpectedClients {
         let mut clients = ExpectedClients::default();
+        for e in &raw.executables {
+            let path = std::path::Path::new(e.value.trim());
+            if !path.is_absolute() {
+                self.error(
+                    pos(e),
+                    format!("executable `{}` must be an absolute path", e.value),
+                );
+                *ok = false;
+            } else {
+                clients.executables.push(path.to_path_buf());
+            }
+        }
+        for p in &raw.pods {
+            let RawPods { namespace, labels } = &p.value;
+            if namespace.as_ref().is_some_and(|n| n.trim().is_empty())
+                || labels.keys().any(|k| k.trim().is_empty())
+            {
+                self.error(
+                    pos(p),
+                    "`pods` entry: an empty namespace or label key (leave the namespace out to mean every namespace)",
+                );
+                *ok = false;
+            } else {
+                clients.pods.push((
+                    namespace.as_ref().map(|n| n.trim().to_owned()),
+                    labels.clone(),
+                ));
+            }
+        }
+        for u in &raw.units {
+            let unit = u.value.trim();
+            if unit.is_empty() || unit.contains('/') || !unit.contains('.') {
+                self.error(
+                    pos(u),
+                    format!(
+                        "unit `{}` must be a systemd unit name such as `kubelet.service`",
+                        u.value
+                    ),
+                );
+                *ok = false;
+            } else {
+                clients.units.push(unit.to_owned());
+            }
+        }
         for p in &raw.processes {
             let name = p.value.trim();
             if name.is_empty() {

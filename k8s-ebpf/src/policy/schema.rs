@@ -68,6 +68,15 @@ pub(super) struct RawRule {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawClients {
+    /// Absolute paths of executables (matched by the file the kernel ran).
+    #[serde(default)]
+    pub executables: Vec<Spanned<String>>,
+    /// The local process's pod (through its container id).
+    #[serde(default)]
+    pub pods: Vec<Spanned<RawPods>>,
+    /// systemd units (`kubelet.service`), through the process's cgroup path.
+    #[serde(default)]
+    pub units: Vec<Spanned<String>>,
     #[serde(default)]
     pub processes: Vec<Spanned<String>>,
     #[serde(default)]

@@ -193,13 +193,22 @@ fn example_policy_parses() {
     assert!(!etcd.expected_peers.contains(ip("10.0.5.1")));
     let api = p.rule(6443).expect("6443");
     assert!(api.expected_peers.contains(ip("fd00:10:244::1")));
-    assert!(api.expected_clients.allows_process("kube-controller"));
+    assert!(api.expected_clients.allows_process("cilium-agent"));
     assert!(api
         .expected_clients
-        .allows_cgroup_path("/system.slice/kubelet.service"));
+        .allows_executable(std::path::Path::new("/usr/bin/kubelet")));
+    assert!(api
+        .expected_clients
+        .allows_unit("/system.slice/kubelet.service"));
     assert!(!api
         .expected_clients
-        .allows_cgroup_path("/system.slice/kubelet.service-evil"));
+        .allows_unit("/system.slice/kubelet.service-evil"));
+    assert!(api
+        .expected_clients
+        .allows_cgroup_path("/system.slice/containerd.service"));
+    assert!(!api
+        .expected_clients
+        .allows_cgroup_path("/system.slice/containerd.service-evil"));
 }
 
 #[test]
