@@ -16,6 +16,9 @@ interface K8sEbpfFields {
   netns?: number;
   prefix?: string;
   sources?: number;
+  client_match?: 'executable' | 'pod' | 'cgroup' | 'container' | 'comm';
+  exe_dev?: string;
+  exe_inode?: number;
 }
 
 /** `kubernetes.*`, the names Elastic's Kubernetes integrations use. */

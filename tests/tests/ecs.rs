@@ -15,7 +15,7 @@ use std::{
 use integration_tests::ecs::{assert_ecs, type_check};
 use k8s_ebpf::{
     alert::{Action, AlertEvent, KubernetesFields, PortScan, Subject},
-    capture::{EventKind, HookKind, Observation, ProcessInfo},
+    capture::{EventKind, ExeId, HookKind, Observation, ProcessInfo},
     identity::{NodeIdentity, PeerIdentity, PodIdentity},
     ports::Severity,
 };
@@ -30,6 +30,7 @@ fn pod() -> Arc<PodIdentity> {
         namespace: "monitoring".to_owned(),
         name: "prometheus-0".to_owned(),
         uid: Some("5f0c1a2e-0000-4000-8000-000000000001".to_owned()),
+        resource_version: Some("4711".to_owned()),
         labels: BTreeMap::from([("app.kubernetes.io/name".to_owned(), "prometheus".to_owned())]),
         service_account: Some("prometheus".to_owned()),
         node_name: Some("node-2".to_owned()),
@@ -129,6 +130,11 @@ fn observation(action: Action, v6: bool) -> Observation {
         tid: 4243,
         name: "curl".to_owned(),
         cgroup_id: 9876,
+        exe: Some(ExeId {
+            major: 8,
+            minor: 1,
+            ino: 131_074,
+        }),
     });
     Observation {
         kind,
@@ -211,8 +217,17 @@ fn every_record() -> Vec<Value> {
                             container_id: local_side.then_some("0123456789ab"),
                             kubernetes: kubernetes.as_ref(),
                         };
-                        let first =
+                        let mut first =
                             AlertEvent::for_observation(&observation(action, v6), action, &subject);
+                        // What the correlate stage adds for a judged local process.
+                        if local_side {
+                            if let Some(p) = first.process.as_mut() {
+                                p.executable = Some("/usr/bin/curl".to_owned());
+                            }
+                        }
+                        if action == Action::AllowedOutbound {
+                            first.k8s_ebpf.client_match = Some("executable");
+                        }
                         out.push(json(&first));
                         out.push(json(&first.summary(
                             57,
