@@ -303,6 +303,22 @@ fn every_record_kind_is_ecs() {
             "event",
             records.iter().any(|r| r["event"]["kind"] == "event"),
         ),
+        (
+            "executable",
+            records
+                .iter()
+                .any(|r| r["process"]["executable"].is_string()),
+        ),
+        (
+            "exe_inode",
+            records.iter().any(|r| r["k8s_ebpf"]["exe_inode"].is_u64()),
+        ),
+        (
+            "client_match",
+            records
+                .iter()
+                .any(|r| r["k8s_ebpf"]["client_match"].is_string()),
+        ),
     ] {
         assert!(present, "no {what} record among the samples");
     }
