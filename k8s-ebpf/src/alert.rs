@@ -18,6 +18,21 @@ use crate::{
     verdict::Finding,
 };
 
+/// The ECS version the records follow (`ecs.version`): the one whose published
+/// definitions (`@elastic/ecs` on npm) `cargo xtask test` type-checks every record kind
+/// against.
+pub const ECS_VERSION: &str = "9.4.0";
+
+/// ECS `ecs.*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct EcsFields {
+    pub version: &'static str,
+}
+
+const ECS: EcsFields = EcsFields {
+    version: ECS_VERSION,
+};
+
 /// ECS `event.kind`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -392,6 +407,7 @@ pub struct Extension {
 pub struct AlertEvent {
     #[serde(rename = "@timestamp", serialize_with = "ser_time")]
     pub timestamp: SystemTime,
+    pub ecs: EcsFields,
     pub event: EventFields,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<Endpoint>,
@@ -509,6 +525,7 @@ impl AlertEvent {
         };
         Self {
             timestamp: obs.at,
+            ecs: ECS,
             event: event_fields(action, subject.severity),
             source,
             destination,
@@ -592,6 +609,7 @@ impl AlertEvent {
             .unwrap_or_default();
         Self {
             timestamp: at,
+            ecs: ECS,
             event: event_fields(Action::PortScan, scan.severity),
             source: Some(Endpoint {
                 ip: peer,
@@ -725,6 +743,7 @@ mod tests {
             &subject(),
         ));
         assert_eq!(v["@timestamp"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["ecs"]["version"], ECS_VERSION);
         assert_eq!(v["event"]["kind"], "alert");
         assert_eq!(v["event"]["category"], serde_json::json!(["network"]));
         assert_eq!(

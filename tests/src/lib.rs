@@ -6,6 +6,7 @@
 //! the documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32).
 
 pub mod daemon;
+pub mod ecs;
 
 use std::{
     fs::File,

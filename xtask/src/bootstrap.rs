@@ -32,6 +32,15 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "busybox-static",
     "cpio",
     "xz-utils",
+    // Issue 20: the image built and run without a registry, promtool for the alert rules
+    // and dashboard, a real log shipper, and Node for the ECS type check (npm below).
+    "buildah",
+    "podman",
+    "crun",
+    // crun 1.8 refuses cgroup v1/v2 hybrid hosts; the container test uses runc there.
+    "runc",
+    "prometheus",
+    "rsyslog",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -88,6 +97,21 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
         let cmd = format!("cargo install cargo-fuzz --locked --version {CARGO_FUZZ_VERSION}");
         eprintln!("bootstrap: {cmd}");
         sh(&cmd).with_context(|| format!("installing cargo-fuzz failed; run:\n  {cmd}"))?;
+    }
+
+    if !has_npm() {
+        // Debian's nodejs and npm; a Node from elsewhere (NodeSource) that brings npm is
+        // used as it is.
+        let cmd = "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm";
+        if root {
+            eprintln!("bootstrap: installing nodejs and npm");
+            sh(cmd).with_context(|| format!("installing npm failed; the command was:\n  {cmd}"))?;
+        } else {
+            missing_steps.push(format!("sudo sh -c '{cmd}'"));
+        }
+    }
+    if has_npm() {
+        crate::npm::ensure()?;
     }
 
     for (fs, dir) in [("tracefs", "/sys/kernel/tracing"), ("bpf", "/sys/fs/bpf")] {
@@ -178,6 +202,14 @@ fn cargo_fuzz_ok() -> bool {
         .map(|o| {
             o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)
         })
+        .unwrap_or(false)
+}
+
+fn has_npm() -> bool {
+    Command::new("npm")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
         .unwrap_or(false)
 }
 

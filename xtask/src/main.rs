@@ -5,7 +5,9 @@
 
 mod bench;
 mod bootstrap;
+mod image;
 mod kernels;
+mod npm;
 mod soak;
 
 use std::{
@@ -34,8 +36,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Install prerequisites and run every check and test: fmt, clippy, unit, root
-    /// integration tests, deploy manifests, and the VM kernel matrix.
+    /// Install prerequisites and run every check and test: fmt, clippy, the image, unit
+    /// and root integration tests, deploy manifests, and the VM kernel matrix.
     Test {
         /// Skip the VM kernel matrix (for quick local iterations only; CI never sets it).
         #[arg(long)]
@@ -53,6 +55,9 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
+    /// Build the daemon's OCI image without a registry (buildah from scratch) into
+    /// target/image/k8s-ebpf-VERSION.oci.tar.
+    Image,
     /// Only install the prerequisites.
     Bootstrap,
 }
@@ -90,6 +95,11 @@ fn main() -> Result<()> {
             bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
             let bin = std::fs::canonicalize(build_daemon()?)?;
             soak::run(&root, &bin, minutes)
+        }
+        Cmd::Image => {
+            bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
+            let bin = build_daemon()?;
+            image::build(&bin, &target_dir()).map(drop)
         }
         Cmd::Bootstrap => bootstrap::ensure(bootstrap::DEBIAN_PACKAGES),
     }
@@ -169,10 +179,16 @@ fn test(root: &Path, with_vm: bool) -> Result<()> {
     step("clippy (eBPF crate, bpfel target)", clippy_ebpf)?;
     let bin = step("build daemon", build_daemon)?;
     let bin = std::fs::canonicalize(bin)?;
+    // tests/tests/container.rs runs it under podman with the DaemonSet's settings.
+    let image = step("image (buildah from scratch, no registry)", || {
+        image::build(&bin, &target_dir())
+    })?;
+    let image = std::fs::canonicalize(image)?;
     step("unit and root integration tests", || {
         let mut c = Command::new(cargo_bin());
         c.args(["test", "--release", "--no-fail-fast"])
             .env("K8S_EBPF_BIN", &bin)
+            .env("K8S_EBPF_IMAGE", &image)
             .env("K8S_EBPF_REQUIRE_PRIVILEGED_TESTS", "1");
         if !bootstrap::is_root() {
             bail!("the integration tests load eBPF programs and create network namespaces: run `cargo xtask test` as root");

@@ -387,6 +387,11 @@ async fn run<K: Watched>(
     mut stop: signal::Receiver<bool>,
 ) {
     let name = resource.as_str();
+    // Present from the start (0, not synced), so `increase()` and "not synced" alerts see
+    // the first change (deploy/prometheusrule.yaml).
+    metrics.kubernetes_lists.with_label_values(&[name]);
+    metrics.kubernetes_synced.with_label_values(&[name]).set(0);
+    metrics.kubernetes_objects.with_label_values(&[name]).set(0);
     let stream = watcher::watcher(api, config)
         .default_backoff()
         .into_stream();

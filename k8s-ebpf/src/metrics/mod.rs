@@ -203,6 +203,18 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Counters whose label values are known up front exist from the start at 0: a
+        // series that appears only at its first increment is invisible to `increase()`,
+        // so the alert rules (deploy/prometheusrule.yaml) would miss the first drops.
+        for kind in ["alert", "event"] {
+            m.output_dropped.with_label_values(&[kind]);
+        }
+        for table in ["windows", "scan_peers"] {
+            m.correlation_evictions.with_label_values(&[table]);
+        }
+        for result in ["ok", "error"] {
+            m.policy_reloads.with_label_values(&[result]);
+        }
         // The kernel's per-CPU outcome counters, as `k8s_ebpf_kernel_events_total{outcome}`.
         for outcome in crate::capture::KernelCounters::exported_names() {
             m.kernel_events.with_label_values(&[outcome]).reset();
@@ -315,6 +327,10 @@ mod tests {
             "k8s_ebpf_listeners{component=\"etcd\",port=\"2381\",scope=\"any\"} 1",
             "k8s_ebpf_decode_errors_total 1",
             "k8s_ebpf_correlation_evictions_total{table=\"windows\"} 1",
+            // Known label values exist before their first increment.
+            "k8s_ebpf_correlation_evictions_total{table=\"scan_peers\"} 0",
+            "k8s_ebpf_output_dropped_total{kind=\"alert\"} 0",
+            "k8s_ebpf_policy_reloads_total{result=\"error\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -1,0 +1,610 @@
+//! The image (`cargo xtask image`, no registry) run for real by podman with exactly the
+//! DaemonSet's pod and container settings, read from deploy/base/daemonset.yaml and
+//! translated one by one (an unknown setting fails the test, so the manifest cannot grow
+//! a setting this test silently ignores): capabilities, user, read-only root, no
+//! privilege escalation, seccomp RuntimeDefault, host network (the test's "node" network
+//! namespace stands for the node's), host PID, the command, args and env, the mounts,
+//! the CPU and memory limits.
+//! It must become ready, alert on a connection and a refused SYN from another namespace,
+//! and exit 0 on SIGTERM within the grace period; without BPF or PERFMON it must fail
+//! naming the capability.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{daemon::http_get, ecs::assert_ecs, enter_netns, link, privileged, NetNs};
+use serde_json::Value;
+
+const NODE_IP: &str = "192.0.2.1";
+const ATTACKER_IP: &str = "198.51.100.7";
+const NODE_NAME: &str = "node-under-test";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `$K8S_EBPF_IMAGE` (set by `cargo xtask test`), else what `cargo xtask image` writes.
+fn image_archive() -> PathBuf {
+    let p = std::env::var_os("K8S_EBPF_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            repo().join(format!(
+                "target/image/k8s-ebpf-{}.oci.tar",
+                env!("CARGO_PKG_VERSION")
+            ))
+        });
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask image`",
+        p.display()
+    );
+    p
+}
+
+/// The DaemonSet's pod template.
+fn pod_template() -> Value {
+    let path = repo().join("deploy/base/daemonset.yaml");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let doc: Value =
+        serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()));
+    doc["spec"]["template"]["spec"].clone()
+}
+
+/// A podman store private to one test (vfs: plain directories), removed on drop with
+/// every container in it.
+struct Podman {
+    dir: tempfile::TempDir,
+    runtime: &'static str,
+}
+
+impl Podman {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // crun 1.8 refuses cgroup v1/v2 hybrid hosts ("cgroups in hybrid mode not
+        // supported") — this test machine is one; runc runs there.
+        let hybrid = std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
+            .is_ok_and(|c| !c.trim().is_empty());
+        let runtime = if hybrid {
+            eprintln!("container: cgroup v1/v2 hybrid host, which crun 1.8 refuses: using runc");
+            "runc"
+        } else {
+            "crun"
+        };
+        let p = Self { dir, runtime };
+        let out = p
+            .command()
+            .arg("load")
+            .arg("-i")
+            .arg(image_archive())
+            .output();
+        let out = out.expect("podman load");
+        assert!(
+            out.status.success(),
+            "podman load: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        p
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new("podman");
+        c.arg("--root")
+            .arg(self.dir.path().join("root"))
+            .arg("--runroot")
+            .arg(self.dir.path().join("run"))
+            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
+            .args(["--events-backend", "file", "--runtime", self.runtime]);
+        c
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self
+            .command()
+            .args(["rm", "--all", "--force", "--time", "0"])
+            .output();
+    }
+}
+
+/// How `seccompProfile: RuntimeDefault` is given to podman.
+#[derive(Clone, Copy, PartialEq)]
+enum Seccomp {
+    /// This machine's containers-common default profile as installed (Debian's 0.50:
+    /// `bpf`/`perf_event_open` allowed only with CAP_SYS_ADMIN).
+    Installed,
+    /// The default of the runtimes deploy/README.md names (containerd >= 1.6.9,
+    /// containers/common >= 0.60): the installed profile with `bpf` also allowed under
+    /// CAP_BPF and `perf_event_open` under CAP_PERFMON, derived here at test time.
+    Current,
+}
+
+fn seccomp_profile(kind: Seccomp, dir: &Path) -> PathBuf {
+    let installed = Path::new("/usr/share/containers/seccomp.json");
+    if kind == Seccomp::Installed {
+        return installed.to_path_buf();
+    }
+    let text = std::fs::read_to_string(installed).expect("read the installed seccomp profile");
+    let mut profile: Value = serde_json::from_str(&text).expect("seccomp JSON");
+    let rules = profile["syscalls"].as_array_mut().expect("syscalls");
+    // Drop bpf/perf_event_open from the explicit EPERM rule (the default action denies
+    // them anyway) so the allow rules below do not conflict with it.
+    for r in rules.iter_mut() {
+        if r["action"] == "SCMP_ACT_ERRNO" {
+            if let Some(names) = r["names"].as_array_mut() {
+                names.retain(|n| n != "bpf" && n != "perf_event_open");
+            }
+        }
+    }
+    rules.retain(|r| r["names"].as_array().is_some_and(|n| !n.is_empty()));
+    for (name, cap) in [("bpf", "CAP_BPF"), ("perf_event_open", "CAP_PERFMON")] {
+        rules.push(serde_json::json!({
+            "names": [name], "action": "SCMP_ACT_ALLOW", "args": [],
+            "includes": {"caps": [cap]}, "excludes": {}
+        }));
+    }
+    let path = dir.join("seccomp-current.json");
+    std::fs::write(&path, profile.to_string()).expect("write profile");
+    path
+}
+
+/// `podman run` arguments for the DaemonSet's pod, setting by setting. `caps_add`
+/// overrides the manifest's added capabilities (for the negative runs).
+fn podman_run_args(
+    pod: &Value,
+    node: &NetNs,
+    policy_dir: &Path,
+    seccomp: &Path,
+    caps_add: Option<&[String]>,
+) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| (*s).to_owned()));
+    let containers = pod["containers"].as_array().expect("containers");
+    assert_eq!(containers.len(), 1, "one container");
+    let c = &containers[0];
+
+    // Pod level.
+    assert_eq!(pod["hostNetwork"], true, "hostNetwork");
+    // The node's network namespace is the test's node namespace; a hostNetwork pod also
+    // shares the node's UTS namespace.
+    push(&[
+        "--network",
+        &format!("ns:{}", node.path().display()),
+        "--uts",
+        "host",
+    ]);
+    assert_eq!(pod["hostPID"], true, "hostPID");
+    push(&["--pid", "host"]);
+    let pod_sc = pod["securityContext"]
+        .as_object()
+        .expect("pod securityContext");
+    for k in pod_sc.keys() {
+        assert_eq!(
+            k, "seccompProfile",
+            "pod securityContext.{k}: not translated"
+        );
+    }
+    let c_sc = c["securityContext"]
+        .as_object()
+        .expect("container securityContext");
+    let profile = c_sc
+        .get("seccompProfile")
+        .or(pod_sc.get("seccompProfile"))
+        .expect("seccompProfile");
+    assert_eq!(profile["type"], "RuntimeDefault");
+    push(&["--security-opt", &format!("seccomp={}", seccomp.display())]);
+
+    // Container securityContext, every key.
+    let (mut user, mut group) = (None, None);
+    for (k, v) in c_sc {
+        match k.as_str() {
+            "runAsUser" => user = v.as_u64(),
+            "runAsGroup" => group = v.as_u64(),
+            "readOnlyRootFilesystem" => {
+                assert_eq!(v, true);
+                push(&["--read-only", "--read-only-tmpfs=false"]);
+            }
+            "allowPrivilegeEscalation" => {
+                assert_eq!(v, false);
+                push(&["--security-opt", "no-new-privileges"]);
+            }
+            "seccompProfile" => {}
+            "capabilities" => {
+                for d in v["drop"].as_array().expect("drop") {
+                    push(&["--cap-drop", d.as_str().expect("cap")]);
+                }
+                let manifest: Vec<String> = v["add"]
+                    .as_array()
+                    .expect("add")
+                    .iter()
+                    .map(|c| c.as_str().expect("cap").to_owned())
+                    .collect();
+                for add in caps_add.unwrap_or(&manifest) {
+                    push(&["--cap-add", add]);
+                }
+            }
+            other => panic!("container securityContext.{other}: not translated"),
+        }
+    }
+    let user = user.expect("runAsUser");
+    push(&["--user", &format!("{user}:{}", group.unwrap_or(user))]);
+
+    // Limits (requests only steer scheduling): the daemon must live within them.
+    for (k, v) in c["resources"]["limits"]
+        .as_object()
+        .expect("resources.limits")
+    {
+        let v = v.as_str().expect("quantity");
+        match k.as_str() {
+            "memory" => {
+                let mib = v.strip_suffix("Mi").expect("memory limit in Mi");
+                push(&["--memory", &format!("{mib}m")]);
+            }
+            "cpu" => {
+                let milli: f64 = v
+                    .strip_suffix('m')
+                    .expect("cpu in millicores")
+                    .parse()
+                    .expect("cpu");
+                push(&["--cpus", &format!("{}", milli / 1000.0)]);
+            }
+            other => panic!("resources.limits.{other}: not translated"),
+        }
+    }
+
+    // Env: the downward API values the manifest asks for.
+    let mut env = BTreeMap::new();
+    for e in c["env"].as_array().expect("env") {
+        let name = e["name"].as_str().expect("env name");
+        let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            Some("spec.nodeName") => NODE_NAME.to_owned(),
+            Some("status.podIP") => NODE_IP.to_owned(),
+            Some(other) => panic!("env {name}: fieldRef {other} not translated"),
+            None => e["value"].as_str().expect("env value").to_owned(),
+        };
+        push(&["--env", &format!("{name}={value}")]);
+        env.insert(format!("$({name})"), value);
+    }
+
+    // Mounts: every volumeMount, from its volume.
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    for m in c["volumeMounts"].as_array().expect("volumeMounts") {
+        let name = m["name"].as_str().expect("mount name");
+        let target = m["mountPath"].as_str().expect("mountPath");
+        assert!(m.get("subPath").is_none(), "{name}: subPath not translated");
+        let vol = volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"));
+        let source = if let Some(path) = vol["hostPath"]["path"].as_str() {
+            let kind = vol["hostPath"]["type"].as_str().unwrap_or("");
+            let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("hostPath {path}: {e}"));
+            match kind {
+                "File" => assert!(meta.is_file(), "{path} is not a file"),
+                "Directory" => assert!(meta.is_dir(), "{path} is not a directory"),
+                other => panic!("hostPath type {other:?} not translated"),
+            }
+            PathBuf::from(path)
+        } else if vol.get("configMap").is_some() {
+            policy_dir.to_path_buf()
+        } else {
+            panic!("volume {name}: kind not translated: {vol}");
+        };
+        let ro = if m["readOnly"] == true { ":ro" } else { "" };
+        push(&["--volume", &format!("{}:{target}{ro}", source.display())]);
+    }
+
+    // Command and args, with $(VAR) expanded as the kubelet does.
+    let command: Vec<&str> = c["command"]
+        .as_array()
+        .expect("command")
+        .iter()
+        .map(|s| s.as_str().expect("command"))
+        .collect();
+    assert_eq!(command.len(), 1, "one entrypoint");
+    push(&["--entrypoint", command[0]]);
+    // This host's hard limits: podman's defaults are above them, and raising a hard limit
+    // needs CAP_SYS_RESOURCE, which this test machine's root lacks. (Limits are not part
+    // of the security context.)
+    for (name, res) in [
+        ("nofile", libc::RLIMIT_NOFILE),
+        ("nproc", libc::RLIMIT_NPROC),
+    ] {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct we pass.
+        assert_eq!(unsafe { libc::getrlimit(res, &mut l) }, 0);
+        // podman runs conmon and the runtime with RLIMIT_NPROC at most 32768 (observed
+        // here: their own hard limit), so the container cannot get more either.
+        let max = if name == "nproc" {
+            l.rlim_max.min(32768)
+        } else {
+            l.rlim_max
+        };
+        push(&["--ulimit", &format!("{name}={max}:{max}")]);
+    }
+    a.push("localhost/k8s-ebpf:".to_owned() + env!("CARGO_PKG_VERSION"));
+    for arg in c["args"].as_array().expect("args") {
+        let mut arg = arg.as_str().expect("arg").to_owned();
+        for (k, v) in &env {
+            arg = arg.replace(k, v);
+        }
+        a.push(arg);
+    }
+    a
+}
+
+/// A policy (the ConfigMap's content) with addresses only: no Kubernetes API here.
+fn policy_dir(dir: &Path) -> PathBuf {
+    let p = dir.join("configmap");
+    std::fs::create_dir_all(&p).expect("configmap dir");
+    std::fs::write(
+        p.join("policy.yaml"),
+        "version: 1\nrules:\n  - name: kubelet\n    port: 10250\n    expected_peers: [loopback]\n  \
+         - name: kubelet-read-only\n    port: 10255\n    expected_peers: []\n",
+    )
+    .expect("policy");
+    p
+}
+
+struct Running {
+    child: Child,
+    name: String,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Running {
+    fn records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.stdout)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+fn start(podman: &Podman, name: &str, args: &[String], dir: &Path) -> Running {
+    let stdout = dir.join(format!("{name}.stdout"));
+    let stderr = dir.join(format!("{name}.stderr"));
+    let mut cmd = podman.command();
+    cmd.args(["run", "--rm", "--name", name, "--env", "RUST_LOG=info"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+    eprintln!("container: {cmd:?}");
+    let child = cmd.spawn().expect("podman run");
+    Running {
+        child,
+        name: name.to_owned(),
+        stdout,
+        stderr,
+    }
+}
+
+fn get(node: &NetNs, path: &'static str) -> Option<(u16, String)> {
+    let addr = format!("{NODE_IP}:9477");
+    enter_netns(&node.path(), move || http_get(&addr, path)).ok()
+}
+
+#[test]
+fn image_runs_with_the_daemonset_security_context() {
+    if !privileged("image_runs_with_the_daemonset_security_context") {
+        return;
+    }
+    let pod = pod_template();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let podman = Podman::new();
+    let node = NetNs::new("node");
+    let attacker = NetNs::new("attacker");
+    link(
+        &node,
+        &[&format!("{NODE_IP}/24")],
+        &attacker,
+        &[&format!("{ATTACKER_IP}/24")],
+    );
+    let _kubelet = node.listen("0.0.0.0:10250");
+    let policy = policy_dir(dir.path());
+    let manifest_caps: Vec<String> = pod["containers"][0]["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .expect("add")
+        .iter()
+        .map(|c| c.as_str().expect("cap").to_owned())
+        .collect();
+
+    // 1. RuntimeDefault as a current runtime ships it: attaches, alerts, stops cleanly.
+    let current = seccomp_profile(Seccomp::Current, dir.path());
+    let args = podman_run_args(&pod, &node, &policy, &current, None);
+    let mut run = start(&podman, "k8s-ebpf-ds", &args, dir.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = run.child.try_wait().expect("wait") {
+            panic!(
+                "the container exited early with {status}:\n{}",
+                run.stderr()
+            );
+        }
+        if matches!(get(&node, "/readyz"), Some((200, _))) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready after 30 s:\n{}",
+            run.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, _) = get(&node, "/healthz").expect("healthz");
+    assert_eq!(code, 200);
+    // The daemon process: uid 0, and (after attaching) no capabilities left.
+    let out = podman
+        .command()
+        .args(["inspect", "--format", "{{.State.Pid}}", &run.name])
+        .output()
+        .expect("inspect");
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |f: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(f))
+            .map(str::trim)
+            .unwrap_or("?")
+            .to_owned()
+    };
+    eprintln!(
+        "container: daemon pid {pid}: Uid {} CapEff {} CapBnd {} NoNewPrivs {} Seccomp {}",
+        field("Uid:"),
+        field("CapEff:"),
+        field("CapBnd:"),
+        field("NoNewPrivs:"),
+        field("Seccomp:")
+    );
+    assert!(field("Uid:").starts_with("0\t"), "uid 0");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Seccomp:"), "2", "a seccomp filter is in force");
+    assert_eq!(
+        field("CapEff:"),
+        "0000000000000000",
+        "caps dropped after attach"
+    );
+    // The root filesystem as the daemon sees it is read-only.
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    let root = mountinfo
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 5 && f[4] == "/")
+        .expect("a root mount");
+    assert!(
+        root[5].split(',').any(|o| o == "ro"),
+        "root mounted {}",
+        root[5]
+    );
+
+    attacker
+        .connect(&format!("{NODE_IP}:10250"))
+        .expect("connect to the kubelet port");
+    // Nothing listens on 10255: a refused SYN, seen by the sk_lookup hook (NET_ADMIN).
+    let _ = attacker.connect(&format!("{NODE_IP}:10255"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let r = run.records();
+        let has = |action: &str, port: u64| {
+            r.iter().any(|r| {
+                r["event"]["action"] == action
+                    && r["source"]["ip"] == ATTACKER_IP
+                    && r["destination"]["port"] == port
+            })
+        };
+        if has("unexpected-inbound", 10250) && has("refused-attempt", 10255) {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no alerts from the container after 10 s:\n{}\nstderr:\n{}",
+            r.iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            run.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        records.iter().all(|r| r["host"]["hostname"] == NODE_NAME),
+        "host.hostname from NODE_NAME: {records:?}"
+    );
+    assert_ecs("records from the container", &records);
+
+    // SIGTERM (what the kubelet sends), within terminationGracePeriodSeconds.
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    let stopped = Instant::now();
+    let out = podman
+        .command()
+        .args(["stop", "--time", &grace.to_string(), &run.name])
+        .output()
+        .expect("podman stop");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = run.child.wait().expect("wait");
+    eprintln!(
+        "container: exited {status} {:.1?} after SIGTERM",
+        stopped.elapsed()
+    );
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit 0 on SIGTERM:\n{}",
+        run.stderr()
+    );
+    assert!(stopped.elapsed() < Duration::from_secs(grace));
+
+    // 2. Without BPF, then without PERFMON: fails at once naming it.
+    for missing in ["BPF", "PERFMON"] {
+        let caps: Vec<String> = manifest_caps
+            .iter()
+            .filter(|c| *c != missing)
+            .cloned()
+            .collect();
+        let args = podman_run_args(&pod, &node, &policy, &current, Some(&caps));
+        let mut run = start(
+            &podman,
+            &format!("k8s-ebpf-no-{missing}"),
+            &args,
+            dir.path(),
+        );
+        let status = run.child.wait().expect("wait");
+        let err = run.stderr();
+        assert_eq!(status.code(), Some(1), "without {missing}: {status}\n{err}");
+        assert!(
+            err.contains(&format!("missing capabilities: CAP_{missing}")),
+            "without {missing} the error must name CAP_{missing}:\n{err}"
+        );
+        eprintln!("container: without {missing}: exit 1, names CAP_{missing}");
+    }
+
+    // 3. The installed (older) RuntimeDefault denies bpf() without CAP_SYS_ADMIN: the
+    //    daemon fails to load (deploy/README.md, "Seccomp").
+    let installed = seccomp_profile(Seccomp::Installed, dir.path());
+    let text = std::fs::read_to_string(&installed).unwrap_or_default();
+    let old_profile = !text.contains("CAP_BPF");
+    let args = podman_run_args(&pod, &node, &policy, &installed, None);
+    let mut run = start(&podman, "k8s-ebpf-old-seccomp", &args, dir.path());
+    if old_profile {
+        let status = run.child.wait().expect("wait");
+        let err = run.stderr();
+        assert_ne!(status.code(), Some(0), "{err}");
+        assert!(
+            err.contains("Operation not permitted") || err.contains("EPERM"),
+            "the old profile should fail with EPERM:\n{err}"
+        );
+        eprintln!(
+            "container: installed RuntimeDefault (bpf only with CAP_SYS_ADMIN) fails as documented: {}",
+            err.lines().last().unwrap_or("")
+        );
+    } else {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(get(&node, "/readyz"), Some((200, _))) {
+            assert!(Instant::now() < deadline, "{}", run.stderr());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = podman.command().args(["stop", &run.name]).output();
+        let _ = run.child.wait();
+        eprintln!("container: the installed RuntimeDefault allows bpf with CAP_BPF");
+    }
+}

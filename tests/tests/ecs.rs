@@ -1,0 +1,359 @@
+//! Every kind of record the daemon writes, built by the daemon's own constructors, is
+//! valid ECS by Elastic's published definitions (`@elastic/ecs`, see
+//! `integration_tests::ecs`): each action, first sightings and window summaries, flood
+//! records, port scans (one source and a prefix), with and without a `kubernetes` object
+//! of each identity. A control shows the check rejects a misspelt field, a wrong type and
+//! a missing `ecs.version`. (The container and shipper tests check real records too.)
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use integration_tests::ecs::{assert_ecs, type_check};
+use k8s_ebpf::{
+    alert::{Action, AlertEvent, KubernetesFields, PortScan, Subject},
+    capture::{EventKind, ExeId, HookKind, Observation, ProcessInfo},
+    identity::{NodeIdentity, PeerIdentity, PodIdentity},
+    ports::Severity,
+};
+use serde_json::Value;
+
+fn at() -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(1_795_000_000_123)
+}
+
+fn pod() -> Arc<PodIdentity> {
+    Arc::new(PodIdentity {
+        namespace: "monitoring".to_owned(),
+        name: "prometheus-0".to_owned(),
+        uid: Some("5f0c1a2e-0000-4000-8000-000000000001".to_owned()),
+        resource_version: Some("4711".to_owned()),
+        labels: BTreeMap::from([("app.kubernetes.io/name".to_owned(), "prometheus".to_owned())]),
+        service_account: Some("prometheus".to_owned()),
+        node_name: Some("node-2".to_owned()),
+        host_network: false,
+        ips: vec!["198.51.100.20".parse().expect("ip")],
+        container_ids: vec!["0123456789ab".to_owned()],
+        finished: false,
+    })
+}
+
+/// The remote peer as each kind of identity.
+fn identities() -> Vec<Option<KubernetesFields>> {
+    let node = Arc::new(NodeIdentity {
+        name: "cp-1".to_owned(),
+        roles: BTreeSet::from(["control-plane".to_owned()]),
+        addresses: vec!["192.0.2.10".parse().expect("ip")],
+    });
+    vec![
+        None,
+        Some(KubernetesFields::from_peer(&PeerIdentity {
+            pod: Some(pod()),
+            ..PeerIdentity::default()
+        })),
+        Some(KubernetesFields::from_peer(&PeerIdentity {
+            node: Some(node),
+            apiserver: true,
+            ..PeerIdentity::default()
+        })),
+        Some(KubernetesFields::from_peer(&PeerIdentity {
+            apiserver: true,
+            ..PeerIdentity::default()
+        })),
+        Some(KubernetesFields::from_peer(&PeerIdentity::default())),
+    ]
+}
+
+/// An observation of the kind behind `action`, as the capture stage builds it.
+fn observation(action: Action, v6: bool) -> Observation {
+    let (kind, hook, local, remote) = match action {
+        Action::UnexpectedInbound | Action::AllowedInbound => (
+            EventKind::Inbound,
+            HookKind::Fexit,
+            "192.0.2.1:10250",
+            "198.51.100.7:39382",
+        ),
+        Action::UnexpectedOutbound | Action::AllowedOutbound => (
+            EventKind::Outbound,
+            HookKind::Tracepoint,
+            "192.0.2.1:0",
+            "192.0.2.5:2379",
+        ),
+        Action::ExposedListener => (
+            EventKind::Listen,
+            HookKind::Scan,
+            "0.0.0.0:2381",
+            "0.0.0.0:0",
+        ),
+        Action::RefusedAttempt => (
+            EventKind::Refused,
+            HookKind::SkLookup,
+            "192.0.2.1:10255",
+            "203.0.113.9:40000",
+        ),
+        Action::HalfOpenAttempt => (
+            EventKind::HalfOpen,
+            HookKind::SkLookup,
+            "192.0.2.1:6443",
+            "203.0.113.9:40001",
+        ),
+        Action::PortScan => unreachable!("port scans have their own constructor"),
+    };
+    let v6_of = |a: &str| -> SocketAddr {
+        let a: SocketAddr = a.parse().expect("address");
+        let ip = match a.ip() {
+            std::net::IpAddr::V4(v4) if !v4.is_unspecified() => {
+                let [.., c, d] = v4.octets();
+                format!("2001:db8::{c:x}:{d:x}")
+            }
+            _ => "::".to_owned(),
+        };
+        format!("[{ip}]:{}", a.port()).parse().expect("v6 address")
+    };
+    let (local, remote) = if v6 {
+        (v6_of(local), v6_of(remote))
+    } else {
+        (
+            local.parse().expect("address"),
+            remote.parse().expect("address"),
+        )
+    };
+    let process = matches!(
+        kind,
+        EventKind::Outbound | EventKind::Listen | EventKind::Inbound
+    )
+    .then(|| ProcessInfo {
+        pid: 4242,
+        tid: 4243,
+        name: "curl".to_owned(),
+        cgroup_id: 9876,
+        exe: Some(ExeId {
+            major: 8,
+            minor: 1,
+            ino: 131_074,
+        }),
+    });
+    Observation {
+        kind,
+        hook,
+        at: at(),
+        local,
+        remote,
+        process,
+        netns: 4_026_531_840,
+        count: 1,
+        window_summary: false,
+    }
+}
+
+fn json(r: &AlertEvent) -> Value {
+    serde_json::from_str(&r.to_json_line().expect("serializes")).expect("valid JSON")
+}
+
+/// Every record kind: an exhaustive match, so a new action fails to compile here until it
+/// is covered.
+fn every_record() -> Vec<Value> {
+    let actions = [
+        Action::UnexpectedInbound,
+        Action::UnexpectedOutbound,
+        Action::ExposedListener,
+        Action::RefusedAttempt,
+        Action::HalfOpenAttempt,
+        Action::PortScan,
+        Action::AllowedInbound,
+        Action::AllowedOutbound,
+    ];
+    let mut out = Vec::new();
+    for action in actions {
+        match action {
+            Action::PortScan => {
+                for (prefix, kubernetes) in [
+                    (None, identities()[1].clone()),
+                    (Some(("203.0.113.0/24".parse().expect("net"), 40)), None),
+                    (Some(("2001:db8:1::/64".parse().expect("net"), 3)), None),
+                ] {
+                    let scan = PortScan {
+                        peer: "203.0.113.9".parse().expect("ip"),
+                        prefix,
+                        kubernetes,
+                        ports: vec![2379, 6443, 10250],
+                        count: 7,
+                        window: Duration::from_secs(60),
+                        severity: Severity::High,
+                    };
+                    out.push(json(&AlertEvent::port_scan(&scan, at(), "node-1")));
+                }
+            }
+            Action::UnexpectedInbound
+            | Action::UnexpectedOutbound
+            | Action::ExposedListener
+            | Action::RefusedAttempt
+            | Action::HalfOpenAttempt
+            | Action::AllowedInbound
+            | Action::AllowedOutbound => {
+                for v6 in [false, true] {
+                    for kubernetes in identities() {
+                        let local_side = matches!(
+                            action,
+                            Action::UnexpectedOutbound
+                                | Action::AllowedOutbound
+                                | Action::ExposedListener
+                        );
+                        // Local-side records name the process's pod, never a node.
+                        let kubernetes = if local_side {
+                            kubernetes.map(|_| KubernetesFields::from_pod(&pod()))
+                        } else {
+                            kubernetes
+                        };
+                        let subject = Subject {
+                            rule_name: "kubelet",
+                            component: "kubelet",
+                            severity: Severity::Critical,
+                            ruleset: Some("/etc/k8s-ebpf/policy.yaml"),
+                            hostname: "node-1",
+                            container_id: local_side.then_some("0123456789ab"),
+                            kubernetes: kubernetes.as_ref(),
+                        };
+                        let mut first =
+                            AlertEvent::for_observation(&observation(action, v6), action, &subject);
+                        // What the correlate stage adds for a judged local process.
+                        if local_side {
+                            if let Some(p) = first.process.as_mut() {
+                                p.executable = Some("/usr/bin/curl".to_owned());
+                            }
+                        }
+                        if action == Action::AllowedOutbound {
+                            first.k8s_ebpf.client_match = Some("executable");
+                        }
+                        out.push(json(&first));
+                        out.push(json(&first.summary(
+                            57,
+                            at(),
+                            at() + Duration::from_secs(10),
+                        )));
+                        if matches!(
+                            action,
+                            Action::UnexpectedInbound
+                                | Action::RefusedAttempt
+                                | Action::HalfOpenAttempt
+                        ) {
+                            let net = if v6 {
+                                "2001:db8::/64"
+                            } else {
+                                "203.0.113.0/24"
+                            };
+                            let flood = first.clone().into_flood(net.parse().expect("net"), 200);
+                            out.push(json(&flood.summary(
+                                900,
+                                at(),
+                                at() + Duration::from_secs(10),
+                            )));
+                            out.push(json(&flood));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_record_kind_is_ecs() {
+    let records = every_record();
+    // Every action and both event kinds are present, and the variants that matter.
+    let actions: BTreeSet<&str> = records
+        .iter()
+        .filter_map(|r| r["event"]["action"].as_str())
+        .collect();
+    assert_eq!(actions.len(), 8, "{actions:?}");
+    for (what, present) in [
+        (
+            "summary",
+            records.iter().any(|r| r["k8s_ebpf"]["summary"] == true),
+        ),
+        (
+            "flood",
+            records.iter().any(|r| r["k8s_ebpf"]["sources"].is_u64()),
+        ),
+        (
+            "kubernetes pod",
+            records.iter().any(|r| r["kubernetes"]["identity"] == "pod"),
+        ),
+        (
+            "kubernetes node",
+            records
+                .iter()
+                .any(|r| r["kubernetes"]["identity"] == "node"),
+        ),
+        (
+            "kubernetes unknown",
+            records
+                .iter()
+                .any(|r| r["kubernetes"]["identity"] == "unknown"),
+        ),
+        (
+            "container",
+            records.iter().any(|r| r["container"]["id"].is_string()),
+        ),
+        (
+            "event",
+            records.iter().any(|r| r["event"]["kind"] == "event"),
+        ),
+        (
+            "executable",
+            records
+                .iter()
+                .any(|r| r["process"]["executable"].is_string()),
+        ),
+        (
+            "exe_inode",
+            records.iter().any(|r| r["k8s_ebpf"]["exe_inode"].is_u64()),
+        ),
+        (
+            "client_match",
+            records
+                .iter()
+                .any(|r| r["k8s_ebpf"]["client_match"].is_string()),
+        ),
+    ] {
+        assert!(present, "no {what} record among the samples");
+    }
+    for r in &records {
+        assert_eq!(r["ecs"]["version"], k8s_ebpf::alert::ECS_VERSION, "{r}");
+    }
+    assert_ecs("every record kind", &records);
+}
+
+/// The check can fail: each broken record is rejected, the intact one is not.
+#[test]
+fn the_ecs_check_rejects_broken_records() {
+    let good = every_record().swap_remove(0);
+    let mut broken = vec![good.clone()];
+    let mut misspelt = good.clone();
+    let o = misspelt.as_object_mut().expect("object");
+    let source = o.remove("source").expect("source");
+    o.insert("sourse".to_owned(), source);
+    broken.push(misspelt);
+    let mut wrong_type = good.clone();
+    wrong_type["destination"]["port"] = Value::from("10250");
+    broken.push(wrong_type);
+    let mut no_version = good.clone();
+    no_version.as_object_mut().expect("object").remove("ecs");
+    broken.push(no_version);
+    let mut nested_typo = good.clone();
+    nested_typo["network"]["directon"] = Value::from("ingress");
+    broken.push(nested_typo);
+    let mut custom_typo = good;
+    custom_typo["k8s_ebpf"]["cont"] = Value::from(1);
+    broken.push(custom_typo);
+    let (rejected, report) = type_check(&broken).expect_err("broken records must fail");
+    assert_eq!(
+        rejected,
+        BTreeSet::from([1, 2, 3, 4, 5]),
+        "tsc must reject exactly the broken records:\n{report}"
+    );
+}
