@@ -237,7 +237,7 @@ mod programs {
             start_ns: now,
             count: 1,
         };
-        if DEDUP.insert(key, &fresh, u64::from(BPF_NOEXIST)).is_err() {
+        if DEDUP.insert(key, fresh, u64::from(BPF_NOEXIST)).is_err() {
             // Lost a race with another CPU that opened the same window: fold into it.
             if let Some(slot) = DEDUP.get_ptr_mut(key) {
                 add_atomic(unsafe { &mut (*slot).count });
