@@ -158,6 +158,13 @@ impl Daemon {
             .unwrap_or(0.0)
     }
 
+    /// `k8s_ebpf_kernel_events_total{outcome}` from `/metrics`.
+    pub fn kernel_events(&self, outcome: &str) -> f64 {
+        self.metric(&format!(
+            "k8s_ebpf_kernel_events_total{{outcome=\"{outcome}\"}}"
+        ))
+    }
+
     pub fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill on our own child's pid.
         let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };

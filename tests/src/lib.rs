@@ -35,6 +35,18 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// Polls `cond` every 100 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs a command, panicking with its output when it fails.
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd

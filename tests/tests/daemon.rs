@@ -9,7 +9,7 @@ use std::{
 
 use integration_tests::{
     daemon::{prog_exists, Daemon},
-    daemon_bin, link, privileged, NetNs,
+    daemon_bin, link, privileged, wait_for, NetNs,
 };
 use serde_json::Value;
 
@@ -264,13 +264,5 @@ fn bad_command_lines_and_policies_exit_64() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
         assert!(!err.trim().is_empty(), "{args:?} printed no reason");
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }

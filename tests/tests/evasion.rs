@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{daemon::Daemon, link, privileged, run, NetNs};
+use integration_tests::{daemon::Daemon, link, privileged, run, wait_for, NetNs};
 use serde_json::Value;
 
 const NODE: &str = "192.0.2.10";
@@ -38,20 +38,6 @@ fn lab() -> Lab {
         ],
     );
     Lab { node, attacker }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn kernel(d: &Daemon, outcome: &str) -> f64 {
-    d.metric(&format!(
-        "k8s_ebpf_kernel_events_total{{outcome=\"{outcome}\"}}"
-    ))
 }
 
 /// First sightings (not window summaries) with this action.
@@ -144,7 +130,7 @@ fn a_backlog_does_not_stall_the_reader() {
     wait_for(
         "the kernel's count of the backlog",
         Duration::from_secs(20),
-        || kernel(&daemon, "emitted") >= 12_000.0,
+        || daemon.kernel_events("emitted") >= 12_000.0,
     );
     connect_from(&lab.attacker, ATTACKER, &format!("{NODE}:2379")).expect("connect 2379");
     daemon.wait_records(
@@ -153,13 +139,13 @@ fn a_backlog_does_not_stall_the_reader() {
         |r| has_alert(r, "unexpected-inbound", ATTACKER, 2379),
     );
     assert_eq!(
-        kernel(&daemon, "ringbuf_full"),
+        daemon.kernel_events("ringbuf_full"),
         0.0,
         "the default ring held it"
     );
     assert_eq!(
         daemon.metric("k8s_ebpf_ring_records_total"),
-        kernel(&daemon, "emitted"),
+        daemon.kernel_events("emitted"),
         "every record the kernel wrote was read"
     );
     let (status, _) = daemon.stop();
@@ -185,10 +171,10 @@ fn a_full_ring_does_not_hide_a_peer() {
     connect_from(&lab.attacker, ATTACKER, &format!("{NODE}:2379")).expect("connect 2379");
     daemon.signal(libc::SIGCONT);
     wait_for("the ring drained", Duration::from_secs(20), || {
-        let emitted = kernel(&daemon, "emitted");
+        let emitted = daemon.kernel_events("emitted");
         emitted > 0.0 && daemon.metric("k8s_ebpf_ring_records_total") == emitted
     });
-    let lost = kernel(&daemon, "ringbuf_full");
+    let lost = daemon.kernel_events("ringbuf_full");
     assert!(lost > 0.0, "a 64 KiB ring held 4,000 records?");
     assert!(
         !has_alert(&daemon.records(), "unexpected-inbound", ATTACKER, 2379),
@@ -201,14 +187,14 @@ fn a_full_ring_does_not_hide_a_peer() {
         Duration::from_secs(10),
         |r| has_alert(r, "unexpected-inbound", ATTACKER, 2379),
     );
-    let seen = kernel(&daemon, "seen");
-    let outcomes = kernel(&daemon, "emitted")
-        + kernel(&daemon, "deduplicated")
-        + kernel(&daemon, "ringbuf_full");
+    let seen = daemon.kernel_events("seen");
+    let outcomes = daemon.kernel_events("emitted")
+        + daemon.kernel_events("deduplicated")
+        + daemon.kernel_events("ringbuf_full");
     assert_eq!(seen, outcomes, "every watched event ends in one outcome");
     assert_eq!(
         daemon.metric("k8s_ebpf_ring_records_total"),
-        kernel(&daemon, "emitted")
+        daemon.kernel_events("emitted")
     );
     eprintln!("ring buffer: {lost} records lost and counted; the peer was still reported");
     let (status, _) = daemon.stop();
@@ -510,7 +496,7 @@ fn a_spoofed_syn_flood_folds_by_prefix_and_a_rotating_scan_is_caught() {
     wait_for("every SYN resolved", Duration::from_secs(10), || {
         daemon.metric("k8s_ebpf_syn_pending") == 0.0
     });
-    let seen = kernel(&daemon, "seen");
+    let seen = daemon.kernel_events("seen");
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
     let records = daemon.records();

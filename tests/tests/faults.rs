@@ -2,27 +2,9 @@
 //! too small for a burst, an alert file on a full filesystem, a policy file that vanishes,
 //! a forced hook the kernel lacks, tracefs missing.
 
-use std::{
-    net::TcpListener,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{net::TcpListener, process::Command, time::Duration};
 
-use integration_tests::{daemon::Daemon, daemon_bin, link, privileged, NetNs};
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn kernel(d: &Daemon, outcome: &str) -> f64 {
-    d.metric(&format!(
-        "k8s_ebpf_kernel_events_total{{outcome=\"{outcome}\"}}"
-    ))
-}
+use integration_tests::{daemon::Daemon, daemon_bin, link, privileged, wait_for, NetNs};
 
 /// A burst while the daemon is stopped (SIGSTOP) overflows a one-page ring buffer; every
 /// record is either delivered or counted as lost, exactly, and the loss is logged.
@@ -53,12 +35,12 @@ fn undersized_ring_buffer_counts_every_lost_record() {
     wait_for(
         "every record delivered or counted lost",
         Duration::from_secs(10),
-        || delivered() + kernel(&daemon, "ringbuf_full") == total,
+        || delivered() + daemon.kernel_events("ringbuf_full") == total,
     );
-    let lost = kernel(&daemon, "ringbuf_full");
+    let lost = daemon.kernel_events("ringbuf_full");
     assert!(lost > 0.0, "a 4 KiB ring buffer held {total} records?");
-    assert_eq!(kernel(&daemon, "seen"), total);
-    assert_eq!(kernel(&daemon, "emitted") + lost, total);
+    assert_eq!(daemon.kernel_events("seen"), total);
+    assert_eq!(daemon.kernel_events("emitted") + lost, total);
     wait_for("the warning line", Duration::from_secs(3), || {
         daemon.stderr().contains("ring buffer full")
     });

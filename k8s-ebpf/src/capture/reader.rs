@@ -220,11 +220,6 @@ impl Reader {
         }
         out
     }
-
-    /// Keys tracked for summaries (bounded by the kernel's dedup map).
-    pub fn tracked(&self) -> (usize, usize) {
-        (self.first.len(), self.reported.len())
-    }
 }
 
 /// Reads at most `max` records; returns how many it read.
