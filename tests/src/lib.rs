@@ -202,6 +202,14 @@ pub fn link(a: &NetNs, a_addrs: &[&str], b: &NetNs, b_addrs: &[&str]) {
     }
 }
 
+/// A copy of the python3 interpreter at `path`: a process whose task name (comm) is the
+/// file name, as a renamed binary or a real client of that name would have.
+pub fn interpreter_at(path: &std::path::Path) {
+    let python = std::fs::canonicalize("/usr/bin/python3").expect("python3");
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::copy(&python, path).expect("copy python3");
+}
+
 /// The daemon binary under test: `$K8S_EBPF_BIN` (set by `cargo xtask test`), else the
 /// release build in this workspace's target dir.
 pub fn daemon_bin() -> PathBuf {

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{daemon::Daemon, link, privileged, run, wait_for, NetNs};
+use integration_tests::{daemon::Daemon, interpreter_at, link, privileged, run, wait_for, NetNs};
 use serde_json::Value;
 
 const NODE: &str = "192.0.2.10";
@@ -199,13 +199,6 @@ fn a_full_ring_does_not_hide_a_peer() {
     eprintln!("ring buffer: {lost} records lost and counted; the peer was still reported");
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
-}
-
-/// A copy of the python3 interpreter at `path` (its comm is the file name).
-fn interpreter_at(path: &std::path::Path) {
-    let python = std::fs::canonicalize("/usr/bin/python3").expect("python3");
-    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-    std::fs::copy(&python, path).expect("copy python3");
 }
 
 /// Runs `interpreter` in `ns`, connecting to `peer:port` once.

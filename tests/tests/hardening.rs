@@ -6,20 +6,27 @@
 //! - make the daemon write its alerts through a symbolic link planted at the alert path,
 //!   or read alerts from a file created world-readable;
 //! - put terminal control sequences in a listener's process name and have
-//!   `k8s-ebpf exposure` print them raw.
+//!   `k8s-ebpf exposure` print them raw;
+//! - flood the reader's bookkeeping with distinct peers until an expected client's window
+//!   loses its process and turns into a false alert.
+//!
+//! And what the machine does on its own: a step of the wall clock must show in the
+//! timestamps of the alerts that follow.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt as _,
-    process::Stdio,
-    time::{Duration, Instant},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use integration_tests::{
     daemon::{Daemon, METRICS_ADDR},
-    daemon_bin, privileged, wait_listening, NetNs, Proc,
+    daemon_bin, interpreter_at, link, privileged, run, wait_for, wait_listening, NetNs, Proc,
 };
+use serde_json::Value;
 
 /// A GET with a 1 s budget for connecting and for the answer: (status, time taken).
 fn get_within_a_second(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Duration)> {
@@ -231,4 +238,264 @@ time.sleep(60)
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let comm = &report["listeners"][0]["owner"]["comm"];
     assert_eq!(comm, "\x1b[2J\r\x1b[Hkubelet", "{report:#}");
+}
+
+/// libfaketime from Debian: preloaded into one process, it steps that process's wall clock
+/// (CLOCK_REALTIME) as NTP would step the machine's, and leaves CLOCK_MONOTONIC alone —
+/// the clock the kernel programs stamp records with.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Seconds since the epoch of an alert's `@timestamp` (RFC 3339, UTC).
+fn alert_epoch(record: &Value) -> i64 {
+    let at = record["@timestamp"].as_str().expect("@timestamp");
+    let out = run(Command::new("date").args(["-u", "-d", at, "+%s"]));
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("date -d {at}: {e}"))
+}
+
+fn epoch_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64
+}
+
+fn inbound_alert_from<'a>(records: &'a [Value], source: &str) -> Option<&'a Value> {
+    records
+        .iter()
+        .find(|r| r["event"]["action"] == "unexpected-inbound" && r["source"]["ip"] == source)
+}
+
+/// Issue 17 item 5. Technique: none needed — NTP steps the wall clock (a VM resumed, a
+/// node booted with a wrong RTC). On a529923 the monotonic → wall-clock offset was taken
+/// once at start, so every `@timestamp` after a step kept the old error: here the daemon's
+/// clock is stepped 30 days forward and the next alert must carry the new time.
+#[test]
+fn timestamps_follow_a_step_of_the_wall_clock() {
+    if !privileged("timestamps_follow_a_step_of_the_wall_clock") {
+        return;
+    }
+    assert!(
+        Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} missing: `cargo xtask bootstrap` installs Debian's libfaketime"
+    );
+    let node = NetNs::new("clknode");
+    let attacker = NetNs::new("clkpeer");
+    link(
+        &node,
+        &["198.51.100.1/24"],
+        &attacker,
+        &["198.51.100.2/24", "198.51.100.3/24"],
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let offset = dir.path().join("faketime");
+    std::fs::write(&offset, "+0\n").expect("faketime file");
+    let preload = format!("LD_PRELOAD={LIBFAKETIME}");
+    let offset_file = format!("FAKETIME_TIMESTAMP_FILE={}", offset.display());
+    let wrapper = [
+        "env",
+        &preload,
+        &offset_file,
+        // Read the file at every call, so the step takes effect at once.
+        "FAKETIME_NO_CACHE=1",
+        "DONT_FAKE_MONOTONIC=1",
+    ];
+    let mut daemon = Daemon::start_wrapped(&node, &wrapper, &["--no-kubernetes"]);
+    let etcd = node.listen("198.51.100.1:2379");
+
+    connect_from(&attacker, "198.51.100.2", "198.51.100.1:2379");
+    let records = daemon.wait_records("the alert before the step", Duration::from_secs(10), |r| {
+        inbound_alert_from(r, "198.51.100.2").is_some()
+    });
+    let before = alert_epoch(inbound_alert_from(&records, "198.51.100.2").unwrap());
+    assert!(
+        (before - epoch_now()).abs() < 120,
+        "before the step the alert is stamped {before}, the machine says {}",
+        epoch_now()
+    );
+
+    const STEP: i64 = 30 * 24 * 3600;
+    std::fs::write(&offset, "+30d\n").expect("step the daemon's clock");
+    connect_from(&attacker, "198.51.100.3", "198.51.100.1:2379");
+    let records = daemon.wait_records("the alert after the step", Duration::from_secs(10), |r| {
+        inbound_alert_from(r, "198.51.100.3").is_some()
+    });
+    let after = alert_epoch(inbound_alert_from(&records, "198.51.100.3").unwrap());
+    let expected = epoch_now() + STEP;
+    assert!(
+        (after - expected).abs() < 120,
+        "after a 30-day step of the wall clock the alert is stamped {after}, expected about \
+         {expected} (the stepped clock); {} would be the clock before the step",
+        epoch_now()
+    );
+    drop(etcd);
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// A connection from `source` (an address of `ns`) to `to`, refused or not.
+fn connect_from(ns: &NetNs, source: &str, to: &str) {
+    let (source, to) = (
+        source.parse().expect("source"),
+        to.parse().expect("destination"),
+    );
+    ns.enter(move || connect_once(source, to));
+}
+
+/// One connection attempt from `source` (on a thread already in the right namespace).
+fn connect_once(source: IpAddr, to: SocketAddr) {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )
+    .expect("socket");
+    let source = SocketAddr::new(source, 0);
+    s.bind(&source.into())
+        .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+    let _ = s.connect_timeout(&to.into(), Duration::from_secs(2));
+}
+
+/// Distinct IPv6 sources from `prefix` (a /64 the attacker's namespace answers for), each
+/// making one connection to `to`: a distinct dedup key per source. Paced in batches until
+/// the kernel has emitted each batch, so the ring never overflows.
+fn spray_sources(daemon: &Daemon, attacker: &NetNs, prefix: &str, first: u32, n: u32, to: &str) {
+    const BATCH: u32 = 1000;
+    let mut sent = 0;
+    while sent < n {
+        let batch = BATCH.min(n - sent);
+        let emitted = daemon.kernel_events("emitted");
+        let prefix = prefix.to_string();
+        let to: SocketAddr = to.parse().expect("destination");
+        let start = first + sent;
+        attacker.enter(move || {
+            for i in start..start + batch {
+                let source = format!("{prefix}{i:x}").parse().expect("source");
+                connect_once(source, to);
+            }
+        });
+        sent += batch;
+        wait_for(
+            "the kernel to emit the batch",
+            Duration::from_secs(20),
+            || daemon.kernel_events("emitted") >= emitted + f64::from(batch),
+        );
+    }
+}
+
+/// Issue 17 item 7. Technique: flood the daemon with more distinct peers than its
+/// bookkeeping holds while an expected client's dedup window is open. On a529923 the
+/// reader kept each window's first record (its process) in a map cleared wholesale at
+/// 16,384 keys: the expected client's window summary lost its process, and the client —
+/// kube-apiserver reaching a kubelet — became an unexpected-outbound alert. Now the maps
+/// hold what the kernel's window map holds, so the summary keeps its process.
+#[test]
+fn a_flood_of_peers_does_not_strip_an_expected_clients_window() {
+    if !privileged("a_flood_of_peers_does_not_strip_an_expected_clients_window") {
+        return;
+    }
+    let node = NetNs::new("bknode");
+    let attacker = NetNs::new("bkpeer");
+    link(
+        &node,
+        &["203.0.113.1/24", "2001:db8::1/64"],
+        &attacker,
+        &["203.0.113.2/24", "2001:db8::2/64"],
+    );
+    // The attacker's namespace answers for a whole /64 (a local route plus non-local
+    // binds), and the node routes it back: one real connection attempt per source.
+    attacker.ip(&[
+        "-6",
+        "route",
+        "add",
+        "local",
+        "2001:db8:1::/64",
+        "dev",
+        "lo",
+    ]);
+    run(attacker
+        .command("sysctl")
+        .args(["-qw", "net.ipv6.ip_nonlocal_bind=1"]));
+    node.ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:db8:1::/64",
+        "via",
+        "2001:db8::2",
+    ]);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let apiserver = dir.path().join("bin/kube-apiserver");
+    interpreter_at(&apiserver);
+    // Matched by task name so that the same policy runs on a529923's binary.
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\ndefaults:\n  window: 10s\nrules:\n  - name: kubelet\n    port: 10250\n    expected_clients:\n      processes: [kube-apiserver]\n  - name: etcd-peer\n    port: 2380\n    expected_peers: [loopback]\n",
+    )
+    .expect("policy");
+    let kubelet = attacker.listen("203.0.113.2:10250");
+    let mut daemon = Daemon::start(
+        &node,
+        &[
+            "--no-kubernetes",
+            "--log-allowed",
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+    );
+
+    // 16,100 distinct peers knock on the closed etcd peer port.
+    spray_sources(
+        &daemon,
+        &attacker,
+        "2001:db8:1::",
+        1,
+        16_100,
+        "[2001:db8::1]:2380",
+    );
+    // The expected client reaches the kubelet twice in its window (one process: one key).
+    run(node.command(apiserver.to_str().expect("utf-8")).args([
+        "-c",
+        "import socket,time\n\
+         for _ in range(2):\n    socket.create_connection(('203.0.113.2', 10250), timeout=3).close(); time.sleep(0.2)",
+    ]));
+    // 600 more peers: past 16,384 keys while the client's window is open.
+    spray_sources(
+        &daemon,
+        &attacker,
+        "2001:db8:1::",
+        20_000,
+        600,
+        "[2001:db8::1]:2380",
+    );
+
+    let kubelet_summary =
+        |r: &Value| r["destination"]["port"] == 10250 && r["k8s_ebpf"]["summary"] == true;
+    let records = daemon.wait_records(
+        "the expected client's window summary",
+        Duration::from_secs(30),
+        |r| r.iter().any(kubelet_summary),
+    );
+    let summary = records.iter().find(|r| kubelet_summary(r)).unwrap();
+    assert_eq!(
+        summary["event"]["action"], "allowed-outbound",
+        "the expected client's window was judged without its process:\n{summary:#}"
+    );
+    assert_eq!(summary["process"]["name"], "kube-apiserver", "{summary:#}");
+    let false_alarms: Vec<_> = records
+        .iter()
+        .filter(|r| {
+            r["event"]["action"] == "unexpected-outbound" && r["destination"]["port"] == 10250
+        })
+        .collect();
+    assert!(false_alarms.is_empty(), "{false_alarms:#?}");
+    let summaries = records.iter().filter(|r| kubelet_summary(r)).count();
+    assert_eq!(summaries, 1, "the window was summarised {summaries} times");
+    drop(kubelet);
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
 }

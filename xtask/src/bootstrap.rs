@@ -41,6 +41,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "runc",
     "prometheus",
     "rsyslog",
+    // Steps the daemon's wall clock (LD_PRELOAD) without touching the machine's: the
+    // timestamp test in tests/tests/hardening.rs.
+    "libfaketime",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
