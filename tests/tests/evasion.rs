@@ -425,6 +425,72 @@ fn a_half_open_syn_scan_is_seen() {
     assert!(status.success(), "{status}");
 }
 
+/// Technique: probe with segments that are not SYNs — FIN, NULL and Xmas (`nmap -sF`,
+/// `-sN`, `-sX`) — which never start a handshake: a listener drops them silently, a closed
+/// port answers with a reset. On a529923 the probes to open ports left no trace at all.
+/// The SYN hook runs for every segment that looks for a listener, so each probe is an
+/// alert (half-open on an open port, refused on a closed one), each type on its own ports
+/// here so that one type cannot stand in for another, and together one port-scan.
+#[test]
+fn fin_null_and_xmas_probes_are_seen() {
+    if !privileged("fin_null_and_xmas_probes_are_seen") {
+        return;
+    }
+    let lab = lab();
+    let _etcd = lab.node.listen(&format!("{NODE}:2379"));
+    let _apiserver = lab.node.listen(&format!("{NODE}:6443"));
+    let _kubelet = lab.node.listen(&format!("{NODE}:10250"));
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    // (probe, open port, closed port)
+    let probes: [(&str, u16, u16); 3] = [
+        ("-sF", 2379, 2380),
+        ("-sN", 6443, 10257),
+        ("-sX", 10250, 10259),
+    ];
+    for (probe, open, closed) in probes {
+        let out = run(lab.attacker.command("nmap").args([
+            probe,
+            "-Pn",
+            "-n",
+            "-p",
+            &format!("{open},{closed}"),
+            "--max-retries",
+            "0",
+            "--host-timeout",
+            "30s",
+            NODE,
+        ]));
+        let text = String::from_utf8_lossy(&out.stdout);
+        // nmap's reading: no answer from the open port, a reset from the closed one.
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{closed}/tcp")) && l.contains(" closed ")),
+            "{probe}: {text}"
+        );
+    }
+    let seen = |r: &[Value]| {
+        probes.iter().all(|(_, open, closed)| {
+            has_alert(r, "half-open-attempt", ATTACKER, u64::from(*open))
+                && has_alert(r, "refused-attempt", ATTACKER, u64::from(*closed))
+        })
+    };
+    let records = daemon.wait_records("every probe as an alert", Duration::from_secs(15), seen);
+    let scans: Vec<_> = alerts(&records, "port-scan")
+        .filter(|r| r["source"]["ip"] == ATTACKER)
+        .collect();
+    assert_eq!(scans.len(), 1, "one port-scan record: {scans:#?}");
+    let ports: BTreeSet<u64> = scans[0]["k8s_ebpf"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    // Declared at the third port; the record names the ports seen until then.
+    assert_eq!(ports.len(), 3, "{ports:?}");
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
 /// Technique: a SYN flood from spoofed sources (thousands of addresses cost an attacker on
 /// the segment nothing), and a scan that rotates its source address for every port. On
 /// a529923 half-open SYNs were invisible; with every SYN seen, each source would be an

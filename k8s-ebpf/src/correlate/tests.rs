@@ -471,3 +471,42 @@ fn rotating_the_source_per_port_is_still_a_scan() {
     assert_eq!(scans[0].k8s_ebpf.prefix.as_deref(), Some("203.0.113.0/24"));
     assert_eq!(scans[0].k8s_ebpf.sources, Some(3));
 }
+
+/// Technique: scan slowly, one watched port a minute, so that no short window ever holds
+/// enough ports. Under the embedded default policy (as the DaemonSet ships it) that is
+/// still one port-scan; a scan slower than the window allows is not labelled a scan, but
+/// every one of its probes still alerts on its own.
+#[test]
+fn a_scan_of_one_port_a_minute_is_a_scan_under_the_default_policy() {
+    let slow = |every: u64| {
+        let mut e = Engine::new(
+            Arc::new(Policy::embedded_default()),
+            EngineSettings::new("node-1"),
+        );
+        let peer = "192.0.2.66";
+        let mut records = Vec::new();
+        for (i, port) in [2379, 6443, 10250].into_iter().enumerate() {
+            let at = t(every * i as u64);
+            records.extend(e.tick(at));
+            records.extend(e.observe(&inbound(port, peer), at));
+        }
+        records
+    };
+    let minute = slow(60);
+    assert_eq!(
+        actions(&minute),
+        [
+            "unexpected-inbound",
+            "unexpected-inbound",
+            "port-scan",
+            "unexpected-inbound"
+        ]
+    );
+    assert_eq!(
+        json(&minute[2])["k8s_ebpf"]["ports"],
+        serde_json::json!([2379, 6443, 10250])
+    );
+    // Past the window's reach: each probe alerts, none is lost, no scan is named.
+    let glacial = slow(6 * 60);
+    assert_eq!(actions(&glacial), ["unexpected-inbound"; 3]);
+}

@@ -11,7 +11,7 @@
 //!                                 # repeats are counted and reported when it closes
 //!   scan:
 //!     ports: 3                    # one peer touching this many distinct watched ports…
-//!     window: 60s                 # …within this long is a port scan
+//!     window: 10m                 # …within this long is a port scan
 //! peers:                          # optional named groups of peers, referenced as "@name"
 //!   control_plane: [10.0.0.10/32, 10.0.0.11/32]
 //!   monitoring: [10.0.5.0/24]
@@ -83,7 +83,9 @@ pub const DEFAULT_SCAN_PORTS: usize = 3;
 /// Unexpected sources per (finding, port) and window named one by one before further
 /// ones fold by prefix (`defaults.flood.sources`).
 pub const DEFAULT_FLOOD_SOURCES: usize = 64;
-pub const DEFAULT_SCAN_WINDOW: Duration = Duration::from_secs(60);
+/// Long enough that a scan of one port a minute is still one scan; slower scans still
+/// alert per port, they are only not labelled a scan.
+pub const DEFAULT_SCAN_WINDOW: Duration = Duration::from_secs(600);
 
 /// The kernel keeps at most this many bytes of a task name (`TASK_COMM_LEN` - 1).
 const COMM_MAX: usize = 15;

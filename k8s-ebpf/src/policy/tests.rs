@@ -21,7 +21,7 @@ fn embedded_default_parses_and_watches_the_table() {
         p.scan(),
         ScanSettings {
             ports: 3,
-            window: Duration::from_secs(60)
+            window: Duration::from_secs(600)
         }
     );
     for rule in p.rules() {
