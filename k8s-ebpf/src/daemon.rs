@@ -433,12 +433,12 @@ async fn emit(
         .process
         .as_ref()
         .filter(|_| matches!(obs.kind, EventKind::Outbound | EventKind::Listen));
+    let running =
+        local_process.and_then(|p| std::fs::read_link(format!("/proc/{}/exe", p.pid)).ok());
     let executable = local_process
         .and_then(|p| p.exe)
-        .and_then(|id| executables.path_of(id));
-    let executable_path = local_process
-        .and_then(|p| std::fs::read_link(format!("/proc/{}/exe", p.pid)).ok())
-        .map(|p| p.display().to_string());
+        .and_then(|id| executables.verify(id, running.as_deref()));
+    let executable_path = running.map(|p| p.display().to_string());
     let client = ClientContext {
         cgroup_path: cgroup.as_deref(),
         container_id: container,

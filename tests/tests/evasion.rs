@@ -337,6 +337,112 @@ fn a_renamed_binary_is_not_an_expected_client() {
     assert!(status.success(), "{status}");
 }
 
+/// A small ext4 filesystem on a loop device, mounted for one test and unmounted on drop:
+/// a filesystem that hands a freed inode number to the next file, as a node's root does.
+struct Ext4 {
+    dir: tempfile::TempDir,
+}
+
+impl Ext4 {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("fs.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(16 << 20))
+            .expect("image");
+        run(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image));
+        std::fs::create_dir(dir.path().join("mnt")).expect("mount point");
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(dir.path().join("mnt")));
+        Self { dir }
+    }
+
+    fn root(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.root())
+            .status();
+    }
+}
+
+/// Technique: wait for an expected client's binary to be upgraded (a new file renamed
+/// over the path; no process runs the old one), then create a copy of an interpreter on
+/// the same filesystem: ext4 hands it the old file's inode number, which the daemon
+/// remembered as the path's earlier identity. On db05df8 (issue 17's executables, before this
+/// check) that copy was an expected client. Now a remembered identity must still be the file at the path, or be run by a
+/// process the kernel shows running the path's deleted file.
+#[test]
+fn an_upgraded_binarys_inode_number_is_not_an_expected_client() {
+    if !privileged("an_upgraded_binarys_inode_number_is_not_an_expected_client") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let lab = lab();
+    let kubelet = lab.attacker.listen(&format!("{ATTACKER}:10250"));
+    let fs = Ext4::new();
+    let real = fs.root().join("usr/local/bin/kube-apiserver");
+    interpreter_at(&real);
+    let old_inode = std::fs::metadata(&real).expect("stat").ino();
+    let policy = fs.root().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version: 1\nrules:\n  - name: kubelet\n    port: 10250\n    expected_clients:\n      executables: [{}]\n",
+            real.display()
+        ),
+    )
+    .expect("policy");
+    let mut daemon = Daemon::start(
+        &lab.node,
+        &["--policy", policy.to_str().unwrap(), "--log-allowed"],
+    );
+    // The upgrade, as a package manager does it.
+    let staged = fs.root().join("usr/local/bin/kube-apiserver.new");
+    interpreter_at(&staged);
+    std::fs::rename(&staged, &real).expect("rename over");
+    let evil = fs.root().join("tmp/evil");
+    interpreter_at(&evil);
+    let evil_inode = std::fs::metadata(&evil).expect("stat").ino();
+    assert_eq!(
+        evil_inode, old_inode,
+        "ext4 did not reuse the freed inode number: the attack needs it"
+    );
+
+    connect_with(&lab.node, &evil, ATTACKER, 10250);
+    connect_with(&lab.node, &real, ATTACKER, 10250);
+    let records = daemon.wait_records(
+        "the upgraded binary allowed and the inode-reusing copy's verdict",
+        Duration::from_secs(10),
+        |r| {
+            r.iter().any(|e| {
+                e["event"]["action"] == "allowed-outbound"
+                    && e["process"]["name"] == "kube-apiserver"
+            }) && r.iter().any(|e| e["process"]["name"] == "evil")
+        },
+    );
+    let evil_records: Vec<_> = records
+        .iter()
+        .filter(|e| e["process"]["name"] == "evil")
+        .collect();
+    assert_eq!(
+        evil_records[0]["event"]["action"], "unexpected-outbound",
+        "a file that inherited the old binary's inode number passed as it: {evil_records:#?}"
+    );
+    assert_eq!(evil_records[0]["k8s_ebpf"]["exe_inode"], evil_inode);
+    drop(kubelet);
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
 /// Technique: a half-open SYN scan (`nmap -sS`, root's default) of two open ports and one
 /// closed one, over IPv4 and IPv6. On a529923: zero records (inbound was only seen at
 /// SYN_RECV → ESTABLISHED, refused attempts only on 6.10+). Each probe is an alert, each

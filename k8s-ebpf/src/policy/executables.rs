@@ -5,6 +5,12 @@
 //! (the daemon calls it every 30 s): an upgrade replaces the file at a path with a new
 //! inode, while processes started before it still run the old one, so every identity a
 //! path has had stays known (a path has few in a daemon's lifetime).
+//!
+//! A remembered identity alone proves nothing, though: once no process runs a replaced
+//! file, its inode number is free, and the filesystem hands it to the next file created
+//! there — an attacker's copy of an interpreter, say (ext4 does so at once). So a match is
+//! checked when it is made ([`ExecutableIndex::verify`]): the file at the path is that
+//! identity now, or the process still runs the path's replaced file.
 
 use std::{
     collections::HashMap,
@@ -17,6 +23,8 @@ use crate::capture::ExeId;
 #[derive(Debug, Default)]
 pub struct ExecutableIndex {
     by_id: HashMap<ExeId, PathBuf>,
+    /// The policy's executable paths, once each.
+    paths: Vec<PathBuf>,
 }
 
 /// Identities kept at most (paths × the versions each has had): a bound, not a limit
@@ -32,10 +40,14 @@ impl ExecutableIndex {
 
     /// Looks every policy executable up again; identities seen before are kept.
     pub fn refresh(&mut self, policy: &Policy) {
-        for path in policy
+        self.paths = policy
             .rules()
             .flat_map(|r| r.expected_clients.executables.iter())
-        {
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for path in &self.paths {
             if let Ok(id) = ExeId::of_path(path) {
                 if self.by_id.len() < MAX_IDENTITIES || self.by_id.contains_key(&id) {
                     self.by_id.insert(id, path.clone());
@@ -44,9 +56,21 @@ impl ExecutableIndex {
         }
     }
 
-    /// The policy path whose file (now or before) is `id`.
-    pub fn path_of(&self, id: ExeId) -> Option<&Path> {
-        self.by_id.get(&id).map(PathBuf::as_path)
+    /// The policy path whose file is `id`, checked now: the file at the path is `id`, or
+    /// the process runs the path's replaced file — its `/proc/PID/exe` (`running`) reads
+    /// `PATH (deleted)`, as the kernel names an unlinked file. `None` otherwise, also when
+    /// the process is gone before it could be checked.
+    pub fn verify(&self, id: ExeId, running: Option<&Path>) -> Option<&Path> {
+        let is_now = |path: &Path| ExeId::of_path(path).is_ok_and(|now| now == id);
+        let Some(path) = self.by_id.get(&id) else {
+            // Not known yet: a file installed at a policy path since the last refresh.
+            return self.paths.iter().map(PathBuf::as_path).find(|p| is_now(p));
+        };
+        if is_now(path) {
+            return Some(path);
+        }
+        let replaced = format!("{} (deleted)", path.display());
+        (running? == Path::new(&replaced)).then_some(path.as_path())
     }
 }
 
@@ -69,21 +93,34 @@ mod tests {
         let policy = Policy::parse(&text, "t.yaml").expect("policy");
         let mut index = ExecutableIndex::new(&policy);
         let v1 = ExeId::of_path(&real).unwrap();
-        assert_eq!(index.path_of(v1), Some(real.as_path()));
-        assert_eq!(index.path_of(ExeId::of_path(&copy).unwrap()), None);
+        assert_eq!(index.verify(v1, None), Some(real.as_path()));
+        assert_eq!(index.verify(ExeId::of_path(&copy).unwrap(), None), None);
         // An upgrade: a new file at the path (rename over it, as package managers do).
         let staged = dir.path().join("kube-apiserver.new");
         std::fs::write(&staged, b"v2").unwrap();
         std::fs::rename(&staged, &real).unwrap();
+        assert_eq!(
+            index.verify(ExeId::of_path(&real).unwrap(), None),
+            Some(real.as_path()),
+            "the new file, before a refresh"
+        );
         index.refresh(&policy);
         assert_eq!(
-            index.path_of(ExeId::of_path(&real).unwrap()),
+            index.verify(ExeId::of_path(&real).unwrap(), None),
             Some(real.as_path())
         );
+        let deleted = PathBuf::from(format!("{} (deleted)", real.display()));
         assert_eq!(
-            index.path_of(v1),
+            index.verify(v1, Some(&deleted)),
             Some(real.as_path()),
-            "still running the old one"
+            "a process still running the old file"
+        );
+        // Whatever else runs the old inode number now is another file.
+        assert_eq!(index.verify(v1, Some(&copy)), None);
+        assert_eq!(
+            index.verify(v1, None),
+            None,
+            "the process is gone: unproven"
         );
     }
 }
