@@ -429,7 +429,8 @@ impl Pipeline<'_> {
         let paired =
             if in_pod && obs.kind == EventKind::Outbound && self.local.is_own(obs.remote.ip()) {
                 self.pairs.client(obs, now)
-            } else if in_pod {
+            } else if in_pod || !self.all_namespaces {
+                // Watching one namespace, no pod's record is ever there to join.
                 vec![Paired::Alone(obs)]
             } else {
                 vec![self.pairs.server(obs, now)]
