@@ -419,7 +419,11 @@ impl Pipeline<'_> {
 
     /// Whether `obs` comes from a pod's network namespace (only under `--netns all`).
     fn in_pod_netns(&self, obs: &Observation) -> bool {
-        self.all_namespaces && obs.netns != 0 && obs.netns != self.local.netns
+        // The node's namespace unknown (its inode unreadable): nothing is a pod's.
+        self.all_namespaces
+            && self.local.netns != 0
+            && obs.netns != 0
+            && obs.netns != self.local.netns
     }
 
     /// Holds a pod's outbound record to this node for the node's side of the same
