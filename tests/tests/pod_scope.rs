@@ -124,6 +124,10 @@ fn policy_file(dir: &tempfile::TempDir, etcd_netns: &str) -> String {
 }
 
 fn start(c: &Cluster, policy: Option<&str>) -> Daemon {
+    start_with(c, policy, &[])
+}
+
+fn start_with(c: &Cluster, policy: Option<&str>, extra: &[&str]) -> Daemon {
     let mut args = vec![
         "--netns",
         "all",
@@ -134,6 +138,7 @@ fn start(c: &Cluster, policy: Option<&str>) -> Daemon {
     if let Some(p) = policy {
         args.extend(["--policy", p]);
     }
+    args.extend(extra);
     Daemon::start(&c.node, &args)
 }
 
@@ -336,4 +341,57 @@ fn a_rule_can_opt_pods_in() {
     assert_eq!(inbound.len(), 1, "{inbound:#?}");
     assert_eq!(inbound[0]["k8s_ebpf"]["netns"], c.pod_b.inode());
     assert_eq!(inbound[0]["source"]["ip"], POD_A);
+}
+
+/// The node's side of a connection may never come. With the SYN hook, a pod's connect to
+/// a closed port of the node is one `refused-attempt` naming the client's process; a
+/// second process of the same pod right after it folds into that window (the kernel
+/// folded the node's side). Without the SYN hook nothing on the node reports the closed
+/// port: the pod's own record still alerts, alone, after the hold.
+#[test]
+fn a_missing_node_side_still_alerts_and_a_refused_one_joins() {
+    if !privileged("a_missing_node_side_still_alerts_and_a_refused_one_joins") {
+        return;
+    }
+    for syn_hook in ["sk-lookup", "off"] {
+        let c = Cluster::new();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let policy = policy_file(&dir, "node");
+        let mut daemon = start_with(&c, Some(&policy), &["--syn-hook", syn_hook]);
+        // Nothing listens on the node's 2379.
+        let first = connect(&c.pod_a, NODE_A, 2379);
+        let second = connect(&c.pod_a, NODE_A, 2379);
+        daemon.wait_records(
+            "pod A's attempt on the closed port",
+            Duration::from_secs(15),
+            |r| !about(&c, r, POD_A).is_empty(),
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        let outcome = |o: &str| {
+            daemon.metric(&format!(
+                "k8s_ebpf_connection_pairs_total{{outcome=\"{o}\"}}"
+            ))
+        };
+        let (joined, alone) = (outcome("joined"), outcome("client_alone"));
+        daemon.stop();
+        let records = daemon.records();
+        let ours = about(&c, &records, POD_A);
+        if syn_hook == "off" {
+            // Two processes: two outbound records, each judged alone.
+            assert!(alone >= 2.0, "client_alone {alone}");
+            assert_eq!(ours.len(), 2, "{ours:#?}");
+            for (a, pid) in ours.iter().zip([first, second]) {
+                assert_eq!(a["event"]["action"], "unexpected-outbound", "{a}");
+                assert_eq!(a["process"]["pid"], pid, "{a}");
+                assert_eq!(a["k8s_ebpf"]["netns"], c.pod_a.inode(), "{a}");
+            }
+        } else {
+            assert!(joined >= 1.0, "joined {joined}");
+            assert_eq!(ours.len(), 1, "{ours:#?}");
+            let a = ours[0];
+            assert_eq!(a["event"]["action"], "refused-attempt", "{a}");
+            assert_eq!(a["process"]["pid"], first, "{a}");
+            assert_eq!(a["k8s_ebpf"]["client_netns"], c.pod_a.inode(), "{a}");
+        }
+    }
 }
