@@ -4,6 +4,9 @@
 //!   an alert line (no folding).
 //! - `engine`: what the daemon does: decode, then the correlation engine (windows and
 //!   scans fold repeats), then JSON for what it emits.
+//! - `pairs`: under `--netns all`, joining the two ends of pods' connections to the node
+//!   (one pod's outbound record held, then the node's inbound record of it), per
+//!   connection: the cost the join adds before the engine.
 //!
 //! The record mix: inbound from expected peers and from unexpected ones, outbound with a
 //! process, listeners and refused attempts, IPv4 and IPv6, across the watched ports.
@@ -173,6 +176,54 @@ fn pipeline(c: &mut Criterion) {
                 }
             }
             bytes
+        })
+    });
+    group.bench_function("pairs", |b| {
+        use k8s_ebpf::capture::{
+            pairs::{Paired, Pairs},
+            Observation,
+        };
+        let node: std::net::SocketAddr = "192.0.2.1:10250".parse().expect("address");
+        let connections: Vec<(Observation, Observation)> = (0..records.len())
+            .map(|i| {
+                let pod = IpAddr::V4(Ipv4Addr::new(10, 244, (i / 250) as u8, (i % 250) as u8 + 1));
+                let client = Observation {
+                    kind: EventKind::Outbound,
+                    hook: HookKind::Tracepoint,
+                    at: SystemTime::now(),
+                    local: (pod, 0).into(),
+                    remote: node,
+                    process: None,
+                    netns: 4_026_532_000 + i as u32,
+                    count: 1,
+                    window_summary: false,
+                };
+                let server = Observation {
+                    kind: EventKind::Inbound,
+                    local: node,
+                    remote: (pod, 40_000).into(),
+                    netns: 4_026_531_840,
+                    ..client.clone()
+                };
+                (client, server)
+            })
+            .collect();
+        b.iter(|| {
+            let mut pairs = Pairs::new(std::time::Duration::from_secs(10));
+            let now = std::time::Instant::now();
+            let mut joined = 0usize;
+            // Connections overlap in batches of 64, as from many pods at once.
+            for batch in connections.chunks(64) {
+                for (client, _) in batch {
+                    pairs.client(client.clone(), now);
+                }
+                for (_, server) in batch {
+                    if matches!(pairs.server(server.clone(), now), Paired::Joined { .. }) {
+                        joined += 1;
+                    }
+                }
+            }
+            joined
         })
     });
     group.finish();

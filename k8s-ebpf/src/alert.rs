@@ -15,7 +15,7 @@ use crate::{
     capture::{EventKind, HookKind, Observation},
     identity::{PeerIdentity, PodIdentity},
     ports::Severity,
-    verdict::Finding,
+    verdict::{ClientSide, Finding},
 };
 
 /// The ECS version the records follow (`ecs.version`): the one whose published
@@ -400,6 +400,22 @@ pub struct Extension {
     pub exe_dev: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exe_inode: Option<u64>,
+    /// A connection seen from both ends on this node (a pod reaching the node): the
+    /// client's network namespace. `process.*`, `container.id` and `kubernetes.*` are
+    /// then the client's; `listener` is the node's side.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_netns: Option<u32>,
+    /// With `client_netns`: the process that accepted the connection, when the accept
+    /// hook named it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener: Option<ListenerFields>,
+}
+
+/// `k8s_ebpf.listener`: the server process of a connection seen from both ends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ListenerFields {
+    pub pid: u32,
+    pub name: String,
 }
 
 /// One alert or event record.
@@ -564,8 +580,52 @@ impl AlertEvent {
                     .and_then(|p| p.exe)
                     .map(|e| format!("{}:{}", e.major, e.minor)),
                 exe_inode: obs.process.as_ref().and_then(|p| p.exe).map(|e| e.ino),
+                client_netns: None,
+                listener: None,
             },
         }
+    }
+
+    /// Joins the client's end to this record of the node's end of the same connection:
+    /// the client's process, container and namespace become the record's subject
+    /// (`process.*`, `container.id`, `k8s_ebpf.client_netns`), the process that accepted
+    /// moves to `k8s_ebpf.listener`, and the message names both.
+    pub fn join_client(&mut self, side: &ClientSide<'_>) {
+        let client = side.obs;
+        self.k8s_ebpf.listener = self.process.take().map(|p| ListenerFields {
+            pid: p.pid,
+            name: p.name,
+        });
+        self.k8s_ebpf.client_netns = Some(client.netns);
+        self.process = client.process.as_ref().map(|p| ProcessFields {
+            pid: p.pid,
+            name: p.name.clone(),
+            executable: side.executable_path.map(str::to_owned),
+        });
+        self.container = side
+            .container_id
+            .map(|id| ContainerFields { id: id.to_owned() });
+        let p = client.process.as_ref();
+        self.k8s_ebpf.cgroup_id = p.map(|p| p.cgroup_id).filter(|&id| id != 0);
+        self.k8s_ebpf.exe_dev = p
+            .and_then(|p| p.exe)
+            .map(|e| format!("{}:{}", e.major, e.minor));
+        self.k8s_ebpf.exe_inode = p.and_then(|p| p.exe).map(|e| e.ino);
+        self.k8s_ebpf.client_match = side.client_match.map(|m| m.as_str());
+        let who = p.map_or_else(
+            || "an unknown process".to_owned(),
+            |p| format!("{} (pid {})", p.name, p.pid),
+        );
+        let by = self
+            .k8s_ebpf
+            .listener
+            .as_ref()
+            .map(|l| format!(", accepted by {} (pid {})", l.name, l.pid))
+            .unwrap_or_default();
+        self.message = format!(
+            "{}; client {who} in network namespace {}{by}",
+            self.message, client.netns
+        );
     }
 
     /// Turns a first sighting into the record for a flood of sources in `prefix`: no
@@ -652,6 +712,8 @@ impl AlertEvent {
                 client_match: None,
                 exe_dev: None,
                 exe_inode: None,
+                client_netns: None,
+                listener: None,
             },
         }
     }

@@ -50,7 +50,7 @@ use crate::{
     metrics::Metrics,
     policy::Policy,
     ports::Severity,
-    verdict::{judge, ClientContext, Verdict},
+    verdict::{judge, out_of_scope, ClientContext, Verdict},
 };
 
 pub const DEFAULT_MAX_WINDOWS: usize = 65_536;
@@ -259,6 +259,14 @@ impl Engine {
             return out;
         };
         let rule = judgement.rule;
+        if let Some(reason) = out_of_scope(rule, obs, client) {
+            if let Some(m) = &self.metrics {
+                m.out_of_scope
+                    .with_label_values(&[reason.as_str()])
+                    .inc_by(added_events(obs));
+            }
+            return out;
+        }
         let added = added_events(obs);
         if let Some(m) = &self.metrics {
             m.connections
@@ -351,6 +359,9 @@ impl Engine {
                 .executable_path
                 .map(str::to_owned)
                 .or_else(|| client.executable.map(|e| e.display().to_string()));
+        }
+        if let Some(side) = client.client_side {
+            record.join_client(side);
         }
         if flood {
             record = record.into_flood(source_prefix(peer), 1);

@@ -14,7 +14,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc},
     time::{Duration, SystemTime},
@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use crate::{
     capture::{
         attempts::Attempts,
+        pairs::{Paired, Pairs},
         reader::{Reader, ReaderStats},
         AttachMode, Capture, CaptureConfig, CaptureStreams, KernelCounters, NetnsScope,
         Observation, StateHook, SynHook,
@@ -41,13 +42,24 @@ use crate::{
     output::{self, AlertSender, Destination, OutputSettings},
     policy::{executables::ExecutableIndex, Policy, PolicyErrors},
     privilege,
-    verdict::ClientContext,
+    verdict::{client_match, ClientContext, ClientSide},
 };
 use k8s_ebpf_common::{counter, EventKind};
 
 /// How often the policy file is re-read to notice changes (ConfigMap volume updates swap
 /// a symlink, which inotify on the file itself would miss; a read every 2 s is cheap).
 pub const POLICY_POLL: Duration = Duration::from_secs(2);
+
+/// The `kubernetes` Service's address from `$KUBERNETES_SERVICE_HOST`, which the kubelet
+/// sets in every pod's environment (the DaemonSet's too) to that Service's ClusterIP.
+/// Not an address (unset outside a pod, or a name where a cluster overrides it): none.
+pub fn default_kubernetes_service() -> Vec<IpAddr> {
+    std::env::var("KUBERNETES_SERVICE_HOST")
+        .ok()
+        .and_then(|h| h.trim().parse().ok())
+        .into_iter()
+        .collect()
+}
 
 /// Everything `run` needs, already validated by the command line.
 #[derive(Clone, Debug)]
@@ -64,6 +76,9 @@ pub struct DaemonConfig {
     pub log_allowed: bool,
     pub ring_bytes: u32,
     pub hostname: String,
+    /// The `kubernetes` Service's ClusterIPs: under `--netns all`, a pod's outbound
+    /// connection to one is a control-plane event.
+    pub kubernetes_service: Vec<IpAddr>,
     /// Where peer identities come from.
     pub kubernetes: ApiMode,
 }
@@ -251,14 +266,23 @@ async fn run_loop(
         local: LocalAddresses::new(),
         executables: ExecutableIndex::new(&policy),
         attempts: Attempts::new(),
+        pairs: Pairs::new(policy.window()),
+        all_namespaces: config.netns == NetnsScope::All,
+        kubernetes_service: config.kubernetes_service.clone(),
     };
+    if pipeline.all_namespaces {
+        info!(
+            kubernetes_service = ?pipeline.kubernetes_service,
+            "watching every network namespace: pods' own traffic is judged only where it reaches a node or the control plane (or a rule says `netns: all`)"
+        );
+    }
     readiness.set_identities_blocked(!identity_ready(&pipeline.engine));
 
     // The listeners already there: a wide bind on a loopback-only port is an alert at
     // start, not only when the next one binds.
     inventory.publish(&metrics);
     for obs in inventory.start_observations() {
-        pipeline.emit(&obs).await;
+        pipeline.emit(&obs, None).await;
     }
 
     let mut reload = PolicyWatch::new(config.policy_path.clone(), &policy);
@@ -286,6 +310,7 @@ async fn run_loop(
             _ = tick.tick() => {
                 let attempts = &pipeline.attempts;
                 metrics.set_attempts(&attempts.stats(), attempts.pending());
+                pipeline.publish_pairs(&metrics);
                 for alert in pipeline.engine.tick(SystemTime::now()) {
                     sender.send(alert).await;
                 }
@@ -322,6 +347,7 @@ async fn run_loop(
     }
     pipeline.flush_attempts().await;
     metrics.set_attempts(&pipeline.attempts.stats(), pipeline.attempts.pending());
+    pipeline.publish_pairs(&metrics);
     for w in watchers {
         let _ = w.await;
     }
@@ -351,8 +377,9 @@ async fn run_loop(
     Ok(())
 }
 
-/// Observations from the reader to alert records: SYNs resolved into attempts, each
-/// observation given what is known about its sides, judged and correlated, sent out.
+/// Observations from the reader to alert records: SYNs resolved into attempts, the two
+/// ends of a pod's connection to this node joined, each observation given what is known
+/// about its sides, judged and correlated, sent out.
 struct Pipeline<'a> {
     sender: &'a AlertSender,
     identities: &'a Identities,
@@ -365,92 +392,198 @@ struct Pipeline<'a> {
     /// SYNs become refused or half-open attempts, or vanish into their completed
     /// handshake.
     attempts: Attempts,
+    /// A pod's outbound record and the node's record of the same connection, joined.
+    pairs: Pairs,
+    /// `--netns all`: a record from any namespace but the node's is a pod's.
+    all_namespaces: bool,
+    /// The `kubernetes` Service's addresses.
+    kubernetes_service: Vec<IpAddr>,
 }
 
 impl Pipeline<'_> {
     /// One observation from the kernel.
     async fn take(&mut self, obs: Observation, inventory: &mut Inventory, metrics: &Metrics) {
-        inventory.track(&obs, metrics);
+        // The inventory is the node's listeners (what the SYN hook, on the node's
+        // namespace, resolves against); a pod listening does not open the node's port.
+        if !self.in_pod_netns(&obs) {
+            inventory.track(&obs, metrics);
+        }
         let now = std::time::Instant::now();
         let ready = self
             .attempts
             .observe(obs, now, |o| inventory.listening(o.local));
         for obs in ready {
-            self.emit(&obs).await;
+            self.route(obs, now).await;
         }
     }
 
-    /// SYNs whose handshake did not complete in time.
+    /// Whether `obs` comes from a pod's network namespace (only under `--netns all`).
+    fn in_pod_netns(&self, obs: &Observation) -> bool {
+        // The node's namespace unknown (its inode unreadable): nothing is a pod's.
+        self.all_namespaces
+            && self.local.netns != 0
+            && obs.netns != 0
+            && obs.netns != self.local.netns
+    }
+
+    /// Holds a pod's outbound record to this node for the node's side of the same
+    /// connection, or joins a node-side record with it.
+    async fn route(&mut self, obs: Observation, now: std::time::Instant) {
+        let in_pod = self.in_pod_netns(&obs);
+        let paired =
+            if in_pod && obs.kind == EventKind::Outbound && self.local.is_own(obs.remote.ip()) {
+                self.pairs.client(obs, now)
+            } else if in_pod || !self.all_namespaces {
+                // Watching one namespace, no pod's record is ever there to join.
+                vec![Paired::Alone(obs)]
+            } else {
+                vec![self.pairs.server(obs, now)]
+            };
+        for p in paired {
+            self.emit_paired(p).await;
+        }
+    }
+
+    async fn emit_paired(&mut self, paired: Paired) {
+        match paired {
+            Paired::Alone(obs) => self.emit(&obs, None).await,
+            Paired::Joined { server, client } => self.emit(&server, Some(&client)).await,
+            // Counted in `connection_pairs_total{outcome="client_folded"}`.
+            Paired::Folded(_) => {}
+        }
+    }
+
+    /// SYNs whose handshake did not complete in time, and pods' records whose node side
+    /// did not come.
     async fn expire_attempts(&mut self) {
-        for obs in self.attempts.expire(std::time::Instant::now()) {
-            self.emit(&obs).await;
+        let now = std::time::Instant::now();
+        for obs in self.attempts.expire(now) {
+            self.route(obs, now).await;
+        }
+        for p in self.pairs.expire(now) {
+            self.emit_paired(p).await;
         }
     }
 
-    /// At shutdown: every SYN still waiting.
+    /// At shutdown: every SYN and every pod's record still waiting.
     async fn flush_attempts(&mut self) {
+        let now = std::time::Instant::now();
         for obs in self.attempts.flush() {
-            self.emit(&obs).await;
+            self.route(obs, now).await;
+        }
+        for p in self.pairs.flush(now) {
+            self.emit_paired(p).await;
         }
     }
 
-    async fn emit(&mut self, obs: &Observation) {
-        emit(
-            self.sender,
-            &mut self.engine,
-            &self.local,
-            self.identities,
-            &self.executables,
-            obs,
-        )
-        .await;
+    fn publish_pairs(&self, m: &Metrics) {
+        let stats = self.pairs.stats();
+        for (outcome, total) in [
+            ("joined", stats.joined),
+            ("client_alone", stats.client_alone),
+            ("client_folded", stats.client_folded),
+        ] {
+            let c = m.connection_pairs.with_label_values(&[outcome]);
+            c.inc_by(total.saturating_sub(c.get()));
+        }
+        let c = m.correlation_evictions.with_label_values(&["pairs"]);
+        c.inc_by(stats.recent_evicted.saturating_sub(c.get()));
+    }
+
+    /// Judges `obs`; `client`: the client's record of the same connection, when `obs` is
+    /// the node's side of a pod's connection to this node.
+    async fn emit(&mut self, obs: &Observation, client: Option<&Observation>) {
+        let in_pod_netns = self.in_pod_netns(obs);
+        let cgroup = obs
+            .process
+            .as_ref()
+            // The local process is the record's subject for these; inbound it is the server.
+            .filter(|_| {
+                matches!(
+                    obs.kind,
+                    EventKind::Outbound | EventKind::Listen | EventKind::ListenClose
+                )
+            })
+            .and_then(|p| proc_cgroup(p.pid));
+        let container = cgroup.as_deref().and_then(container_id);
+        let peer = self.identities.peer_of(obs);
+        let pod = container.and_then(|id| self.identities.pod_for_container(id));
+        let local_process = obs
+            .process
+            .as_ref()
+            .filter(|_| matches!(obs.kind, EventKind::Outbound | EventKind::Listen));
+        let running = local_process.and_then(|p| running_exe(p.pid));
+        let executable = local_process
+            .and_then(|p| p.exe)
+            .and_then(|id| self.executables.verify(id, running.as_deref()));
+        let executable_path = running.as_ref().map(|p| p.display().to_string());
+        // A pod's outbound connection: is it to a node or the control plane, and is the
+        // pod itself (by its address) a peer the rule expects?
+        let pod_outbound = in_pod_netns && obs.kind == EventKind::Outbound;
+        let destination = pod_outbound
+            .then(|| self.identities.lookup(obs.remote.ip()))
+            .flatten();
+        let local_peer = pod_outbound
+            .then(|| self.identities.lookup(obs.local.ip()))
+            .flatten();
+        let to_control_plane = obs.kind == EventKind::Outbound
+            && (self.local.is_own(obs.remote.ip())
+                || self.kubernetes_service.contains(&obs.remote.ip())
+                || destination
+                    .as_ref()
+                    .is_some_and(|d| d.node.is_some() || d.apiserver));
+
+        // The client's end, when joined.
+        let client_process = client.and_then(|c| c.process.as_ref());
+        let client_cgroup = client_process.and_then(|p| proc_cgroup(p.pid));
+        let client_container = client_cgroup.as_deref().and_then(container_id);
+        let client_pod = client_container.and_then(|id| self.identities.pod_for_container(id));
+        let client_running = client_process.and_then(|p| running_exe(p.pid));
+        let client_exe_path = client_running.as_ref().map(|p| p.display().to_string());
+        let client_match = client.and_then(|c| {
+            let rule = self.engine.policy().rule(c.watched_port())?;
+            let context = ClientContext {
+                cgroup_path: client_cgroup.as_deref(),
+                container_id: client_container,
+                pod: client_pod.as_deref(),
+                executable: client_process
+                    .and_then(|p| p.exe)
+                    .and_then(|id| self.executables.verify(id, client_running.as_deref())),
+                ..ClientContext::default()
+            };
+            client_match(&rule.expected_clients, c, &context)
+        });
+        let client_side = client.map(|c| ClientSide {
+            obs: c,
+            container_id: client_container,
+            executable_path: client_exe_path.as_deref(),
+            client_match,
+        });
+
+        let context = ClientContext {
+            cgroup_path: cgroup.as_deref(),
+            container_id: container,
+            peer_is_node: self.local.contains(obs),
+            peer: peer.as_ref(),
+            pod: pod.as_deref(),
+            executable,
+            executable_path: executable_path.as_deref(),
+            in_pod_netns,
+            to_control_plane,
+            local_peer: local_peer.as_ref(),
+            client_side: client_side.as_ref(),
+        };
+        for alert in self.engine.observe_with(obs, &context, SystemTime::now()) {
+            self.sender.send(alert).await;
+        }
     }
 }
 
-async fn emit(
-    sender: &AlertSender,
-    engine: &mut Engine,
-    local: &LocalAddresses,
-    identities: &Identities,
-    executables: &ExecutableIndex,
-    obs: &Observation,
-) {
-    let cgroup = obs
-        .process
-        .as_ref()
-        // The local process is the record's subject for these; inbound it is the server.
-        .filter(|_| {
-            matches!(
-                obs.kind,
-                EventKind::Outbound | EventKind::Listen | EventKind::ListenClose
-            )
-        })
-        .and_then(|p| proc_cgroup(p.pid));
-    let container = cgroup.as_deref().and_then(container_id);
-    let peer = identities.peer_of(obs);
-    let pod = container.and_then(|id| identities.pod_for_container(id));
-    let local_process = obs
-        .process
-        .as_ref()
-        .filter(|_| matches!(obs.kind, EventKind::Outbound | EventKind::Listen));
-    let running =
-        local_process.and_then(|p| std::fs::read_link(format!("/proc/{}/exe", p.pid)).ok());
-    let executable = local_process
-        .and_then(|p| p.exe)
-        .and_then(|id| executables.verify(id, running.as_deref()));
-    let executable_path = running.map(|p| p.display().to_string());
-    let client = ClientContext {
-        cgroup_path: cgroup.as_deref(),
-        container_id: container,
-        peer_is_node: local.contains(obs),
-        peer: peer.as_ref(),
-        pod: pod.as_deref(),
-        executable,
-        executable_path: executable_path.as_deref(),
-    };
-    for alert in engine.observe_with(obs, &client, SystemTime::now()) {
-        sender.send(alert).await;
-    }
+/// The path `/proc/PID/exe` names: for the alert, and to tell a process still running a
+/// policy executable's replaced file (`PATH (deleted)`) from a file that inherited its
+/// inode number ([`ExecutableIndex::verify`]); never a verdict by itself.
+fn running_exe(pid: u32) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
 }
 
 /// This network namespace's own addresses (refreshed every 30 s), to tell a connection
@@ -484,7 +617,12 @@ impl LocalAddresses {
 
     /// Whether `obs` (in this namespace) goes to one of its own addresses.
     fn contains(&self, obs: &Observation) -> bool {
-        (obs.netns == 0 || obs.netns == self.netns) && self.addresses.contains(&obs.remote.ip())
+        (obs.netns == 0 || obs.netns == self.netns) && self.is_own(obs.remote.ip())
+    }
+
+    /// Whether `ip` is one of this namespace's (the node's) own addresses.
+    fn is_own(&self, ip: IpAddr) -> bool {
+        self.addresses.contains(&ip)
     }
 }
 

@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::{
     capture::{EventKind, Observation},
     identity::PeerIdentity,
-    policy::{NodeScope, PeerSelector, Policy, Rule},
+    policy::{NodeScope, PeerSelector, Policy, Rule, RuleNetns},
     ports::{BindScope, Severity},
     verdict::{judge, ClientContext, Verdict},
 };
@@ -213,6 +213,7 @@ impl Learned {
             } else {
                 r.bind
             },
+            netns: r.netns,
             expected_peers: peers,
             expected_clients: OutClients {
                 executables,
@@ -265,8 +266,14 @@ struct OutRule {
     component: String,
     severity: Severity,
     bind: BindScope,
+    #[serde(skip_serializing_if = "is_node_netns")]
+    netns: RuleNetns,
     expected_peers: Vec<OutPeer>,
     expected_clients: OutClients,
+}
+
+fn is_node_netns(n: &RuleNetns) -> bool {
+    *n == RuleNetns::Node
 }
 
 /// An `expected_peers` entry as the policy format writes it.

@@ -154,6 +154,11 @@ struct RunArgs {
     /// Also the node whose pods own local containers.
     #[arg(long)]
     hostname: Option<String>,
+    /// The `kubernetes` Service's ClusterIP(s), comma-separated: under `--netns all`, a
+    /// pod's outbound connection there is a control-plane event. Default:
+    /// $KUBERNETES_SERVICE_HOST (the kubelet sets it in every pod to that address).
+    #[arg(long, value_delimiter = ',')]
+    kubernetes_service: Vec<std::net::IpAddr>,
     #[command(flatten)]
     kubernetes: KubernetesArgs,
 }
@@ -350,6 +355,11 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
         log_allowed: args.log_allowed,
         ring_bytes: args.ring_bytes,
         hostname: args.hostname.unwrap_or_else(daemon::default_hostname),
+        kubernetes_service: if args.kubernetes_service.is_empty() {
+            daemon::default_kubernetes_service()
+        } else {
+            args.kubernetes_service
+        },
         kubernetes: args.kubernetes.mode(),
     })
 }

@@ -7,7 +7,7 @@ use std::{fmt, net::IpAddr};
 use crate::{
     capture::{EventKind, Observation},
     identity::{PeerIdentity, PodIdentity},
-    policy::{is_loopback, ClientMatch, ExpectedClients, Policy, Rule},
+    policy::{is_loopback, ClientMatch, ExpectedClients, Policy, Rule, RuleNetns},
     ports::BindScope,
 };
 
@@ -32,6 +32,77 @@ pub struct ClientContext<'a> {
     /// The local process's executable path as `/proc/PID/exe` named it when the record
     /// was judged (for the alert; never for a verdict: paths can be renamed).
     pub executable_path: Option<&'a str>,
+    /// The record comes from a pod's network namespace: the daemon watches every
+    /// namespace (`--netns all`) and this one is not the node's.
+    pub in_pod_netns: bool,
+    /// Outbound: the destination is the node or the control plane — one of this node's
+    /// own addresses, another node's, an API server endpoint, or the `kubernetes`
+    /// Service address.
+    pub to_control_plane: bool,
+    /// Outbound from a pod's namespace: the Kubernetes identity of the local address
+    /// (the pod itself), so a pod the rule expects as a peer is an expected client.
+    pub local_peer: Option<&'a PeerIdentity>,
+    /// The other end of the same connection, when both are on this node and both were
+    /// seen: the client's outbound record, joined to this (the node's) side.
+    pub client_side: Option<&'a ClientSide<'a>>,
+}
+
+/// The client's end of a connection whose server end is the record being judged: what
+/// the client's own (outbound) record said, and what was resolved about its process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientSide<'a> {
+    pub obs: &'a Observation,
+    pub container_id: Option<&'a str>,
+    pub executable_path: Option<&'a str>,
+    /// How the client process matched the rule's `expected_clients`, if it did.
+    pub client_match: Option<ClientMatch>,
+}
+
+/// Why a record from a pod's network namespace is not judged under a rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutOfScope {
+    /// A connection into a pod (or an attempt on a pod's port).
+    PodInbound,
+    /// A pod listening on the port.
+    PodListener,
+    /// A pod connecting to neither a node nor the control plane (pod to pod, or out of
+    /// the cluster).
+    PodOutbound,
+}
+
+impl OutOfScope {
+    pub const ALL: [Self; 3] = [Self::PodInbound, Self::PodListener, Self::PodOutbound];
+
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PodInbound => "pod_inbound",
+            Self::PodListener => "pod_listener",
+            Self::PodOutbound => "pod_outbound",
+        }
+    }
+}
+
+/// Whether `rule` leaves `obs` unjudged: under `--netns all`, a pod's own inbound
+/// connections and listeners, and its outbound connections that reach neither a node
+/// nor the control plane, are not control-plane events unless the rule says
+/// `netns: all`. A port number alone does not make a pod's etcd the cluster's.
+pub fn out_of_scope(
+    rule: &Rule,
+    obs: &Observation,
+    client: &ClientContext<'_>,
+) -> Option<OutOfScope> {
+    if !client.in_pod_netns || rule.netns == RuleNetns::All {
+        return None;
+    }
+    match obs.kind {
+        EventKind::Outbound if client.to_control_plane => None,
+        EventKind::Outbound => Some(OutOfScope::PodOutbound),
+        EventKind::Listen | EventKind::ListenClose => Some(OutOfScope::PodListener),
+        EventKind::Inbound | EventKind::Refused | EventKind::Syn | EventKind::HalfOpen => {
+            Some(OutOfScope::PodInbound)
+        }
+    }
 }
 
 /// Why an observation is unexpected; each maps to one alert `event.action`.
@@ -155,6 +226,9 @@ fn client_expected(rule: &Rule, obs: &Observation, client: &ClientContext<'_>) -
     is_loopback(obs.remote.ip())
         || client.peer_is_node
         || client_match(&rule.expected_clients, obs, client).is_some()
+        // From a pod's own namespace the client is the pod: one the rule expects as a
+        // peer (by its address or identity) is expected wherever it connects to.
+        || (client.in_pod_netns && rule.expected_peers.admits(obs.local.ip(), client.local_peer))
 }
 
 /// The strongest identity by which the local process is an expected client, if any.
@@ -436,6 +510,86 @@ rules:
             let err = Policy::parse(&text, "t.yaml").expect_err(bad).to_string();
             assert!(err.contains("t.yaml:"), "{err}");
         }
+    }
+
+    #[test]
+    fn pods_own_traffic_is_out_of_scope_unless_the_rule_opts_in() {
+        let text = "version: 1\nrules:\n  - {name: etcd, port: 2379, expected_peers: [198.51.100.2]}\n  - {name: app, port: 10250, netns: all}\n";
+        let p = Policy::parse(text, "t.yaml").expect("policy");
+        let etcd = p.rule(2379).expect("rule");
+        let app = p.rule(10250).expect("rule");
+        let pod = ClientContext {
+            in_pod_netns: true,
+            ..Default::default()
+        };
+        let to_node = ClientContext {
+            to_control_plane: true,
+            ..pod
+        };
+        let inbound = obs(
+            EventKind::Inbound,
+            "203.0.113.2:2379",
+            "198.51.100.9:1",
+            None,
+        );
+        let listen = obs(EventKind::Listen, "0.0.0.0:2379", "0.0.0.0:0", Some("etcd"));
+        let outbound = obs(
+            EventKind::Outbound,
+            "198.51.100.9:0",
+            "203.0.113.2:2379",
+            Some("etcd"),
+        );
+        assert_eq!(
+            out_of_scope(etcd, &inbound, &pod),
+            Some(OutOfScope::PodInbound)
+        );
+        assert_eq!(
+            out_of_scope(etcd, &listen, &pod),
+            Some(OutOfScope::PodListener)
+        );
+        assert_eq!(
+            out_of_scope(etcd, &outbound, &pod),
+            Some(OutOfScope::PodOutbound)
+        );
+        // To the node or the control plane, a pod's outbound connection is judged.
+        assert_eq!(out_of_scope(etcd, &outbound, &to_node), None);
+        // The node's namespace: everything is judged.
+        for o in [&inbound, &listen, &outbound] {
+            assert_eq!(out_of_scope(etcd, o, &ClientContext::default()), None);
+        }
+        // `netns: all`: pods too.
+        let mut on_app = inbound.clone();
+        on_app.local.set_port(10250);
+        assert_eq!(out_of_scope(app, &on_app, &pod), None);
+        // From its own namespace, a pod the rule expects as a peer is an expected client.
+        let from_expected = obs(
+            EventKind::Outbound,
+            "198.51.100.2:0",
+            "192.0.2.1:2379",
+            Some("curl"),
+        );
+        assert_eq!(
+            judge_rule(etcd, &from_expected, &to_node),
+            Verdict::Expected
+        );
+        assert_eq!(
+            judge_rule(etcd, &from_expected, &ClientContext::default()),
+            Verdict::Unexpected {
+                reason: Finding::UnexpectedOutbound
+            },
+            "only from a pod's namespace is the local address the pod's"
+        );
+        assert_eq!(
+            judge_rule(etcd, &outbound, &to_node),
+            Verdict::Unexpected {
+                reason: Finding::UnexpectedOutbound
+            }
+        );
+        let bad = "version: 1\nrules:\n  - {name: etcd, port: 2379, netns: pods}\n";
+        let err = Policy::parse(bad, "t.yaml")
+            .expect_err("unknown netns")
+            .to_string();
+        assert!(err.contains("t.yaml:3:"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,8 @@ interface K8sEbpfFields {
   client_match?: 'executable' | 'pod' | 'cgroup' | 'container' | 'comm';
   exe_dev?: string;
   exe_inode?: number;
+  client_netns?: number;
+  listener?: { pid: number; name: string };
 }
 
 /** `kubernetes.*`, the names Elastic's Kubernetes integrations use. */

@@ -18,6 +18,7 @@ use k8s_ebpf::{
     capture::{EventKind, ExeId, HookKind, Observation, ProcessInfo},
     identity::{NodeIdentity, PeerIdentity, PodIdentity},
     ports::Severity,
+    verdict::ClientSide,
 };
 use serde_json::Value;
 
@@ -229,6 +230,24 @@ fn every_record() -> Vec<Value> {
                             first.k8s_ebpf.client_match = Some("executable");
                         }
                         out.push(json(&first));
+                        // A pod's connection to this node seen from both ends: the node's
+                        // record joined with the client's.
+                        if matches!(
+                            action,
+                            Action::UnexpectedInbound
+                                | Action::AllowedInbound
+                                | Action::RefusedAttempt
+                        ) {
+                            let client = observation(Action::UnexpectedOutbound, v6);
+                            let mut joined = first.clone();
+                            joined.join_client(&ClientSide {
+                                obs: &client,
+                                container_id: Some("0123456789ab"),
+                                executable_path: Some("/usr/bin/curl"),
+                                client_match: None,
+                            });
+                            out.push(json(&joined));
+                        }
                         out.push(json(&first.summary(
                             57,
                             at(),
@@ -312,6 +331,12 @@ fn every_record_kind_is_ecs() {
         (
             "exe_inode",
             records.iter().any(|r| r["k8s_ebpf"]["exe_inode"].is_u64()),
+        ),
+        (
+            "joined",
+            records.iter().any(|r| {
+                r["k8s_ebpf"]["client_netns"].is_u64() && r["k8s_ebpf"]["listener"].is_object()
+            }),
         ),
         (
             "client_match",

@@ -659,3 +659,75 @@ fn a_kubeconfig_readable_only_with_capabilities_is_used() {
         daemon.stderr()
     );
 }
+
+/// Under `--netns all`, from a pod's own namespace: a connection to another node or an
+/// API server endpoint (known only through the API) is a control-plane event and judged;
+/// the monitoring pod scraping that node's kubelet is expected (the rule expects it as a
+/// peer); a connection to an address the cluster does not know is out of scope, counted.
+#[test]
+fn pods_reaching_other_nodes_are_judged_through_the_api() {
+    if !privileged("pods_reaching_other_nodes_are_judged_through_the_api") {
+        return;
+    }
+    let node = NetNs::new("k8snode");
+    let prom = NetNs::new("k8sprom");
+    let other = NetNs::new("k8sother");
+    for (pod, ip) in [(&prom, PROMETHEUS), (&other, OTHER)] {
+        link(&node, &[&format!("{NODE}/32")], pod, &[&format!("{ip}/32")]);
+        pod.ip(&["route", "add", "default", "via", NODE]);
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let api = FakeApi::start(&node, dir.path());
+    seed(&api);
+    let kubeconfig = dir.path().join("kubeconfig");
+    let policy = default_policy(dir.path());
+    let mut daemon = Daemon::start(
+        &node,
+        &[
+            "--netns",
+            "all",
+            "--policy",
+            policy.to_str().expect("utf-8"),
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--hostname",
+            "node-a",
+        ],
+    );
+    let out_of_scope =
+        |d: &Daemon| d.metric("k8s_ebpf_out_of_scope_total{reason=\"pod_outbound\"}");
+    let before = out_of_scope(&daemon);
+    // Nothing answers at these addresses: the connect is seen when it starts.
+    let attempt = |ns: &NetNs, to: &str| {
+        let _ = ns.connect(to);
+    };
+    attempt(&prom, &format!("{CONTROL_PLANE}:10250"));
+    attempt(&other, &format!("{CONTROL_PLANE}:10250"));
+    attempt(&other, "203.0.113.99:2379");
+    let ours = [prom.inode(), other.inode()].map(u64::from);
+    let mine = |r: &Value| {
+        r["event"]["kind"] == "alert"
+            && r["k8s_ebpf"]["netns"]
+                .as_u64()
+                .is_some_and(|n| ours.contains(&n))
+    };
+    daemon.wait_records(
+        "the unknown pod's connection to the control-plane node",
+        Duration::from_secs(10),
+        |r| {
+            r.iter().any(|a| {
+                mine(a) && a["destination"]["ip"] == CONTROL_PLANE && a["source"]["ip"] == OTHER
+            })
+        },
+    );
+    assert!(
+        out_of_scope(&daemon) > before,
+        "the unknown destination not counted"
+    );
+    daemon.stop();
+    let records = daemon.records();
+    let alerts: Vec<&Value> = records.iter().filter(|r| mine(r)).collect();
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    assert_eq!(alerts[0]["event"]["action"], "unexpected-outbound");
+    assert_eq!(alerts[0]["destination"]["port"], 10250);
+}

@@ -471,6 +471,8 @@ fn flood(tools: &Tools) -> Result<Flood> {
 struct Pipeline {
     every_event_alerts: f64,
     engine: f64,
+    /// Connections (a pod's record and the node's) joined per second.
+    pairs: f64,
 }
 
 /// Runs the criterion bench and reads its throughput estimates (elements per second).
@@ -510,6 +512,7 @@ fn pipeline_bench() -> Result<Pipeline> {
     Ok(Pipeline {
         every_event_alerts: per_second("every_event_alerts")?,
         engine: per_second("engine")?,
+        pairs: per_second("pairs")?,
     })
 }
 
@@ -636,6 +639,11 @@ fn render(storm: &Storm, cost: &DaemonCost, flood: &Flood, pipeline: &Pipeline) 
         s,
         "| decode → correlation engine (windows fold repeats) → JSON | {:.0} |",
         pipeline.engine
+    )?;
+    writeln!(
+        s,
+        "| `--netns all`: a pod's and the node's records of one connection joined (connections/s) | {:.0} |",
+        pipeline.pairs
     )?;
     writeln!(
         s,

@@ -7,6 +7,7 @@ pub mod decode;
 mod kretprobe;
 pub mod observation;
 pub mod offsets;
+pub mod pairs;
 pub mod reader;
 
 use std::{

@@ -510,3 +510,53 @@ fn a_scan_of_one_port_a_minute_is_a_scan_under_the_default_policy() {
     let glacial = slow(6 * 60);
     assert_eq!(actions(&glacial), ["unexpected-inbound"; 3]);
 }
+
+#[test]
+fn a_joined_connection_is_one_record_with_both_sides() {
+    let mut e = engine();
+    let mut server = inbound(10250, "192.0.2.9");
+    // The accept hook named the listener.
+    server.process = obs(
+        EventKind::Inbound,
+        "10.0.0.2:10250",
+        "192.0.2.9:1",
+        Some("kubelet"),
+    )
+    .process;
+    let mut client = obs(
+        EventKind::Outbound,
+        "192.0.2.9:0",
+        "10.0.0.2:10250",
+        Some("curl"),
+    );
+    client.netns = 4026532999;
+    if let Some(p) = client.process.as_mut() {
+        p.pid = 777;
+    }
+    let side = crate::verdict::ClientSide {
+        obs: &client,
+        container_id: Some("abc"),
+        executable_path: Some("/usr/bin/curl"),
+        client_match: None,
+    };
+    let context = ClientContext {
+        client_side: Some(&side),
+        ..Default::default()
+    };
+    let out = e.observe_with(&server, &context, t(0));
+    assert_eq!(actions(&out), ["unexpected-inbound"]);
+    let v = json(&out[0]);
+    assert_eq!(v["process"]["pid"], 777, "{v}");
+    assert_eq!(v["process"]["name"], "curl", "{v}");
+    assert_eq!(v["process"]["executable"], "/usr/bin/curl", "{v}");
+    assert_eq!(v["container"]["id"], "abc", "{v}");
+    assert_eq!(v["k8s_ebpf"]["client_netns"], 4026532999u32, "{v}");
+    assert_eq!(v["k8s_ebpf"]["listener"]["name"], "kubelet", "{v}");
+    assert_eq!(v["source"]["ip"], "192.0.2.9", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("curl (pid 777)")),
+        "{v}"
+    );
+}

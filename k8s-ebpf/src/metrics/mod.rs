@@ -54,6 +54,12 @@ pub struct Metrics {
     /// Kubernetes API errors, by resource and reason (`forbidden`, `unauthorized`,
     /// `unreachable`, `gone`, `not-found`, `server-error`, `protocol`, `config`).
     pub kubernetes_api_errors: IntCounterVec,
+    /// Records from pods' network namespaces (`--netns all`) that no rule judges, by
+    /// reason (`pod_inbound`, `pod_listener`, `pod_outbound`).
+    pub out_of_scope: IntCounterVec,
+    /// Connections from a pod to this node seen from both ends, by what the client's
+    /// record became (`joined`, `client_alone`, `client_folded`).
+    pub connection_pairs: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -198,6 +204,18 @@ impl Metrics {
                 "Kubernetes API errors, by resource and reason.",
                 &["resource", "reason"],
             ),
+            out_of_scope: counter_vec(
+                &r,
+                "k8s_ebpf_out_of_scope_total",
+                "Records from pods' network namespaces (--netns all) that no rule judges, by reason: pod_inbound (a connection into a pod), pod_listener (a pod listening), pod_outbound (a pod reaching neither a node nor the control plane).",
+                &["reason"],
+            ),
+            connection_pairs: counter_vec(
+                &r,
+                "k8s_ebpf_connection_pairs_total",
+                "Outbound records from a pod to this node's own addresses, by outcome: joined (one record with the node's side of the same connection), client_alone (no node side within the hold: judged alone), client_folded (the node's side was folded in the kernel's dedup window).",
+                &["outcome"],
+            ),
             registry: r,
         };
         m.build_info
@@ -209,11 +227,17 @@ impl Metrics {
         for kind in ["alert", "event"] {
             m.output_dropped.with_label_values(&[kind]);
         }
-        for table in ["windows", "scan_peers"] {
+        for table in ["windows", "scan_peers", "pairs"] {
             m.correlation_evictions.with_label_values(&[table]);
         }
         for result in ["ok", "error"] {
             m.policy_reloads.with_label_values(&[result]);
+        }
+        for reason in crate::verdict::OutOfScope::ALL {
+            m.out_of_scope.with_label_values(&[reason.as_str()]);
+        }
+        for outcome in ["joined", "client_alone", "client_folded"] {
+            m.connection_pairs.with_label_values(&[outcome]);
         }
         // The kernel's per-CPU outcome counters, as `k8s_ebpf_kernel_events_total{outcome}`.
         for outcome in crate::capture::KernelCounters::exported_names() {
@@ -331,6 +355,9 @@ mod tests {
             "k8s_ebpf_correlation_evictions_total{table=\"scan_peers\"} 0",
             "k8s_ebpf_output_dropped_total{kind=\"alert\"} 0",
             "k8s_ebpf_policy_reloads_total{result=\"error\"} 0",
+            "k8s_ebpf_out_of_scope_total{reason=\"pod_outbound\"} 0",
+            "k8s_ebpf_connection_pairs_total{outcome=\"joined\"} 0",
+            "k8s_ebpf_correlation_evictions_total{table=\"pairs\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -22,6 +22,8 @@
 //!     component: etcd             # optional; default from the port table, else "unknown"
 //!     severity: critical          # optional: low | medium | high | critical (default: table)
 //!     bind: any                   # optional: loopback | any | none: where a listener may bind
+//!     netns: node                 # optional: node | all: under `--netns all`, whether pods'
+//!                                 # own inbound, listeners and pod-to-pod outbound count too
 //!     expected_peers:             # inbound: who may connect (default: nobody)
 //!       - loopback                # 127.0.0.0/8 and ::1
 //!       - "@control_plane"        # a named group
@@ -333,10 +335,38 @@ pub struct Rule {
     pub severity: Severity,
     /// Where a listener on this port may bind.
     pub bind: BindScope,
+    /// Under `--netns all`: which network namespaces this rule judges.
+    pub netns: RuleNetns,
     /// Who may connect in.
     pub expected_peers: PeerSet,
     /// Which local processes may connect out to this port elsewhere.
     pub expected_clients: ExpectedClients,
+}
+
+/// Which network namespaces a rule judges when the daemon watches all of them
+/// (`--netns all`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleNetns {
+    /// The node's namespace (hostNetwork pods share it); in a pod's namespace only
+    /// outbound connections to the node or the control plane. A pod's own etcd on 2379,
+    /// used by another pod, is not the control plane.
+    #[default]
+    Node,
+    /// Every namespace: pods' inbound connections, listeners and outbound connections
+    /// anywhere are judged like the node's.
+    All,
+}
+
+impl RuleNetns {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Node => "node",
+            Self::All => "all",
+        }
+    }
 }
 
 /// A validated policy.
@@ -763,6 +793,7 @@ impl Validator {
                 .bind
                 .or_else(|| known.map(|k| k.allowed_bind))
                 .unwrap_or(BindScope::Any),
+            netns: raw.netns.unwrap_or_default(),
             expected_peers,
             expected_clients,
         })

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use super::RuleNetns;
 use crate::ports::{BindScope, Severity};
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +60,9 @@ pub(super) struct RawRule {
     pub severity: Option<Severity>,
     #[serde(default)]
     pub bind: Option<BindScope>,
+    /// Which network namespaces the rule judges (`--netns all`): `node` or `all`.
+    #[serde(default)]
+    pub netns: Option<RuleNetns>,
     #[serde(default)]
     pub expected_peers: Vec<Spanned<RawPeer>>,
     #[serde(default)]
