@@ -400,6 +400,11 @@ pub struct Extension {
     pub exe_dev: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exe_inode: Option<u64>,
+    /// The distribution profile the policy is or extends (`kubeadm`, `eks`, …): which
+    /// distribution's defaults the judgement assumed (kube-proxy metrics on all
+    /// interfaces is EKS's default and still an exposure there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 /// One alert or event record.
@@ -564,6 +569,7 @@ impl AlertEvent {
                     .and_then(|p| p.exe)
                     .map(|e| format!("{}:{}", e.major, e.minor)),
                 exe_inode: obs.process.as_ref().and_then(|p| p.exe).map(|e| e.ino),
+                profile: None,
             },
         }
     }
@@ -652,6 +658,7 @@ impl AlertEvent {
                 client_match: None,
                 exe_dev: None,
                 exe_inode: None,
+                profile: None,
             },
         }
     }
