@@ -130,6 +130,19 @@ pub struct Prepared {
 /// kubeconfig and the files it names, check the capabilities, load and attach, take the
 /// first listener inventory, then drop every capability.
 pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
+    if let (Some(ProfileChoice::Auto), Some(path)) = (config.profile, &config.policy_path) {
+        let named = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| Policy::extends_of(&text));
+        if let Some(named) = named {
+            return Err(UsageError(format!(
+                "{}: `extends: {named}` with --profile auto: the file is layered on the \
+                 detected profile; drop `extends` or run --profile {named}",
+                path.display()
+            ))
+            .into());
+        }
+    }
     let policy = load_policy_on(
         config.policy_path.as_deref(),
         provisional_profile(config.profile),

@@ -19,6 +19,7 @@ interface K8sEbpfFields {
   client_match?: 'executable' | 'pod' | 'cgroup' | 'container' | 'comm';
   exe_dev?: string;
   exe_inode?: number;
+  profile?: 'kubeadm' | 'eks' | 'gke' | 'aks' | 'k3s';
 }
 
 /** `kubernetes.*`, the names Elastic's Kubernetes integrations use. */

@@ -188,6 +188,19 @@ fn printed_profiles_pass_check_config_and_name_the_cloud_ranges() {
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(64));
+    // A file naming one profile cannot run on another, nor on whatever auto detects.
+    let file = dir.path().join("extends-gke.yaml");
+    std::fs::write(&file, "version: 1\nextends: gke\n").expect("write");
+    for profile in ["eks", "auto"] {
+        let out = Command::new(&bin)
+            .args(["run", "--no-kubernetes", "--profile", profile, "--policy"])
+            .arg(&file)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(64), "--profile {profile}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("extends"), "--profile {profile}: {err}");
+    }
 }
 
 /// The `health_checks` group's entries in a printed profile (a small YAML walk: the

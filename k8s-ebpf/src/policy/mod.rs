@@ -6,6 +6,8 @@
 //!
 //! ```yaml
 //! version: 1                      # required; the only version there is
+//! extends: gke                    # optional: layer this file on a profile (see below)
+//! profile: gke                    # optional: the distribution, named in alerts
 //! defaults:                       # optional
 //!   window: 10s                   # alert dedup window: first sighting alerts at once,
 //!                                 # repeats are counted and reported when it closes
@@ -43,6 +45,11 @@
 //! running as one of them, `apiserver` an endpoint of `default/kubernetes`. Without a
 //! Kubernetes API they match nothing and the static entries still apply. Groups may hold
 //! selectors too.
+//!
+//! `extends: NAME` starts from a distribution profile ([`profiles`]): each `defaults` value
+//! the file sets replaces the profile's, a peer group replaces the profile's group of that
+//! name, a rule replaces the profile's rule for the same port or name, other rules are
+//! added; nothing is removed.
 //!
 //! Unknown keys anywhere are errors. Durations are humantime strings (`500ms`, `10s`, `2m`).
 //! Loopback destinations are always expected for outbound connections; inbound from
@@ -399,6 +406,11 @@ impl Policy {
             ));
         }
         Validator::default().validate(merge(base_raw, raw), origin, Some(base))
+    }
+
+    /// The profile a policy text names with `extends`, if it parses that far.
+    pub fn extends_of(text: &str) -> Option<String> {
+        parse_raw(text, "").ok()?.extends.map(|e| e.value)
     }
 
     /// A profile's policy as it runs (`k8s-ebpf profiles NAME`, `run --profile NAME`).
