@@ -395,7 +395,14 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
 fn show_profiles(name: Option<&str>) -> anyhow::Result<()> {
     let Some(name) = name else {
         for p in Profile::ALL {
-            println!("{:<8} {}", p.name(), p.summary());
+            let shipped = p.shipped_exposures();
+            let alerts = if shipped.is_empty() {
+                String::new()
+            } else {
+                let ports: Vec<String> = shipped.iter().map(u16::to_string).collect();
+                format!(" [alerts as shipped: {}]", ports.join(", "))
+            };
+            println!("{:<8} {}{alerts}", p.name(), p.summary());
         }
         return Ok(());
     };

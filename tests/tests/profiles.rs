@@ -473,7 +473,11 @@ fn replay(d: &Distribution) {
     let wide_metrics = ("exposed-listener".to_owned(), "-".to_owned(), 10249);
     let steady_alerts: Vec<_> = alerts(&records).map(key).collect();
     if d.proxy_metrics_wide {
-        assert_eq!(steady_alerts, [wide_metrics.clone()], "{records:#?}");
+        assert_eq!(
+            steady_alerts,
+            std::slice::from_ref(&wide_metrics),
+            "{records:#?}"
+        );
         let a = alerts(&records).next().expect("one");
         assert_eq!(a["k8s_ebpf"]["profile"], d.profile, "{a}");
         assert_eq!(a["rule"]["name"], "kube-proxy-metrics");

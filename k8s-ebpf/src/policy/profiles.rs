@@ -9,6 +9,8 @@
 
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
+use crate::ports::{BindScope, Exposure, WatchedPort, PORTS};
+
 /// One distribution's policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Profile {
@@ -46,7 +48,7 @@ impl Profile {
             }
             Self::Eks => {
                 "Amazon EKS: managed control plane reaching kubelets from the `kubernetes` \
-                 EndpointSlice's ENIs; kube-proxy metrics on all interfaces (alerted)"
+                 EndpointSlice's ENIs; health checks from your VPC (extends: eks)"
             }
             Self::Gke => {
                 "Google GKE: managed control plane via konnectivity; load-balancer health \
@@ -54,7 +56,7 @@ impl Profile {
             }
             Self::Aks => {
                 "Azure AKS: managed control plane via konnectivity; health probes from \
-                 168.63.129.16; kube-proxy metrics on all interfaces (alerted)"
+                 168.63.129.16"
             }
             Self::K3s => {
                 "k3s: kubelet, API server and embedded etcd in one process (/usr/local/bin/k3s)"
@@ -71,6 +73,31 @@ impl Profile {
             Self::Aks => include_str!("../../policy/profiles/aks.yaml"),
             Self::K3s => include_str!("../../policy/profiles/k3s.yaml"),
         }
+    }
+
+    /// The port table's default exposure of `port` on this distribution.
+    pub fn defaults(self, port: &WatchedPort) -> Exposure {
+        let d = &port.defaults;
+        match self {
+            Self::Kubeadm => d.kubeadm,
+            Self::Eks => d.eks,
+            Self::Gke => d.gke,
+            Self::Aks => d.aks,
+            Self::K3s => d.k3s,
+        }
+    }
+
+    /// Ports the distribution ships on all interfaces where the hardened bind is loopback:
+    /// a node as installed alerts there (`exposed-listener`, naming the profile).
+    pub fn shipped_exposures(self) -> Vec<u16> {
+        PORTS
+            .iter()
+            .filter(|p| {
+                p.allowed_bind == BindScope::Loopback
+                    && self.defaults(p).bind.starts_with("all interfaces")
+            })
+            .map(|p| p.port)
+            .collect()
     }
 
     /// How errors name the profile's text.
@@ -184,6 +211,26 @@ mod tests {
         let err = "openshift".parse::<Profile>().unwrap_err();
         assert!(err.contains("kubeadm, eks, gke, aks, k3s"), "{err}");
         assert!("auto".parse::<Profile>().is_err());
+    }
+
+    #[test]
+    fn shipped_exposures_come_from_the_port_table() {
+        assert_eq!(Profile::Eks.shipped_exposures(), [10249]);
+        assert_eq!(Profile::Aks.shipped_exposures(), [10249]);
+        for p in [Profile::Kubeadm, Profile::Gke, Profile::K3s] {
+            assert!(p.shipped_exposures().is_empty(), "{p}");
+        }
+        // And the profile's policy does alert there: its bind stays loopback.
+        for p in Profile::ALL {
+            let policy = crate::policy::Policy::from_profile(p);
+            for port in p.shipped_exposures() {
+                assert_eq!(
+                    policy.rule(port).map(|r| r.bind),
+                    Some(BindScope::Loopback),
+                    "{p} {port}"
+                );
+            }
+        }
     }
 
     #[test]
