@@ -536,6 +536,13 @@ fn replay(d: &Distribution) {
         };
         assert_eq!(a["event"]["severity"], severity, "{a}");
     }
+    if d.profile == "eks" {
+        // `k8s_ebpf.profile` is typed in tests/ecs/custom.ts like every other field (once:
+        // tsc takes seconds).
+        if let Err((rejected, out)) = integration_tests::ecs::type_check(&records) {
+            panic!("records {rejected:?} are not ECS:\n{out}");
+        }
+    }
     drop(readonly);
     drop(listeners);
     let (status, _) = daemon.stop();
