@@ -20,6 +20,10 @@
 //! kubelet and the health port, a pod in `default` wearing the konnectivity agent's labels
 //! on the kubelet (and on etcd where etcd runs), and the read-only kubelet port opened
 //! (severity high, medium on GKE where it is a shipped default).
+//!
+//! Besides: the printed profiles pass `check-config` and carry the clouds' ranges; `auto`
+//! without an API is kubeadm and says why; a file reloaded under `--profile` stays layered
+//! on it.
 
 use std::{
     collections::BTreeSet,
@@ -249,6 +253,56 @@ fn auto_without_an_api_is_kubeadm_and_says_why() {
         stderr.contains("profile detected") && stderr.contains("--no-kubernetes"),
         "{stderr}"
     );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// A reload (the file re-read on change) stays on the `--profile` it started with: the
+/// file holds only a peer group, so read alone it would watch nothing, and the read-only
+/// kubelet listener afterwards would raise nothing.
+#[test]
+fn a_reloaded_file_stays_layered_on_the_profile() {
+    if !privileged("a_reloaded_file_stays_layered_on_the_profile") {
+        return;
+    }
+    let node = NetNs::new("reload");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!("version: 1\npeers:\n  health_checks: [{HEALTH_CHECKER}/32]\n"),
+    )
+    .expect("write policy");
+    let mut daemon = Daemon::start(
+        &node,
+        &[
+            "--profile",
+            "gke",
+            "--no-kubernetes",
+            "--policy",
+            path(&policy),
+        ],
+    );
+    let reloads = || daemon.metric("k8s_ebpf_policy_reloads_total{result=\"ok\"}");
+    let before = reloads();
+    std::fs::write(
+        &policy,
+        format!("version: 1\npeers:\n  health_checks: [{HEALTH_CHECKER}/32, 203.0.113.6/32]\n"),
+    )
+    .expect("rewrite policy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reloads() <= before {
+        assert!(Instant::now() < deadline, "no reload:\n{}", daemon.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let listener = node.listen("127.0.0.1:10255");
+    let records = daemon.wait_records("the 10255 listener alert", Duration::from_secs(10), |r| {
+        alerts(r).any(|a| a["event"]["action"] == "exposed-listener")
+    });
+    let alert = alerts(&records).next().expect("one alert");
+    assert_eq!(alert["k8s_ebpf"]["profile"], "gke", "{alert}");
+    assert_eq!(alert["event"]["severity"], 47, "{alert}");
+    drop(listener);
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
 }
