@@ -409,6 +409,11 @@ pub struct Extension {
     /// hook named it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listener: Option<ListenerFields>,
+    /// The distribution profile the policy is or extends (`kubeadm`, `eks`, …): which
+    /// distribution's defaults the judgement assumed (kube-proxy metrics on all
+    /// interfaces is EKS's default and still an exposure there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 /// `k8s_ebpf.listener`: the server process of a connection seen from both ends.
@@ -582,6 +587,7 @@ impl AlertEvent {
                 exe_inode: obs.process.as_ref().and_then(|p| p.exe).map(|e| e.ino),
                 client_netns: None,
                 listener: None,
+                profile: None,
             },
         }
     }
@@ -714,6 +720,7 @@ impl AlertEvent {
                 exe_inode: None,
                 client_netns: None,
                 listener: None,
+                profile: None,
             },
         }
     }

@@ -354,6 +354,7 @@ impl Engine {
         };
         let mut record = AlertEvent::for_observation(obs, action, &subject);
         record.k8s_ebpf.client_match = judgement.client_match.map(|m| m.as_str());
+        record.k8s_ebpf.profile = policy.profile().map(str::to_owned);
         if let Some(p) = record.process.as_mut() {
             p.executable = client
                 .executable_path
@@ -568,7 +569,9 @@ impl Engine {
             window: self.policy.scan().window,
             severity: s.severity.max(Severity::High),
         };
-        AlertEvent::port_scan(&report, at, &self.settings.hostname)
+        let mut record = AlertEvent::port_scan(&report, at, &self.settings.hostname);
+        record.k8s_ebpf.profile = self.policy.profile().map(str::to_owned);
+        record
     }
 }
 

@@ -40,7 +40,7 @@ use crate::{
     inventory,
     metrics::{Metrics, MetricsServer, Readiness},
     output::{self, AlertSender, Destination, OutputSettings},
-    policy::{executables::ExecutableIndex, Policy, PolicyErrors},
+    policy::{executables::ExecutableIndex, Policy, PolicyErrors, Profile, ProfileChoice},
     privilege,
     verdict::{client_match, ClientContext, ClientSide},
 };
@@ -64,8 +64,10 @@ pub fn default_kubernetes_service() -> Vec<IpAddr> {
 /// Everything `run` needs, already validated by the command line.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
-    /// `None`: the embedded default policy.
+    /// `None`: the embedded default policy (or the profile's, with `profile`).
     pub policy_path: Option<PathBuf>,
+    /// `--profile`: the policy to run (without a file) or to layer the file on.
+    pub profile: Option<ProfileChoice>,
     pub attach: AttachMode,
     pub state_hook: StateHook,
     pub syn_hook: SynHook,
@@ -91,10 +93,26 @@ pub struct UsageError(pub String);
 
 /// Loads the policy named on the command line, or the embedded default.
 pub fn load_policy(path: Option<&Path>) -> Result<Policy, PolicyErrors> {
-    match path {
-        Some(p) => Policy::read_file(p),
-        None => Ok(Policy::embedded_default()),
+    load_policy_on(path, None)
+}
+
+/// Loads the policy file layered on `base`, or `base`'s own policy without a file, or
+/// the embedded default without either.
+pub fn load_policy_on(path: Option<&Path>, base: Option<Profile>) -> Result<Policy, PolicyErrors> {
+    match (path, base) {
+        (Some(p), base) => Policy::read_file_on(p, base),
+        (None, Some(profile)) => Ok(Policy::from_profile(profile)),
+        (None, None) => Ok(Policy::embedded_default()),
     }
+}
+
+/// The profile to load before `--profile auto` has looked at the node: kubeadm. Every
+/// profile watches the same ports, so the kernel programs load the same either way.
+fn provisional_profile(choice: Option<ProfileChoice>) -> Option<Profile> {
+    choice.map(|c| match c {
+        ProfileChoice::Named(p) => p,
+        ProfileChoice::Auto => Profile::Kubeadm,
+    })
 }
 
 /// The node name for `host.hostname`: `NODE_NAME` (set from the downward API in the
@@ -127,8 +145,24 @@ pub struct Prepared {
 /// kubeconfig and the files it names, check the capabilities, load and attach, take the
 /// first listener inventory, then drop every capability.
 pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
-    let policy = load_policy(config.policy_path.as_deref())
-        .map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
+    if let (Some(ProfileChoice::Auto), Some(path)) = (config.profile, &config.policy_path) {
+        let named = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| Policy::extends_of(&text));
+        if let Some(named) = named {
+            return Err(UsageError(format!(
+                "{}: `extends: {named}` with --profile auto: the file is layered on the \
+                 detected profile; drop `extends` or run --profile {named}",
+                path.display()
+            ))
+            .into());
+        }
+    }
+    let policy = load_policy_on(
+        config.policy_path.as_deref(),
+        provisional_profile(config.profile),
+    )
+    .map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
     // Before the capability drop: see `identity::ApiConfig`.
     let api = identity::load(&config.kubernetes).map_err(UsageError)?;
     let policy = Arc::new(policy);
@@ -222,6 +256,36 @@ async fn run_loop(
         None => None,
     };
 
+    let mut policy = policy;
+    let mut base = provisional_profile(config.profile);
+    match config.profile {
+        Some(ProfileChoice::Auto) => {
+            let (detected, why) = identity::detect_profile(&api, &config.hostname).await;
+            info!(profile = detected.name(), reason = %why, "profile detected (--profile auto)");
+            base = Some(detected);
+            if detected != Profile::Kubeadm {
+                let p = load_policy_on(config.policy_path.as_deref(), base).map_err(|e| {
+                    UsageError(format!("invalid policy on profile {detected}:\n{e}"))
+                })?;
+                if p.watched_ports() != policy.watched_ports() {
+                    capture
+                        .set_watched_ports(&p.watched_ports())
+                        .context("watching the detected profile's ports")?;
+                }
+                policy = Arc::new(p);
+            }
+        }
+        Some(ProfileChoice::Named(p)) => info!(profile = p.name(), "profile (--profile)"),
+        None => {}
+    }
+    if let Some(p) = policy.profile() {
+        info!(
+            profile = p,
+            policy = policy.origin(),
+            "judging with the {p} profile"
+        );
+    }
+
     let identities = Identities::new(config.hostname.clone());
     let watchers = identity::start(&api, &identities, &metrics, stop_rx.clone()).await;
     if policy.needs_identities() && !identities.is_enabled() {
@@ -285,7 +349,7 @@ async fn run_loop(
         pipeline.emit(&obs, None).await;
     }
 
-    let mut reload = PolicyWatch::new(config.policy_path.clone(), &policy);
+    let mut reload = PolicyWatch::new(config.policy_path.clone(), base);
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -705,16 +769,19 @@ pub fn container_id(cgroup_path: &str) -> Option<&str> {
 /// not parse, or a file that disappeared, keeps the last good policy running.
 struct PolicyWatch {
     path: Option<PathBuf>,
+    /// The profile the file is layered on (`--profile`, after auto-detection).
+    base: Option<Profile>,
     last_text: Option<String>,
     /// The last failure reported, so a broken file warns once, not every poll.
     last_error: Option<String>,
 }
 
 impl PolicyWatch {
-    fn new(path: Option<PathBuf>, _current: &Policy) -> Self {
+    fn new(path: Option<PathBuf>, base: Option<Profile>) -> Self {
         let last_text = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
         Self {
             path,
+            base,
             last_text,
             last_error: None,
         }
@@ -730,7 +797,7 @@ impl PolicyWatch {
     ) -> bool {
         let Some(path) = &self.path else {
             if forced {
-                info!("no policy file: the embedded default stays");
+                info!("no policy file: the embedded policy stays");
             }
             return false;
         };
@@ -750,7 +817,7 @@ impl PolicyWatch {
             return false;
         }
         self.last_text = Some(text.clone());
-        match Policy::parse(&text, &path.display().to_string()) {
+        match Policy::parse_on(&text, &path.display().to_string(), self.base) {
             Ok(policy) => {
                 let old_window = engine.policy().window();
                 let ports = policy.watched_ports();

@@ -16,7 +16,7 @@ use k8s_ebpf::{
     identity::{self, ApiMode, Identities},
     metrics::DEFAULT_METRICS_ADDR,
     output::{Destination, Rotation, DEFAULT_KEEP, DEFAULT_MAX_BYTES},
-    policy::Policy,
+    policy::{Policy, Profile, ProfileChoice},
 };
 use tokio::sync::{mpsc, watch};
 
@@ -39,6 +39,12 @@ enum Command {
     CheckConfig {
         /// The policy file.
         file: PathBuf,
+    },
+    /// List the distribution profiles, one a line; with NAME, print that profile's
+    /// policy as YAML (a complete policy: `check-config` accepts it).
+    Profiles {
+        /// kubeadm, eks, gke, aks or k3s.
+        name: Option<String>,
     },
     /// Print the Kubernetes port knowledge base.
     Ports {
@@ -116,6 +122,12 @@ struct RunArgs {
     /// changes and on SIGHUP.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// Distribution profile: kubeadm, eks, gke, aks, k3s, or `auto` (from the local Node's
+    /// labels and providerID through the Kubernetes API; kubeadm without one). Without
+    /// --policy the profile's policy runs; with it, the file is layered on the profile
+    /// as if it said `extends: NAME`.
+    #[arg(long)]
+    profile: Option<ProfileChoice>,
     /// Inbound hook: auto picks fentry, then kprobe, then tracepoint.
     #[arg(long, value_enum, default_value = "auto")]
     attach: AttachMode,
@@ -297,6 +309,7 @@ fn main() -> ExitCode {
         match command {
             Command::Run(_) => unreachable!("prepared above"),
             Command::CheckConfig { file } => check_config(&file),
+            Command::Profiles { name } => show_profiles(name.as_deref()),
             Command::Ports { json } => {
                 if json {
                     println!(
@@ -346,6 +359,7 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
     };
     daemon::prepare(DaemonConfig {
         policy_path: args.policy,
+        profile: args.profile,
         attach: args.attach,
         state_hook: args.state_hook,
         syn_hook: args.syn_hook,
@@ -368,8 +382,12 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     match Policy::read_file(file) {
         Ok(policy) => {
             let ports: Vec<String> = policy.watched_ports().iter().map(u16::to_string).collect();
+            let profile = policy
+                .profile()
+                .map(|p| format!("profile {p}; "))
+                .unwrap_or_default();
             println!(
-                "{}: ok ({} rules; watched ports {})",
+                "{}: ok ({profile}{} rules; watched ports {})",
                 file.display(),
                 policy.rules().count(),
                 ports.join(", ")
@@ -381,6 +399,26 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
             Err(UsageError(format!("{}: invalid policy", file.display())).into())
         }
     }
+}
+
+/// `k8s-ebpf profiles [NAME]`.
+fn show_profiles(name: Option<&str>) -> anyhow::Result<()> {
+    let Some(name) = name else {
+        for p in Profile::ALL {
+            let shipped = p.shipped_exposures();
+            let alerts = if shipped.is_empty() {
+                String::new()
+            } else {
+                let ports: Vec<String> = shipped.iter().map(u16::to_string).collect();
+                format!(" [alerts as shipped: {}]", ports.join(", "))
+            };
+            println!("{:<8} {}{alerts}", p.name(), p.summary());
+        }
+        return Ok(());
+    };
+    let profile: Profile = name.parse().map_err(UsageError)?;
+    print!("{}", profile.yaml());
+    Ok(())
 }
 
 async fn exposure(json: bool, probe: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {

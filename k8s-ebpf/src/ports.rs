@@ -95,6 +95,9 @@ pub struct DistributionDefaults {
     pub aks: Exposure,
     pub eks: Exposure,
     pub gke: Exposure,
+    /// k3s: one `k3s server` process runs the API server, controller manager, scheduler,
+    /// kubelet and (with `--cluster-init`) embedded etcd; agents run `k3s agent`.
+    pub k3s: Exposure,
 }
 
 /// One well-known Kubernetes port.
@@ -136,6 +139,10 @@ pub static PORTS: &[WatchedPort] = &[
             aks: MANAGED_CONTROL_PLANE,
             eks: MANAGED_CONTROL_PLANE,
             gke: MANAGED_CONTROL_PLANE,
+            k3s: Exposure {
+                bind: "127.0.0.1 and the node IP (embedded etcd with --cluster-init; SQLite otherwise)",
+                auth: "TLS client certificates",
+            },
         },
         attacker_gains: "every Secret and service-account token in the cluster; writing etcd \
                          bypasses all API-server admission and RBAC",
@@ -157,6 +164,10 @@ pub static PORTS: &[WatchedPort] = &[
             aks: MANAGED_CONTROL_PLANE,
             eks: MANAGED_CONTROL_PLANE,
             gke: MANAGED_CONTROL_PLANE,
+            k3s: Exposure {
+                bind: "node IP (embedded etcd)",
+                auth: "TLS peer certificates",
+            },
         },
         attacker_gains: "with a peer certificate, membership in the etcd cluster and a copy of \
                          all cluster state",
@@ -177,6 +188,10 @@ pub static PORTS: &[WatchedPort] = &[
             aks: MANAGED_CONTROL_PLANE,
             eks: MANAGED_CONTROL_PLANE,
             gke: MANAGED_CONTROL_PLANE,
+            k3s: Exposure {
+                bind: "127.0.0.1 (all interfaces with --etcd-expose-metrics)",
+                auth: "none",
+            },
         },
         attacker_gains: "etcd topology, key counts and request rates; a health endpoint to probe",
         hardening: "keep it on 127.0.0.1; scrape it from the node (or through an \
@@ -198,6 +213,10 @@ pub static PORTS: &[WatchedPort] = &[
             aks: MANAGED_CONTROL_PLANE,
             eks: MANAGED_CONTROL_PLANE,
             gke: MANAGED_CONTROL_PLANE,
+            k3s: Exposure {
+                bind: "all interfaces (the k3s supervisor in front of the API server)",
+                auth: "x509, tokens; the supervisor also serves join endpoints with the node token",
+            },
         },
         attacker_gains: "with any stolen credential, whatever RBAC grants it; anonymously, the \
                          exact version to match exploits against",
@@ -225,6 +244,10 @@ pub static PORTS: &[WatchedPort] = &[
                 auth: "none",
             },
             gke: Exposure {
+                bind: "127.0.0.1",
+                auth: "none",
+            },
+            k3s: Exposure {
                 bind: "127.0.0.1",
                 auth: "none",
             },
@@ -256,6 +279,10 @@ pub static PORTS: &[WatchedPort] = &[
                 bind: "127.0.0.1 (no kube-proxy with GKE Dataplane V2)",
                 auth: "none",
             },
+            k3s: Exposure {
+                bind: "127.0.0.1",
+                auth: "none",
+            },
         },
         attacker_gains: "service and endpoint counts, sync timings and the proxy mode: a map \
                          of the cluster's services",
@@ -283,6 +310,10 @@ pub static PORTS: &[WatchedPort] = &[
                 auth: "webhook authn/authz (anonymous off)",
             },
             gke: Exposure {
+                bind: "all interfaces",
+                auth: "webhook authn/authz (anonymous off)",
+            },
+            k3s: Exposure {
                 bind: "all interfaces",
                 auth: "webhook authn/authz (anonymous off)",
             },
@@ -317,6 +348,10 @@ pub static PORTS: &[WatchedPort] = &[
                        is false",
                 auth: "none",
             },
+            k3s: Exposure {
+                bind: "off (readOnlyPort: 0)",
+                auth: "none when enabled",
+            },
         },
         attacker_gains: "unauthenticated pod specs, environment variables, images and node \
                          details",
@@ -346,6 +381,10 @@ pub static PORTS: &[WatchedPort] = &[
                 bind: "all interfaces",
                 auth: "none",
             },
+            k3s: Exposure {
+                bind: "all interfaces",
+                auth: "none",
+            },
         },
         attacker_gains: "little: proxy liveness and last sync time",
         hardening: "allow the load balancers' health-check ranges only",
@@ -365,6 +404,10 @@ pub static PORTS: &[WatchedPort] = &[
             aks: MANAGED_CONTROL_PLANE,
             eks: MANAGED_CONTROL_PLANE,
             gke: MANAGED_CONTROL_PLANE,
+            k3s: Exposure {
+                bind: "127.0.0.1",
+                auth: "authn/authz on all paths except /healthz",
+            },
         },
         attacker_gains: "with credentials, metrics and profiling of the component that holds \
                          the service-account signing key",
@@ -385,6 +428,10 @@ pub static PORTS: &[WatchedPort] = &[
             aks: MANAGED_CONTROL_PLANE,
             eks: MANAGED_CONTROL_PLANE,
             gke: MANAGED_CONTROL_PLANE,
+            k3s: Exposure {
+                bind: "127.0.0.1",
+                auth: "authn/authz on all paths except /healthz",
+            },
         },
         attacker_gains: "with credentials, scheduler metrics and profiling data",
         hardening: "keep --bind-address=127.0.0.1; scrape through an authenticating proxy",
@@ -436,6 +483,7 @@ pub fn render_table() -> String {
             ("AKS", p.defaults.aks),
             ("EKS", p.defaults.eks),
             ("GKE", p.defaults.gke),
+            ("k3s", p.defaults.k3s),
         ] {
             let _ = writeln!(out, "  {dist:<8} bind: {}; auth: {}", e.bind, e.auth);
         }
@@ -491,6 +539,7 @@ mod tests {
         assert_eq!(kubelet["severity"], "critical");
         assert_eq!(kubelet["allowed_bind"], "any");
         assert_eq!(kubelet["defaults"]["gke"]["bind"], "all interfaces");
+        assert_eq!(kubelet["defaults"]["k3s"]["bind"], "all interfaces");
         assert!(kubelet["attacker_gains"]
             .as_str()
             .is_some_and(|s| !s.is_empty()));

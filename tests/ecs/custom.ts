@@ -21,6 +21,7 @@ interface K8sEbpfFields {
   exe_inode?: number;
   client_netns?: number;
   listener?: { pid: number; name: string };
+  profile?: 'kubeadm' | 'eks' | 'gke' | 'aks' | 'k3s';
 }
 
 /** `kubernetes.*`, the names Elastic's Kubernetes integrations use. */

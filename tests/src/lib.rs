@@ -7,6 +7,7 @@
 
 pub mod daemon;
 pub mod ecs;
+pub mod fakeapi;
 
 use std::{
     fs::File,

@@ -22,7 +22,10 @@ use std::{
 };
 
 use integration_tests::{
-    certificate, daemon::Daemon, daemon_bin, link, privileged, run, NetNs, Proc,
+    daemon::Daemon,
+    daemon_bin,
+    fakeapi::{pod, FakeApi},
+    link, privileged, run, NetNs,
 };
 use serde_json::{json, Value};
 
@@ -30,113 +33,6 @@ const NODE: &str = "192.0.2.1";
 const CONTROL_PLANE: &str = "192.0.2.10";
 const PROMETHEUS: &str = "198.51.100.20";
 const OTHER: &str = "198.51.100.21";
-const TOKEN: &str = "test-token-k8s-ebpf";
-
-/// The fake API server in the node's namespace, and its control API (via curl).
-struct FakeApi {
-    _proc: Proc,
-    ns: String,
-    port: u16,
-    log: PathBuf,
-}
-
-impl FakeApi {
-    fn start(node: &NetNs, dir: &Path) -> Self {
-        // A CA and a server certificate it signs (webpki refuses a CA certificate as the
-        // server's own, so a self-signed one will not do).
-        let (ca_crt, ca_key) = certificate(dir, "fake-ca", "DNS:fake-ca", None);
-        let (crt, key) = certificate(
-            dir,
-            "fakeapi",
-            "IP:127.0.0.1,DNS:localhost",
-            Some((Path::new(&ca_crt), Path::new(&ca_key))),
-        );
-        let port_file = dir.join("fakeapi.port");
-        let log = dir.join("fakeapi.log");
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/fakeapi.py");
-        let proc = Proc::spawn(
-            "fakeapi",
-            node.command("python3")
-                .arg(&script)
-                .args([
-                    "--cert",
-                    &crt,
-                    "--key",
-                    &key,
-                    "--token",
-                    TOKEN,
-                    "--port-file",
-                ])
-                .arg(&port_file),
-            &log,
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let port = loop {
-            if let Some(p) = std::fs::read_to_string(&port_file)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-            {
-                break p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fake API did not start:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let kubeconfig = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca_crt}\nusers:\n- name: k8s-ebpf\n  user:\n    token: {TOKEN}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: k8s-ebpf}}\ncurrent-context: fake\n"
-        );
-        std::fs::write(dir.join("kubeconfig"), kubeconfig).expect("write kubeconfig");
-        Self {
-            _proc: proc,
-            ns: node.name.clone(),
-            port,
-            log,
-        }
-    }
-
-    /// A control call: POST `body` to /fake/PATH (GET without a body); the reply as JSON.
-    fn call(&self, path: &str, body: Option<Value>) -> Value {
-        let url = format!("https://127.0.0.1:{}/fake/{path}", self.port);
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.ns,
-            "curl",
-            "-sk",
-            "--max-time",
-            "5",
-            "-f",
-        ]);
-        if let Some(b) = &body {
-            cmd.args([
-                "-X",
-                "POST",
-                "-H",
-                "Content-Type: application/json",
-                "--data",
-            ])
-            .arg(b.to_string());
-        }
-        let out = cmd.arg(&url).output().expect("curl");
-        assert!(
-            out.status.success(),
-            "fake API {path} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    }
-
-    fn lists(&self, resource: &str) -> u64 {
-        self.call("stats", None)["lists"][resource]
-            .as_u64()
-            .unwrap_or(0)
-    }
-}
 
 /// A cgroup v2 directory named like a containerd container's, removed when dropped.
 struct FakeContainerCgroup {
@@ -191,15 +87,6 @@ impl Drop for FakeContainerCgroup {
             let _ = std::fs::remove_dir(parent);
         }
     }
-}
-
-fn pod(namespace: &str, name: &str, ip: &str, labels: Value, sa: &str) -> Value {
-    json!({
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"nodeName": "node-a", "serviceAccountName": sa,
-                 "containers": [{"name": "main", "image": "registry.example/main:1"}]},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
-    })
 }
 
 fn seed(api: &FakeApi) {

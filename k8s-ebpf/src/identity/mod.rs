@@ -563,6 +563,36 @@ pub async fn start(
     }
 }
 
+/// `--profile auto`: the profile for the node named `node`, from its labels and
+/// providerID, and why; kubeadm (with the reason) when the Node cannot be read.
+pub async fn detect_profile(config: &ApiConfig, node: &str) -> (crate::policy::Profile, String) {
+    use crate::policy::{profiles, Profile};
+    if config.mode == ApiMode::Off {
+        return (
+            Profile::Kubeadm,
+            "--no-kubernetes: no node to inspect, taken for kubeadm".to_owned(),
+        );
+    }
+    #[cfg(feature = "kubernetes")]
+    {
+        match watch::local_node(config, node).await {
+            Ok((labels, provider_id)) => {
+                let (profile, why) = profiles::detect(&labels, provider_id.as_deref());
+                (profile, format!("Node `{node}`: {why}"))
+            }
+            Err(e) => (Profile::Kubeadm, format!("{e}: taken for kubeadm")),
+        }
+    }
+    #[cfg(not(feature = "kubernetes"))]
+    {
+        let _ = (node, profiles::names);
+        (
+            Profile::Kubeadm,
+            "built without Kubernetes support: taken for kubeadm".to_owned(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

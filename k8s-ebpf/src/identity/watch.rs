@@ -169,18 +169,12 @@ pub async fn start(
     metrics: &Arc<Metrics>,
     stop: signal::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
-    let source = match (&config.mode, &config.kubeconfig) {
-        (super::ApiMode::Kubeconfig(path), Some(kc)) => {
-            ApiSource::Kubeconfig(path.clone(), Box::new(kc.clone()))
-        }
-        (super::ApiMode::Auto, _) if cluster_configured() => ApiSource::Infer,
-        _ => {
-            info!(
-                "no Kubernetes API configured (no in-cluster service account, $KUBECONFIG or \
-                 ~/.kube/config): peers are judged by address only"
-            );
-            return Vec::new();
-        }
+    let Some(source) = source(config) else {
+        info!(
+            "no Kubernetes API configured (no in-cluster service account, $KUBECONFIG or \
+             ~/.kube/config): peers are judged by address only"
+        );
+        return Vec::new();
     };
     match client(&source).await {
         Ok(client) => spawn(client, identities.clone(), Arc::clone(metrics), stop),
@@ -194,6 +188,39 @@ pub async fn start(
             Vec::new()
         }
     }
+}
+
+/// Where the API is, when `config` names or finds one.
+fn source(config: &super::ApiConfig) -> Option<ApiSource> {
+    match (&config.mode, &config.kubeconfig) {
+        (super::ApiMode::Kubeconfig(path), Some(kc)) => {
+            Some(ApiSource::Kubeconfig(path.clone(), Box::new(kc.clone())))
+        }
+        (super::ApiMode::Auto, _) if cluster_configured() => Some(ApiSource::Infer),
+        _ => None,
+    }
+}
+
+/// How long `--profile auto` waits for the local Node before falling back to kubeadm.
+const NODE_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The local Node's labels and `spec.providerID` (`--profile auto`), or why not.
+pub async fn local_node(
+    config: &super::ApiConfig,
+    name: &str,
+) -> Result<(std::collections::BTreeMap<String, String>, Option<String>), String> {
+    let Some(source) = source(config) else {
+        return Err("no Kubernetes API configured".to_owned());
+    };
+    let client = client(&source).await.map_err(|e| format!("{e:#}"))?;
+    let node = tokio::time::timeout(NODE_LOOKUP_TIMEOUT, Api::<Node>::all(client).get(name))
+        .await
+        .map_err(|_| format!("no answer for Node `{name}` within {NODE_LOOKUP_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot read Node `{name}` (needs `get` on nodes): {e}"))?;
+    Ok((
+        node.metadata.labels.unwrap_or_default(),
+        node.spec.and_then(|s| s.provider_id),
+    ))
 }
 
 /// Starts the three watchers; they run until `stop` turns true.

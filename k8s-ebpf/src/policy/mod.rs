@@ -6,6 +6,8 @@
 //!
 //! ```yaml
 //! version: 1                      # required; the only version there is
+//! extends: gke                    # optional: layer this file on a profile (see below)
+//! profile: gke                    # optional: the distribution, named in alerts
 //! defaults:                       # optional
 //!   window: 10s                   # alert dedup window: first sighting alerts at once,
 //!                                 # repeats are counted and reported when it closes
@@ -46,6 +48,11 @@
 //! Kubernetes API they match nothing and the static entries still apply. Groups may hold
 //! selectors too.
 //!
+//! `extends: NAME` starts from a distribution profile ([`profiles`]): each `defaults` value
+//! the file sets replaces the profile's, a peer group replaces the profile's group of that
+//! name, a rule replaces the profile's rule for the same port or name, other rules are
+//! added; nothing is removed.
+//!
 //! Unknown keys anywhere are errors. Durations are humantime strings (`500ms`, `10s`, `2m`).
 //! Loopback destinations are always expected for outbound connections; inbound from
 //! loopback is expected only where a rule lists `loopback`. Cgroup path prefixes and
@@ -53,6 +60,7 @@
 
 mod error;
 pub mod executables;
+pub mod profiles;
 mod schema;
 
 use std::{
@@ -67,7 +75,10 @@ use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
 pub use self::error::{PolicyError, PolicyErrors, Position};
-use self::schema::{RawCgroup, RawClients, RawPeer, RawPods, RawPolicy, RawRule, RawSelector};
+pub use self::profiles::{Profile, ProfileChoice};
+use self::schema::{
+    RawCgroup, RawClients, RawDefaults, RawPeer, RawPods, RawPolicy, RawRule, RawSelector,
+};
 use crate::{
     identity::{PeerIdentity, PodIdentity},
     ports::{self, BindScope, Severity},
@@ -373,6 +384,8 @@ impl RuleNetns {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     origin: String,
+    /// The distribution profile it is (or extends), named in alerts.
+    profile: Option<String>,
     window: Duration,
     scan: ScanSettings,
     flood_sources: usize,
@@ -382,19 +395,69 @@ pub struct Policy {
 impl Policy {
     /// Parses and validates `text`; `origin` names it in errors (usually the file path).
     pub fn parse(text: &str, origin: &str) -> Result<Self, PolicyErrors> {
-        let raw: RawPolicy = serde_saphyr::from_str(text).map_err(|e| {
-            let position = e.location().and_then(Position::from_location);
-            let message = e.without_snippet().to_string();
-            PolicyErrors::new(
-                origin,
-                vec![PolicyError::at(position, strip_location(&message))],
-            )
-        })?;
-        Validator::default().validate(raw, origin)
+        Self::parse_on(text, origin, None)
+    }
+
+    /// Parses `text` layered on `base` (`run --profile`): as if the file said
+    /// `extends: BASE`. A file whose own `extends` names another profile is an error.
+    pub fn parse_on(text: &str, origin: &str, base: Option<Profile>) -> Result<Self, PolicyErrors> {
+        let mut raw = parse_raw(text, origin)?;
+        let base = match (raw.extends.take(), base) {
+            (Some(named), given) => {
+                let named_profile = named.value.parse::<Profile>().map_err(|m| {
+                    PolicyErrors::new(
+                        origin,
+                        vec![PolicyError::at(pos(&named), format!("extends: {m}"))],
+                    )
+                })?;
+                if let Some(given) = given.filter(|g| *g != named_profile) {
+                    return Err(PolicyErrors::new(
+                        origin,
+                        vec![PolicyError::at(
+                            pos(&named),
+                            format!(
+                                "extends: {named_profile}, but the daemon runs with --profile {given}: \
+                                 name one profile (drop `extends` or change --profile)"
+                            ),
+                        )],
+                    ));
+                }
+                Some(named_profile)
+            }
+            (None, given) => given,
+        };
+        let Some(base) = base else {
+            return Validator::default().validate(raw, origin, None);
+        };
+        let base_raw = parse_raw(base.yaml(), &base.origin())?;
+        if base_raw.extends.is_some() {
+            // A profile is a complete policy; chains would hide what runs.
+            return Err(PolicyErrors::new(
+                &base.origin(),
+                vec![PolicyError::at(None, "a profile cannot extend another")],
+            ));
+        }
+        Validator::default().validate(merge(base_raw, raw), origin, Some(base))
+    }
+
+    /// The profile a policy text names with `extends`, if it parses that far.
+    pub fn extends_of(text: &str) -> Option<String> {
+        parse_raw(text, "").ok()?.extends.map(|e| e.value)
+    }
+
+    /// A profile's policy as it runs (`k8s-ebpf profiles NAME`, `run --profile NAME`).
+    pub fn from_profile(profile: Profile) -> Self {
+        Self::parse_on("version: 1\n", &profile.origin(), Some(profile))
+            .expect("every profile is a valid policy (checked by unit tests)")
     }
 
     /// Reads and parses a policy file.
     pub fn read_file(path: &Path) -> Result<Self, PolicyErrors> {
+        Self::read_file_on(path, None)
+    }
+
+    /// Reads a policy file and layers it on `base` (see [`Policy::parse_on`]).
+    pub fn read_file_on(path: &Path, base: Option<Profile>) -> Result<Self, PolicyErrors> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| {
             PolicyErrors::new(
@@ -402,7 +465,13 @@ impl Policy {
                 vec![PolicyError::at(None, format!("cannot read: {e}"))],
             )
         })?;
-        Self::parse(&text, &origin)
+        Self::parse_on(&text, &origin, base)
+    }
+
+    /// The distribution profile the policy is (`profile:`) or starts from (`extends:`,
+    /// `--profile`).
+    pub fn profile(&self) -> Option<&str> {
+        self.profile.as_deref()
     }
 
     /// The built-in policy (`k8s-ebpf/policy/default.yaml`).
@@ -451,6 +520,75 @@ impl Policy {
     /// The ports the kernel should watch.
     pub fn watched_ports(&self) -> BTreeSet<u16> {
         self.rules.keys().copied().collect()
+    }
+}
+
+fn parse_raw(text: &str, origin: &str) -> Result<RawPolicy, PolicyErrors> {
+    serde_saphyr::from_str(text).map_err(|e| {
+        let position = e.location().and_then(Position::from_location);
+        let message = e.without_snippet().to_string();
+        PolicyErrors::new(
+            origin,
+            vec![PolicyError::at(position, strip_location(&message))],
+        )
+    })
+}
+
+/// `extends`: the file layered on the profile. Each `defaults` value the file sets
+/// replaces the profile's; a peer group the file defines replaces the profile's group of
+/// that name (others are kept); a rule in the file replaces the profile's rule for the
+/// same port or with the same name, and rules for other ports are added. Nothing else is
+/// inherited or removed: a profile's rule cannot be dropped, only redefined.
+fn merge(base: RawPolicy, top: RawPolicy) -> RawPolicy {
+    let defaults = match (base.defaults, top.defaults) {
+        (None, d) | (d, None) => d,
+        (Some(b), Some(t)) => {
+            let scan = match (b.scan, t.scan) {
+                (None, s) | (s, None) => s,
+                (Some(b), Some(t)) => Some(schema::RawScan {
+                    ports: t.ports.or(b.ports),
+                    window: t.window.or(b.window),
+                }),
+            };
+            let flood = match (b.flood, t.flood) {
+                (None, f) | (f, None) => f,
+                (Some(b), Some(t)) => Some(schema::RawFlood {
+                    sources: t.sources.or(b.sources),
+                }),
+            };
+            Some(RawDefaults {
+                window: t.window.or(b.window),
+                scan,
+                flood,
+            })
+        }
+    };
+    let peers = match (base.peers, top.peers) {
+        (None, p) | (p, None) => p,
+        (Some(mut b), Some(t)) => {
+            b.value.extend(t.value);
+            b.referenced = t.referenced;
+            b.defined = t.defined;
+            Some(b)
+        }
+    };
+    let mut rules: Vec<RawRule> = base
+        .rules
+        .into_iter()
+        .filter(|b| {
+            !top.rules
+                .iter()
+                .any(|t| t.port.value == b.port.value || t.name.value.trim() == b.name.value.trim())
+        })
+        .collect();
+    rules.extend(top.rules);
+    RawPolicy {
+        version: top.version,
+        extends: None,
+        profile: top.profile.or(base.profile),
+        defaults,
+        peers,
+        rules,
     }
 }
 
@@ -596,7 +734,22 @@ impl Validator {
         self.errors.push(PolicyError::at(at, message));
     }
 
-    fn validate(mut self, raw: RawPolicy, origin: &str) -> Result<Policy, PolicyErrors> {
+    fn validate(
+        mut self,
+        raw: RawPolicy,
+        origin: &str,
+        base: Option<Profile>,
+    ) -> Result<Policy, PolicyErrors> {
+        let profile = match &raw.profile {
+            Some(p) => match p.value.parse::<Profile>() {
+                Ok(p) => Some(p.name().to_owned()),
+                Err(m) => {
+                    self.error(pos(p), format!("profile: {m}"));
+                    None
+                }
+            },
+            None => base.map(|b| b.name().to_owned()),
+        };
         if raw.version.value != 1 {
             self.error(
                 pos(&raw.version),
@@ -661,6 +814,7 @@ impl Validator {
         if self.errors.is_empty() {
             Ok(Policy {
                 origin: origin.to_owned(),
+                profile,
                 window,
                 scan: ScanSettings {
                     ports: scan_ports,

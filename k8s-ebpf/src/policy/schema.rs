@@ -13,6 +13,12 @@ use crate::ports::{BindScope, Severity};
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPolicy {
     pub version: Spanned<i64>,
+    /// A profile this file starts from (see [`super::merge`]).
+    #[serde(default)]
+    pub extends: Option<Spanned<String>>,
+    /// The distribution the policy is written for, named in alerts (`k8s_ebpf.profile`).
+    #[serde(default)]
+    pub profile: Option<Spanned<String>>,
     #[serde(default)]
     pub defaults: Option<RawDefaults>,
     /// Named peer groups: name → CIDRs / addresses / `loopback` / selectors.

@@ -367,3 +367,210 @@ fn process_names_compare_on_the_kernels_15_bytes() {
     assert!(c.allows_cgroup_id(42));
     assert!(!c.allows_cgroup_id(43));
 }
+
+fn apiserver_identity() -> PeerIdentity {
+    PeerIdentity {
+        apiserver: true,
+        ..PeerIdentity::default()
+    }
+}
+
+#[test]
+fn every_profile_is_a_valid_policy_over_the_whole_table() {
+    for profile in Profile::ALL {
+        // What `k8s-ebpf profiles NAME` prints parses on its own (check-config) …
+        let printed = Policy::parse(profile.yaml(), "printed")
+            .unwrap_or_else(|e| panic!("profile {profile}: {e}"));
+        // … and is what `run --profile NAME` runs.
+        let running = Policy::from_profile(profile);
+        assert_eq!(running.profile(), Some(profile.name()));
+        assert_eq!(
+            printed.rules().collect::<Vec<_>>(),
+            running.rules().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            printed.watched_ports(),
+            Policy::embedded_default().watched_ports()
+        );
+        for rule in running.rules() {
+            let known = ports::lookup(rule.port).expect("a table port");
+            // Profiles never widen a bind: a distribution's wide default (kube-proxy
+            // metrics on all interfaces on EKS and AKS) stays an exposed-listener alert.
+            assert_eq!(rule.bind, known.allowed_bind, "{profile} {}", rule.name);
+            assert_eq!(rule.component, known.component, "{profile} {}", rule.name);
+        }
+        let readonly = running.rule(10255).expect("10255 watched");
+        assert!(readonly.expected_peers.is_empty(), "{profile}");
+        assert_eq!(readonly.bind, BindScope::None, "{profile}");
+        // GKE ships the read-only port open on older node pools: a known default there.
+        let severity = if profile == Profile::Gke {
+            Severity::Medium
+        } else {
+            Severity::High
+        };
+        assert_eq!(readonly.severity, severity, "{profile}");
+    }
+    // The embedded default is kubeadm's policy, but names no profile unless asked to.
+    assert_eq!(Policy::embedded_default().profile(), None);
+    assert_eq!(
+        Policy::from_profile(Profile::Kubeadm)
+            .rules()
+            .collect::<Vec<_>>(),
+        Policy::embedded_default().rules().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn profiles_carry_the_documented_sources() {
+    let health = |p: Profile| Policy::from_profile(p).rule(10256).expect("10256").clone();
+    let gke = health(Profile::Gke);
+    for addr in [
+        "35.191.0.1",
+        "35.191.255.254",
+        "130.211.0.1",
+        "130.211.3.254",
+        "2600:2d00:1:1::5",
+    ] {
+        assert!(gke.expected_peers.contains(ip(addr)), "gke {addr}");
+    }
+    assert!(!gke.expected_peers.contains(ip("130.211.4.1")));
+    let aks = health(Profile::Aks);
+    assert!(aks.expected_peers.contains(ip("168.63.129.16")));
+    assert!(!aks.expected_peers.contains(ip("168.63.129.17")));
+    assert!(!aks.expected_peers.contains(ip("35.191.0.1")));
+    // EKS's source is the VPC: nothing until the operator names it.
+    assert!(!health(Profile::Eks).expected_peers.contains(ip("10.0.0.1")));
+    for p in [Profile::Kubeadm, Profile::K3s] {
+        assert!(!health(p).expected_peers.contains(ip("35.191.0.1")), "{p}");
+    }
+
+    // How the API server reaches kubelets.
+    let kubelet = |p: Profile| Policy::from_profile(p).rule(10250).expect("10250").clone();
+    assert!(kubelet(Profile::Eks)
+        .expected_peers
+        .admits(ip("192.0.2.50"), Some(&apiserver_identity())));
+    assert!(!kubelet(Profile::Kubeadm)
+        .expected_peers
+        .admits(ip("192.0.2.50"), Some(&apiserver_identity())));
+    let agent = |key: &str| pod_identity("kube-system", &[(key, "konnectivity-agent")], "default");
+    assert!(kubelet(Profile::Gke)
+        .expected_peers
+        .admits(ip("192.0.2.51"), Some(&agent("k8s-app"))));
+    assert!(kubelet(Profile::Aks)
+        .expected_peers
+        .admits(ip("192.0.2.51"), Some(&agent("app"))));
+    // The same labels in another namespace are not the agent.
+    let impostor = pod_identity("default", &[("k8s-app", "konnectivity-agent")], "default");
+    assert!(!kubelet(Profile::Gke)
+        .expected_peers
+        .admits(ip("192.0.2.51"), Some(&impostor)));
+    assert!(!kubelet(Profile::Kubeadm)
+        .expected_peers
+        .admits(ip("192.0.2.51"), Some(&agent("k8s-app"))));
+
+    // k3s: one binary is the API server, the kubelet and etcd's client.
+    let k3s = Policy::from_profile(Profile::K3s);
+    let bin = std::path::Path::new("/usr/local/bin/k3s");
+    for port in [2379, 2380, 6443, 10250] {
+        let rule = k3s.rule(port).expect("watched");
+        assert!(rule.expected_clients.allows_executable(bin), "k3s {port}");
+        assert!(!Policy::embedded_default()
+            .rule(port)
+            .expect("watched")
+            .expected_clients
+            .allows_executable(bin));
+    }
+    assert!(!k3s
+        .rule(2379)
+        .expect("2379")
+        .expected_clients
+        .allows_executable(std::path::Path::new("/usr/local/bin/kube-apiserver")));
+}
+
+#[test]
+fn extends_layers_a_file_on_a_profile() {
+    let text = "version: 1
+extends: gke
+defaults:
+  window: 2s
+peers:
+  health_checks: [203.0.113.0/24]
+rules:
+  - name: kube-proxy-healthz
+    port: 10256
+    severity: medium
+    expected_peers: [loopback, \"@health_checks\"]
+  - name: app-etcd
+    port: 12379
+";
+    let p = Policy::parse(text, "mine.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.profile(), Some("gke"));
+    assert_eq!(p.origin(), "mine.yaml");
+    // defaults: the file's window, the profile's scan settings.
+    assert_eq!(p.window(), Duration::from_secs(2));
+    assert_eq!(p.scan().ports, 3);
+    // The file's rule replaced the profile's for 10256 (the group it names is the file's).
+    let health = p.rule(10256).expect("10256");
+    assert_eq!(health.severity, Severity::Medium);
+    assert!(health.expected_peers.contains(ip("203.0.113.9")));
+    assert!(!health.expected_peers.contains(ip("35.191.0.1")));
+    // A new port is added; every other profile rule is kept as it was.
+    assert!(p.rule(12379).is_some());
+    assert_eq!(p.rules().count(), 12);
+    let gke = Policy::from_profile(Profile::Gke);
+    assert_eq!(p.rule(10250), gke.rule(10250));
+    assert_eq!(p.rule(10255), gke.rule(10255));
+
+    // A replaced group reaches the profile's own rules that use it.
+    let widen = "version: 1\nextends: kubeadm\npeers:\n  monitoring: [198.51.100.0/24]\n";
+    let p = Policy::parse(widen, "w.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.profile(), Some("kubeadm"));
+    assert!(p
+        .rule(10249)
+        .expect("10249")
+        .expected_peers
+        .contains(ip("198.51.100.7")));
+    assert!(p
+        .rule(10250)
+        .expect("10250")
+        .expected_peers
+        .contains(ip("198.51.100.7")));
+    assert!(!p
+        .rule(10250)
+        .expect("10250")
+        .expected_peers
+        .contains(ip("203.0.113.7")));
+
+    // A rule that reuses a profile rule's name on another port replaces it (no duplicate).
+    let moved = "version: 1\nextends: eks\nrules:\n  - name: kubelet-readonly\n    port: 10266\n";
+    let p = Policy::parse(moved, "m.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert!(p.rule(10255).is_none());
+    assert!(p.rule(10266).is_some());
+}
+
+#[test]
+fn extends_and_profile_errors_are_positioned() {
+    let unknown = Policy::parse("version: 1\nextends: openshift\n", "x.yaml").unwrap_err();
+    let msg = unknown.to_string();
+    assert!(msg.contains("x.yaml:2:10"), "{msg}");
+    assert!(msg.contains("kubeadm, eks, gke, aks, k3s"), "{msg}");
+    let label = Policy::parse("version: 1\nprofile: openshift\n", "x.yaml").unwrap_err();
+    assert!(label.to_string().contains("x.yaml:2:10"), "{label}");
+    // A file that names one profile cannot run on another.
+    let clash =
+        Policy::parse_on("version: 1\nextends: eks\n", "x.yaml", Some(Profile::Gke)).unwrap_err();
+    let msg = clash.to_string();
+    assert!(msg.contains("--profile gke"), "{msg}");
+    // The same profile both ways is fine; no `extends` takes the given one.
+    assert!(Policy::parse_on("version: 1\nextends: gke\n", "x.yaml", Some(Profile::Gke)).is_ok());
+    let layered = Policy::parse_on(MINIMAL, "x.yaml", Some(Profile::Aks)).expect("layered");
+    assert_eq!(layered.profile(), Some("aks"));
+    assert_eq!(layered.rules().count(), 11);
+    // Errors in the file are still the file's, with positions.
+    let bad = Policy::parse(
+        "version: 1\nextends: gke\nrules:\n  - name: x\n    port: 10256\n    expected_peers: [\"@nope\"]\n",
+        "y.yaml",
+    )
+    .unwrap_err();
+    assert!(bad.to_string().contains("y.yaml:6:"), "{bad}");
+}
