@@ -367,3 +367,20 @@ fn process_names_compare_on_the_kernels_15_bytes() {
     assert!(c.allows_cgroup_id(42));
     assert!(!c.allows_cgroup_id(43));
 }
+
+/// The label keys the cache must keep for the default policy: what its selectors compare.
+#[test]
+fn the_default_policy_names_its_selector_label_keys() {
+    let keys = Policy::embedded_default().pod_label_keys();
+    let expected: BTreeSet<String> = [
+        "app",
+        "app.kubernetes.io/name",
+        "component",
+        "k8s-app",
+        "tier",
+    ]
+    .iter()
+    .map(|k| (*k).to_owned())
+    .collect();
+    assert_eq!(keys, expected);
+}
