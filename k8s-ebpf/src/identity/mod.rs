@@ -300,7 +300,7 @@ impl<K: AsRef<str>, V: AsRef<str>, const N: usize> From<[(K, V); N]> for Labels 
 /// Labels alerts show even when no selector names them: what a person reads to tell
 /// which workload a pod belongs to. Bounded, so a pod with hundreds of labels costs no
 /// more than one with a few.
-pub const ALERT_LABELS: [&str; 7] = [
+pub const ALERT_LABELS: [&str; 8] = [
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",
     "app.kubernetes.io/component",
@@ -308,6 +308,8 @@ pub const ALERT_LABELS: [&str; 7] = [
     "k8s-app",
     "component",
     "tier",
+    // `kubectl run` sets it: the pod someone started by hand, an attacker's first step.
+    "run",
 ];
 
 /// Which pod labels the cache keeps.
