@@ -482,6 +482,11 @@ impl IdentityCache {
         &self.local_node
     }
 
+    /// The pod held under that name.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<PodIdentity>> {
+        self.pods.get(namespace, name).cloned()
+    }
+
     /// The pod (on this node) that runs container `id` (a full id; a listed prefix of at
     /// least 12 characters also matches).
     pub fn pod_for_container(&self, id: &str) -> Option<Arc<PodIdentity>> {
@@ -769,6 +774,11 @@ impl Identities {
         } else {
             None
         }
+    }
+
+    /// Runs `f` on the cache under the read lock.
+    pub fn inspect<T>(&self, f: impl FnOnce(&IdentityCache) -> T) -> T {
+        f(&self.read().cache)
     }
 
     /// Runs `f` on the cache under the write lock.

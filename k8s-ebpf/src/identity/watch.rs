@@ -407,6 +407,11 @@ trait Watched:
     fn apply(cache: &mut super::IdentityCache, item: Self::Reduced);
     fn delete(cache: &mut super::IdentityCache, obj: &Self);
     fn replace(cache: &mut super::IdentityCache, items: Vec<Self::Reduced>);
+    /// During a re-list: the cache's own copy when `item` is what it already holds, so
+    /// the list in progress does not hold a second copy of every unchanged object.
+    fn reuse(_cache: &super::IdentityCache, item: Self::Reduced) -> Self::Reduced {
+        item
+    }
 }
 
 impl Watched for ListedNode {
@@ -510,6 +515,12 @@ impl Watched for ListedPod {
     fn replace(cache: &mut super::IdentityCache, items: Vec<Arc<PodIdentity>>) {
         cache.replace_pods(items);
     }
+    fn reuse(cache: &super::IdentityCache, item: Arc<PodIdentity>) -> Arc<PodIdentity> {
+        match cache.pod(&item.namespace, &item.name) {
+            Some(held) if *held == *item => held,
+            _ => item,
+        }
+    }
 }
 
 impl Watched for EndpointSlice {
@@ -607,7 +618,8 @@ async fn run<K: Watched>(
             Ok(Event::Init) => listing = Some(Vec::new()),
             Ok(Event::InitApply(obj)) => {
                 if let Some(l) = listing.as_mut() {
-                    l.push(obj.reduce(&mut reducer));
+                    let reduced = obj.reduce(&mut reducer);
+                    l.push(identities.inspect(|c| K::reuse(c, reduced)));
                 }
             }
             Ok(Event::InitDone) => {
@@ -848,6 +860,35 @@ mod tests {
             .as_ref()
             .zip(q.service_account.as_ref())
             .is_some_and(|(a, b)| a.ptr_eq(b)));
+    }
+
+    /// A re-list (410 Gone) holds one copy of each unchanged pod: the cache's own.
+    #[test]
+    fn a_relist_reuses_unchanged_pods() {
+        let json = serde_json::json!({
+            "metadata": {"name": "web-0", "namespace": "shop", "uid": "u3",
+                         "resourceVersion": "10", "labels": {"app": "web"}},
+            "spec": {"nodeName": "node-b"},
+            "status": {"phase": "Running", "podIP": "198.51.100.40"}
+        });
+        let mut r = reducer(LabelKeys::All);
+        let read = |r: &mut Reducer, v: &serde_json::Value| {
+            serde_json::from_value::<ListedPod>(v.clone())
+                .expect("pod JSON")
+                .reduce(r)
+        };
+        let mut cache = super::super::IdentityCache::new("node-a");
+        cache.apply_pod(read(&mut r, &json));
+        let held = cache.pod("shop", "web-0").expect("held");
+        let again = ListedPod::reuse(&cache, read(&mut r, &json));
+        assert!(Arc::ptr_eq(&held, &again), "an unchanged pod was copied");
+        let mut changed = json;
+        changed["metadata"]["resourceVersion"] = "11".into();
+        let newer = ListedPod::reuse(&cache, read(&mut r, &changed));
+        assert!(
+            !Arc::ptr_eq(&held, &newer),
+            "a changed pod kept the old copy"
+        );
     }
 
     #[test]
