@@ -301,19 +301,18 @@ impl KubernetesFields {
         Self {
             identity: "pod",
             node: pod.node_name.as_ref().map(|name| KubernetesNode {
-                name: name.clone(),
+                name: name.to_string(),
                 roles: Vec::new(),
             }),
             pod: Some(KubernetesPod {
-                name: pod.name.clone(),
-                uid: pod.uid.clone(),
+                name: pod.name.to_string(),
+                uid: pod.uid.as_ref().map(ToString::to_string),
             }),
-            namespace: Some(pod.namespace.clone()),
-            labels: pod.labels.clone(),
-            service_account: pod
-                .service_account
-                .as_ref()
-                .map(|name| KubernetesName { name: name.clone() }),
+            namespace: Some(pod.namespace.to_string()),
+            labels: pod.labels.to_map(),
+            service_account: pod.service_account.as_ref().map(|name| KubernetesName {
+                name: name.to_string(),
+            }),
             apiserver: false,
         }
     }

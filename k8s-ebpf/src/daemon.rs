@@ -36,7 +36,7 @@ use crate::{
         Observation, StateHook, SynHook,
     },
     correlate::{Engine, EngineSettings},
-    identity::{self, ApiMode, Identities},
+    identity::{self, ApiMode, Identities, LabelKeys},
     inventory,
     metrics::{Metrics, MetricsServer, Readiness},
     output::{self, AlertSender, Destination, OutputSettings},
@@ -287,6 +287,8 @@ async fn run_loop(
     }
 
     let identities = Identities::new(config.hostname.clone());
+    // Before the first list: pods are cached with only the labels this policy can use.
+    identities.keep_labels(LabelKeys::for_selectors(policy.pod_label_keys()));
     let watchers = identity::start(&api, &identities, &metrics, stop_rx.clone()).await;
     if policy.needs_identities() && !identities.is_enabled() {
         warn!(
@@ -390,12 +392,14 @@ async fn run_loop(
             _ = poll.tick() => {
                 if reload.check(false, capture, &mut pipeline.engine, &metrics) {
                     pipeline.executables.refresh(pipeline.engine.policy());
+                    keep_policy_labels(&identities, pipeline.engine.policy());
                 }
             }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the policy");
                 if reload.check(true, capture, &mut pipeline.engine, &metrics) {
                     pipeline.executables.refresh(pipeline.engine.policy());
+                    keep_policy_labels(&identities, pipeline.engine.policy());
                 }
             }
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
@@ -763,6 +767,14 @@ pub fn container_id(cgroup_path: &str) -> Option<&str> {
     cgroup_path
         .rsplit(|c: char| !c.is_ascii_hexdigit())
         .find(|s| s.len() == 64)
+}
+
+/// After a reload: the pod labels the new policy's selectors name. Naming one the cache
+/// dropped lists the pods again (readiness waits for that list, as for the first).
+fn keep_policy_labels(identities: &Identities, policy: &Policy) {
+    if identities.keep_labels(LabelKeys::for_selectors(policy.pod_label_keys())) {
+        info!("the reloaded policy names pod labels not cached: listing pods again");
+    }
 }
 
 /// Notices policy changes: a poll of the file's contents, or SIGHUP. A policy that does

@@ -52,15 +52,15 @@ impl LearnedPeer {
         if let Some(pod) = &id.pod {
             return Self::Selector(match pod.service_account.as_deref() {
                 Some(sa) if sa != "default" => {
-                    PeerSelector::ServiceAccounts(vec![(pod.namespace.clone(), sa.to_owned())])
+                    PeerSelector::ServiceAccounts(vec![(pod.namespace.to_string(), sa.to_owned())])
                 }
                 _ => PeerSelector::Pods {
-                    namespace: Some(pod.namespace.clone()),
+                    namespace: Some(pod.namespace.to_string()),
                     labels: pod
                         .labels
                         .iter()
-                        .filter(|(k, _)| !PER_POD_LABELS.contains(&k.as_str()))
-                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .filter(|(k, _)| !PER_POD_LABELS.contains(k))
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
                         .collect(),
                 },
             });

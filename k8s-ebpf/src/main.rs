@@ -248,6 +248,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // glibc raises its mmap threshold each time a large block is freed, up to 32 MiB, after
+    // which the API's list pages (megabytes each, parsed and freed one after another) are
+    // carved from the heap, and the identities kept between them pin those pages for good:
+    // ~20 MB more resident at 150,000 pods. A fixed threshold keeps large blocks mapped
+    // apart and returned when freed.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

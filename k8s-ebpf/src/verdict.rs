@@ -467,8 +467,7 @@ rules:
             namespace: "kube-system".into(),
             ..Default::default()
         };
-        pod.labels
-            .insert("component".into(), "kube-apiserver".into());
+        pod.labels.insert("component", "kube-apiserver");
         let by_pod = ClientContext {
             pod: Some(&pod),
             ..Default::default()

@@ -6,7 +6,7 @@
 //! a missing `ecs.version`. (The container and shipper tests check real records too.)
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -28,16 +28,16 @@ fn at() -> SystemTime {
 
 fn pod() -> Arc<PodIdentity> {
     Arc::new(PodIdentity {
-        namespace: "monitoring".to_owned(),
-        name: "prometheus-0".to_owned(),
-        uid: Some("5f0c1a2e-0000-4000-8000-000000000001".to_owned()),
-        resource_version: Some("4711".to_owned()),
-        labels: BTreeMap::from([("app.kubernetes.io/name".to_owned(), "prometheus".to_owned())]),
-        service_account: Some("prometheus".to_owned()),
-        node_name: Some("node-2".to_owned()),
+        namespace: "monitoring".into(),
+        name: "prometheus-0".into(),
+        uid: Some("5f0c1a2e-0000-4000-8000-000000000001".into()),
+        resource_version: std::num::NonZeroU64::new(4711),
+        labels: [("app.kubernetes.io/name", "prometheus")].into(),
+        service_account: Some("prometheus".into()),
+        node_name: Some("node-2".into()),
         host_network: false,
-        ips: vec!["198.51.100.20".parse().expect("ip")],
-        container_ids: vec!["0123456789ab".to_owned()],
+        ips: vec!["198.51.100.20".parse().expect("ip")].into(),
+        container_ids: vec!["0123456789ab".into()].into(),
         finished: false,
     })
 }

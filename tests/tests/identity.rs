@@ -618,3 +618,122 @@ fn pods_reaching_other_nodes_are_judged_through_the_api() {
     assert_eq!(alerts[0]["event"]["action"], "unexpected-outbound");
     assert_eq!(alerts[0]["destination"]["port"], 10250);
 }
+
+/// Pods of a generated cluster, listed in pages of 500 (kube-rs's page size), resolve from
+/// every page: the pods added after the generated ones are on the last page.
+/// The cache keeps only the labels the policy's selectors name and a bounded set for
+/// alerts: a pod that carries hundreds of labels (an attacker's, to bloat every node's
+/// monitor) costs no more, and the selectors keep their meaning (a pod with the
+/// monitoring selector's label in another namespace still alerts). A reloaded policy
+/// naming a label the cache dropped lists the pods again, after which the label matches.
+#[test]
+fn a_paged_cluster_resolves_from_every_page_and_keeps_only_named_labels() {
+    if !privileged("a_paged_cluster_resolves_from_every_page_and_keeps_only_named_labels") {
+        return;
+    }
+    const SCRAPER: &str = "198.51.100.22";
+    const LOOKALIKE: &str = "198.51.100.23";
+    let node = NetNs::new("k8spgnode");
+    let scraper = NetNs::new("k8spgscrape");
+    let lookalike = NetNs::new("k8spglook");
+    for (peer, addr) in [(&scraper, SCRAPER), (&lookalike, LOOKALIKE)] {
+        link(
+            &node,
+            &[&format!("{NODE}/32")],
+            peer,
+            &[&format!("{addr}/32")],
+        );
+    }
+    let _kubelet = node.listen("0.0.0.0:10250");
+    let kubelet = format!("{NODE}:10250");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let api = FakeApi::start(&node, dir.path());
+    let generated = api.call("generate", Some(json!({"pods": 1500, "nodes": 10})));
+    assert_eq!(generated["pods"], 1500, "{generated}");
+    seed(&api);
+    // An attacker's pod: many labels, among them one a later policy names (`team`).
+    let mut labels = json!({"app": "scraper", "team": "scrapers"});
+    for i in 0..300 {
+        labels[format!("bloat-{i}")] = json!("x".repeat(60));
+    }
+    api.call(
+        "pods/apply",
+        Some(pod("tools", "scraper-0", SCRAPER, labels, "scraper")),
+    );
+    // The monitoring selector's label, in the wrong namespace.
+    api.call(
+        "pods/apply",
+        Some(pod(
+            "monitoring-x",
+            "prometheus-0",
+            LOOKALIKE,
+            json!({"app.kubernetes.io/name": "prometheus"}),
+            "prometheus",
+        )),
+    );
+    let kubeconfig = dir.path().join("kubeconfig");
+    let policy = default_policy(dir.path());
+    let mut daemon = Daemon::start(
+        &node,
+        &[
+            "--policy",
+            policy.to_str().expect("utf-8"),
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--hostname",
+            "node-a",
+        ],
+    );
+    assert_eq!(
+        daemon.metric("k8s_ebpf_kubernetes_objects{resource=\"pods\"}"),
+        1503.0,
+        "{}",
+        daemon.stderr()
+    );
+    let pages = api.lists("pods");
+    assert!(pages >= 4, "1503 pods in {pages} list requests: not paged");
+
+    // The last page's pods resolve; the bloat is not kept (only `app`, an alert label).
+    scraper.connect(&kubelet).expect("connect");
+    lookalike.connect(&kubelet).expect("connect");
+    let records = daemon.wait_records("both alerts", Duration::from_secs(5), |r| {
+        !inbound_alerts(r, SCRAPER).is_empty() && !inbound_alerts(r, LOOKALIKE).is_empty()
+    });
+    let alert = inbound_alerts(&records, SCRAPER)[0];
+    assert_eq!(alert["kubernetes"]["pod"]["name"], "scraper-0", "{alert:#}");
+    assert_eq!(
+        alert["kubernetes"]["labels"],
+        json!({"app": "scraper"}),
+        "{alert:#}"
+    );
+    let look = inbound_alerts(&records, LOOKALIKE)[0];
+    assert_eq!(look["kubernetes"]["namespace"], "monitoring-x", "{look:#}");
+
+    // A reload that expects pods labelled `team: scrapers`: listed again, then expected.
+    let text = std::fs::read_to_string(&policy).expect("read policy");
+    let text = text.replacen(
+        "  monitoring:\n",
+        "  monitoring:\n    - pods: {namespace: tools, labels: {team: scrapers}}\n",
+        1,
+    );
+    assert!(text.contains("team: scrapers"));
+    std::fs::write(&policy, text).expect("write policy");
+    let lists_before = api.lists("pods");
+    daemon.signal(libc::SIGHUP);
+    within("pods listed again", Duration::from_secs(10), || {
+        api.lists("pods") >= lists_before + 4
+            && daemon.metric("k8s_ebpf_kubernetes_synced{resource=\"pods\"}") == 1.0
+    });
+    std::thread::sleep(Duration::from_millis(1300)); // past the 1 s window
+    scraper.connect(&kubelet).expect("connect");
+    lookalike.connect(&kubelet).expect("connect");
+    let records = daemon.wait_records("the look-alike again", Duration::from_secs(5), |r| {
+        inbound_alerts(r, LOOKALIKE).len() >= 2
+    });
+    assert_eq!(
+        inbound_alerts(&records, SCRAPER).len(),
+        1,
+        "the scraper alerted after the policy expects it: {records:#?}"
+    );
+    daemon.stop();
+}

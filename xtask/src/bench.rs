@@ -11,6 +11,8 @@
 //!    programs, divided by connections) for (b), (c), (d) and (e) side by side.
 //! 3. The userspace pipeline (criterion: `cargo bench -p k8s-ebpf --bench pipeline`).
 //! 4. A flood from an attacker namespace: `nmap -p-` then a 30,000-connection burst.
+//! 5. The identity cache at cluster scale against the fake Kubernetes API ([`crate::scale`]);
+//!    alone with `--scale-only`, which replaces only that section of docs/bench.md.
 //!
 //! The results go to stdout and to docs/bench.md.
 
@@ -63,10 +65,10 @@ impl Config {
 }
 
 /// A network namespace for one run, deleted on drop.
-struct Ns(String);
+pub(crate) struct Ns(pub(crate) String);
 
 impl Ns {
-    fn new(tag: &str) -> Result<Self> {
+    pub(crate) fn new(tag: &str) -> Result<Self> {
         let name = format!("k8sebpf-bench-{tag}-{}", std::process::id());
         sh_ok(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Ns(name);
@@ -127,7 +129,7 @@ struct DaemonCost {
     programs: BTreeMap<Config, ProgramStats>,
 }
 
-pub fn run(root: &Path, daemon: &Path, storm: &Path) -> Result<()> {
+pub fn run(root: &Path, daemon: &Path, storm: &Path, before: Option<&Path>) -> Result<()> {
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let tools = Tools {
@@ -146,7 +148,10 @@ pub fn run(root: &Path, daemon: &Path, storm: &Path) -> Result<()> {
 
     eprintln!("xtask bench: userspace pipeline (criterion)");
     let pipeline = pipeline_bench()?;
-    let report = render(&storm, &cost, &flood, &pipeline)?;
+    let mut report = render(&storm, &cost, &flood, &pipeline)?;
+    let (rows, speed) = crate::scale::run(root, daemon, before)?;
+    report.push('\n');
+    report.push_str(&crate::scale::render(&rows, &speed)?);
     print!("{report}");
     std::fs::write(root.join("docs/bench.md"), &report)?;
     eprintln!("xtask bench: written to docs/bench.md");
@@ -707,7 +712,7 @@ fn json_number(text: &str, field: &str) -> Result<f64> {
 }
 
 /// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised comm; utime and stime are fields 14 and 15.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -718,7 +723,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+pub(crate) fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -809,11 +814,11 @@ fn prog_name(id: u32) -> Option<String> {
     Some(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
-fn sh_ok(cmd: &mut Command) -> Result<()> {
+pub(crate) fn sh_ok(cmd: &mut Command) -> Result<()> {
     sh_out(cmd).map(drop)
 }
 
-fn sh_out(cmd: &mut Command) -> Result<String> {
+pub(crate) fn sh_out(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot start {cmd:?}"))?;
@@ -826,4 +831,16 @@ fn sh_out(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Only the scale rows: measured, printed, and spliced into docs/bench.md.
+pub fn run_scale(root: &Path, daemon: &Path, before: Option<&Path>) -> Result<()> {
+    let (rows, speed) = crate::scale::run(root, daemon, before)?;
+    let section = crate::scale::render(&rows, &speed)?;
+    print!("{section}");
+    let path = root.join("docs/bench.md");
+    let report = std::fs::read_to_string(&path).unwrap_or_default();
+    std::fs::write(&path, crate::scale::splice(&report, &section))?;
+    eprintln!("xtask bench: scale section written to docs/bench.md");
+    Ok(())
 }

@@ -8,6 +8,7 @@ mod bootstrap;
 mod image;
 mod kernels;
 mod npm;
+mod scale;
 mod soak;
 
 use std::{
@@ -48,7 +49,15 @@ enum Cmd {
     Vm,
     /// Benchmarks against a baseline and peer tools measured in the same run; writes
     /// docs/bench.md (needs root).
-    Bench,
+    Bench {
+        /// Only the identity-at-scale rows (fake API, 0 / 20k / 150k pods); replaces that
+        /// section of docs/bench.md.
+        #[arg(long)]
+        scale_only: bool,
+        /// Another daemon binary (e.g. an older build) measured in the scale rows too.
+        #[arg(long)]
+        before: Option<std::path::PathBuf>,
+    },
     /// The daemon under mixed traffic for a bounded time; fails if its memory grows more
     /// than 5 % after the first minute (needs root).
     Soak {
@@ -74,12 +83,20 @@ fn main() -> Result<()> {
             let bin = build_daemon()?;
             kernels::run_matrix(&root, &bin, &build_synprobe()?)
         }
-        Cmd::Bench => {
+        Cmd::Bench { scale_only, before } => {
             bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
             if !bootstrap::is_root() {
                 bail!("the benchmarks load eBPF programs and create network namespaces: run `cargo xtask bench` as root");
             }
             let bin = std::fs::canonicalize(build_daemon()?)?;
+            let before = before
+                .map(|b| {
+                    std::fs::canonicalize(&b).with_context(|| format!("--before {}", b.display()))
+                })
+                .transpose()?;
+            if scale_only {
+                return bench::run_scale(&root, &bin, before.as_deref());
+            }
             cargo(&[
                 "build",
                 "--release",
@@ -89,7 +106,7 @@ fn main() -> Result<()> {
                 "storm",
             ])?;
             let storm = std::fs::canonicalize(target_dir().join("release/storm"))?;
-            bench::run(&root, &bin, &storm)
+            bench::run(&root, &bin, &storm, before.as_deref())
         }
         Cmd::Soak { minutes } => {
             bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;

@@ -212,8 +212,8 @@ fn port_scan_is_declared_once_beside_the_per_port_alerts() {
 #[test]
 fn a_scanner_known_to_the_cluster_is_named() {
     let pod = crate::identity::PodIdentity {
-        namespace: "tools".to_owned(),
-        name: "nmap-1".to_owned(),
+        namespace: "tools".into(),
+        name: "nmap-1".into(),
         ..Default::default()
     };
     let scanner = crate::identity::PeerIdentity {

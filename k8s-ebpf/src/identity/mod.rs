@@ -6,6 +6,12 @@
 //! (its EndpointSlices: the API servers). [`watch`] keeps them current from list and watch
 //! calls; this module is the plain data structure, testable without a cluster.
 //!
+//! Sized for a cluster's worth of pods (150,000 at Kubernetes' documented limits): strings
+//! many pods share (namespaces, label keys and values, service accounts, node names) are
+//! held once ([`Interner`]), a pod keeps only the labels the policy's selectors name plus a
+//! few for alerts ([`LabelKeys`]), and container ids only for this node's pods (the only
+//! ones looked up by container).
+//!
 //! Lookups favour the most specific answer: an address can be a node's and, for the API
 //! server, also an `apiserver` endpoint. Pods on the host network share their node's
 //! address and are not indexed by it (the peer is then the node). A pod that finished
@@ -17,15 +23,17 @@
 //! its pod already listed once another pod has taken it, an update older than the version
 //! held (by `resourceVersion`) is ignored, and a deleted pod (by uid) does not come back.
 
+mod pod_index;
 #[cfg(feature = "kubernetes")]
 pub mod watch;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     net::IpAddr,
     sync::{Arc, RwLock},
 };
 
+use self::pod_index::{PodsByIp, PodsByName};
 use crate::capture::Observation;
 
 /// Label keys that give a node its roles: `node-role.kubernetes.io/<role>` (any value).
@@ -62,22 +70,310 @@ impl NodeIdentity {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodIdentity {
-    pub namespace: String,
-    pub name: String,
-    pub uid: Option<String>,
-    /// `metadata.resourceVersion` of the update this came from.
-    pub resource_version: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    pub service_account: Option<String>,
+    pub namespace: SharedStr,
+    pub name: Box<str>,
+    pub uid: Option<PodUid>,
+    /// `metadata.resourceVersion` of the update this came from, when it is a number (an
+    /// etcd revision; see [`is_older`]).
+    pub resource_version: Option<std::num::NonZeroU64>,
+    /// The labels kept ([`LabelKeys`]), not necessarily all the pod has.
+    pub labels: Labels,
+    pub service_account: Option<SharedStr>,
     /// The node it is scheduled on.
-    pub node_name: Option<String>,
+    pub node_name: Option<SharedStr>,
     pub host_network: bool,
     /// `status.podIPs` (empty before the pod has an address).
-    pub ips: Vec<IpAddr>,
-    /// Container ids without the runtime prefix (`containerd://`).
-    pub container_ids: Vec<String>,
+    pub ips: PodIps,
+    /// Container ids without the runtime prefix (`containerd://`); kept for this node's
+    /// pods only.
+    pub container_ids: Box<[Box<str>]>,
     /// `Succeeded` or `Failed`: its address may already belong to another pod.
     pub finished: bool,
+}
+
+/// A string many cached pods share (namespace, service account, node name, label key or
+/// value), held once ([`Interner`]); a thin pointer, so each use costs 8 bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SharedStr(Arc<String>);
+
+impl std::ops::Deref for SharedStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for SharedStr {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for SharedStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for SharedStr {
+    fn from(s: &str) -> Self {
+        Self(Arc::new(s.to_owned()))
+    }
+}
+
+impl From<String> for SharedStr {
+    fn from(s: String) -> Self {
+        Self(Arc::new(s))
+    }
+}
+
+impl SharedStr {
+    pub fn ptr_eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.0) > 1
+    }
+}
+
+/// `status.podIPs`: at most one address per family (the API server rejects more), held
+/// in place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodIps {
+    addresses: [Option<IpAddr>; 2],
+}
+
+impl PodIps {
+    pub fn iter(&self) -> impl Iterator<Item = &IpAddr> {
+        self.addresses.iter().flatten()
+    }
+
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.addresses[0].is_none()
+    }
+
+    pub fn get(&self, index: usize) -> Option<&IpAddr> {
+        self.iter().nth(index)
+    }
+}
+
+/// The first two addresses (a third cannot come from a valid pod).
+impl FromIterator<IpAddr> for PodIps {
+    fn from_iter<I: IntoIterator<Item = IpAddr>>(iter: I) -> Self {
+        let mut ips = Self::default();
+        for (slot, ip) in ips.addresses.iter_mut().zip(iter) {
+            *slot = Some(ip);
+        }
+        ips
+    }
+}
+
+impl From<Vec<IpAddr>> for PodIps {
+    fn from(v: Vec<IpAddr>) -> Self {
+        v.into_iter().collect()
+    }
+}
+
+/// `metadata.uid`. The API server assigns UUIDs: held as their 16 bytes; anything else
+/// (a uid from another writer) as written.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PodUid {
+    Uuid([u8; 16]),
+    Other(Box<str>),
+}
+
+impl PodUid {
+    pub fn new(uid: &str) -> Self {
+        match uuid::Uuid::try_parse(uid) {
+            // Only the canonical spelling round-trips: any other is kept as written.
+            Ok(u) if u.hyphenated().to_string() == uid => Self::Uuid(u.into_bytes()),
+            _ => Self::Other(uid.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for PodUid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Uuid(bytes) => uuid::Uuid::from_bytes(*bytes).hyphenated().fmt(f),
+            Self::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+impl From<&str> for PodUid {
+    fn from(uid: &str) -> Self {
+        Self::new(uid)
+    }
+}
+
+/// A pod's labels, sorted by key. Pods of one workload have the same kept labels: the
+/// whole set is shared ([`LabelSets`]), and so are its keys and values.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Labels(Arc<Vec<(SharedStr, SharedStr)>>);
+
+impl Labels {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*self.0[i].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sets `key` (replacing its value).
+    pub fn insert(&mut self, key: impl Into<SharedStr>, value: impl Into<SharedStr>) {
+        let mut v: Vec<_> = self.0.to_vec();
+        let key = key.into();
+        v.retain(|(k, _)| *k != key);
+        v.push((key, value.into()));
+        *self = Self::from_pairs(v);
+    }
+
+    /// For the alert's `kubernetes.labels`.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    /// From pairs in any order (a repeated key keeps its first value).
+    pub fn from_pairs(mut v: Vec<(SharedStr, SharedStr)>) -> Self {
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.dedup_by(|a, b| a.0 == b.0);
+        v.shrink_to_fit();
+        Self(Arc::new(v))
+    }
+}
+
+/// One copy of each distinct label set; sets no pod holds any more are dropped by
+/// [`LabelSets::prune`].
+#[derive(Debug, Default)]
+pub struct LabelSets(HashSet<Labels>);
+
+impl LabelSets {
+    pub fn intern(&mut self, labels: Labels) -> Labels {
+        if let Some(held) = self.0.get(&labels) {
+            return held.clone();
+        }
+        self.0.insert(labels.clone());
+        labels
+    }
+
+    pub fn prune(&mut self) {
+        self.0.retain(|l| Arc::strong_count(&l.0) > 1);
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Labels {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Self::from_pairs(
+            iter.into_iter()
+                .map(|(k, v)| (SharedStr::from(k.as_ref()), SharedStr::from(v.as_ref())))
+                .collect(),
+        )
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<str>, const N: usize> From<[(K, V); N]> for Labels {
+    fn from(pairs: [(K, V); N]) -> Self {
+        pairs.into_iter().collect()
+    }
+}
+
+/// Labels alerts show even when no selector names them: what a person reads to tell
+/// which workload a pod belongs to. Bounded, so a pod with hundreds of labels costs no
+/// more than one with a few.
+pub const ALERT_LABELS: [&str; 8] = [
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/component",
+    "app",
+    "k8s-app",
+    "component",
+    "tier",
+    // `kubectl run` sets it: the pod someone started by hand, an attacker's first step.
+    "run",
+];
+
+/// Which pod labels the cache keeps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LabelKeys {
+    /// Every label (`k8s-ebpf learn`, which writes selectors from them).
+    #[default]
+    All,
+    /// The keys the policy's selectors name, plus [`ALERT_LABELS`].
+    Only(BTreeSet<String>),
+}
+
+impl LabelKeys {
+    /// `named` (the policy's selector keys) and [`ALERT_LABELS`].
+    pub fn for_selectors(named: impl IntoIterator<Item = String>) -> Self {
+        let mut keys: BTreeSet<String> = named.into_iter().collect();
+        keys.extend(ALERT_LABELS.iter().map(|k| (*k).to_owned()));
+        Self::Only(keys)
+    }
+
+    pub fn keeps(&self, key: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(keys) => keys.contains(key),
+        }
+    }
+
+    /// Whether every label `self` keeps, `held` kept too (no re-list needed).
+    pub fn covered_by(&self, held: &LabelKeys) -> bool {
+        match (self, held) {
+            (_, Self::All) => true,
+            (Self::All, Self::Only(_)) => false,
+            (Self::Only(want), Self::Only(have)) => want.is_subset(have),
+        }
+    }
+}
+
+/// One copy of each string many objects share. Strings no cached object holds any more
+/// are dropped by [`Interner::prune`].
+#[derive(Debug, Default)]
+pub struct Interner(HashSet<SharedStr>);
+
+impl Interner {
+    pub fn intern(&mut self, s: &str) -> SharedStr {
+        if let Some(held) = self.0.get(s) {
+            return held.clone();
+        }
+        let new = SharedStr::from(s);
+        self.0.insert(new.clone());
+        new
+    }
+
+    /// Forgets strings held by nobody but the interner.
+    pub fn prune(&mut self) {
+        self.0.retain(SharedStr::is_shared);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// What the cache knows about one address. All `None`/`false`: nobody we know.
@@ -134,17 +430,17 @@ pub struct IdentityCache {
     /// This node's name: only its pods are indexed by container id.
     local_node: String,
     nodes: HashMap<String, Arc<NodeIdentity>>,
-    pods: HashMap<ObjectKey, Arc<PodIdentity>>,
+    pods: PodsByName,
     /// EndpointSlice → its ready addresses.
     slices: HashMap<ObjectKey, Vec<IpAddr>>,
     node_by_ip: HashMap<IpAddr, Arc<NodeIdentity>>,
-    pod_by_ip: HashMap<IpAddr, Arc<PodIdentity>>,
-    pod_by_container: HashMap<String, Arc<PodIdentity>>,
+    pod_by_ip: PodsByIp,
+    pod_by_container: HashMap<Box<str>, Arc<PodIdentity>>,
     apiserver: BTreeSet<IpAddr>,
     /// Uids of deleted pods, oldest first (at most [`DELETED_PODS_KEPT`]): their late
     /// updates are ignored.
-    deleted_pods: std::collections::VecDeque<String>,
-    deleted_pod_set: std::collections::HashSet<String>,
+    deleted_pods: VecDeque<PodUid>,
+    deleted_pod_set: HashSet<PodUid>,
 }
 
 /// Deleted pod uids remembered. A late update follows its DELETE by moments, not by
@@ -155,7 +451,7 @@ const DELETED_PODS_KEPT: usize = 4096;
 /// hands out its store's revision, which grows with every write; when either side is not
 /// a number the versions are not compared.
 fn revision(pod: &PodIdentity) -> Option<u64> {
-    pod.resource_version.as_deref()?.parse().ok()
+    pod.resource_version.map(std::num::NonZeroU64::get)
 }
 
 /// `update` is older than `held`, the version of the same name already applied (a
@@ -179,6 +475,16 @@ impl IdentityCache {
             pod: self.pod_by_ip.get(&ip).cloned(),
             apiserver: self.apiserver.contains(&ip),
         }
+    }
+
+    /// This node's name.
+    pub fn local_node(&self) -> &str {
+        &self.local_node
+    }
+
+    /// The pod held under that name.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<PodIdentity>> {
+        self.pods.get(namespace, name).cloned()
     }
 
     /// The pod (on this node) that runs container `id` (a full id; a listed prefix of at
@@ -238,7 +544,8 @@ impl IdentityCache {
 
     /// Adds or updates a pod; returns false when the update was stale and ignored (a
     /// deleted pod's, or older than the version held).
-    pub fn apply_pod(&mut self, pod: PodIdentity) -> bool {
+    pub fn apply_pod(&mut self, pod: impl Into<Arc<PodIdentity>>) -> bool {
+        let pod: Arc<PodIdentity> = pod.into();
         if pod
             .uid
             .as_ref()
@@ -246,47 +553,49 @@ impl IdentityCache {
         {
             return false;
         }
-        let key = (pod.namespace.clone(), pod.name.clone());
-        if self.pods.get(&key).is_some_and(|held| is_older(&pod, held)) {
+        if self
+            .pods
+            .get(&pod.namespace, &pod.name)
+            .is_some_and(|held| is_older(&pod, held))
+        {
             return false;
         }
         // The addresses this pod listed before this update. If another pod owns one now,
         // it took it after us: listing it again does not take it back.
         let mut listed = BTreeSet::new();
-        if let Some(old) = self.pods.remove(&key) {
+        if let Some(old) = self.pods.remove(&pod.namespace, &pod.name) {
             if old.uid == pod.uid {
                 listed.extend(old.ips.iter().map(|ip| canonical(*ip)));
             }
             self.unindex_pod(&old);
         }
-        let pod = Arc::new(pod);
         self.index_pod(&pod, &listed);
-        self.pods.insert(key, pod);
+        self.pods.insert(pod);
         true
     }
 
     /// Removes the pod named so, if it is the one with `uid` (any, when `None`); a deleted
     /// uid is remembered so that its late updates are ignored.
     pub fn delete_pod(&mut self, namespace: &str, name: &str, uid: Option<&str>) {
-        if let Some(uid) = uid {
+        let uid = uid.map(PodUid::new);
+        if let Some(uid) = &uid {
             self.remember_deleted(uid);
         }
-        let key = (namespace.to_owned(), name.to_owned());
-        let held = self.pods.get(&key);
+        let held = self.pods.get(namespace, name);
         // A DELETE for an earlier pod of the same name leaves the current one alone.
-        if held.is_some_and(|p| uid.is_some() && p.uid.as_deref().is_some_and(|u| Some(u) != uid)) {
+        if held.is_some_and(|p| uid.is_some() && p.uid.is_some() && p.uid != uid) {
             return;
         }
-        if let Some(old) = self.pods.remove(&key) {
+        if let Some(old) = self.pods.remove(namespace, name) {
             self.unindex_pod(&old);
         }
     }
 
-    fn remember_deleted(&mut self, uid: &str) {
-        if !self.deleted_pod_set.insert(uid.to_owned()) {
+    fn remember_deleted(&mut self, uid: &PodUid) {
+        if !self.deleted_pod_set.insert(uid.clone()) {
             return;
         }
-        self.deleted_pods.push_back(uid.to_owned());
+        self.deleted_pods.push_back(uid.clone());
         if self.deleted_pods.len() > DELETED_PODS_KEPT {
             if let Some(oldest) = self.deleted_pods.pop_front() {
                 self.deleted_pod_set.remove(&oldest);
@@ -296,19 +605,22 @@ impl IdentityCache {
 
     /// Replaces every pod (a full list). Where two listed pods claim one address, the one
     /// that owned it before the list keeps it (a list has no order to go by).
-    pub fn replace_pods(&mut self, pods: Vec<PodIdentity>) {
-        let owners: std::collections::HashSet<String> = self
+    pub fn replace_pods<P: Into<Arc<PodIdentity>>>(&mut self, pods: Vec<P>) {
+        let pods: Vec<Arc<PodIdentity>> = pods.into_iter().map(Into::into).collect();
+        let owners: HashSet<PodUid> = self
             .pod_by_ip
-            .values()
+            .pods()
             .filter_map(|p| p.uid.clone())
             .collect();
-        self.pods.clear();
-        self.pod_by_ip.clear();
+        // Released before the list is applied, so a re-list holds one copy of each pod.
+        self.pods = PodsByName::with_capacity(pods.len());
+        self.pod_by_ip = PodsByIp::with_capacity(pods.len());
         self.pod_by_container.clear();
         // Owners last: each listed address goes to the last pod applied that lists it.
         let (owned, others): (Vec<_>, Vec<_>) = pods
             .into_iter()
             .partition(|p| p.uid.as_ref().is_some_and(|u| owners.contains(u)));
+        drop(owners);
         for pod in others.into_iter().chain(owned) {
             self.apply_pod(pod);
         }
@@ -318,16 +630,16 @@ impl IdentityCache {
     /// taken when no other pod holds them.
     fn index_pod(&mut self, pod: &Arc<PodIdentity>, listed: &BTreeSet<IpAddr>) {
         if !pod.host_network && !pod.finished {
-            for ip in &pod.ips {
+            for ip in pod.ips.iter() {
                 let ip = canonical(*ip);
                 if listed.contains(&ip) && self.pod_by_ip.contains_key(&ip) {
                     continue;
                 }
-                self.pod_by_ip.insert(ip, Arc::clone(pod));
+                self.pod_by_ip.insert(ip, pod);
             }
         }
         if pod.node_name.as_deref() == Some(self.local_node.as_str()) {
-            for id in &pod.container_ids {
+            for id in pod.container_ids.iter() {
                 self.pod_by_container.insert(id.clone(), Arc::clone(pod));
             }
         }
@@ -336,13 +648,11 @@ impl IdentityCache {
     fn unindex_pod(&mut self, pod: &Arc<PodIdentity>) {
         // Only remove entries that still point at this pod: a new pod may have taken the
         // address already.
-        for ip in &pod.ips {
+        for ip in pod.ips.iter() {
             let ip = canonical(*ip);
-            if self.pod_by_ip.get(&ip).is_some_and(|p| Arc::ptr_eq(p, pod)) {
-                self.pod_by_ip.remove(&ip);
-            }
+            self.pod_by_ip.remove_if_held_by(&ip, pod);
         }
-        for id in &pod.container_ids {
+        for id in pod.container_ids.iter() {
             if self
                 .pod_by_container
                 .get(id)
@@ -407,6 +717,10 @@ struct Shared {
     /// A Kubernetes API is configured (identities can be resolved at all).
     enabled: bool,
     sync: BTreeMap<Resource, SyncState>,
+    /// The pod labels to keep, and a nudge for the pod watcher to list again when a
+    /// reloaded policy names labels the cache dropped.
+    label_keys: Arc<LabelKeys>,
+    relist_pods: Arc<tokio::sync::Notify>,
 }
 
 impl Identities {
@@ -462,6 +776,11 @@ impl Identities {
         }
     }
 
+    /// Runs `f` on the cache under the read lock.
+    pub fn inspect<T>(&self, f: impl FnOnce(&IdentityCache) -> T) -> T {
+        f(&self.read().cache)
+    }
+
     /// Runs `f` on the cache under the write lock.
     pub fn update<T>(&self, f: impl FnOnce(&mut IdentityCache) -> T) -> T {
         f(&mut self.write().cache)
@@ -469,6 +788,35 @@ impl Identities {
 
     pub fn len(&self, resource: Resource) -> usize {
         self.read().cache.len(resource)
+    }
+
+    pub fn local_node(&self) -> String {
+        self.read().cache.local_node().to_owned()
+    }
+
+    pub fn label_keys(&self) -> Arc<LabelKeys> {
+        Arc::clone(&self.read().label_keys)
+    }
+
+    /// Sets the pod labels to keep. Returns true when `keys` names labels the cached pods
+    /// may lack: the pod watcher then lists again (the cache serves the pods as they are
+    /// until that list completes).
+    pub fn keep_labels(&self, keys: LabelKeys) -> bool {
+        let mut s = self.write();
+        if *s.label_keys == keys {
+            return false;
+        }
+        let relist = !keys.covered_by(&s.label_keys);
+        s.label_keys = Arc::new(keys);
+        if relist {
+            s.relist_pods.notify_one();
+        }
+        relist
+    }
+
+    /// Woken when the pods must be listed again ([`Identities::keep_labels`]).
+    pub fn relist_pods(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.read().relist_pods)
     }
 
     pub fn set_sync(&self, resource: Resource, state: SyncState) {
@@ -605,9 +953,9 @@ mod tests {
         PodIdentity {
             namespace: ns.into(),
             name: name.into(),
-            ips: vec![ip(addr)],
+            ips: vec![ip(addr)].into(),
             node_name: Some("node-a".into()),
-            container_ids: vec![format!("{name:0>64}")],
+            container_ids: vec![format!("{name:0>64}").into()].into(),
             ..PodIdentity::default()
         }
     }
@@ -628,7 +976,7 @@ mod tests {
 
         let p = c.lookup(ip("198.51.100.20"));
         assert_eq!(p.kind(), "pod");
-        assert_eq!(p.pod.as_ref().map(|p| p.name.as_str()), Some("prom"));
+        assert_eq!(p.pod.as_ref().map(|p| &*p.name), Some("prom"));
         let n = c.lookup(ip("::ffff:192.0.2.10"));
         assert_eq!(n.kind(), "node");
         assert!(n.apiserver && n.node.as_ref().is_some_and(|n| n.is_control_plane()));
@@ -661,12 +1009,12 @@ mod tests {
 
     fn versioned(mut p: PodIdentity, uid: &str, rv: u64) -> PodIdentity {
         p.uid = Some(uid.into());
-        p.resource_version = Some(rv.to_string());
+        p.resource_version = std::num::NonZeroU64::new(rv);
         p
     }
 
     fn owner(c: &IdentityCache, addr: &str) -> Option<String> {
-        c.lookup(ip(addr)).pod.map(|p| p.name.clone())
+        c.lookup(ip(addr)).pod.map(|p| p.name.to_string())
     }
 
     /// A terminating pod's last updates still list the address the network has already
@@ -683,7 +1031,7 @@ mod tests {
         // old′: a late MODIFIED of the old pod (newer than the new pod's ADDED, as a
         // terminating pod's status updates are), still listing the address.
         let mut late = versioned(old.clone(), "uid-old", 300);
-        late.labels.insert("phase".into(), "terminating".into());
+        late.labels.insert("phase", "terminating");
         c.apply_pod(late);
         assert_eq!(owner(&c, "198.51.100.5").as_deref(), Some("new"));
 
@@ -714,16 +1062,16 @@ mod tests {
     fn an_older_version_of_a_pod_is_ignored() {
         let mut c = IdentityCache::new("node-a");
         let mut v2 = versioned(pod("a", "web", "198.51.100.6"), "uid-web", 20);
-        v2.labels.insert("version".into(), "2".into());
+        v2.labels.insert("version", "2");
         let mut v1 = versioned(pod("a", "web", "198.51.100.6"), "uid-web", 10);
-        v1.labels.insert("version".into(), "1".into());
+        v1.labels.insert("version", "1");
         c.apply_pod(v2);
         c.apply_pod(v1);
         let p = c.lookup(ip("198.51.100.6")).pod.expect("indexed");
-        assert_eq!(p.labels.get("version").map(String::as_str), Some("2"));
+        assert_eq!(p.labels.get("version"), Some("2"));
         // A pod recreated under the same name (a StatefulSet) is a newer object: applied.
         let mut again = versioned(pod("a", "web", "198.51.100.7"), "uid-web-2", 30);
-        again.labels.insert("version".into(), "3".into());
+        again.labels.insert("version", "3");
         c.delete_pod("a", "web", Some("uid-web"));
         c.apply_pod(again);
         assert_eq!(owner(&c, "198.51.100.7").as_deref(), Some("web"));
@@ -752,6 +1100,68 @@ mod tests {
         assert_eq!(c.lookup(ip("198.51.100.1")).kind(), "unknown");
         assert_eq!(c.lookup(ip("198.51.100.2")).kind(), "pod");
         assert_eq!(c.len(Resource::Pods), 1);
+    }
+
+    #[test]
+    fn uids_round_trip_and_other_spellings_stay_as_written() {
+        let canonical = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let u = PodUid::new(canonical);
+        assert!(matches!(u, PodUid::Uuid(_)));
+        assert_eq!(u.to_string(), canonical);
+        // Upper case parses as the same UUID but is another string: kept as written, so
+        // it is not equal to the lower-case uid (the API compares uids as strings).
+        let upper = PodUid::new(&canonical.to_uppercase());
+        assert!(matches!(upper, PodUid::Other(_)));
+        assert_ne!(upper, u);
+        assert_eq!(PodUid::new("uid-old").to_string(), "uid-old");
+    }
+
+    #[test]
+    fn label_keys_decide_when_to_list_again() {
+        let default = LabelKeys::for_selectors(["team".to_owned()]);
+        assert!(default.keeps("team") && default.keeps("app.kubernetes.io/name"));
+        assert!(!default.keeps("pod-template-hash"));
+        let more = LabelKeys::for_selectors(["team".to_owned(), "tier2".to_owned()]);
+        assert!(!more.covered_by(&default), "a new key needs a new list");
+        assert!(default.covered_by(&more), "fewer keys need none");
+        assert!(more.covered_by(&LabelKeys::All));
+        assert!(!LabelKeys::All.covered_by(&more));
+
+        let h = Identities::new("n");
+        assert!(
+            !h.keep_labels(default.clone()),
+            "All → a subset: nothing to list"
+        );
+        assert_eq!(*h.label_keys(), default);
+        assert!(h.keep_labels(more), "a key the cache dropped: list again");
+    }
+
+    #[test]
+    fn labels_are_sorted_shared_and_looked_up_by_key() {
+        let l: Labels = [("b", "2"), ("a", "1"), ("b", "3")].into();
+        assert_eq!(l.iter().collect::<Vec<_>>(), [("a", "1"), ("b", "2")]);
+        assert_eq!(l.get("a"), Some("1"));
+        assert_eq!(l.get("c"), None);
+        let mut sets = LabelSets::default();
+        let one = sets.intern(l.clone());
+        let two = sets.intern([("a", "1"), ("b", "2")].into());
+        assert!(Arc::ptr_eq(&one.0, &two.0));
+        drop((l, one, two));
+        sets.prune();
+        assert!(sets.0.is_empty());
+    }
+
+    /// Kubernetes allows one address per family; a third is not kept (and not indexed).
+    #[test]
+    fn a_pod_holds_at_most_two_addresses() {
+        let ips: PodIps = vec![ip("198.51.100.1"), ip("2001:db8::1"), ip("198.51.100.2")].into();
+        assert_eq!(ips.len(), 2);
+        let mut c = IdentityCache::new("node-a");
+        let mut p = pod("a", "dual", "198.51.100.1");
+        p.ips = ips;
+        c.apply_pod(p);
+        assert_eq!(owner(&c, "2001:db8::1").as_deref(), Some("dual"));
+        assert_eq!(owner(&c, "198.51.100.2"), None);
     }
 
     #[test]

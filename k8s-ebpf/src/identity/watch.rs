@@ -9,13 +9,21 @@
 //! once (so objects deleted while we were not watching disappear), every error is counted
 //! in `k8s_ebpf_kubernetes_api_errors_total{resource,reason}` and logged with what it
 //! means, and [`SyncState`] tells readiness whether each resource is current.
+//!
+//! Pods and Nodes are read into [`ListedPod`] and [`ListedNode`], not k8s-openapi's full
+//! types: serde skips every field they do not name (annotations, managedFields, specs,
+//! conditions, images) without allocating it, so a 500-object page costs what the cache
+//! keeps of it, not the whole objects.
 
-use std::{net::IpAddr, path::Path, sync::Arc};
+use std::{borrow::Cow, collections::BTreeMap, net::IpAddr, path::Path, sync::Arc};
 
 use futures_util::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::{
-    core::v1::{Node, Pod},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Pod},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
@@ -25,11 +33,158 @@ use kube::{
     },
     Api, Client, Config, ResourceExt as _,
 };
+use serde::Deserialize;
 use tokio::{sync::watch as signal, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use super::{Identities, NodeIdentity, ObjectKey, PodIdentity, Resource, SyncState};
+use super::{
+    Identities, Interner, LabelKeys, LabelSets, Labels, NodeIdentity, ObjectKey, PodIdentity,
+    PodUid, Resource, SyncState,
+};
 use crate::metrics::Metrics;
+
+/// The metadata the cache uses; the rest of `metadata` is skipped while parsing.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListedMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+fn listed_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = ListedMeta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        labels: m.labels,
+        ..ObjectMeta::default()
+    })
+}
+
+/// A Pod as the identity cache reads it from the API.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ListedPod {
+    #[serde(deserialize_with = "listed_meta", default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<ListedPodSpec>,
+    #[serde(default)]
+    status: Option<ListedPodStatus>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListedPodSpec {
+    service_account_name: Option<String>,
+    node_name: Option<String>,
+    host_network: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct ListedPodStatus {
+    phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(rename = "podIPs")]
+    pod_ips: Option<Vec<ListedPodIp>>,
+    #[serde(rename = "containerStatuses")]
+    container_statuses: Option<Vec<ListedContainer>>,
+    #[serde(rename = "initContainerStatuses")]
+    init_container_statuses: Option<Vec<ListedContainer>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct ListedPodIp {
+    ip: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct ListedContainer {
+    #[serde(rename = "containerID")]
+    container_id: Option<String>,
+}
+
+/// A Node as the identity cache reads it from the API.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ListedNode {
+    #[serde(deserialize_with = "listed_meta", default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    status: Option<ListedNodeStatus>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct ListedNodeStatus {
+    addresses: Option<Vec<ListedNodeAddress>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct ListedNodeAddress {
+    #[serde(rename = "type")]
+    type_: String,
+    address: String,
+}
+
+/// The API's names for the trimmed types are those of the full ones.
+macro_rules! api_resource_as {
+    ($listed:ty, $full:ty) => {
+        impl kube::Resource for $listed {
+            type DynamicType = ();
+            type Scope = <$full as kube::Resource>::Scope;
+            fn kind(dt: &()) -> Cow<'_, str> {
+                <$full as kube::Resource>::kind(dt)
+            }
+            fn group(dt: &()) -> Cow<'_, str> {
+                <$full as kube::Resource>::group(dt)
+            }
+            fn version(dt: &()) -> Cow<'_, str> {
+                <$full as kube::Resource>::version(dt)
+            }
+            fn plural(dt: &()) -> Cow<'_, str> {
+                <$full as kube::Resource>::plural(dt)
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+api_resource_as!(ListedPod, Pod);
+api_resource_as!(ListedNode, Node);
+
+/// What a watcher needs to reduce objects: this node's name, the labels to keep, and the
+/// strings already held.
+pub struct Reducer {
+    local_node: String,
+    label_keys: Arc<LabelKeys>,
+    strings: Interner,
+    label_sets: LabelSets,
+}
+
+impl Reducer {
+    pub fn new(local_node: impl Into<String>, label_keys: Arc<LabelKeys>) -> Self {
+        Self {
+            local_node: local_node.into(),
+            label_keys,
+            strings: Interner::default(),
+            label_sets: LabelSets::default(),
+        }
+    }
+
+    /// Drops shared strings and label sets no cached object holds any more.
+    fn prune(&mut self) {
+        self.label_sets.prune();
+        self.strings.prune();
+    }
+}
 
 /// The Service whose endpoints are the API servers.
 const APISERVER_SERVICE: &str = "kubernetes";
@@ -223,7 +378,8 @@ pub async fn local_node(
     ))
 }
 
-/// Starts the three watchers; they run until `stop` turns true.
+/// Starts the three watchers; they run until `stop` turns true. Pods are listed again when
+/// [`Identities::keep_labels`] names labels the cache dropped.
 pub fn spawn(
     client: Client,
     identities: Identities,
@@ -231,8 +387,8 @@ pub fn spawn(
     stop: signal::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     identities.enable();
-    let nodes = Api::<Node>::all(client.clone());
-    let pods = Api::<Pod>::all(client.clone());
+    let nodes = Api::<ListedNode>::all(client.clone());
+    let pods = Api::<ListedPod>::all(client.clone());
     let slices = Api::<EndpointSlice>::namespaced(client, APISERVER_NAMESPACE);
     let slice_config = watcher::Config::default()
         .labels(&format!("kubernetes.io/service-name={APISERVER_SERVICE}"));
@@ -274,15 +430,20 @@ trait Watched:
     + 'static
 {
     type Reduced: Send;
-    fn reduce(self) -> Self::Reduced;
+    fn reduce(self, r: &mut Reducer) -> Self::Reduced;
     fn apply(cache: &mut super::IdentityCache, item: Self::Reduced);
     fn delete(cache: &mut super::IdentityCache, obj: &Self);
     fn replace(cache: &mut super::IdentityCache, items: Vec<Self::Reduced>);
+    /// During a re-list: the cache's own copy when `item` is what it already holds, so
+    /// the list in progress does not hold a second copy of every unchanged object.
+    fn reuse(_cache: &super::IdentityCache, item: Self::Reduced) -> Self::Reduced {
+        item
+    }
 }
 
-impl Watched for Node {
+impl Watched for ListedNode {
     type Reduced = NodeIdentity;
-    fn reduce(self) -> NodeIdentity {
+    fn reduce(self, _: &mut Reducer) -> NodeIdentity {
         let roles = NodeIdentity::roles_from_labels(self.labels());
         let addresses = self
             .status
@@ -309,9 +470,10 @@ impl Watched for Node {
     }
 }
 
-impl Watched for Pod {
-    type Reduced = PodIdentity;
-    fn reduce(self) -> PodIdentity {
+impl Watched for ListedPod {
+    // Shared from here on: the list in progress holds pointers, not pods.
+    type Reduced = Arc<PodIdentity>;
+    fn reduce(self, r: &mut Reducer) -> Arc<PodIdentity> {
         let spec = self.spec.unwrap_or_default();
         let status = self.status.unwrap_or_default();
         let mut ips: Vec<IpAddr> = status
@@ -328,30 +490,46 @@ impl Watched for Pod {
                     .and_then(|ip| ip.parse::<IpAddr>().ok()),
             );
         }
+        // Only this node's pods are looked up by container (the local process's pod).
+        let local = spec.node_name.as_deref() == Some(r.local_node.as_str());
         let container_ids = status
             .container_statuses
             .iter()
             .flatten()
             .chain(status.init_container_statuses.iter().flatten())
+            .filter(|_| local)
             .filter_map(|c| c.container_id.as_deref())
             // `containerd://<id>`, `cri-o://<id>`, `docker://<id>`
-            .map(|id| id.rsplit("://").next().unwrap_or(id).to_owned())
+            .map(|id| Box::from(id.rsplit("://").next().unwrap_or(id)))
             .collect();
-        PodIdentity {
-            namespace: self.metadata.namespace.unwrap_or_default(),
-            name: self.metadata.name.unwrap_or_default(),
-            uid: self.metadata.uid,
-            resource_version: self.metadata.resource_version,
-            labels: self.metadata.labels.unwrap_or_default(),
-            service_account: spec.service_account_name,
-            node_name: spec.node_name,
+        let strings = &mut r.strings;
+        let labels = self
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .iter()
+            .filter(|(k, _)| r.label_keys.keeps(k))
+            .map(|(k, v)| (strings.intern(k), strings.intern(v)))
+            .collect();
+        Arc::new(PodIdentity {
+            namespace: strings.intern(self.metadata.namespace.as_deref().unwrap_or_default()),
+            name: self.metadata.name.unwrap_or_default().into_boxed_str(),
+            uid: self.metadata.uid.as_deref().map(PodUid::new),
+            resource_version: self
+                .metadata
+                .resource_version
+                .and_then(|v| v.parse().ok())
+                .and_then(std::num::NonZeroU64::new),
+            labels: r.label_sets.intern(Labels::from_pairs(labels)),
+            service_account: spec.service_account_name.map(|s| strings.intern(&s)),
+            node_name: spec.node_name.map(|s| strings.intern(&s)),
             host_network: spec.host_network.unwrap_or(false),
-            ips,
+            ips: ips.into_iter().collect(),
             container_ids,
             finished: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
-        }
+        })
     }
-    fn apply(cache: &mut super::IdentityCache, item: PodIdentity) {
+    fn apply(cache: &mut super::IdentityCache, item: Arc<PodIdentity>) {
         cache.apply_pod(item);
     }
     fn delete(cache: &mut super::IdentityCache, obj: &Self) {
@@ -361,14 +539,20 @@ impl Watched for Pod {
             obj.metadata.uid.as_deref(),
         );
     }
-    fn replace(cache: &mut super::IdentityCache, items: Vec<PodIdentity>) {
+    fn replace(cache: &mut super::IdentityCache, items: Vec<Arc<PodIdentity>>) {
         cache.replace_pods(items);
+    }
+    fn reuse(cache: &super::IdentityCache, item: Arc<PodIdentity>) -> Arc<PodIdentity> {
+        match cache.pod(&item.namespace, &item.name) {
+            Some(held) if *held == *item => held,
+            _ => item,
+        }
     }
 }
 
 impl Watched for EndpointSlice {
     type Reduced = (ObjectKey, Vec<IpAddr>);
-    fn reduce(self) -> (ObjectKey, Vec<IpAddr>) {
+    fn reduce(self, _: &mut Reducer) -> (ObjectKey, Vec<IpAddr>) {
         let genuine = is_apiserver_slice(&self);
         let key = (
             self.metadata.namespace.unwrap_or_default(),
@@ -405,6 +589,9 @@ impl Watched for EndpointSlice {
     }
 }
 
+/// Updates between two prunes of a watcher's interned strings.
+const PRUNE_EVERY: u32 = 10_000;
+
 async fn run<K: Watched>(
     resource: Resource,
     api: Api<K>,
@@ -419,15 +606,35 @@ async fn run<K: Watched>(
     metrics.kubernetes_lists.with_label_values(&[name]);
     metrics.kubernetes_synced.with_label_values(&[name]).set(0);
     metrics.kubernetes_objects.with_label_values(&[name]).set(0);
-    let stream = watcher::watcher(api, config)
-        .default_backoff()
-        .into_stream();
-    futures_util::pin_mut!(stream);
+    let start = || {
+        watcher::watcher(api.clone(), config.clone())
+            .default_backoff()
+            .into_stream()
+            .boxed()
+    };
+    let mut stream = start();
+    let relist = identities.relist_pods();
+    let mut reducer = Reducer::new(identities.local_node(), identities.label_keys());
     // Objects of the list in progress; swapped into the cache whole at InitDone.
     let mut listing: Option<Vec<K::Reduced>> = None;
+    // Updates since the interner last dropped strings no pod holds any more (churn brings
+    // new label values and service accounts; a re-list prunes too).
+    let mut applied = 0u32;
     loop {
         let next = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
+            // A reloaded policy names pod labels the cache dropped: list again (the cache
+            // answers as it is until the new list replaces it).
+            _ = relist.notified(), if resource == Resource::Pods => {
+                info!(resource = name, "the policy names new pod labels: listing pods again");
+                // Not ready until the list holds the labels the new selectors compare.
+                identities.set_sync(resource, SyncState::default());
+                metrics.kubernetes_synced.with_label_values(&[name]).set(0);
+                reducer.label_keys = identities.label_keys();
+                listing = None;
+                stream = start();
+                continue;
+            }
             next = stream.next() => next,
         };
         let Some(next) = next else {
@@ -438,13 +645,22 @@ async fn run<K: Watched>(
             Ok(Event::Init) => listing = Some(Vec::new()),
             Ok(Event::InitApply(obj)) => {
                 if let Some(l) = listing.as_mut() {
-                    l.push(obj.reduce());
+                    let reduced = obj.reduce(&mut reducer);
+                    l.push(identities.inspect(|c| K::reuse(c, reduced)));
                 }
             }
             Ok(Event::InitDone) => {
                 let items = listing.take().unwrap_or_default();
                 let count = items.len();
                 identities.update(|c| K::replace(c, items));
+                reducer.prune();
+                // The list's pages were parsed and freed between the objects kept: hand
+                // the free pages back instead of keeping them for the daemon's lifetime.
+                // SAFETY: malloc_trim has no preconditions.
+                #[cfg(target_env = "gnu")]
+                unsafe {
+                    libc::malloc_trim(0);
+                }
                 let first = !identities.sync(resource).synced;
                 identities.set_sync(
                     resource,
@@ -464,7 +680,12 @@ async fn run<K: Watched>(
                 }
             }
             Ok(Event::Apply(obj)) => {
-                let reduced = obj.reduce();
+                let reduced = obj.reduce(&mut reducer);
+                applied += 1;
+                if applied >= PRUNE_EVERY {
+                    applied = 0;
+                    reducer.prune();
+                }
                 identities.update(|c| K::apply(c, reduced));
             }
             Ok(Event::Delete(obj)) => identities.update(|c| K::delete(c, &obj)),
@@ -590,9 +811,13 @@ fn explain(resource: Resource, reason: &str) -> String {
 mod tests {
     use super::*;
 
+    fn reducer(keys: LabelKeys) -> Reducer {
+        Reducer::new("node-a", Arc::new(keys))
+    }
+
     #[test]
     fn pods_reduce_to_what_the_policy_uses() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
+        let pod: ListedPod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "prom-0", "namespace": "monitoring", "uid": "u1",
                          "labels": {"app.kubernetes.io/name": "prometheus"}},
             "spec": {"serviceAccountName": "prometheus", "nodeName": "node-a",
@@ -603,27 +828,106 @@ mod tests {
                          "image": "i", "imageID": "", "ready": true, "restartCount": 0}]}
         }))
         .expect("pod JSON");
-        let p = pod.reduce();
-        assert_eq!(
-            (p.namespace.as_str(), p.name.as_str()),
-            ("monitoring", "prom-0")
-        );
+        let p = pod.reduce(&mut reducer(LabelKeys::All));
+        assert_eq!((&*p.namespace, &*p.name), ("monitoring", "prom-0"));
         assert_eq!(p.ips.len(), 2);
-        assert_eq!(p.container_ids, vec!["abc123".to_owned()]);
+        assert_eq!(&*p.container_ids, &[Box::<str>::from("abc123")]);
         assert_eq!(p.service_account.as_deref(), Some("prometheus"));
+        assert_eq!(p.labels.get("app.kubernetes.io/name"), Some("prometheus"));
         assert!(!p.finished && !p.host_network);
+    }
+
+    /// What the real API sends and the trimmed type skips (annotations, managedFields,
+    /// the spec's containers and volumes, conditions) parses, and only what the policy
+    /// names (plus the alert labels) is kept; other nodes' pods keep no container ids.
+    #[test]
+    fn a_full_pod_keeps_only_named_labels_and_local_container_ids() {
+        let json = serde_json::json!({
+            "kind": "Pod", "apiVersion": "v1",
+            "metadata": {"name": "web-5d8f-x", "namespace": "shop", "uid": "u2",
+                         "resourceVersion": "4711",
+                         "labels": {"app": "web", "pod-template-hash": "5d8f", "team": "a",
+                                    "tier": "frontend"},
+                         "annotations": {"checksum/config": "0123"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                              "name": "web-5d8f", "uid": "r1"}],
+                         "managedFields": [{"manager": "kcm", "fieldsV1": {"f:metadata": {}}}]},
+            "spec": {"serviceAccountName": "web", "nodeName": "node-b",
+                     "containers": [{"name": "web", "image": "web:1",
+                                     "env": [{"name": "A", "value": "b"}]}],
+                     "volumes": [{"name": "v", "emptyDir": {}}]},
+            "status": {"phase": "Running", "podIP": "2001:db8::5",
+                       "conditions": [{"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "web", "containerID": "containerd://f00d",
+                                              "state": {"running": {}}}]}
+        });
+        let listed: ListedPod = serde_json::from_value(json.clone()).expect("pod JSON");
+        let keys = LabelKeys::for_selectors(["team".to_owned()]);
+        let mut r = reducer(keys);
+        let p = listed.reduce(&mut r);
+        let kept: Vec<_> = p.labels.iter().collect();
+        assert_eq!(kept, [("app", "web"), ("team", "a"), ("tier", "frontend")]);
+        assert_eq!(p.resource_version.map(|v| v.get()), Some(4711));
+        assert_eq!(p.ips.len(), 1);
+        assert!(
+            p.container_ids.is_empty(),
+            "node-b's pod kept container ids"
+        );
+        // The same pod on this node keeps them; strings shared between pods are one copy.
+        let mut local = json;
+        local["spec"]["nodeName"] = "node-a".into();
+        local["metadata"]["name"] = "web-5d8f-y".into();
+        let q = serde_json::from_value::<ListedPod>(local)
+            .expect("pod JSON")
+            .reduce(&mut r);
+        assert_eq!(&*q.container_ids, &[Box::<str>::from("f00d")]);
+        assert!(p.namespace.ptr_eq(&q.namespace));
+        assert!(p
+            .service_account
+            .as_ref()
+            .zip(q.service_account.as_ref())
+            .is_some_and(|(a, b)| a.ptr_eq(b)));
+    }
+
+    /// A re-list (410 Gone) holds one copy of each unchanged pod: the cache's own.
+    #[test]
+    fn a_relist_reuses_unchanged_pods() {
+        let json = serde_json::json!({
+            "metadata": {"name": "web-0", "namespace": "shop", "uid": "u3",
+                         "resourceVersion": "10", "labels": {"app": "web"}},
+            "spec": {"nodeName": "node-b"},
+            "status": {"phase": "Running", "podIP": "198.51.100.40"}
+        });
+        let mut r = reducer(LabelKeys::All);
+        let read = |r: &mut Reducer, v: &serde_json::Value| {
+            serde_json::from_value::<ListedPod>(v.clone())
+                .expect("pod JSON")
+                .reduce(r)
+        };
+        let mut cache = super::super::IdentityCache::new("node-a");
+        cache.apply_pod(read(&mut r, &json));
+        let held = cache.pod("shop", "web-0").expect("held");
+        let again = ListedPod::reuse(&cache, read(&mut r, &json));
+        assert!(Arc::ptr_eq(&held, &again), "an unchanged pod was copied");
+        let mut changed = json;
+        changed["metadata"]["resourceVersion"] = "11".into();
+        let newer = ListedPod::reuse(&cache, read(&mut r, &changed));
+        assert!(
+            !Arc::ptr_eq(&held, &newer),
+            "a changed pod kept the old copy"
+        );
     }
 
     #[test]
     fn nodes_keep_internal_ips_and_roles() {
-        let node: Node = serde_json::from_value(serde_json::json!({
+        let node: ListedNode = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "cp-1", "labels": {"node-role.kubernetes.io/control-plane": ""}},
             "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"},
                                      {"type": "Hostname", "address": "cp-1"},
                                      {"type": "ExternalIP", "address": "203.0.113.10"}]}
         }))
         .expect("node JSON");
-        let n = node.reduce();
+        let n = node.reduce(&mut reducer(LabelKeys::All));
         assert!(n.is_control_plane());
         assert_eq!(
             n.addresses,
@@ -654,17 +958,17 @@ mod tests {
             slice("kubernetes", managed),
         ] {
             let name = fake.metadata.name.clone();
-            let (_, addresses) = fake.reduce();
+            let (_, addresses) = fake.reduce(&mut reducer(LabelKeys::All));
             assert!(addresses.is_empty(), "{name:?} counted as an API server");
         }
         // The kube-apiserver's own: `kubernetes` (and `kubernetes-v6` for the second
         // family of a dual-stack cluster), with the service-name label only.
-        let (_, addresses) = slice("kubernetes", svc()).reduce();
+        let (_, addresses) = slice("kubernetes", svc()).reduce(&mut reducer(LabelKeys::All));
         assert_eq!(addresses.len(), 1);
         let mut v6: EndpointSlice = slice("kubernetes-v6", svc());
         v6.address_type = "IPv6".into();
         v6.endpoints[0].addresses = vec!["2001:db8::66".into()];
-        assert_eq!(v6.reduce().1.len(), 1);
+        assert_eq!(v6.reduce(&mut reducer(LabelKeys::All)).1.len(), 1);
     }
 
     #[test]
@@ -676,7 +980,7 @@ mod tests {
                           {"addresses": ["192.0.2.11"], "conditions": {"ready": false}}]
         }))
         .expect("slice JSON");
-        let (_, addresses) = s.reduce();
+        let (_, addresses) = s.reduce(&mut reducer(LabelKeys::All));
         assert_eq!(addresses, vec!["192.0.2.10".parse::<IpAddr>().expect("ip")]);
     }
 }

@@ -160,14 +160,16 @@ impl PeerSelector {
                 id.node.as_ref().is_some_and(|n| n.is_control_plane())
             }
             Self::Pods { namespace, labels } => id.pod.as_ref().is_some_and(|p| {
-                namespace.as_ref().is_none_or(|ns| *ns == p.namespace)
-                    && labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                namespace.as_ref().is_none_or(|ns| **ns == *p.namespace)
+                    && labels
+                        .iter()
+                        .all(|(k, v)| p.labels.get(k) == Some(v.as_str()))
             }),
             Self::ServiceAccounts(accounts) => id.pod.as_ref().is_some_and(|p| {
                 let sa = p.service_account.as_deref().unwrap_or("default");
                 accounts
                     .iter()
-                    .any(|(ns, name)| *ns == p.namespace && name == sa)
+                    .any(|(ns, name)| **ns == *p.namespace && name == sa)
             }),
             Self::Apiserver => id.apiserver,
         }
@@ -291,8 +293,10 @@ impl ExpectedClients {
 
     pub fn allows_pod(&self, pod: &PodIdentity) -> bool {
         self.pods.iter().any(|(namespace, labels)| {
-            namespace.as_ref().is_none_or(|ns| *ns == pod.namespace)
-                && labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+            namespace.as_ref().is_none_or(|ns| **ns == *pod.namespace)
+                && labels
+                    .iter()
+                    .all(|(k, v)| pod.labels.get(k) == Some(v.as_str()))
         })
     }
 
@@ -515,6 +519,23 @@ impl Policy {
         self.rules
             .values()
             .any(|r| !r.expected_peers.selectors.is_empty())
+    }
+
+    /// The pod label keys the policy's selectors name (expected peers and expected
+    /// clients): the identity cache keeps these (and a few for alerts), no others.
+    pub fn pod_label_keys(&self) -> BTreeSet<String> {
+        let mut keys = BTreeSet::new();
+        for rule in self.rules.values() {
+            for selector in &rule.expected_peers.selectors {
+                if let PeerSelector::Pods { labels, .. } = selector {
+                    keys.extend(labels.keys().cloned());
+                }
+            }
+            for (_, labels) in &rule.expected_clients.pods {
+                keys.extend(labels.keys().cloned());
+            }
+        }
+        keys
     }
 
     /// The ports the kernel should watch.

@@ -574,3 +574,20 @@ fn extends_and_profile_errors_are_positioned() {
     .unwrap_err();
     assert!(bad.to_string().contains("y.yaml:6:"), "{bad}");
 }
+
+/// The label keys the cache must keep for the default policy: what its selectors compare.
+#[test]
+fn the_default_policy_names_its_selector_label_keys() {
+    let keys = Policy::embedded_default().pod_label_keys();
+    let expected: BTreeSet<String> = [
+        "app",
+        "app.kubernetes.io/name",
+        "component",
+        "k8s-app",
+        "tier",
+    ]
+    .iter()
+    .map(|k| (*k).to_owned())
+    .collect();
+    assert_eq!(keys, expected);
+}
