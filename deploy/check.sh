@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Validates the deployment offline (after a one-time install of pinned tools):
-#   1. deploy/base/policy.yaml is still the embedded default policy;
+#   1. deploy/base/policy.yaml picks no profile (the DaemonSet runs --profile auto);
 #   2. the base and every overlay render with kustomize (kubectl's, pinned);
 #   3. the invariants policy reload depends on hold in every render;
 #   4. every rendered object, and deploy/examples/*.yaml, validates against the
@@ -52,9 +52,13 @@ if [[ ! -x $venv/bin/python || ! -f $stamp || $(<"$stamp") != "$want" ]]; then
 fi
 export PATH="$venv/bin:$PATH"
 
-# --- 1. The ConfigMap's policy is the daemon's embedded default --------------------------
-cmp -s "$deploy/base/policy.yaml" "$root/k8s-ebpf/policy/default.yaml" \
-    || fail "deploy/base/policy.yaml differs from k8s-ebpf/policy/default.yaml: copy it over"
+# --- 1. The ConfigMap's policy is layered on the detected profile: it must not pick one ---
+# (That it parses on every profile is a unit test: policy::tests.)
+if grep -Eq '^extends:' "$deploy/base/policy.yaml"; then
+    fail "deploy/base/policy.yaml says extends:, which --profile auto refuses"
+fi
+grep -q -- '- auto' "$deploy/base/daemonset.yaml" \
+    || fail "the DaemonSet no longer runs --profile auto: update deploy/README.md and this check"
 
 # --- 2. Render the base and every overlay -------------------------------------------------
 rm -rf "$out"

@@ -39,6 +39,10 @@ enum Command {
     CheckConfig {
         /// The policy file.
         file: PathBuf,
+        /// Check the file layered on this profile (kubeadm, eks, gke, aks, k3s), as
+        /// `run --profile NAME --policy FILE` runs it.
+        #[arg(long)]
+        profile: Option<String>,
     },
     /// List the distribution profiles, one a line; with NAME, print that profile's
     /// policy as YAML (a complete policy: `check-config` accepts it).
@@ -318,7 +322,7 @@ fn main() -> ExitCode {
         };
         match command {
             Command::Run(_) => unreachable!("prepared above"),
-            Command::CheckConfig { file } => check_config(&file),
+            Command::CheckConfig { file, profile } => check_config(&file, profile.as_deref()),
             Command::Profiles { name } => show_profiles(name.as_deref()),
             Command::Ports { json } => {
                 if json {
@@ -388,8 +392,11 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
     })
 }
 
-fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
-    match Policy::read_file(file) {
+fn check_config(file: &std::path::Path, profile: Option<&str>) -> anyhow::Result<()> {
+    let base: Option<Profile> = profile
+        .map(|name| name.parse().map_err(UsageError))
+        .transpose()?;
+    match Policy::read_file_on(file, base) {
         Ok(policy) => {
             let ports: Vec<String> = policy.watched_ports().iter().map(u16::to_string).collect();
             let profile = policy

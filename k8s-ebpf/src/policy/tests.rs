@@ -591,3 +591,21 @@ fn the_default_policy_names_its_selector_label_keys() {
     .collect();
     assert_eq!(keys, expected);
 }
+
+/// The DaemonSet runs `--profile auto --policy` the ConfigMap's file: it must layer on
+/// every profile, pick none itself, and (as shipped, empty) leave each profile as it is.
+#[test]
+fn the_configmaps_policy_layers_on_every_profile() {
+    let text = include_str!("../../../deploy/base/policy.yaml");
+    assert_eq!(Policy::extends_of(text), None);
+    for profile in Profile::ALL {
+        let p = Policy::parse_on(text, "deploy/base/policy.yaml", Some(profile))
+            .unwrap_or_else(|e| panic!("{profile}: {e}"));
+        assert_eq!(p.profile(), Some(profile.name()));
+        assert_eq!(
+            p.rules().collect::<Vec<_>>(),
+            Policy::from_profile(profile).rules().collect::<Vec<_>>(),
+            "{profile}"
+        );
+    }
+}
