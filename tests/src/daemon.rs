@@ -226,8 +226,18 @@ impl Drop for Daemon {
 /// A minimal HTTP/1.1 GET (the endpoint is ours and answers with Content-Length).
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let addr = addr.parse().expect("address");
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    http_get_within(addr, path, Duration::from_secs(1), Duration::from_secs(2))
+}
+
+/// [`http_get`] with its own budgets for connecting and for reading the answer.
+pub fn http_get_within(
+    addr: std::net::SocketAddr,
+    path: &str,
+    connect: Duration,
+    read: Duration,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, connect)?;
+    s.set_read_timeout(Some(read))?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"

@@ -14,7 +14,7 @@
 //! timestamps of the alerts that follow.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Read as _,
     net::{IpAddr, SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt as _,
     path::Path,
@@ -23,7 +23,7 @@ use std::{
 };
 
 use integration_tests::{
-    daemon::{Daemon, METRICS_ADDR},
+    daemon::{http_get_within, Daemon, METRICS_ADDR},
     daemon_bin, interpreter_at, link, privileged, run, wait_for, wait_listening, NetNs, Proc,
 };
 use serde_json::Value;
@@ -31,19 +31,8 @@ use serde_json::Value;
 /// A GET with a 1 s budget for connecting and for the answer: (status, time taken).
 fn get_within_a_second(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Duration)> {
     let started = Instant::now();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    s.set_read_timeout(Some(Duration::from_secs(1)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {response:.80}")))?;
+    let second = Duration::from_secs(1);
+    let (status, _) = http_get_within(addr, path, second, second)?;
     Ok((status, started.elapsed()))
 }
 
