@@ -164,6 +164,16 @@ fn printed_profiles_pass_check_config_and_name_the_cloud_ranges() {
             said.contains("ok (") && said.contains("11 rules"),
             "{name}: {said}"
         );
+        // The ConfigMap's file as the DaemonSet runs it on this profile: still all of it.
+        let configmap = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/policy.yaml");
+        let layered = run(Command::new(&bin)
+            .args(["check-config", "--profile", name])
+            .arg(&configmap));
+        let said = String::from_utf8_lossy(&layered.stdout);
+        assert!(
+            said.contains(&format!("ok (profile {name}; 11 rules")),
+            "{name}: {said}"
+        );
         let health = health_checks(&text);
         match name.as_str() {
             "gke" => assert_eq!(
