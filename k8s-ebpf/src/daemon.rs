@@ -36,10 +36,11 @@ use crate::{
         Observation, StateHook, SynHook,
     },
     correlate::{Engine, EngineSettings},
-    identity::{self, ApiMode, Identities, LabelKeys},
+    identity::{self, ApiMode, Identities, LabelKeys, PodPlan},
     inventory,
     metrics::{Metrics, MetricsServer, Readiness},
-    output::{self, AlertSender, Destination, OutputSettings},
+    naming::RecordSender,
+    output::{self, Destination, OutputSettings},
     policy::{executables::ExecutableIndex, Policy, PolicyErrors, Profile, ProfileChoice},
     privilege,
     verdict::{client_match, ClientContext, ClientSide},
@@ -289,6 +290,8 @@ async fn run_loop(
     let identities = Identities::new(config.hostname.clone());
     // Before the first list: pods are cached with only the labels this policy can use.
     identities.keep_labels(LabelKeys::for_selectors(policy.pod_label_keys()));
+    // Only the pods the policy's selectors can match, and this node's.
+    identities.set_pod_plan(PodPlan::Policy(policy.pod_queries()));
     let watchers = identity::start(&api, &identities, &metrics, stop_rx.clone()).await;
     if policy.needs_identities() && !identities.is_enabled() {
         warn!(
@@ -311,6 +314,23 @@ async fn run_loop(
             e.into()
         }
     })?;
+    // Records about a peer the cache does not hold get its pod from the API first.
+    #[cfg(feature = "kubernetes")]
+    let (records, naming) = match identities.lookups() {
+        Some(lookups) => {
+            let (r, task) = RecordSender::naming(sender.clone(), lookups, Arc::clone(&metrics));
+            (r, Some(task))
+        }
+        None => (
+            RecordSender::direct(sender.clone(), Arc::clone(&metrics)),
+            None,
+        ),
+    };
+    #[cfg(not(feature = "kubernetes"))]
+    let (records, naming) = (
+        RecordSender::direct(sender.clone(), Arc::clone(&metrics)),
+        None::<tokio::task::JoinHandle<()>>,
+    );
     metrics.set_attach_mechanism(capture.inbound().as_str());
     readiness.set_attached(true);
 
@@ -326,7 +346,7 @@ async fn run_loop(
     })
     .with_metrics(Arc::clone(&metrics));
     let mut pipeline = Pipeline {
-        sender: &sender,
+        sender: &records,
         identities: &identities,
         engine,
         local: LocalAddresses::new(),
@@ -378,7 +398,7 @@ async fn run_loop(
                 metrics.set_attempts(&attempts.stats(), attempts.pending());
                 pipeline.publish_pairs(&metrics);
                 for alert in pipeline.engine.tick(SystemTime::now()) {
-                    sender.send(alert).await;
+                    records.send(alert).await;
                 }
                 match capture.counters() {
                     Ok(c) => drops.update(&c, &reader_stats, &metrics),
@@ -425,9 +445,13 @@ async fn run_loop(
         Ok(Ok(())) => {}
     }
     for alert in pipeline.engine.close_all(SystemTime::now()) {
-        sender.send(alert).await;
+        records.send(alert).await;
     }
     drop(pipeline);
+    drop(records);
+    if let Some(task) = naming {
+        let _ = task.await;
+    }
     if let Ok(c) = capture.counters() {
         drops.update(&c, &reader_stats, &metrics);
     }
@@ -449,7 +473,7 @@ async fn run_loop(
 /// ends of a pod's connection to this node joined, each observation given what is known
 /// about its sides, judged and correlated, sent out.
 struct Pipeline<'a> {
-    sender: &'a AlertSender,
+    sender: &'a RecordSender,
     identities: &'a Identities,
     engine: Engine,
     /// This namespace's own addresses (refreshed every 30 s).
@@ -774,6 +798,9 @@ pub fn container_id(cgroup_path: &str) -> Option<&str> {
 fn keep_policy_labels(identities: &Identities, policy: &Policy) {
     if identities.keep_labels(LabelKeys::for_selectors(policy.pod_label_keys())) {
         info!("the reloaded policy names pod labels not cached: listing pods again");
+    }
+    if identities.set_pod_plan(PodPlan::Policy(policy.pod_queries())) {
+        info!("the reloaded policy selects other pods: watching them instead");
     }
 }
 

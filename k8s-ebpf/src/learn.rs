@@ -449,6 +449,7 @@ mod tests {
                 name: "worker-1".into(),
                 roles: BTreeSet::new(),
                 addresses: vec![],
+                pod_cidrs: vec![],
             })),
             ..PeerIdentity::default()
         };

@@ -13,6 +13,7 @@ pub mod identity;
 pub mod inventory;
 pub mod learn;
 pub mod metrics;
+pub mod naming;
 pub mod output;
 pub mod policy;
 pub mod ports;

@@ -48,6 +48,7 @@ fn identities() -> Vec<Option<KubernetesFields>> {
         name: "cp-1".to_owned(),
         roles: BTreeSet::from(["control-plane".to_owned()]),
         addresses: vec!["192.0.2.10".parse().expect("ip")],
+        pod_cidrs: vec![],
     });
     vec![
         None,

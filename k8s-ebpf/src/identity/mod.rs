@@ -33,6 +33,8 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use ipnet::IpNet;
+
 use self::pod_index::{PodsByIp, PodsByName};
 use crate::capture::Observation;
 
@@ -48,6 +50,9 @@ pub struct NodeIdentity {
     pub roles: BTreeSet<String>,
     /// InternalIP addresses.
     pub addresses: Vec<IpAddr>,
+    /// `spec.podCIDRs`: the ranges its pods' addresses come from, where the CNI allocates
+    /// from them (empty otherwise).
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 impl NodeIdentity {
@@ -383,6 +388,9 @@ pub struct PeerIdentity {
     pub pod: Option<Arc<PodIdentity>>,
     /// One of the `kubernetes` Service's endpoints (an API server).
     pub apiserver: bool,
+    /// No cached pod has the address, but it is in a node's pod range while the cache
+    /// holds only the pods the policy names ([`Coverage::Ranges`]): a pod, name unknown.
+    pub pod_range: bool,
 }
 
 impl PeerIdentity {
@@ -441,7 +449,52 @@ pub struct IdentityCache {
     /// updates are ignored.
     deleted_pods: VecDeque<PodUid>,
     deleted_pod_set: HashSet<PodUid>,
+    /// Which pods are cached: all, or those the policy's selectors name.
+    coverage: Coverage,
+    /// With several partial pod watches ([`FeedId`]): which of them hold each pod, a bit
+    /// each. A pod goes when the last watch holding it lets it go.
+    holders: HashMap<ObjectKey, u64>,
+    /// The nodes' pod ranges, and their prefix lengths (per family) to look them up by.
+    pod_ranges: HashSet<IpNet>,
+    pod_range_prefixes: BTreeSet<(bool, u8)>,
+    /// What contradicted [`Coverage::Ranges`] (a pod address outside every range, a
+    /// node without ranges), until [`IdentityCache::take_contradiction`].
+    contradiction: Option<String>,
 }
+
+/// Which pods the cache holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Coverage {
+    /// Every pod in the cluster.
+    #[default]
+    All,
+    /// This node's pods and those the policy's selectors can match.
+    Selected,
+    /// Selected, and `pods: {}` (any pod) by address: an address in a node's
+    /// `spec.podCIDRs` is a pod's.
+    Ranges,
+}
+
+impl Coverage {
+    pub const ALL: [Coverage; 3] = [Self::All, Self::Selected, Self::Ranges];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Selected => "selected",
+            Self::Ranges => "ranges",
+        }
+    }
+}
+
+/// One pod watch feeding the cache: a bit in [`IdentityCache`]'s holders.
+pub type FeedId = u8;
+/// The cluster-wide pod watch ([`Coverage::All`]).
+pub const ALL_PODS: FeedId = 0;
+/// This node's pods (`spec.nodeName`): the local processes' pods.
+pub const LOCAL_PODS: FeedId = 1;
+/// Feeds after these two: one per selector query, at most this many.
+pub const MAX_QUERY_FEEDS: usize = 62;
 
 /// Deleted pod uids remembered. A late update follows its DELETE by moments, not by
 /// thousands of deletions; at ~60 bytes each this is a few hundred kilobytes at most.
@@ -470,10 +523,80 @@ impl IdentityCache {
 
     pub fn lookup(&self, ip: IpAddr) -> PeerIdentity {
         let ip = canonical(ip);
+        let node = self.node_by_ip.get(&ip).cloned();
+        let pod = self.pod_by_ip.get(&ip).cloned();
+        let pod_range = self.coverage == Coverage::Ranges
+            && pod.is_none()
+            && node.is_none()
+            && self.in_pod_range(ip);
         PeerIdentity {
-            node: self.node_by_ip.get(&ip).cloned(),
-            pod: self.pod_by_ip.get(&ip).cloned(),
+            node,
+            pod,
             apiserver: self.apiserver.contains(&ip),
+            pod_range,
+        }
+    }
+
+    /// `ip` is in some node's `spec.podCIDRs`.
+    pub fn in_pod_range(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.pod_range_prefixes
+            .iter()
+            .filter(|(v6, _)| *v6 == ip.is_ipv6())
+            .any(|(_, len)| {
+                IpNet::new(ip, *len).is_ok_and(|net| self.pod_ranges.contains(&net.trunc()))
+            })
+    }
+
+    pub fn coverage(&self) -> Coverage {
+        self.coverage
+    }
+
+    /// Sets which pods the cache holds. Turning to [`Coverage::Ranges`] checks what is
+    /// cached against the ranges ([`IdentityCache::take_contradiction`]).
+    pub fn set_coverage(&mut self, coverage: Coverage) {
+        self.coverage = coverage;
+        if coverage == Coverage::Ranges {
+            self.check_nodes_have_ranges();
+            let outside = self
+                .pods
+                .iter()
+                .find_map(|p| self.address_outside_ranges(p).map(|ip| (Arc::clone(p), ip)));
+            if let Some((pod, ip)) = outside {
+                self.contradict_pod(&pod, ip);
+            }
+        }
+    }
+
+    /// Why [`Coverage::Ranges`] does not hold, once: the watchers then list every pod.
+    pub fn take_contradiction(&mut self) -> Option<String> {
+        self.contradiction.take()
+    }
+
+    fn address_outside_ranges(&self, pod: &PodIdentity) -> Option<IpAddr> {
+        if pod.host_network || pod.finished {
+            return None;
+        }
+        pod.ips.iter().copied().find(|ip| !self.in_pod_range(*ip))
+    }
+
+    fn contradict_pod(&mut self, pod: &PodIdentity, ip: IpAddr) {
+        self.contradiction.get_or_insert_with(|| {
+            format!(
+                "pod {}/{} has the address {ip}, outside every node's spec.podCIDRs (the CNI \
+                 does not allocate from them)",
+                pod.namespace, pod.name
+            )
+        });
+    }
+
+    fn check_nodes_have_ranges(&mut self) {
+        if self.coverage != Coverage::Ranges {
+            return;
+        }
+        if let Some(n) = self.nodes.values().find(|n| n.pod_cidrs.is_empty()) {
+            let why = format!("node {} has no spec.podCIDRs", n.name);
+            self.contradiction.get_or_insert(why);
         }
     }
 
@@ -535,11 +658,20 @@ impl IdentityCache {
     fn reindex_nodes(&mut self) {
         // Nodes are few (thousands at most) and change rarely: rebuilding is simplest.
         self.node_by_ip.clear();
+        self.pod_ranges.clear();
+        self.pod_range_prefixes.clear();
         for n in self.nodes.values() {
             for ip in &n.addresses {
                 self.node_by_ip.insert(canonical(*ip), Arc::clone(n));
             }
+            for net in &n.pod_cidrs {
+                let net = net.trunc();
+                self.pod_range_prefixes
+                    .insert((net.addr().is_ipv6(), net.prefix_len()));
+                self.pod_ranges.insert(net);
+            }
         }
+        self.check_nodes_have_ranges();
     }
 
     /// Adds or updates a pod; returns false when the update was stale and ignored (a
@@ -629,6 +761,11 @@ impl IdentityCache {
     /// Indexes `pod`; addresses in `listed` (its own, from before this update) are only
     /// taken when no other pod holds them.
     fn index_pod(&mut self, pod: &Arc<PodIdentity>, listed: &BTreeSet<IpAddr>) {
+        if self.coverage == Coverage::Ranges && self.contradiction.is_none() {
+            if let Some(ip) = self.address_outside_ranges(pod) {
+                self.contradict_pod(pod, ip);
+            }
+        }
         if !pod.host_network && !pod.finished {
             for ip in pod.ips.iter() {
                 let ip = canonical(*ip);
@@ -659,6 +796,89 @@ impl IdentityCache {
                 .is_some_and(|p| Arc::ptr_eq(p, pod))
             {
                 self.pod_by_container.remove(id);
+            }
+        }
+    }
+
+    /// Adds or updates a pod one watch (`feed`) delivered.
+    pub fn apply_pod_from(&mut self, feed: FeedId, pod: Arc<PodIdentity>) -> bool {
+        if feed != ALL_PODS {
+            *self
+                .holders
+                .entry((pod.namespace.to_string(), pod.name.to_string()))
+                .or_default() |= 1 << feed;
+        }
+        self.apply_pod(pod)
+    }
+
+    /// A watch (`feed`) lets a pod go: deleted, or (for a selector's watch) no longer
+    /// selected. It leaves the cache when no other watch holds it; only a deletion seen by
+    /// the cluster-wide or the node's watch (where a pod cannot leave the selection) is
+    /// remembered as one.
+    pub fn delete_pod_from(
+        &mut self,
+        feed: FeedId,
+        namespace: &str,
+        name: &str,
+        uid: Option<&str>,
+    ) {
+        if feed == ALL_PODS {
+            return self.delete_pod(namespace, name, uid);
+        }
+        let key = (namespace.to_owned(), name.to_owned());
+        let left = self.holders.get_mut(&key).map(|mask| {
+            *mask &= !(1 << feed);
+            *mask
+        });
+        if left.is_some_and(|m| m != 0) {
+            return;
+        }
+        self.holders.remove(&key);
+        if feed == LOCAL_PODS {
+            self.delete_pod(namespace, name, uid);
+        } else if let Some(old) = self.pods.remove(namespace, name) {
+            self.unindex_pod(&old);
+        }
+    }
+
+    /// A full list from one watch: its pods replace what it held before.
+    pub fn replace_pods_from(&mut self, feed: FeedId, pods: Vec<Arc<PodIdentity>>) {
+        if feed == ALL_PODS {
+            self.holders.clear();
+            return self.replace_pods(pods);
+        }
+        let listed: HashSet<(&str, &str)> =
+            pods.iter().map(|p| (&*p.namespace, &*p.name)).collect();
+        let gone: Vec<ObjectKey> = self
+            .holders
+            .iter()
+            .filter(|(_, mask)| *mask & (1 << feed) != 0)
+            .filter(|((ns, name), _)| !listed.contains(&(ns.as_str(), name.as_str())))
+            .map(|(k, _)| k.clone())
+            .collect();
+        drop(listed);
+        for (ns, name) in gone {
+            self.delete_pod_from(feed, &ns, &name, None);
+        }
+        for pod in pods {
+            self.apply_pod_from(feed, pod);
+        }
+    }
+
+    /// Keeps the pods the watches in `feeds` (a bit each) hold; the others go.
+    pub fn retain_feeds(&mut self, feeds: u64) {
+        let gone: Vec<ObjectKey> = self
+            .holders
+            .iter_mut()
+            .filter_map(|(k, mask)| {
+                *mask &= feeds;
+                (*mask == 0).then(|| k.clone())
+            })
+            .collect();
+        for (ns, name) in gone {
+            self.holders.remove(&(ns.clone(), name.clone()));
+            if let Some(old) = self.pods.remove(&ns, &name) {
+                self.unindex_pod(&old);
             }
         }
     }
@@ -717,10 +937,33 @@ struct Shared {
     /// A Kubernetes API is configured (identities can be resolved at all).
     enabled: bool,
     sync: BTreeMap<Resource, SyncState>,
-    /// The pod labels to keep, and a nudge for the pod watcher to list again when a
-    /// reloaded policy names labels the cache dropped.
+    /// The pod labels to keep.
     label_keys: Arc<LabelKeys>,
-    relist_pods: Arc<tokio::sync::Notify>,
+    /// Which pods to watch ([`PodPlan`]).
+    pod_plan: PodPlan,
+    /// Why every pod is watched although the plan asks for less ([`Coverage::Ranges`]
+    /// contradicted), once it happened.
+    all_pods_because: Option<String>,
+    /// A nudge for the pod watches to start over: new labels to keep, a new plan, or the
+    /// fall back to every pod.
+    pod_watch_changed: Arc<tokio::sync::Notify>,
+    /// Each running pod watch's state; the pods are synced when all are (and the
+    /// coverage is decided).
+    pod_feeds: BTreeMap<FeedId, SyncState>,
+    coverage_decided: bool,
+    /// Names an alert's peer the cache does not hold.
+    #[cfg(feature = "kubernetes")]
+    lookups: Option<Arc<watch::PodLookups>>,
+}
+
+/// Which pods the daemon asks the API for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PodPlan {
+    /// Every pod (`learn`, which writes selectors from what it sees).
+    #[default]
+    All,
+    /// This node's pods and the pods the policy's expected peers can be.
+    Policy(crate::policy::PodQueries),
 }
 
 impl Identities {
@@ -781,9 +1024,87 @@ impl Identities {
         f(&self.read().cache)
     }
 
-    /// Runs `f` on the cache under the write lock.
+    /// Runs `f` on the cache under the write lock. When the update contradicts
+    /// [`Coverage::Ranges`], the pod watches are told to list every pod.
     pub fn update<T>(&self, f: impl FnOnce(&mut IdentityCache) -> T) -> T {
-        f(&mut self.write().cache)
+        let mut s = self.write();
+        let out = f(&mut s.cache);
+        if let Some(why) = s.cache.take_contradiction() {
+            if s.all_pods_because.is_none() {
+                tracing::warn!(
+                    reason = %why,
+                    "pod addresses do not follow the nodes' podCIDRs: `pods: {{}}` cannot be \
+                     judged by address range; watching every pod instead"
+                );
+                s.all_pods_because = Some(why);
+                s.pod_watch_changed.notify_one();
+            }
+        }
+        out
+    }
+
+    /// Which pods to watch now: the plan, or every pod after [`Coverage::Ranges`] was
+    /// contradicted.
+    pub fn pod_plan(&self) -> PodPlan {
+        let s = self.read();
+        match &s.all_pods_because {
+            Some(_) => PodPlan::All,
+            None => s.pod_plan.clone(),
+        }
+    }
+
+    /// Sets which pods to watch; a change starts the pod watches over.
+    pub fn set_pod_plan(&self, plan: PodPlan) -> bool {
+        let mut s = self.write();
+        if s.pod_plan == plan {
+            return false;
+        }
+        s.pod_plan = plan;
+        s.pod_watch_changed.notify_one();
+        true
+    }
+
+    /// The pod watches about to run (`feeds`), the coverage they give, and whether it is
+    /// decided (`Ranges` waits for the nodes). Pods only watches outside `feeds` held go.
+    pub fn begin_pod_feeds(&self, feeds: &[FeedId], coverage: Coverage, decided: bool) {
+        let mut s = self.write();
+        s.pod_feeds = feeds.iter().map(|f| (*f, SyncState::default())).collect();
+        s.coverage_decided = decided;
+        if !feeds.contains(&ALL_PODS) {
+            let mask = feeds.iter().fold(0u64, |m, f| m | 1 << f);
+            s.cache.retain_feeds(mask);
+        }
+        drop(s);
+        self.update(|c| c.set_coverage(coverage));
+    }
+
+    /// Decides the coverage that was waiting (the nodes are listed).
+    pub fn decide_coverage(&self, coverage: Coverage) {
+        self.write().coverage_decided = true;
+        self.update(|c| c.set_coverage(coverage));
+    }
+
+    pub fn coverage(&self) -> Option<Coverage> {
+        let s = self.read();
+        s.coverage_decided.then(|| s.cache.coverage())
+    }
+
+    #[cfg(feature = "kubernetes")]
+    pub fn set_lookups(&self, lookups: Arc<watch::PodLookups>) {
+        self.write().lookups = Some(lookups);
+    }
+
+    /// On-demand pod lookups, once the watchers run.
+    #[cfg(feature = "kubernetes")]
+    pub fn lookups(&self) -> Option<Arc<watch::PodLookups>> {
+        self.read().lookups.clone()
+    }
+
+    /// One pod watch's state.
+    pub fn set_feed_sync(&self, feed: FeedId, state: SyncState) {
+        if let Some(st) = self.write().pod_feeds.get_mut(&feed) {
+            *st = state;
+        }
     }
 
     pub fn len(&self, resource: Resource) -> usize {
@@ -799,8 +1120,8 @@ impl Identities {
     }
 
     /// Sets the pod labels to keep. Returns true when `keys` names labels the cached pods
-    /// may lack: the pod watcher then lists again (the cache serves the pods as they are
-    /// until that list completes).
+    /// may lack: the pod watches then list again (the cache serves the pods as they are
+    /// until those lists complete).
     pub fn keep_labels(&self, keys: LabelKeys) -> bool {
         let mut s = self.write();
         if *s.label_keys == keys {
@@ -809,31 +1130,38 @@ impl Identities {
         let relist = !keys.covered_by(&s.label_keys);
         s.label_keys = Arc::new(keys);
         if relist {
-            s.relist_pods.notify_one();
+            s.pod_watch_changed.notify_one();
         }
         relist
     }
 
-    /// Woken when the pods must be listed again ([`Identities::keep_labels`]).
-    pub fn relist_pods(&self) -> Arc<tokio::sync::Notify> {
-        Arc::clone(&self.read().relist_pods)
+    /// Woken when the pod watches must start over ([`Identities::keep_labels`],
+    /// [`Identities::set_pod_plan`], a contradicted [`Coverage::Ranges`]).
+    pub fn pod_watch_changed(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.read().pod_watch_changed)
     }
 
+    /// Nodes' and EndpointSlices' state (pods: [`Identities::set_feed_sync`]).
     pub fn set_sync(&self, resource: Resource, state: SyncState) {
         self.write().sync.insert(resource, state);
     }
 
     pub fn sync(&self, resource: Resource) -> SyncState {
-        self.read().sync.get(&resource).copied().unwrap_or_default()
+        let s = self.read();
+        if resource != Resource::Pods {
+            return s.sync.get(&resource).copied().unwrap_or_default();
+        }
+        SyncState {
+            synced: s.coverage_decided
+                && !s.pod_feeds.is_empty()
+                && s.pod_feeds.values().all(|f| f.synced),
+            failing: s.pod_feeds.values().find_map(|f| f.failing),
+        }
     }
 
     /// Every resource has completed a full list and none is failing.
     pub fn all_synced(&self) -> bool {
-        let s = self.read();
-        s.enabled
-            && Resource::ALL
-                .iter()
-                .all(|r| s.sync.get(r).is_some_and(|st| st.synced))
+        self.is_enabled() && Resource::ALL.iter().all(|r| self.sync(*r).synced)
     }
 }
 
@@ -968,6 +1296,7 @@ mod tests {
             name: "cp-1".into(),
             roles: ["control-plane".to_owned()].into(),
             addresses: vec![ip("192.0.2.10")],
+            pod_cidrs: vec![],
         });
         c.apply_slice(
             ("default".into(), "kubernetes".into()),
@@ -1172,15 +1501,126 @@ mod tests {
         h.enable();
         assert_eq!(h.lookup(ip("198.51.100.1")).map(|p| p.kind()), Some("pod"));
         assert!(!h.all_synced());
-        for r in Resource::ALL {
-            h.set_sync(
-                r,
-                SyncState {
-                    synced: true,
-                    failing: None,
-                },
-            );
+        let synced = SyncState {
+            synced: true,
+            failing: None,
+        };
+        for r in [Resource::Nodes, Resource::EndpointSlices] {
+            h.set_sync(r, synced);
         }
+        assert!(!h.all_synced(), "synced without a pod watch");
+        h.begin_pod_feeds(&[LOCAL_PODS, 2], Coverage::Ranges, false);
+        h.set_feed_sync(LOCAL_PODS, synced);
+        h.set_feed_sync(2, synced);
+        assert!(!h.all_synced(), "synced before the coverage was decided");
+        h.decide_coverage(Coverage::Ranges);
         assert!(h.all_synced());
+        h.set_feed_sync(
+            2,
+            SyncState {
+                synced: false,
+                failing: Some("forbidden"),
+            },
+        );
+        assert!(!h.all_synced(), "one pod watch failing");
+        assert_eq!(h.sync(Resource::Pods).failing, Some("forbidden"));
+    }
+
+    fn node_with_range(name: &str, addr: &str, range: &str) -> NodeIdentity {
+        NodeIdentity {
+            name: name.into(),
+            roles: BTreeSet::new(),
+            addresses: vec![ip(addr)],
+            pod_cidrs: vec![range.parse().expect("range")],
+        }
+    }
+
+    /// `pods: {}` by range: an address in a node's podCIDRs is a pod (name unknown), not
+    /// a node's own address nor one outside; a pod outside every range, or a node without
+    /// one, contradicts it (the watchers then list every pod).
+    #[test]
+    fn pod_ranges_stand_for_unlisted_pods_until_contradicted() {
+        let h = Identities::new("node-a");
+        h.enable();
+        h.update(|c| {
+            c.apply_node(node_with_range("node-a", "192.0.2.1", "10.244.1.0/24"));
+            c.apply_node(node_with_range("node-b", "192.0.2.2", "2001:db8:1::/64"));
+        });
+        h.begin_pod_feeds(&[LOCAL_PODS], Coverage::Ranges, true);
+        let range = |a: &str| h.lookup(ip(a)).is_some_and(|p| p.pod_range);
+        assert!(range("10.244.1.77") && range("2001:db8:1::9") && range("::ffff:10.244.1.5"));
+        assert!(!range("10.244.2.1") && !range("192.0.2.1") && !range("198.51.100.1"));
+        // Selected only: the range means nothing.
+        h.update(|c| c.set_coverage(Coverage::Selected));
+        assert!(!range("10.244.1.77"));
+        h.update(|c| c.set_coverage(Coverage::Ranges));
+        let changed = h.pod_watch_changed();
+        assert_eq!(h.pod_plan(), PodPlan::All, "the default plan is every pod");
+        h.set_pod_plan(PodPlan::Policy(crate::policy::PodQueries::default()));
+        assert!(matches!(h.pod_plan(), PodPlan::Policy(_)));
+        // A pod of this node with an address outside every range (a VPC CNI).
+        let mut p = pod("kube-system", "aws-node-x", "198.51.100.9");
+        p.node_name = Some("node-a".into());
+        h.update(|c| c.apply_pod_from(LOCAL_PODS, Arc::new(p)));
+        assert_eq!(h.pod_plan(), PodPlan::All, "no fall back to every pod");
+        use futures_util::FutureExt as _;
+        assert!(
+            changed.notified().now_or_never().is_some(),
+            "watchers not told"
+        );
+        // A node without ranges contradicts it as well.
+        let g = Identities::new("node-a");
+        g.enable();
+        g.set_pod_plan(PodPlan::Policy(crate::policy::PodQueries::default()));
+        g.update(|c| c.apply_node(node_with_range("node-a", "192.0.2.1", "10.244.1.0/24")));
+        g.begin_pod_feeds(&[LOCAL_PODS], Coverage::Ranges, true);
+        assert!(matches!(g.pod_plan(), PodPlan::Policy(_)));
+        g.update(|c| {
+            c.apply_node(NodeIdentity {
+                pod_cidrs: vec![],
+                ..node_with_range("node-c", "192.0.2.3", "10.0.0.0/8")
+            })
+        });
+        assert_eq!(g.pod_plan(), PodPlan::All);
+    }
+
+    /// Several watches hold one pod: it leaves when the last lets it go; a selector's
+    /// watch letting go (the pod left its selection) is not a deletion.
+    #[test]
+    fn a_pod_stays_while_any_watch_holds_it() {
+        let mut c = IdentityCache::new("node-a");
+        c.set_coverage(Coverage::Selected);
+        let mut p = pod("monitoring", "prom-0", "198.51.100.20");
+        p.uid = Some(PodUid::new("7c4f8a6e-2b1d-4e0a-9f3c-5d6e7f8a9b0c"));
+        let p = Arc::new(p);
+        c.apply_pod_from(LOCAL_PODS, Arc::clone(&p));
+        c.apply_pod_from(2, Arc::clone(&p));
+        c.delete_pod_from(
+            2,
+            "monitoring",
+            "prom-0",
+            Some("7c4f8a6e-2b1d-4e0a-9f3c-5d6e7f8a9b0c"),
+        );
+        assert_eq!(owner(&c, "198.51.100.20").as_deref(), Some("prom-0"));
+        // A re-list of the selector's watch without it, then the node's watch lets go.
+        c.apply_pod_from(2, Arc::clone(&p));
+        c.replace_pods_from(2, vec![]);
+        assert_eq!(owner(&c, "198.51.100.20").as_deref(), Some("prom-0"));
+        c.replace_pods_from(LOCAL_PODS, vec![]);
+        assert_eq!(owner(&c, "198.51.100.20"), None);
+        // Left a selection (not deleted): it comes back when selected again.
+        c.apply_pod_from(2, Arc::clone(&p));
+        c.delete_pod_from(
+            2,
+            "monitoring",
+            "prom-0",
+            Some("7c4f8a6e-2b1d-4e0a-9f3c-5d6e7f8a9b0c"),
+        );
+        assert_eq!(owner(&c, "198.51.100.20"), None);
+        c.apply_pod_from(2, Arc::clone(&p));
+        assert_eq!(owner(&c, "198.51.100.20").as_deref(), Some("prom-0"));
+        // A watch dropped from the plan takes its pods along.
+        c.retain_feeds(1 << LOCAL_PODS);
+        assert_eq!(owner(&c, "198.51.100.20"), None);
     }
 }

@@ -58,6 +58,10 @@ impl PodsByName {
     pub fn len(&self) -> usize {
         self.table.len()
     }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<PodIdentity>> {
+        self.table.iter()
+    }
 }
 
 /// One address of a pod: `pod.ips[index]`.

@@ -15,7 +15,16 @@
 //! conditions, images) without allocating it, so a 500-object page costs what the cache
 //! keeps of it, not the whole objects.
 
-use std::{borrow::Cow, collections::BTreeMap, net::IpAddr, path::Path, sync::Arc};
+use std::{
+    borrow::Cow,
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::{
@@ -38,10 +47,10 @@ use tokio::{sync::watch as signal, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::{
-    Identities, Interner, LabelKeys, LabelSets, Labels, NodeIdentity, ObjectKey, PodIdentity,
-    PodUid, Resource, SyncState,
+    Coverage, FeedId, Identities, Interner, LabelKeys, LabelSets, Labels, NodeIdentity, ObjectKey,
+    PodIdentity, PodPlan, PodUid, Resource, SyncState, ALL_PODS, LOCAL_PODS, MAX_QUERY_FEEDS,
 };
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, policy::PodQuery};
 
 /// The metadata the cache uses; the rest of `metadata` is skipped while parsing.
 #[derive(Deserialize)]
@@ -115,7 +124,17 @@ pub struct ListedNode {
     #[serde(deserialize_with = "listed_meta", default)]
     metadata: ObjectMeta,
     #[serde(default)]
+    spec: Option<ListedNodeSpec>,
+    #[serde(default)]
     status: Option<ListedNodeStatus>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct ListedNodeSpec {
+    #[serde(rename = "podCIDRs")]
+    pod_cidrs: Option<Vec<String>>,
+    #[serde(rename = "podCIDR")]
+    pod_cidr: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -378,8 +397,8 @@ pub async fn local_node(
     ))
 }
 
-/// Starts the three watchers; they run until `stop` turns true. Pods are listed again when
-/// [`Identities::keep_labels`] names labels the cache dropped.
+/// Starts the watchers: Nodes, the `kubernetes` Service's EndpointSlices, and the pod
+/// watches [`watch_pods`] keeps to the plan; they run until `stop` turns true.
 pub fn spawn(
     client: Client,
     identities: Identities,
@@ -387,37 +406,380 @@ pub fn spawn(
     stop: signal::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     identities.enable();
+    identities.set_lookups(Arc::new(PodLookups::new(
+        client.clone(),
+        identities.clone(),
+        Arc::clone(&metrics),
+    )));
+    let streaming = Arc::new(AtomicBool::new(true));
     let nodes = Api::<ListedNode>::all(client.clone());
-    let pods = Api::<ListedPod>::all(client.clone());
-    let slices = Api::<EndpointSlice>::namespaced(client, APISERVER_NAMESPACE);
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), APISERVER_NAMESPACE);
     let slice_config = watcher::Config::default()
         .labels(&format!("kubernetes.io/service-name={APISERVER_SERVICE}"));
     vec![
         tokio::spawn(run(
-            Resource::Nodes,
+            Feed::of(Resource::Nodes),
             nodes,
             watcher::Config::default(),
-            identities.clone(),
-            Arc::clone(&metrics),
+            Context {
+                identities: identities.clone(),
+                metrics: Arc::clone(&metrics),
+                streaming: Arc::clone(&streaming),
+            },
+            stop.clone(),
+        )),
+        tokio::spawn(watch_pods(
+            client,
+            Context {
+                identities: identities.clone(),
+                metrics: Arc::clone(&metrics),
+                streaming: Arc::clone(&streaming),
+            },
             stop.clone(),
         )),
         tokio::spawn(run(
-            Resource::Pods,
-            pods,
-            watcher::Config::default(),
-            identities.clone(),
-            Arc::clone(&metrics),
-            stop.clone(),
-        )),
-        tokio::spawn(run(
-            Resource::EndpointSlices,
+            Feed::of(Resource::EndpointSlices),
             slices,
             slice_config,
-            identities,
-            metrics,
+            Context {
+                identities,
+                metrics,
+                streaming,
+            },
             stop,
         )),
     ]
+}
+
+/// Answers for addresses looked up on demand, kept at most this long (a pod's address
+/// can pass to another pod; a wrong name in an alert is worse than another request).
+const LOOKUP_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Addresses whose answer is kept.
+const LOOKUP_CACHE: usize = 4096;
+/// Lookups per second on average, and in a burst: a spray of unknown sources costs the
+/// API server this much, not a request per source.
+const LOOKUP_RATE: f64 = 20.0;
+const LOOKUP_BURST: f64 = 50.0;
+/// Lookups waiting for the API at once.
+const LOOKUP_INFLIGHT: usize = 8;
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Names the pod at an address the cache does not hold (it holds only the pods the
+/// policy's selectors can match): `GET pods?fieldSelector=status.podIP=IP`, answers kept
+/// [`LOOKUP_TTL`], at most [`LOOKUP_RATE`] requests a second. Counted in
+/// `k8s_ebpf_kubernetes_pod_lookups_total{outcome}`.
+pub struct PodLookups {
+    api: Api<ListedPod>,
+    identities: Identities,
+    metrics: Arc<Metrics>,
+    state: std::sync::Mutex<LookupState>,
+}
+
+struct LookupState {
+    answers: std::collections::HashMap<IpAddr, (std::time::Instant, Option<Arc<PodIdentity>>)>,
+    order: std::collections::VecDeque<IpAddr>,
+    tokens: f64,
+    refilled: std::time::Instant,
+    inflight: usize,
+}
+
+impl std::fmt::Debug for PodLookups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodLookups").finish_non_exhaustive()
+    }
+}
+
+impl PodLookups {
+    fn new(client: Client, identities: Identities, metrics: Arc<Metrics>) -> Self {
+        Self {
+            api: Api::all(client),
+            identities,
+            metrics,
+            state: std::sync::Mutex::new(LookupState {
+                answers: std::collections::HashMap::new(),
+                order: std::collections::VecDeque::new(),
+                tokens: LOOKUP_BURST,
+                refilled: std::time::Instant::now(),
+                inflight: 0,
+            }),
+        }
+    }
+
+    fn count(&self, outcome: &str) {
+        self.metrics
+            .kubernetes_pod_lookups
+            .with_label_values(&[outcome])
+            .inc();
+    }
+
+    /// The pod that has `ip`, if the API knows one; `None` also when the cache holds
+    /// every pod (nothing to ask), or over the rate (`skipped`).
+    pub async fn pod_at(&self, ip: IpAddr) -> Option<Arc<PodIdentity>> {
+        if !matches!(
+            self.identities.coverage(),
+            Some(Coverage::Selected | Coverage::Ranges)
+        ) {
+            return None;
+        }
+        let ip = super::canonical(ip);
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            if let Some((at, answer)) = st.answers.get(&ip) {
+                if now.duration_since(*at) < LOOKUP_TTL {
+                    let answer = answer.clone();
+                    drop(st);
+                    self.count("cached");
+                    return answer;
+                }
+            }
+            let elapsed = now.duration_since(st.refilled).as_secs_f64();
+            st.tokens = (st.tokens + elapsed * LOOKUP_RATE).min(LOOKUP_BURST);
+            st.refilled = now;
+            if st.tokens < 1.0 || st.inflight >= LOOKUP_INFLIGHT {
+                drop(st);
+                self.count("skipped");
+                return None;
+            }
+            st.tokens -= 1.0;
+            st.inflight += 1;
+        }
+        let params = kube::api::ListParams::default().fields(&format!("status.podIP={ip}"));
+        let answer = tokio::time::timeout(LOOKUP_TIMEOUT, self.api.list(&params)).await;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.inflight -= 1;
+        let Ok(Ok(list)) = answer else {
+            drop(st);
+            self.count("error");
+            return None;
+        };
+        let mut reducer = Reducer::new(self.identities.local_node(), self.identities.label_keys());
+        let pod = list
+            .items
+            .into_iter()
+            .map(|p| p.reduce(&mut reducer))
+            .find(|p| {
+                !p.host_network && !p.finished && p.ips.iter().any(|a| super::canonical(*a) == ip)
+            });
+        if st
+            .answers
+            .insert(ip, (std::time::Instant::now(), pod.clone()))
+            .is_none()
+        {
+            st.order.push_back(ip);
+        }
+        while st.order.len() > LOOKUP_CACHE {
+            if let Some(old) = st.order.pop_front() {
+                st.answers.remove(&old);
+            }
+        }
+        drop(st);
+        self.count(if pod.is_some() { "found" } else { "not_found" });
+        pod
+    }
+}
+
+/// What every watch shares.
+#[derive(Clone)]
+struct Context {
+    identities: Identities,
+    metrics: Arc<Metrics>,
+    /// Whether the API server streams lists (`sendInitialEvents`, the WatchList
+    /// feature): assumed until it refuses, then every watch lists in pages.
+    streaming: Arc<AtomicBool>,
+}
+
+/// One watch: its resource, which pod watch it is, and how logs name it.
+#[derive(Clone, Debug)]
+struct Feed {
+    resource: Resource,
+    id: FeedId,
+    what: String,
+}
+
+impl Feed {
+    fn of(resource: Resource) -> Self {
+        Self {
+            resource,
+            id: ALL_PODS,
+            what: resource.as_str().to_owned(),
+        }
+    }
+
+    fn pods(id: FeedId, what: impl Into<String>) -> Self {
+        Self {
+            resource: Resource::Pods,
+            id,
+            what: what.into(),
+        }
+    }
+
+    fn set_sync(&self, identities: &Identities, state: SyncState) {
+        match self.resource {
+            Resource::Pods => identities.set_feed_sync(self.id, state),
+            r => identities.set_sync(r, state),
+        }
+    }
+}
+
+/// How long the pod watches wait between looks at the nodes while deciding whether
+/// `pods: {}` can be judged by the nodes' pod ranges.
+const COVERAGE_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Keeps the pod watches to [`Identities::pod_plan`]: with the policy's plan, one watch
+/// of this node's pods (`fieldSelector=spec.nodeName`), one per selector (namespace,
+/// `labelSelector`, `fieldSelector=spec.serviceAccountName`), and for `pods: {}` the
+/// nodes' `spec.podCIDRs` in place of every pod ([`Coverage::Ranges`]) as long as the
+/// pods' addresses follow them; otherwise (or for `learn`) one watch of every pod.
+/// Starts them over when the plan or the labels to keep change.
+async fn watch_pods(client: Client, cx: Context, mut stop: signal::Receiver<bool>) {
+    let changed = cx.identities.pod_watch_changed();
+    // Selector queries keep their feed id across restarts, so what a kept query's watch
+    // held stays until its new list replaces it.
+    let mut ids: BTreeMap<PodQuery, FeedId> = BTreeMap::new();
+    for c in Coverage::ALL {
+        cx.metrics
+            .kubernetes_pod_coverage
+            .with_label_values(&[c.as_str()])
+            .set(0);
+    }
+    loop {
+        let mut feeds: Vec<(Feed, Api<ListedPod>, watcher::Config)> = Vec::new();
+        let (coverage, mut decided) = match cx.identities.pod_plan() {
+            PodPlan::Policy(plan) if plan.queries.len() <= MAX_QUERY_FEEDS => {
+                ids.retain(|q, _| plan.queries.contains(q));
+                for query in &plan.queries {
+                    if !ids.contains_key(query) {
+                        let free = (LOCAL_PODS + 1..)
+                            .find(|i| !ids.values().any(|v| v == i))
+                            .unwrap_or(FeedId::MAX);
+                        ids.insert(query.clone(), free);
+                    }
+                }
+                let node = cx.identities.local_node();
+                feeds.push((
+                    Feed::pods(LOCAL_PODS, format!("pods on node {node}")),
+                    Api::all(client.clone()),
+                    watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+                ));
+                for (query, id) in &ids {
+                    let api = match &query.namespace {
+                        Some(ns) => Api::namespaced(client.clone(), ns),
+                        None => Api::all(client.clone()),
+                    };
+                    let mut config = watcher::Config::default();
+                    if !query.labels.is_empty() {
+                        config = config.labels(&query.labels);
+                    }
+                    if !query.fields.is_empty() {
+                        config = config.fields(&query.fields);
+                    }
+                    feeds.push((Feed::pods(*id, format!("pods {query}")), api, config));
+                }
+                if plan.any_pod {
+                    (Coverage::Ranges, false)
+                } else {
+                    (Coverage::Selected, true)
+                }
+            }
+            plan => {
+                if let PodPlan::Policy(p) = plan {
+                    warn!(
+                        selectors = p.queries.len(),
+                        "more pod selectors than watches kept apart ({MAX_QUERY_FEEDS}): \
+                         watching every pod"
+                    );
+                }
+                ids.clear();
+                feeds.push((
+                    Feed::pods(ALL_PODS, "pods"),
+                    Api::all(client.clone()),
+                    watcher::Config::default(),
+                ));
+                (Coverage::All, true)
+            }
+        };
+        let feed_ids: Vec<FeedId> = feeds.iter().map(|(f, _, _)| f.id).collect();
+        // Until the nodes are listed, `pods: {}` matches the pods cached (and the daemon
+        // is not ready: readiness waits for the decision).
+        let now = if decided {
+            coverage
+        } else {
+            Coverage::Selected
+        };
+        cx.identities.begin_pod_feeds(&feed_ids, now, decided);
+        if decided {
+            publish_coverage(&cx.metrics, coverage);
+        }
+        cx.metrics
+            .kubernetes_synced
+            .with_label_values(&[Resource::Pods.as_str()])
+            .set(0);
+        info!(
+            coverage = coverage.as_str(),
+            watches = %feeds.iter().map(|(f, _, _)| f.what.as_str()).collect::<Vec<_>>().join("; "),
+            "watching pods"
+        );
+        let tasks: Vec<JoinHandle<()>> = feeds
+            .into_iter()
+            .map(|(feed, api, config)| {
+                tokio::spawn(run(feed, api, config, cx.clone(), stop.clone()))
+            })
+            .collect();
+        let mut check = tokio::time::interval(COVERAGE_CHECK);
+        let stopping = loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break true,
+                () = changed.notified() => break false,
+                _ = check.tick(), if !decided => {
+                    if cx.identities.sync(Resource::Nodes).synced {
+                        decided = true;
+                        cx.identities.decide_coverage(coverage);
+                        if cx.identities.coverage() == Some(coverage) {
+                            publish_coverage(&cx.metrics, coverage);
+                            info!(
+                                coverage = coverage.as_str(),
+                                "`pods: {{}}` is judged by the nodes' spec.podCIDRs; pods \
+                                 outside the selectors are not listed"
+                            );
+                        }
+                        publish_sync(&cx, Resource::Pods);
+                    }
+                }
+            }
+        };
+        if stopping {
+            // They stop on the same signal.
+            for t in tasks {
+                let _ = t.await;
+            }
+            return;
+        }
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn publish_coverage(metrics: &Metrics, coverage: Coverage) {
+    for c in Coverage::ALL {
+        metrics
+            .kubernetes_pod_coverage
+            .with_label_values(&[c.as_str()])
+            .set(i64::from(c == coverage));
+    }
+}
+
+/// The `k8s_ebpf_kubernetes_synced` gauge from the resource's state (for pods: all of
+/// their watches).
+fn publish_sync(cx: &Context, resource: Resource) {
+    cx.metrics
+        .kubernetes_synced
+        .with_label_values(&[resource.as_str()])
+        .set(i64::from(cx.identities.sync(resource).synced));
 }
 
 /// One object type: how to reduce it and where it goes in the cache.
@@ -431,9 +793,10 @@ trait Watched:
 {
     type Reduced: Send;
     fn reduce(self, r: &mut Reducer) -> Self::Reduced;
-    fn apply(cache: &mut super::IdentityCache, item: Self::Reduced);
-    fn delete(cache: &mut super::IdentityCache, obj: &Self);
-    fn replace(cache: &mut super::IdentityCache, items: Vec<Self::Reduced>);
+    /// `feed`: which pod watch it came from (0 for the other kinds).
+    fn apply(cache: &mut super::IdentityCache, item: Self::Reduced, feed: FeedId);
+    fn delete(cache: &mut super::IdentityCache, obj: &Self, feed: FeedId);
+    fn replace(cache: &mut super::IdentityCache, items: Vec<Self::Reduced>, feed: FeedId);
     /// During a re-list: the cache's own copy when `item` is what it already holds, so
     /// the list in progress does not hold a second copy of every unchanged object.
     fn reuse(_cache: &super::IdentityCache, item: Self::Reduced) -> Self::Reduced {
@@ -445,6 +808,12 @@ impl Watched for ListedNode {
     type Reduced = NodeIdentity;
     fn reduce(self, _: &mut Reducer) -> NodeIdentity {
         let roles = NodeIdentity::roles_from_labels(self.labels());
+        let spec = self.spec.unwrap_or_default();
+        let mut ranges = spec.pod_cidrs.unwrap_or_default();
+        if ranges.is_empty() {
+            ranges.extend(spec.pod_cidr);
+        }
+        let pod_cidrs = ranges.iter().filter_map(|r| r.parse().ok()).collect();
         let addresses = self
             .status
             .and_then(|s| s.addresses)
@@ -457,15 +826,16 @@ impl Watched for ListedNode {
             name: self.metadata.name.unwrap_or_default(),
             roles,
             addresses,
+            pod_cidrs,
         }
     }
-    fn apply(cache: &mut super::IdentityCache, item: NodeIdentity) {
+    fn apply(cache: &mut super::IdentityCache, item: NodeIdentity, _: FeedId) {
         cache.apply_node(item);
     }
-    fn delete(cache: &mut super::IdentityCache, obj: &Self) {
+    fn delete(cache: &mut super::IdentityCache, obj: &Self, _: FeedId) {
         cache.delete_node(&obj.name_any());
     }
-    fn replace(cache: &mut super::IdentityCache, items: Vec<NodeIdentity>) {
+    fn replace(cache: &mut super::IdentityCache, items: Vec<NodeIdentity>, _: FeedId) {
         cache.replace_nodes(items);
     }
 }
@@ -529,18 +899,19 @@ impl Watched for ListedPod {
             finished: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
         })
     }
-    fn apply(cache: &mut super::IdentityCache, item: Arc<PodIdentity>) {
-        cache.apply_pod(item);
+    fn apply(cache: &mut super::IdentityCache, item: Arc<PodIdentity>, feed: FeedId) {
+        cache.apply_pod_from(feed, item);
     }
-    fn delete(cache: &mut super::IdentityCache, obj: &Self) {
-        cache.delete_pod(
+    fn delete(cache: &mut super::IdentityCache, obj: &Self, feed: FeedId) {
+        cache.delete_pod_from(
+            feed,
             &obj.namespace().unwrap_or_default(),
             &obj.name_any(),
             obj.metadata.uid.as_deref(),
         );
     }
-    fn replace(cache: &mut super::IdentityCache, items: Vec<Arc<PodIdentity>>) {
-        cache.replace_pods(items);
+    fn replace(cache: &mut super::IdentityCache, items: Vec<Arc<PodIdentity>>, feed: FeedId) {
+        cache.replace_pods_from(feed, items);
     }
     fn reuse(cache: &super::IdentityCache, item: Arc<PodIdentity>) -> Arc<PodIdentity> {
         match cache.pod(&item.namespace, &item.name) {
@@ -578,13 +949,13 @@ impl Watched for EndpointSlice {
             .collect();
         (key, addresses)
     }
-    fn apply(cache: &mut super::IdentityCache, (key, addresses): Self::Reduced) {
+    fn apply(cache: &mut super::IdentityCache, (key, addresses): Self::Reduced, _: FeedId) {
         cache.apply_slice(key, addresses);
     }
-    fn delete(cache: &mut super::IdentityCache, obj: &Self) {
+    fn delete(cache: &mut super::IdentityCache, obj: &Self, _: FeedId) {
         cache.delete_slice(&(obj.namespace().unwrap_or_default(), obj.name_any()));
     }
-    fn replace(cache: &mut super::IdentityCache, items: Vec<Self::Reduced>) {
+    fn replace(cache: &mut super::IdentityCache, items: Vec<Self::Reduced>, _: FeedId) {
         cache.replace_slices(items);
     }
 }
@@ -593,52 +964,50 @@ impl Watched for EndpointSlice {
 const PRUNE_EVERY: u32 = 10_000;
 
 async fn run<K: Watched>(
-    resource: Resource,
+    feed: Feed,
     api: Api<K>,
     config: watcher::Config,
-    identities: Identities,
-    metrics: Arc<Metrics>,
+    cx: Context,
     mut stop: signal::Receiver<bool>,
 ) {
+    let resource = feed.resource;
     let name = resource.as_str();
+    let identities = &cx.identities;
+    let metrics = &cx.metrics;
     // Present from the start (0, not synced), so `increase()` and "not synced" alerts see
     // the first change (deploy/prometheusrule.yaml).
     metrics.kubernetes_lists.with_label_values(&[name]);
-    metrics.kubernetes_synced.with_label_values(&[name]).set(0);
-    metrics.kubernetes_objects.with_label_values(&[name]).set(0);
-    let start = || {
-        watcher::watcher(api.clone(), config.clone())
+    if resource != Resource::Pods {
+        metrics.kubernetes_synced.with_label_values(&[name]).set(0);
+        metrics.kubernetes_objects.with_label_values(&[name]).set(0);
+    }
+    let start = |streamed: bool| {
+        let config = if streamed {
+            config.clone().streaming_lists()
+        } else {
+            config.clone()
+        };
+        watcher::watcher(api.clone(), config)
             .default_backoff()
             .into_stream()
             .boxed()
     };
-    let mut stream = start();
-    let relist = identities.relist_pods();
+    let mut streamed = cx.streaming.load(Ordering::Relaxed);
+    let mut stream = start(streamed);
     let mut reducer = Reducer::new(identities.local_node(), identities.label_keys());
     // Objects of the list in progress; swapped into the cache whole at InitDone.
     let mut listing: Option<Vec<K::Reduced>> = None;
+    let mut synced_once = false;
     // Updates since the interner last dropped strings no pod holds any more (churn brings
     // new label values and service accounts; a re-list prunes too).
     let mut applied = 0u32;
     loop {
         let next = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            // A reloaded policy names pod labels the cache dropped: list again (the cache
-            // answers as it is until the new list replaces it).
-            _ = relist.notified(), if resource == Resource::Pods => {
-                info!(resource = name, "the policy names new pod labels: listing pods again");
-                // Not ready until the list holds the labels the new selectors compare.
-                identities.set_sync(resource, SyncState::default());
-                metrics.kubernetes_synced.with_label_values(&[name]).set(0);
-                reducer.label_keys = identities.label_keys();
-                listing = None;
-                stream = start();
-                continue;
-            }
             next = stream.next() => next,
         };
         let Some(next) = next else {
-            warn!(resource = name, "the Kubernetes watch ended");
+            warn!(watch = %feed.what, "the Kubernetes watch ended");
             return;
         };
         match next {
@@ -652,7 +1021,7 @@ async fn run<K: Watched>(
             Ok(Event::InitDone) => {
                 let items = listing.take().unwrap_or_default();
                 let count = items.len();
-                identities.update(|c| K::replace(c, items));
+                identities.update(|c| K::replace(c, items, feed.id));
                 reducer.prune();
                 // The list's pages were parsed and freed between the objects kept: hand
                 // the free pages back instead of keeping them for the daemon's lifetime.
@@ -661,20 +1030,26 @@ async fn run<K: Watched>(
                 unsafe {
                     libc::malloc_trim(0);
                 }
-                let first = !identities.sync(resource).synced;
-                identities.set_sync(
-                    resource,
+                feed.set_sync(
+                    identities,
                     SyncState {
                         synced: true,
                         failing: None,
                     },
                 );
                 metrics.kubernetes_lists.with_label_values(&[name]).inc();
-                metrics.kubernetes_synced.with_label_values(&[name]).set(1);
-                if first {
+                let mode = if streamed { "streaming" } else { "paginated" };
+                metrics
+                    .kubernetes_listed_objects
+                    .with_label_values(&[name, mode])
+                    .inc_by(count as u64);
+                publish_sync(&cx, resource);
+                if !synced_once {
+                    synced_once = true;
                     info!(
-                        resource = name,
+                        watch = %feed.what,
                         objects = count,
+                        mode,
                         "Kubernetes identities synced"
                     );
                 }
@@ -686,9 +1061,24 @@ async fn run<K: Watched>(
                     applied = 0;
                     reducer.prune();
                 }
-                identities.update(|c| K::apply(c, reduced));
+                identities.update(|c| K::apply(c, reduced, feed.id));
             }
-            Ok(Event::Delete(obj)) => identities.update(|c| K::delete(c, &obj)),
+            Ok(Event::Delete(obj)) => identities.update(|c| K::delete(c, &obj, feed.id)),
+            Err(e) if streamed && refuses_streaming(&e) => {
+                // Not an error of ours: the server has no WatchList (before 1.27, or the
+                // feature gate off, as in 1.33's default). Every watch lists in pages now.
+                streamed = false;
+                if cx.streaming.swap(false, Ordering::Relaxed) {
+                    info!(
+                        error = %describe(&e),
+                        "the Kubernetes API does not stream lists (sendInitialEvents): \
+                         listing in pages of 500"
+                    );
+                }
+                listing = None;
+                stream = start(false);
+                continue;
+            }
             Err(e) => {
                 let reason = classify(&e);
                 metrics
@@ -698,29 +1088,29 @@ async fn run<K: Watched>(
                 if reason == "gone" {
                     // Normal life of a watch: the server compacted our resourceVersion;
                     // kube-runtime lists again and the next InitDone replaces the cache.
-                    info!(resource = name, "watch expired (410 Gone): listing again");
+                    info!(watch = %feed.what, "watch expired (410 Gone): listing again");
                     continue;
                 }
                 let before = identities.sync(resource);
-                identities.set_sync(
-                    resource,
+                feed.set_sync(
+                    identities,
                     SyncState {
                         synced: false,
                         failing: Some(reason),
                     },
                 );
-                metrics.kubernetes_synced.with_label_values(&[name]).set(0);
+                publish_sync(&cx, resource);
                 // Once per change of reason; the retries (backoff) are counted, not logged.
                 if before.failing != Some(reason) {
                     warn!(
-                        resource = name,
+                        watch = %feed.what,
                         reason,
                         error = %describe(&e),
                         "{}",
                         explain(resource, reason)
                     );
                 } else {
-                    debug!(resource = name, reason, error = %describe(&e), "still failing");
+                    debug!(watch = %feed.what, reason, error = %describe(&e), "still failing");
                 }
             }
         }
@@ -729,6 +1119,23 @@ async fn run<K: Watched>(
             .with_label_values(&[name])
             .set(i64::try_from(identities.len(resource)).unwrap_or(i64::MAX));
     }
+}
+
+/// The server refused a streaming list: 422 Invalid (`sendInitialEvents` forbidden
+/// without the WatchList feature gate; `resourceVersionMatch` forbidden for watches
+/// before 1.27) or a 400 naming those parameters.
+fn refuses_streaming(e: &watcher::Error) -> bool {
+    let status = match e {
+        watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => &**s,
+        watcher::Error::WatchError(s) => &**s,
+        _ => return false,
+    };
+    status.code == 422
+        || (status.code == 400
+            && ["sendInitialEvents", "resourceVersionMatch"]
+                .iter()
+                .any(|p| status.message.contains(p)))
 }
 
 /// What went wrong, for the log: the API's own status message, or the error's chain of

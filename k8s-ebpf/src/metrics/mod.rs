@@ -43,6 +43,16 @@ pub struct Metrics {
     pub kubernetes_synced: IntGaugeVec,
     /// Full lists applied (the first sync and every re-list), by resource.
     pub kubernetes_lists: IntCounterVec,
+    /// Objects the API sent in full lists (paginated or streamed), by resource and `mode`
+    /// (`paginated`, `streaming`).
+    pub kubernetes_listed_objects: IntCounterVec,
+    /// Which pods the cache holds: 1 for the current `coverage` (`all`, `selected`,
+    /// `ranges`), 0 for the others.
+    pub kubernetes_pod_coverage: IntGaugeVec,
+    /// On-demand lookups of an alert's unknown peer (`fieldSelector=status.podIP`), by
+    /// `outcome`: `found`, `not_found`, `cached`, `skipped` (over the rate or queue
+    /// bound), `error`.
+    pub kubernetes_pod_lookups: IntCounterVec,
     /// SYNs to watched ports by what became of them (`completed`, `half_open`,
     /// `refused`), set from the daemon's attempt tracker.
     pub syn_attempts: IntCounterVec,
@@ -176,6 +186,24 @@ impl Metrics {
                 "k8s_ebpf_kubernetes_lists_total",
                 "Full lists applied to the identity cache (first sync and re-lists), by resource.",
                 &["resource"],
+            ),
+            kubernetes_listed_objects: counter_vec(
+                &r,
+                "k8s_ebpf_kubernetes_listed_objects_total",
+                "Objects received in full lists (paginated or streamed), by resource and mode.",
+                &["resource", "mode"],
+            ),
+            kubernetes_pod_coverage: gauge_vec(
+                &r,
+                "k8s_ebpf_kubernetes_pod_coverage",
+                "1 for which pods the identity cache holds: all, selected (the policy's selectors and this node's), ranges (selected, and any address in a node's podCIDRs counts as a pod).",
+                &["coverage"],
+            ),
+            kubernetes_pod_lookups: counter_vec(
+                &r,
+                "k8s_ebpf_kubernetes_pod_lookups_total",
+                "On-demand lookups of an alert's peer not in the identity cache, by outcome.",
+                &["outcome"],
             ),
             syn_attempts: counter_vec(
                 &r,

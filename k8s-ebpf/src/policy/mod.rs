@@ -159,6 +159,12 @@ impl PeerSelector {
             Self::Nodes(NodeScope::ControlPlane) => {
                 id.node.as_ref().is_some_and(|n| n.is_control_plane())
             }
+            // `pods: {}`: any pod, also one known only by its address being in a node's
+            // pod range (the pods themselves not all cached).
+            Self::Pods {
+                namespace: None,
+                labels,
+            } if labels.is_empty() && id.pod.is_none() => id.pod_range,
             Self::Pods { namespace, labels } => id.pod.as_ref().is_some_and(|p| {
                 namespace.as_ref().is_none_or(|ns| **ns == *p.namespace)
                     && labels
@@ -174,6 +180,38 @@ impl PeerSelector {
             Self::Apiserver => id.apiserver,
         }
     }
+}
+
+/// The pods one peer selector can match, as the Kubernetes API selects them: a list and
+/// watch of `namespace` (all when `None`) with `labelSelector=labels` and
+/// `fieldSelector=fields` (either empty: none).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodQuery {
+    pub namespace: Option<String>,
+    pub labels: String,
+    pub fields: String,
+}
+
+impl std::fmt::Display for PodQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "namespace={}", self.namespace.as_deref().unwrap_or("*"))?;
+        if !self.labels.is_empty() {
+            write!(f, " labelSelector={}", self.labels)?;
+        }
+        if !self.fields.is_empty() {
+            write!(f, " fieldSelector={}", self.fields)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which pods the policy's expected peers can be ([`Policy::pod_queries`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodQueries {
+    /// Some selector is `pods: {}`: any pod.
+    pub any_pod: bool,
+    /// One per distinct selector.
+    pub queries: BTreeSet<PodQuery>,
 }
 
 /// A set of peers: loopback, networks and Kubernetes selectors, groups already expanded.
@@ -536,6 +574,49 @@ impl Policy {
             }
         }
         keys
+    }
+
+    /// The pods the expected peers' selectors can match, as queries the Kubernetes API
+    /// answers itself (namespace, label selector, field selector), and whether some
+    /// selector is `pods: {}` (any pod). Expected clients' pod selectors are not here:
+    /// they match the local process's pod, which the node's own pod watch holds.
+    pub fn pod_queries(&self) -> PodQueries {
+        let mut plan = PodQueries::default();
+        for selector in self
+            .rules
+            .values()
+            .flat_map(|r| &r.expected_peers.selectors)
+        {
+            match selector {
+                PeerSelector::Pods {
+                    namespace: None,
+                    labels,
+                } if labels.is_empty() => {
+                    plan.any_pod = true;
+                }
+                PeerSelector::Pods { namespace, labels } => {
+                    plan.queries.insert(PodQuery {
+                        namespace: namespace.clone(),
+                        labels: labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        fields: String::new(),
+                    });
+                }
+                PeerSelector::ServiceAccounts(accounts) => {
+                    plan.queries
+                        .extend(accounts.iter().map(|(ns, name)| PodQuery {
+                            namespace: Some(ns.clone()),
+                            labels: String::new(),
+                            fields: format!("spec.serviceAccountName={name}"),
+                        }));
+                }
+                PeerSelector::Nodes(_) | PeerSelector::Apiserver => {}
+            }
+        }
+        plan
     }
 
     /// The ports the kernel should watch.

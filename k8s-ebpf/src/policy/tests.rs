@@ -64,6 +64,7 @@ fn node_identity(roles: &[&str]) -> PeerIdentity {
             name: "n".into(),
             roles: roles.iter().map(|r| (*r).to_owned()).collect(),
             addresses: vec![],
+            pod_cidrs: vec![],
         })),
         ..PeerIdentity::default()
     }
@@ -608,4 +609,46 @@ fn the_configmaps_policy_layers_on_every_profile() {
             "{profile}"
         );
     }
+}
+
+/// The embedded policy asks the API for this node's pods (elsewhere), the two monitoring
+/// selectors' pods, and `pods: {}` by range; expected clients' selectors add no query
+/// (they match the local process's pod); service accounts become field selectors.
+#[test]
+fn pod_queries_name_what_expected_peers_can_match() {
+    let plan = Policy::embedded_default().pod_queries();
+    assert!(plan.any_pod);
+    let shown: Vec<String> = plan.queries.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        [
+            "namespace=kube-system labelSelector=k8s-app=metrics-server",
+            "namespace=monitoring labelSelector=app.kubernetes.io/name=prometheus",
+        ]
+    );
+    let p = Policy::parse(
+        r#"
+version: 1
+rules:
+  - name: kubelet
+    port: 10250
+    expected_peers:
+      - pods: {labels: {app: scraper, tier: ops}}
+      - pods: {namespace: ops}
+      - serviceAccounts: [monitoring/prometheus]
+"#,
+        "test",
+    )
+    .expect("policy");
+    let plan = p.pod_queries();
+    assert!(!plan.any_pod);
+    let shown: Vec<String> = plan.queries.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        [
+            "namespace=* labelSelector=app=scraper,tier=ops",
+            "namespace=monitoring fieldSelector=spec.serviceAccountName=prometheus",
+            "namespace=ops",
+        ]
+    );
 }
