@@ -25,6 +25,11 @@ pub struct FakeApi {
 
 impl FakeApi {
     pub fn start(node: &NetNs, dir: &Path) -> Self {
+        Self::start_with(node, dir, &[])
+    }
+
+    /// With more command-line flags (`--no-watch-list`: a server without streaming lists).
+    pub fn start_with(node: &NetNs, dir: &Path, flags: &[&str]) -> Self {
         // A CA and a server certificate it signs (webpki refuses a CA certificate as the
         // server's own, so a self-signed one will not do).
         let (ca_crt, ca_key) = certificate(dir, "fake-ca", "DNS:fake-ca", None);
@@ -50,7 +55,8 @@ impl FakeApi {
                     TOKEN,
                     "--port-file",
                 ])
-                .arg(&port_file),
+                .arg(&port_file)
+                .args(flags),
             &log,
         );
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -121,10 +127,32 @@ impl FakeApi {
             .unwrap_or(0)
     }
 
+    /// List requests (pages) served for `resource`.
     pub fn lists(&self, resource: &str) -> u64 {
-        self.call("stats", None)["lists"][resource]
+        self.stat("lists", resource)
+    }
+
+    /// List requests (pages) and streaming lists served for `resource`: grows with
+    /// every full list, whichever way it is served.
+    pub fn list_calls(&self, resource: &str) -> u64 {
+        self.stat("lists", resource) + self.stat("streams", resource)
+    }
+
+    /// A counter of /fake/stats: `group` (`lists`, `streams`, `listed_objects`,
+    /// `streamed_objects`, …) for `resource`.
+    pub fn stat(&self, group: &str, resource: &str) -> u64 {
+        self.call("stats", None)[group][resource]
             .as_u64()
             .unwrap_or(0)
+    }
+
+    /// The last requests served (resource, namespace, watch, labelSelector,
+    /// fieldSelector, sendInitialEvents, limit).
+    pub fn requests(&self) -> Vec<Value> {
+        self.call("stats", None)["requests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 }
 

@@ -358,7 +358,7 @@ fn peers_resolve_to_kubernetes_identities() {
     assert_eq!(gone["destination"]["port"], 10250);
 
     // 5. 410 Gone: the daemon lists again. The pod removed without an event is gone after.
-    let lists = api.lists("pods");
+    let lists = api.list_calls("pods");
     let relists = daemon.metric("k8s_ebpf_kubernetes_lists_total{resource=\"pods\"}");
     api.call(
         "pods/silent-delete",
@@ -366,7 +366,7 @@ fn peers_resolve_to_kubernetes_identities() {
     );
     api.call("pods/expire", Some(json!({})));
     within("a re-list after 410 Gone", Duration::from_secs(5), || {
-        api.lists("pods") > lists
+        api.list_calls("pods") > lists
             && daemon.metric("k8s_ebpf_kubernetes_lists_total{resource=\"pods\"}") > relists
     });
     within("the re-list applied", Duration::from_secs(2), || {
@@ -647,8 +647,12 @@ fn a_paged_cluster_resolves_from_every_page_and_keeps_only_named_labels() {
     let _kubelet = node.listen("0.0.0.0:10250");
     let kubelet = format!("{NODE}:10250");
     let dir = tempfile::tempdir().expect("temp dir");
-    let api = FakeApi::start(&node, dir.path());
-    let generated = api.call("generate", Some(json!({"pods": 1500, "nodes": 10})));
+    // A server without streaming lists (WatchList off, as 1.33's default): pages.
+    let api = FakeApi::start_with(&node, dir.path(), &["--no-watch-list"]);
+    let generated = api.call(
+        "generate",
+        Some(json!({"pods": 1500, "nodes": 10, "system_pods": false})),
+    );
     assert_eq!(generated["pods"], 1500, "{generated}");
     seed(&api);
     // An attacker's pod: many labels, among them one a later policy names (`team`).

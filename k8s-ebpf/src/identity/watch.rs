@@ -26,7 +26,7 @@ use std::{
     },
 };
 
-use futures_util::{StreamExt as _, TryStreamExt as _};
+use futures_util::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 use k8s_openapi::{
     api::{
         core::v1::{Node, Pod},
@@ -634,6 +634,8 @@ const COVERAGE_CHECK: std::time::Duration = std::time::Duration::from_millis(200
 /// Starts them over when the plan or the labels to keep change.
 async fn watch_pods(client: Client, cx: Context, mut stop: signal::Receiver<bool>) {
     let changed = cx.identities.pod_watch_changed();
+    // What was said before this started (the plan, the labels) is in the first plan.
+    let _ = changed.notified().now_or_never();
     // Selector queries keep their feed id across restarts, so what a kept query's watch
     // held stays until its new list replaces it.
     let mut ids: BTreeMap<PodQuery, FeedId> = BTreeMap::new();
@@ -735,7 +737,8 @@ async fn watch_pods(client: Client, cx: Context, mut stop: signal::Receiver<bool
                     if cx.identities.sync(Resource::Nodes).synced {
                         decided = true;
                         cx.identities.decide_coverage(coverage);
-                        if cx.identities.coverage() == Some(coverage) {
+                        // Unless the nodes or pods already contradict it.
+                        if cx.identities.pod_plan() != PodPlan::All {
                             publish_coverage(&cx.metrics, coverage);
                             info!(
                                 coverage = coverage.as_str(),
