@@ -17,9 +17,54 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::bench::{cpu_seconds, peak_rss_kib, sh_ok, sh_out, Ns};
 
-/// (pods, nodes): an empty cluster (the daemon's own footprint), the issue's first row,
-/// and Kubernetes' documented limits.
-pub const CLUSTERS: [(u64, u64); 3] = [(0, 0), (20_000, 500), (150_000, 5_000)];
+/// One generated cluster and the API server's abilities.
+#[derive(Clone, Copy)]
+pub struct Cluster {
+    pub pods: u64,
+    pub nodes: u64,
+    /// `node-cidrs`: pod addresses from the nodes' spec.podCIDRs (`pods: {}` judged by
+    /// range, only selected pods listed); `vpc`: nodes without podCIDRs, pods from one flat
+    /// range (AWS VPC CNI, Azure CNI: every pod listed).
+    pub cni: &'static str,
+    /// The server streams lists (`sendInitialEvents`); else it pages them.
+    pub watch_list: bool,
+}
+
+/// An empty cluster (the daemon's own footprint), the issue's first row, Kubernetes'
+/// documented limits with pods in the nodes' ranges, and the same where every pod must be
+/// cached, streamed and paged.
+pub const CLUSTERS: [Cluster; 5] = [
+    Cluster {
+        pods: 0,
+        nodes: 0,
+        cni: "node-cidrs",
+        watch_list: true,
+    },
+    Cluster {
+        pods: 20_000,
+        nodes: 500,
+        cni: "node-cidrs",
+        watch_list: true,
+    },
+    Cluster {
+        pods: 150_000,
+        nodes: 5_000,
+        cni: "node-cidrs",
+        watch_list: true,
+    },
+    Cluster {
+        pods: 150_000,
+        nodes: 5_000,
+        cni: "vpc",
+        watch_list: true,
+    },
+    Cluster {
+        pods: 150_000,
+        nodes: 5_000,
+        cni: "vpc",
+        watch_list: false,
+    },
+];
 const TOKEN: &str = "bench-token";
 const METRICS: &str = "127.0.0.1:9479";
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
@@ -29,6 +74,9 @@ const NODE_NAME: &str = "node-00001";
 
 pub struct Row {
     pub binary: &'static str,
+    pub cluster: Cluster,
+    /// What the daemon reported: `k8s_ebpf_kubernetes_pod_coverage`.
+    pub coverage: String,
     pub pods: u64,
     pub nodes: u64,
     pub ready_s: f64,
@@ -133,7 +181,8 @@ fn certificates(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     Ok((ca, crt, key))
 }
 
-fn start_fake(root: &Path, dir: &Path, ns: &Ns, pods: u64, nodes: u64) -> Result<FakeApi> {
+fn start_fake(root: &Path, dir: &Path, ns: &Ns, cluster: Cluster) -> Result<FakeApi> {
+    let Cluster { pods, nodes, .. } = cluster;
     let (ca, crt, key) = certificates(dir)?;
     let port_file = dir.join(format!("fakeapi-{}.port", ns.0));
     let _ = std::fs::remove_file(&port_file);
@@ -149,6 +198,8 @@ fn start_fake(root: &Path, dir: &Path, ns: &Ns, pods: u64, nodes: u64) -> Result
         .arg(&port_file)
         .args(["--generate-pods", &pods.to_string()])
         .args(["--generate-nodes", &nodes.to_string()])
+        .args(["--generate-cni", cluster.cni])
+        .args((!cluster.watch_list).then_some("--no-watch-list"))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -219,7 +270,17 @@ print(pages, time.monotonic() - started)
 
 pub fn fake_speed(root: &Path, dir: &Path, pods: u64, nodes: u64) -> Result<FakeSpeed> {
     let ns = Ns::new("scalefake")?;
-    let api = start_fake(root, dir, &ns, pods, nodes)?;
+    let api = start_fake(
+        root,
+        dir,
+        &ns,
+        Cluster {
+            pods,
+            nodes,
+            cni: "node-cidrs",
+            watch_list: true,
+        },
+    )?;
     // Bounded: a page is 500 pods, so the list ends within pods / 500 + 1 pages.
     let out = sh_out(
         Command::new("ip")
@@ -262,12 +323,16 @@ pub fn measure(
     root: &Path,
     dir: &Path,
     binary: (&'static str, &Path),
-    pods: u64,
-    nodes: u64,
+    cluster: Cluster,
 ) -> Result<Row> {
+    let Cluster { pods, nodes, .. } = cluster;
     let ns = Ns::new("scale")?;
-    let api = start_fake(root, dir, &ns, pods, nodes)?;
-    let log = std::fs::File::create(dir.join(format!("daemon-{}-{pods}.log", binary.0)))?;
+    let api = start_fake(root, dir, &ns, cluster)?;
+    let log = std::fs::File::create(dir.join(format!(
+        "daemon-{}-{pods}-{}.log",
+        binary.0.replace(' ', "-"),
+        cluster.cni
+    )))?;
     let started = Instant::now();
     let child = Command::new("ip")
         .args(["netns", "exec", &ns.0])
@@ -315,17 +380,32 @@ pub fn measure(
     let (rss, peak) = (rss_kib(pid), peak_rss_kib(pid));
     let stats: serde_json::Value =
         serde_json::from_str(&fake_get(&ns, api.port, "/fake/stats", false)?)?;
+    let metrics = sh_out(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "curl", "-sf"])
+            .arg(format!("http://{METRICS}/metrics")),
+    )
+    .unwrap_or_default();
+    let coverage = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("k8s_ebpf_kubernetes_pod_coverage{coverage=\""))
+        .find_map(|l| l.strip_suffix("\"} 1"))
+        .unwrap_or("-")
+        .to_owned();
     Ok(Row {
         binary: binary.0,
-        pods,
+        cluster,
+        coverage,
+        pods: stats["stored"]["pods"].as_u64().unwrap_or(pods),
         nodes,
         ready_s,
         cpu_s,
         rss_kib: rss,
         peak_kib: peak,
-        listed_objects: stat(&stats, "listed_objects"),
-        list_requests: stat(&stats, "lists"),
-        listed_mib: stat(&stats, "listed_bytes") as f64 / (1024.0 * 1024.0),
+        listed_objects: stat(&stats, "listed_objects") + stat(&stats, "streamed_objects"),
+        list_requests: stat(&stats, "lists") + stat(&stats, "streams"),
+        listed_mib: (stat(&stats, "listed_bytes") + stat(&stats, "streamed_bytes")) as f64
+            / (1024.0 * 1024.0),
     })
 }
 
@@ -333,16 +413,26 @@ pub fn measure(
 pub fn run(root: &Path, after: &Path, before: Option<&Path>) -> Result<(Vec<Row>, FakeSpeed)> {
     let dir = root.join("target/bench/scale");
     std::fs::create_dir_all(&dir)?;
-    let (pods, nodes) = CLUSTERS[CLUSTERS.len() - 1];
-    eprintln!("xtask bench: scale: the fake API alone, {pods} pods");
-    let speed = fake_speed(root, &dir, pods, nodes)?;
+    let top = CLUSTERS[2];
+    eprintln!("xtask bench: scale: the fake API alone, {} pods", top.pods);
+    let speed = fake_speed(root, &dir, top.pods, top.nodes)?;
     let mut rows = Vec::new();
-    for (pods, nodes) in CLUSTERS {
+    for cluster in CLUSTERS {
         let binaries = [("this build", Some(after)), ("before (--before)", before)];
         for (name, bin) in binaries {
             let Some(bin) = bin else { continue };
-            eprintln!("xtask bench: scale: {name}, {pods} pods / {nodes} nodes");
-            rows.push(measure(root, &dir, (name, bin), pods, nodes)?);
+            eprintln!(
+                "xtask bench: scale: {name}, {} pods / {} nodes, {}{}",
+                cluster.pods,
+                cluster.nodes,
+                cluster.cni,
+                if cluster.watch_list {
+                    ""
+                } else {
+                    ", no streaming lists"
+                }
+            );
+            rows.push(measure(root, &dir, (name, bin), cluster)?);
         }
     }
     Ok((rows, speed))
@@ -355,16 +445,22 @@ pub fn render(rows: &[Row], speed: &FakeSpeed) -> Result<String> {
         s,
         "## Identity at cluster scale (fake API, default policy)\n"
     )?;
-    writeln!(s, "The fake Kubernetes API (tests/fixtures/fakeapi.py) generates the cluster (pods of Deployments with labels incl. pod-template-hash, annotations, ownerReferences, managedFields, two containers with containerIDs; nodes with podCIDRs, images, conditions) and pages lists 500 objects at a time, as kube-rs asks. The daemon runs `k8s-ebpf run --kubeconfig …` with the embedded default policy. RSS is read 3 s after /readyz first answers 200; peak is VmHWM.\n")?;
-    writeln!(s, "| binary | pods | nodes | time to /readyz 200 | daemon CPU to ready | RSS after sync | peak RSS | objects listed | list requests | MiB listed |")?;
-    writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(s, "The fake Kubernetes API (tests/fixtures/fakeapi.py) generates the cluster (pods of Deployments with labels incl. pod-template-hash, annotations, ownerReferences, managedFields, two containers with containerIDs, plus a kube-proxy per node, the control plane's static pods, Prometheus and metrics-server; nodes with images and conditions) and streams lists (`sendInitialEvents`) or, without streaming, pages them 500 objects at a time, as kube-rs asks. CNI `node-cidrs`: pod addresses from the nodes' spec.podCIDRs; `vpc`: nodes without podCIDRs, pods from one flat range (every pod must be cached). The daemon runs `k8s-ebpf run --kubeconfig …` with the embedded default policy. RSS is read 3 s after /readyz first answers 200; peak is VmHWM. Objects listed and requests count lists and streams.\n")?;
+    writeln!(s, "| binary | pods | nodes | CNI | lists | pod coverage | time to /readyz 200 | daemon CPU to ready | RSS after sync | peak RSS | objects listed | list requests | MiB listed |")?;
+    writeln!(
+        s,
+        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
     for r in rows {
         writeln!(
             s,
-            "| {} | {} | {} | {:.1} s | {:.1} s | {:.1} MiB | {:.1} MiB | {} | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} s | {:.1} s | {:.1} MiB | {:.1} MiB | {} | {} | {:.0} |",
             r.binary,
             r.pods,
             r.nodes,
+            r.cluster.cni,
+            if r.cluster.watch_list { "streamed" } else { "paged" },
+            r.coverage,
             r.ready_s,
             r.cpu_s,
             r.rss_kib as f64 / 1024.0,
@@ -377,9 +473,10 @@ pub fn render(rows: &[Row], speed: &FakeSpeed) -> Result<String> {
     let base = rows
         .iter()
         .find(|r| r.pods == 0 && r.binary == "this build");
+    // Every pod cached: the VPC cluster.
     let top = rows
         .iter()
-        .filter(|r| r.binary == "this build")
+        .filter(|r| r.binary == "this build" && r.coverage == "all")
         .max_by_key(|r| r.pods);
     if let (Some(base), Some(top)) = (base, top) {
         if top.pods > 0 {

@@ -646,8 +646,11 @@ async fn watch_pods(client: Client, cx: Context, mut stop: signal::Receiver<bool
             .set(0);
     }
     loop {
+        // What the watches below are started for; a nudge that changes neither (a reload
+        // while every pod is watched anyway) leaves them running.
+        let started_for = (cx.identities.pod_plan(), cx.identities.label_keys());
         let mut feeds: Vec<(Feed, Api<ListedPod>, watcher::Config)> = Vec::new();
-        let (coverage, mut decided) = match cx.identities.pod_plan() {
+        let (coverage, mut decided) = match started_for.0.clone() {
             PodPlan::Policy(plan) if plan.queries.len() <= MAX_QUERY_FEEDS => {
                 ids.retain(|q, _| plan.queries.contains(q));
                 for query in &plan.queries {
@@ -732,7 +735,11 @@ async fn watch_pods(client: Client, cx: Context, mut stop: signal::Receiver<bool
         let stopping = loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break true,
-                () = changed.notified() => break false,
+                () = changed.notified() => {
+                    if (cx.identities.pod_plan(), cx.identities.label_keys()) != started_for {
+                        break false;
+                    }
+                }
                 _ = check.tick(), if !decided => {
                     if cx.identities.sync(Resource::Nodes).synced {
                         decided = true;
