@@ -285,3 +285,37 @@ pub fn prog_exists(id: u32) -> bool {
     }
     false
 }
+
+/// Distinct IPv6 sources from `prefix` (a /64 the attacker's namespace answers for), each
+/// making one connection to `to`: a distinct dedup key per source. Paced in batches until
+/// the kernel has emitted each batch, so the ring never overflows.
+pub fn spray_sources(
+    daemon: &Daemon,
+    attacker: &crate::NetNs,
+    prefix: &str,
+    first: u32,
+    n: u32,
+    to: &str,
+) {
+    const BATCH: u32 = 1000;
+    let mut sent = 0;
+    while sent < n {
+        let batch = BATCH.min(n - sent);
+        let emitted = daemon.kernel_events("emitted");
+        let prefix = prefix.to_string();
+        let to: std::net::SocketAddr = to.parse().expect("destination");
+        let start = first + sent;
+        attacker.enter(move || {
+            for i in start..start + batch {
+                let source = format!("{prefix}{i:x}").parse().expect("source");
+                crate::connect_once(source, to);
+            }
+        });
+        sent += batch;
+        crate::wait_for(
+            "the kernel to emit the batch",
+            Duration::from_secs(20),
+            || daemon.kernel_events("emitted") >= emitted + f64::from(batch),
+        );
+    }
+}

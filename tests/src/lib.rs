@@ -361,3 +361,28 @@ pub fn certificate(
     }
     (crt_s.to_owned(), key_s.to_owned())
 }
+
+/// One connection attempt from `source` (on a thread already in the right namespace).
+pub fn connect_once(source: std::net::IpAddr, to: std::net::SocketAddr) {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )
+    .expect("socket");
+    let source = std::net::SocketAddr::new(source, 0);
+    s.bind(&source.into())
+        .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+    let _ = s.connect_timeout(&to.into(), std::time::Duration::from_secs(2));
+}
+
+/// `attacker` answers for every address of `prefix` (an IPv6 /64: a local route plus
+/// non-local binds) and `node` routes it back through `via` (the attacker's address on
+/// their link): one real connection per sprayed source.
+pub fn answer_for(attacker: &NetNs, node: &NetNs, prefix: &str, via: &str) {
+    attacker.ip(&["-6", "route", "add", "local", prefix, "dev", "lo"]);
+    run(attacker
+        .command("sysctl")
+        .args(["-qw", "net.ipv6.ip_nonlocal_bind=1"]));
+    node.ip(&["-6", "route", "add", prefix, "via", via]);
+}

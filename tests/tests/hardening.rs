@@ -23,7 +23,8 @@ use std::{
 };
 
 use integration_tests::{
-    daemon::{http_get_within, Daemon, METRICS_ADDR},
+    answer_for, connect_once,
+    daemon::{http_get_within, spray_sources, Daemon, METRICS_ADDR},
     daemon_bin, interpreter_at, link, privileged, run, wait_for, wait_listening, NetNs, Proc,
 };
 use serde_json::Value;
@@ -333,47 +334,6 @@ fn connect_from(ns: &NetNs, source: &str, to: &str) {
     ns.enter(move || connect_once(source, to));
 }
 
-/// One connection attempt from `source` (on a thread already in the right namespace).
-fn connect_once(source: IpAddr, to: SocketAddr) {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(to),
-        socket2::Type::STREAM,
-        None,
-    )
-    .expect("socket");
-    let source = SocketAddr::new(source, 0);
-    s.bind(&source.into())
-        .unwrap_or_else(|e| panic!("bind {source}: {e}"));
-    let _ = s.connect_timeout(&to.into(), Duration::from_secs(2));
-}
-
-/// Distinct IPv6 sources from `prefix` (a /64 the attacker's namespace answers for), each
-/// making one connection to `to`: a distinct dedup key per source. Paced in batches until
-/// the kernel has emitted each batch, so the ring never overflows.
-fn spray_sources(daemon: &Daemon, attacker: &NetNs, prefix: &str, first: u32, n: u32, to: &str) {
-    const BATCH: u32 = 1000;
-    let mut sent = 0;
-    while sent < n {
-        let batch = BATCH.min(n - sent);
-        let emitted = daemon.kernel_events("emitted");
-        let prefix = prefix.to_string();
-        let to: SocketAddr = to.parse().expect("destination");
-        let start = first + sent;
-        attacker.enter(move || {
-            for i in start..start + batch {
-                let source = format!("{prefix}{i:x}").parse().expect("source");
-                connect_once(source, to);
-            }
-        });
-        sent += batch;
-        wait_for(
-            "the kernel to emit the batch",
-            Duration::from_secs(20),
-            || daemon.kernel_events("emitted") >= emitted + f64::from(batch),
-        );
-    }
-}
-
 /// Issue 17 item 7. Technique: flood the daemon with more distinct peers than its
 /// bookkeeping holds while an expected client's dedup window is open. On a529923 the
 /// reader kept each window's first record (its process) in a map cleared wholesale at
@@ -395,26 +355,7 @@ fn a_flood_of_peers_does_not_strip_an_expected_clients_window() {
     );
     // The attacker's namespace answers for a whole /64 (a local route plus non-local
     // binds), and the node routes it back: one real connection attempt per source.
-    attacker.ip(&[
-        "-6",
-        "route",
-        "add",
-        "local",
-        "2001:db8:1::/64",
-        "dev",
-        "lo",
-    ]);
-    run(attacker
-        .command("sysctl")
-        .args(["-qw", "net.ipv6.ip_nonlocal_bind=1"]));
-    node.ip(&[
-        "-6",
-        "route",
-        "add",
-        "2001:db8:1::/64",
-        "via",
-        "2001:db8::2",
-    ]);
+    answer_for(&attacker, &node, "2001:db8:1::/64", "2001:db8::2");
 
     let dir = tempfile::tempdir().expect("temp dir");
     let apiserver = dir.path().join("bin/kube-apiserver");

@@ -19,7 +19,8 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    daemon::Daemon,
+    answer_for,
+    daemon::{spray_sources, Daemon},
     fakeapi::{pod, FakeApi},
     link, privileged, NetNs,
 };
@@ -360,4 +361,118 @@ fn a_server_without_streaming_lists_is_listed_in_pages() {
         daemon.metric("k8s_ebpf_kubernetes_pod_coverage{coverage=\"ranges\"}"),
         1.0
     );
+}
+
+/// The attacker's view of the lookups: spray 600 distinct unknown sources at the kubelet
+/// (the flood threshold raised so that each is named one by one) to make every replica
+/// hammer the API server, or to bury a real intruder's alert behind lookups. The API sees
+/// at most the burst plus the rate (50 + 20/s), every sprayed source still gets its alert
+/// (unnamed past the budget: `skipped`), and the intruder's alert arrives.
+#[test]
+fn a_spray_of_unknown_sources_cannot_make_the_daemon_hammer_the_api() {
+    if !privileged("a_spray_of_unknown_sources_cannot_make_the_daemon_hammer_the_api") {
+        return;
+    }
+    const SPRAYED: u32 = 600;
+    let node_ns = NetNs::new("pwspnode");
+    let attacker = NetNs::new("pwspray");
+    let intruder = NetNs::new("pwspintr");
+    link(
+        &node_ns,
+        &["2001:db8:f::1/64"],
+        &attacker,
+        &["2001:db8:f::2/64"],
+    );
+    link(
+        &node_ns,
+        &[&format!("{NODE}/32")],
+        &intruder,
+        &[&format!("{INTRUDER}/32")],
+    );
+    answer_for(&attacker, &node_ns, "2001:db8:eeee::/64", "2001:db8:f::2");
+    // Accepted and closed as they come (bounded in count and time): a full accept queue
+    // would drop SYNs and stall the spray.
+    let kubelet = node_ns.listen("[::]:10250");
+    kubelet.set_nonblocking(true).expect("nonblocking");
+    let acceptor = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut accepted = 0u32;
+        while accepted <= SPRAYED + 10 && Instant::now() < deadline {
+            match kubelet.accept() {
+                Ok(_) => accepted += 1,
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let _api = cluster(&node_ns, dir.path(), &[]);
+    let text = include_str!("../../k8s-ebpf/policy/default.yaml")
+        .replace("window: 10s", "window: 1s")
+        .replace("    sources: 64", "    sources: 1000");
+    assert!(text.contains("sources: 1000"));
+    std::fs::write(dir.path().join("policy.yaml"), text).expect("write policy");
+    let kubeconfig = FakeApi::kubeconfig(dir.path());
+    let mut daemon = Daemon::start(
+        &node_ns,
+        &[
+            "--policy",
+            dir.path().join("policy.yaml").to_str().expect("utf-8"),
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--hostname",
+            "node-a",
+        ],
+    );
+    let started = Instant::now();
+    spray_sources(
+        &daemon,
+        &attacker,
+        "2001:db8:eeee::",
+        1,
+        SPRAYED,
+        "[2001:db8:f::1]:10250",
+    );
+    intruder.connect(&format!("{NODE}:10250")).expect("connect");
+    let sprayed = |r: &Value| {
+        r["event"]["action"] == "unexpected-inbound"
+            && r["source"]["ip"]
+                .as_str()
+                .is_some_and(|ip| ip.starts_with("2001:db8:eeee::"))
+    };
+    let records = daemon.wait_records(
+        "every sprayed source and the intruder",
+        Duration::from_secs(30),
+        |r| {
+            r.iter().filter(|r| sprayed(r)).count() >= SPRAYED as usize
+                && !inbound(r, INTRUDER, 10250).is_empty()
+        },
+    );
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(
+        records.iter().filter(|r| sprayed(r)).count(),
+        SPRAYED as usize
+    );
+    let intruder_alert = inbound(&records, INTRUDER, 10250)[0];
+    assert_eq!(
+        intruder_alert["rule"]["name"], "kubelet",
+        "{intruder_alert:#}"
+    );
+    let asked = |outcome: &str| {
+        daemon.metric(&format!(
+            "k8s_ebpf_kubernetes_pod_lookups_total{{outcome=\"{outcome}\"}}"
+        ))
+    };
+    let requests = asked("found") + asked("not_found") + asked("error");
+    let bound = 50.0 + 20.0 * elapsed + 1.0;
+    eprintln!(
+        "{SPRAYED} sprayed sources in {elapsed:.1} s: {requests} lookups (bound {bound:.0}), {} skipped",
+        asked("skipped")
+    );
+    assert!(requests <= bound, "{requests} lookups in {elapsed:.1} s");
+    assert!(
+        asked("skipped") >= f64::from(SPRAYED) + 1.0 - requests,
+        "the sprayed sources' alerts neither looked up nor counted as skipped"
+    );
+    daemon.stop();
+    drop(acceptor);
 }

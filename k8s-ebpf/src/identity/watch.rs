@@ -460,7 +460,7 @@ const LOOKUP_CACHE: usize = 4096;
 /// API server this much, not a request per source.
 const LOOKUP_RATE: f64 = 20.0;
 const LOOKUP_BURST: f64 = 50.0;
-/// Lookups waiting for the API at once.
+/// Lookups waiting for the API at once (more wait their turn; the rate bounds them).
 const LOOKUP_INFLIGHT: usize = 8;
 const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -473,6 +473,7 @@ pub struct PodLookups {
     identities: Identities,
     metrics: Arc<Metrics>,
     state: std::sync::Mutex<LookupState>,
+    permits: tokio::sync::Semaphore,
 }
 
 struct LookupState {
@@ -480,7 +481,6 @@ struct LookupState {
     order: std::collections::VecDeque<IpAddr>,
     tokens: f64,
     refilled: std::time::Instant,
-    inflight: usize,
 }
 
 impl std::fmt::Debug for PodLookups {
@@ -500,8 +500,8 @@ impl PodLookups {
                 order: std::collections::VecDeque::new(),
                 tokens: LOOKUP_BURST,
                 refilled: std::time::Instant::now(),
-                inflight: 0,
             }),
+            permits: tokio::sync::Semaphore::new(LOOKUP_INFLIGHT),
         }
     }
 
@@ -536,18 +536,20 @@ impl PodLookups {
             let elapsed = now.duration_since(st.refilled).as_secs_f64();
             st.tokens = (st.tokens + elapsed * LOOKUP_RATE).min(LOOKUP_BURST);
             st.refilled = now;
-            if st.tokens < 1.0 || st.inflight >= LOOKUP_INFLIGHT {
+            if st.tokens < 1.0 {
                 drop(st);
                 self.count("skipped");
                 return None;
             }
             st.tokens -= 1.0;
-            st.inflight += 1;
         }
         let params = kube::api::ListParams::default().fields(&format!("status.podIP={ip}"));
-        let answer = tokio::time::timeout(LOOKUP_TIMEOUT, self.api.list(&params)).await;
+        let answer = tokio::time::timeout(LOOKUP_TIMEOUT, async {
+            let _turn = self.permits.acquire().await;
+            self.api.list(&params).await
+        })
+        .await;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.inflight -= 1;
         let Ok(Ok(list)) = answer else {
             drop(st);
             self.count("error");
