@@ -15,7 +15,7 @@
 
 use std::{
     io::Read as _,
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt as _,
     path::Path,
     process::{Command, Stdio},
@@ -25,7 +25,7 @@ use std::{
 use integration_tests::{
     answer_for, connect_once,
     daemon::{http_get_within, spray_sources, Daemon, METRICS_ADDR},
-    daemon_bin, interpreter_at, link, privileged, run, wait_for, wait_listening, NetNs, Proc,
+    daemon_bin, interpreter_at, link, privileged, run, wait_listening, NetNs, Proc,
 };
 use serde_json::Value;
 
