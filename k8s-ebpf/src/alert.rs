@@ -241,8 +241,9 @@ pub struct ContainerFields {
 /// records the local process's pod.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct KubernetesFields {
-    /// What the address is: `pod`, `node`, `apiserver` or `unknown` (the Kubernetes API
-    /// is configured and nothing there has this address).
+    /// What the address is: `pod`, `node`, `apiserver`, `pod-range` (in a node's
+    /// podCIDRs while only selected pods are cached: a pod, not named) or `unknown` (the
+    /// Kubernetes API is configured and nothing there has this address).
     pub identity: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<KubernetesNode>,
@@ -324,6 +325,7 @@ impl KubernetesFields {
             (Some(p), Some(ns), _) => format!(" (pod {ns}/{})", p.name),
             (None, _, Some(n)) => format!(" (node {})", n.name),
             _ if self.apiserver => " (API server)".to_owned(),
+            _ if self.identity == "pod-range" => " (a pod, by its node's podCIDR)".to_owned(),
             _ => " (unknown to Kubernetes)".to_owned(),
         }
     }

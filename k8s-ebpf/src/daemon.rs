@@ -799,7 +799,9 @@ fn keep_policy_labels(identities: &Identities, policy: &Policy) {
     if identities.keep_labels(LabelKeys::for_selectors(policy.pod_label_keys())) {
         info!("the reloaded policy names pod labels not cached: listing pods again");
     }
-    if identities.set_pod_plan(PodPlan::Policy(policy.pod_queries())) {
+    if identities.set_pod_plan(PodPlan::Policy(policy.pod_queries()))
+        && identities.pod_plan() != PodPlan::All
+    {
         info!("the reloaded policy selects other pods: watching them instead");
     }
 }

@@ -4,10 +4,10 @@
 //! can match.
 //!
 //! Records keep their order: each goes into a queue of pending answers
-//! ([`FuturesOrdered`]) and leaves when every record before it has. Lookups are bounded
-//! (rate, waiting requests, a 2 s timeout; see [`PodLookups`]), so a spray of unknown
-//! sources delays nothing for long; a record that finds the queue full goes out at once
-//! unnamed (counted as a `skipped` lookup).
+//! (`FuturesOrdered`) and leaves when every record before it has. Lookups are bounded
+//! (rate, waiting requests, a 2 s timeout; see `PodLookups`), so a spray of unknown
+//! sources delays nothing for long; a record that finds the queue full (1,024 waiting)
+//! goes out at once, unnamed and ahead of those (counted as a `skipped` lookup).
 
 use std::sync::Arc;
 
@@ -81,14 +81,15 @@ impl RecordSender {
     }
 }
 
-/// About a remote peer (`source`) that Kubernetes knows nothing of, as far as the cache
-/// can tell.
+/// An alert about a remote peer (`source`) the cache cannot name. Allowed records
+/// (`--log-allowed`) are not looked up: they would spend the budget real alerts need.
 fn needs_name(record: &AlertEvent) -> bool {
-    record.source.is_some()
+    record.kind() == crate::alert::RecordKind::Alert
+        && record.source.is_some()
         && record
             .kubernetes
             .as_ref()
-            .is_some_and(|k| k.identity == "unknown")
+            .is_some_and(|k| matches!(k.identity, "unknown" | "pod-range"))
 }
 
 #[cfg(feature = "kubernetes")]

@@ -26,7 +26,7 @@ interface K8sEbpfFields {
 
 /** `kubernetes.*`, the names Elastic's Kubernetes integrations use. */
 interface KubernetesFields {
-  identity: 'pod' | 'node' | 'apiserver' | 'unknown';
+  identity: 'pod' | 'node' | 'apiserver' | 'pod-range' | 'unknown';
   node?: { name: string; roles?: string[] };
   pod?: { name: string; uid?: string };
   namespace?: string;

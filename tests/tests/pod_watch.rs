@@ -271,9 +271,34 @@ fn the_daemon_lists_only_the_pods_its_policy_can_name() {
         "{outsider:#}"
     );
     assert!(inbound(&records, INTRUDER, 6443).is_empty(), "{records:#?}");
-    within("the outsider looked up", Duration::from_secs(5), || {
-        daemon.metric("k8s_ebpf_kubernetes_pod_lookups_total{outcome=\"not_found\"}") >= 1.0
+    within(
+        "the outsider not looked up (in no pod range)",
+        Duration::from_secs(5),
+        || {
+            daemon.metric("k8s_ebpf_kubernetes_pod_lookups_total{outcome=\"outside_ranges\"}")
+                >= 1.0
+        },
+    );
+
+    // A node joining has no podCIDRs until the controller allocates them: every replica
+    // falling back to every pod at each node join would be the herd this avoids.
+    api.call(
+        "nodes/apply",
+        Some(json!({
+            "metadata": {"name": "node-new", "labels": {"kubernetes.io/hostname": "node-new"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.77"}]}
+        })),
+    );
+    within("the new node seen", Duration::from_secs(5), || {
+        daemon.metric("k8s_ebpf_kubernetes_objects{resource=\"nodes\"}") == 13.0
     });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        daemon.metric("k8s_ebpf_kubernetes_pod_coverage{coverage=\"ranges\"}"),
+        1.0,
+        "a joining node switched to every pod: {}",
+        daemon.stderr()
+    );
 
     // A pod of this node outside every podCIDR (the CNI does not allocate from them):
     // every pod is watched from now on, and peers resolve from the cache.
@@ -301,14 +326,21 @@ fn the_daemon_lists_only_the_pods_its_policy_can_name() {
         && r["labelSelector"].as_str().is_none_or(str::is_empty)
         && r["fieldSelector"].as_str().is_none_or(str::is_empty)));
     let lookups = |d: &Daemon| {
-        ["found", "not_found", "cached", "skipped", "error"]
-            .iter()
-            .map(|o| {
-                d.metric(&format!(
-                    "k8s_ebpf_kubernetes_pod_lookups_total{{outcome=\"{o}\"}}"
-                ))
-            })
-            .sum::<f64>()
+        [
+            "found",
+            "not_found",
+            "cached",
+            "outside_ranges",
+            "skipped",
+            "error",
+        ]
+        .iter()
+        .map(|o| {
+            d.metric(&format!(
+                "k8s_ebpf_kubernetes_pod_lookups_total{{outcome=\"{o}\"}}"
+            ))
+        })
+        .sum::<f64>()
     };
     let before = lookups(&daemon);
     std::thread::sleep(Duration::from_millis(1300)); // past the 1 s window
@@ -364,7 +396,8 @@ fn a_server_without_streaming_lists_is_listed_in_pages() {
 }
 
 /// The attacker's view of the lookups: spray 600 distinct unknown sources at the kubelet
-/// (the flood threshold raised so that each is named one by one) to make every replica
+/// from a node's pod range, where they could be pods (the flood threshold raised so that
+/// each is named one by one) to make every replica
 /// hammer the API server, or to bury a real intruder's alert behind lookups. The API sees
 /// at most the burst plus the rate (50 + 20/s), every sprayed source still gets its alert
 /// (unnamed past the budget: `skipped`), and the intruder's alert arrives.
@@ -389,7 +422,8 @@ fn a_spray_of_unknown_sources_cannot_make_the_daemon_hammer_the_api() {
         &intruder,
         &[&format!("{INTRUDER}/32")],
     );
-    answer_for(&attacker, &node_ns, "2001:db8:eeee::/64", "2001:db8:f::2");
+    // Generated node 9's pod range; its pods hold ::2 to ::67, the spray starts at ::1000.
+    answer_for(&attacker, &node_ns, "2001:db8:0:9::/64", "2001:db8:f::2");
     // Accepted and closed as they come (bounded in count and time): a full accept queue
     // would drop SYNs and stall the spray.
     let kubelet = node_ns.listen("[::]:10250");
@@ -427,8 +461,8 @@ fn a_spray_of_unknown_sources_cannot_make_the_daemon_hammer_the_api() {
     spray_sources(
         &daemon,
         &attacker,
-        "2001:db8:eeee::",
-        1,
+        "2001:db8:0:9::",
+        0x1000,
         SPRAYED,
         "[2001:db8:f::1]:10250",
     );
@@ -437,7 +471,7 @@ fn a_spray_of_unknown_sources_cannot_make_the_daemon_hammer_the_api() {
         r["event"]["action"] == "unexpected-inbound"
             && r["source"]["ip"]
                 .as_str()
-                .is_some_and(|ip| ip.starts_with("2001:db8:eeee::"))
+                .is_some_and(|ip| ip.starts_with("2001:db8:0:9::"))
     };
     let records = daemon.wait_records(
         "every sprayed source and the intruder",

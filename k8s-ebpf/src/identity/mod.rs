@@ -394,7 +394,8 @@ pub struct PeerIdentity {
 }
 
 impl PeerIdentity {
-    /// `pod`, `node`, `apiserver` or `unknown`: the most specific thing it is.
+    /// `pod`, `node`, `apiserver`, `pod-range` (a pod by its address's range, name not
+    /// cached) or `unknown`: the most specific thing it is.
     pub fn kind(&self) -> &'static str {
         if self.pod.is_some() {
             "pod"
@@ -402,6 +403,8 @@ impl PeerIdentity {
             "node"
         } else if self.apiserver {
             "apiserver"
+        } else if self.pod_range {
+            "pod-range"
         } else {
             "unknown"
         }
@@ -525,14 +528,16 @@ impl IdentityCache {
         let ip = canonical(ip);
         let node = self.node_by_ip.get(&ip).cloned();
         let pod = self.pod_by_ip.get(&ip).cloned();
+        let apiserver = self.apiserver.contains(&ip);
         let pod_range = self.coverage == Coverage::Ranges
             && pod.is_none()
             && node.is_none()
+            && !apiserver
             && self.in_pod_range(ip);
         PeerIdentity {
             node,
             pod,
-            apiserver: self.apiserver.contains(&ip),
+            apiserver,
             pod_range,
         }
     }
@@ -557,7 +562,7 @@ impl IdentityCache {
     pub fn set_coverage(&mut self, coverage: Coverage) {
         self.coverage = coverage;
         if coverage == Coverage::Ranges {
-            self.check_nodes_have_ranges();
+            self.check_ranges();
             let outside = self
                 .pods
                 .iter()
@@ -569,8 +574,13 @@ impl IdentityCache {
     }
 
     /// Why [`Coverage::Ranges`] does not hold, once: the watchers then list every pod.
+    /// Until that list is in, no address is a pod's by its range.
     pub fn take_contradiction(&mut self) -> Option<String> {
-        self.contradiction.take()
+        let why = self.contradiction.take();
+        if why.is_some() && self.coverage == Coverage::Ranges {
+            self.coverage = Coverage::Selected;
+        }
+        why
     }
 
     fn address_outside_ranges(&self, pod: &PodIdentity) -> Option<IpAddr> {
@@ -590,12 +600,37 @@ impl IdentityCache {
         });
     }
 
-    fn check_nodes_have_ranges(&mut self) {
+    /// A pod the API named on demand: its address outside every range contradicts
+    /// [`Coverage::Ranges`] too (pods nobody selected are checked this way).
+    pub fn note_looked_up(&mut self, pod: &PodIdentity) {
+        if self.coverage == Coverage::Ranges && self.contradiction.is_none() {
+            if let Some(ip) = self.address_outside_ranges(pod) {
+                self.contradict_pod(pod, ip);
+            }
+        }
+    }
+
+    /// The ranges can stand for pods: some node has them (a node that just joined has
+    /// none until the controller allocates them, and is not a contradiction), and none is
+    /// wider than a node's share can be (a /0 would make every address a pod's).
+    fn check_ranges(&mut self) {
         if self.coverage != Coverage::Ranges {
             return;
         }
-        if let Some(n) = self.nodes.values().find(|n| n.pod_cidrs.is_empty()) {
-            let why = format!("node {} has no spec.podCIDRs", n.name);
+        if self.nodes.values().all(|n| n.pod_cidrs.is_empty()) {
+            let why = "no node has spec.podCIDRs".to_owned();
+            self.contradiction.get_or_insert(why);
+        }
+        let wide = self.nodes.values().find_map(|n| {
+            n.pod_cidrs
+                .iter()
+                .find(|r| r.prefix_len() < if r.addr().is_ipv4() { 16 } else { 48 })
+                .map(|r| (n.name.clone(), *r))
+        });
+        if let Some((node, range)) = wide {
+            let why = format!(
+                "node {node}'s spec.podCIDRs holds {range}, wider than a node's share (/16, /48)"
+            );
             self.contradiction.get_or_insert(why);
         }
     }
@@ -671,7 +706,7 @@ impl IdentityCache {
                 self.pod_ranges.insert(net);
             }
         }
-        self.check_nodes_have_ranges();
+        self.check_ranges();
     }
 
     /// Adds or updates a pod; returns false when the update was stale and ignored (a
@@ -826,6 +861,12 @@ impl IdentityCache {
             return self.delete_pod(namespace, name, uid);
         }
         let key = (namespace.to_owned(), name.to_owned());
+        if feed == LOCAL_PODS {
+            // A pod cannot leave this node's selection (spec.nodeName is set once): this
+            // is its deletion, whatever the other watches still hold.
+            self.holders.remove(&key);
+            return self.delete_pod(namespace, name, uid);
+        }
         let left = self.holders.get_mut(&key).map(|mask| {
             *mask &= !(1 << feed);
             *mask
@@ -834,9 +875,7 @@ impl IdentityCache {
             return;
         }
         self.holders.remove(&key);
-        if feed == LOCAL_PODS {
-            self.delete_pod(namespace, name, uid);
-        } else if let Some(old) = self.pods.remove(namespace, name) {
+        if let Some(old) = self.pods.remove(namespace, name) {
             self.unindex_pod(&old);
         }
     }
@@ -865,18 +904,20 @@ impl IdentityCache {
         }
     }
 
-    /// Keeps the pods the watches in `feeds` (a bit each) hold; the others go.
+    /// Keeps the pods the watches in `feeds` (a bit each) hold; the others go, those the
+    /// cluster-wide watch held (no holders) included.
     pub fn retain_feeds(&mut self, feeds: u64) {
+        for mask in self.holders.values_mut() {
+            *mask &= feeds;
+        }
+        self.holders.retain(|_, mask| *mask != 0);
         let gone: Vec<ObjectKey> = self
-            .holders
-            .iter_mut()
-            .filter_map(|(k, mask)| {
-                *mask &= feeds;
-                (*mask == 0).then(|| k.clone())
-            })
+            .pods
+            .iter()
+            .map(|p| (p.namespace.to_string(), p.name.to_string()))
+            .filter(|k| !self.holders.contains_key(k))
             .collect();
         for (ns, name) in gone {
-            self.holders.remove(&(ns.clone(), name.clone()));
             if let Some(old) = self.pods.remove(&ns, &name) {
                 self.unindex_pod(&old);
             }
@@ -951,6 +992,7 @@ struct Shared {
     /// coverage is decided).
     pod_feeds: BTreeMap<FeedId, SyncState>,
     coverage_decided: bool,
+    listed_once: BTreeSet<Resource>,
     /// Names an alert's peer the cache does not hold.
     #[cfg(feature = "kubernetes")]
     lookups: Option<Arc<watch::PodLookups>>,
@@ -1037,6 +1079,8 @@ impl Identities {
                      judged by address range; watching every pod instead"
                 );
                 s.all_pods_because = Some(why);
+                // Not ready until the watch of every pod has listed them.
+                s.coverage_decided = false;
                 s.pod_watch_changed.notify_one();
             }
         }
@@ -1064,14 +1108,22 @@ impl Identities {
         true
     }
 
-    /// The pod watches about to run (`feeds`), the coverage they give, and whether it is
-    /// decided (`Ranges` waits for the nodes). Pods only watches outside `feeds` held go.
-    pub fn begin_pod_feeds(&self, feeds: &[FeedId], coverage: Coverage, decided: bool) {
+    /// The pod watches about to run (`feeds`), those among them that run the same query
+    /// as before (`kept`: their pods stay until their new list replaces them), the
+    /// coverage they give, and whether it is decided (`Ranges` waits for the nodes).
+    /// Every other pod goes.
+    pub fn begin_pod_feeds(
+        &self,
+        feeds: &[FeedId],
+        kept: &[FeedId],
+        coverage: Coverage,
+        decided: bool,
+    ) {
         let mut s = self.write();
         s.pod_feeds = feeds.iter().map(|f| (*f, SyncState::default())).collect();
         s.coverage_decided = decided;
         if !feeds.contains(&ALL_PODS) {
-            let mask = feeds.iter().fold(0u64, |m, f| m | 1 << f);
+            let mask = kept.iter().fold(0u64, |m, f| m | 1 << f);
             s.cache.retain_feeds(mask);
         }
         drop(s);
@@ -1143,7 +1195,17 @@ impl Identities {
 
     /// Nodes' and EndpointSlices' state (pods: [`Identities::set_feed_sync`]).
     pub fn set_sync(&self, resource: Resource, state: SyncState) {
-        self.write().sync.insert(resource, state);
+        let mut s = self.write();
+        if state.synced {
+            s.listed_once.insert(resource);
+        }
+        s.sync.insert(resource, state);
+    }
+
+    /// `resource` has been listed at least once (a later watch error does not undo what
+    /// the list brought).
+    pub fn listed_once(&self, resource: Resource) -> bool {
+        self.read().listed_once.contains(&resource)
     }
 
     pub fn sync(&self, resource: Resource) -> SyncState {
@@ -1509,7 +1571,7 @@ mod tests {
             h.set_sync(r, synced);
         }
         assert!(!h.all_synced(), "synced without a pod watch");
-        h.begin_pod_feeds(&[LOCAL_PODS, 2], Coverage::Ranges, false);
+        h.begin_pod_feeds(&[LOCAL_PODS, 2], &[], Coverage::Ranges, false);
         h.set_feed_sync(LOCAL_PODS, synced);
         h.set_feed_sync(2, synced);
         assert!(!h.all_synced(), "synced before the coverage was decided");
@@ -1546,7 +1608,7 @@ mod tests {
             c.apply_node(node_with_range("node-a", "192.0.2.1", "10.244.1.0/24"));
             c.apply_node(node_with_range("node-b", "192.0.2.2", "2001:db8:1::/64"));
         });
-        h.begin_pod_feeds(&[LOCAL_PODS], Coverage::Ranges, true);
+        h.begin_pod_feeds(&[LOCAL_PODS], &[], Coverage::Ranges, true);
         let range = |a: &str| h.lookup(ip(a)).is_some_and(|p| p.pod_range);
         assert!(range("10.244.1.77") && range("2001:db8:1::9") && range("::ffff:10.244.1.5"));
         assert!(!range("10.244.2.1") && !range("192.0.2.1") && !range("198.51.100.1"));
@@ -1573,15 +1635,32 @@ mod tests {
         g.enable();
         g.set_pod_plan(PodPlan::Policy(crate::policy::PodQueries::default()));
         g.update(|c| c.apply_node(node_with_range("node-a", "192.0.2.1", "10.244.1.0/24")));
-        g.begin_pod_feeds(&[LOCAL_PODS], Coverage::Ranges, true);
+        g.begin_pod_feeds(&[LOCAL_PODS], &[], Coverage::Ranges, true);
         assert!(matches!(g.pod_plan(), PodPlan::Policy(_)));
+        // A node that just joined has no ranges yet: not a contradiction.
         g.update(|c| {
             c.apply_node(NodeIdentity {
                 pod_cidrs: vec![],
                 ..node_with_range("node-c", "192.0.2.3", "10.0.0.0/8")
             })
         });
+        assert!(matches!(g.pod_plan(), PodPlan::Policy(_)));
+        // A range wider than a node's share would make every address a pod's.
+        g.update(|c| c.apply_node(node_with_range("node-d", "192.0.2.4", "0.0.0.0/0")));
         assert_eq!(g.pod_plan(), PodPlan::All);
+        assert!(!g.lookup(ip("203.0.113.9")).is_some_and(|p| p.pod_range));
+        // No node with ranges at all (a VPC CNI): every pod from the start.
+        let v = Identities::new("node-a");
+        v.enable();
+        v.set_pod_plan(PodPlan::Policy(crate::policy::PodQueries::default()));
+        v.update(|c| {
+            c.apply_node(NodeIdentity {
+                pod_cidrs: vec![],
+                ..node_with_range("node-a", "192.0.2.1", "10.0.0.0/8")
+            })
+        });
+        v.begin_pod_feeds(&[LOCAL_PODS], &[], Coverage::Ranges, true);
+        assert_eq!(v.pod_plan(), PodPlan::All);
     }
 
     /// Several watches hold one pod: it leaves when the last lets it go; a selector's
@@ -1622,5 +1701,19 @@ mod tests {
         // A watch dropped from the plan takes its pods along.
         c.retain_feeds(1 << LOCAL_PODS);
         assert_eq!(owner(&c, "198.51.100.20"), None);
+        // This node's watch deleting a pod is a deletion, whoever else holds it.
+        c.apply_pod_from(LOCAL_PODS, Arc::clone(&p));
+        c.apply_pod_from(2, Arc::clone(&p));
+        c.delete_pod_from(
+            LOCAL_PODS,
+            "monitoring",
+            "prom-0",
+            Some("7c4f8a6e-2b1d-4e0a-9f3c-5d6e7f8a9b0c"),
+        );
+        assert_eq!(owner(&c, "198.51.100.20"), None);
+        // Pods the cluster-wide watch held (no holders) go when it is no longer run.
+        c.apply_pod(Arc::new(pod("team-a", "web-0", "198.51.100.30")));
+        c.retain_feeds(1 << LOCAL_PODS);
+        assert_eq!(owner(&c, "198.51.100.30"), None);
     }
 }

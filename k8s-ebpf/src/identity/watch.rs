@@ -61,6 +61,7 @@ struct ListedMeta {
     uid: Option<String>,
     resource_version: Option<String>,
     labels: Option<BTreeMap<String, String>>,
+    deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 fn listed_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
@@ -71,6 +72,7 @@ fn listed_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::
         uid: m.uid,
         resource_version: m.resource_version,
         labels: m.labels,
+        deletion_timestamp: m.deletion_timestamp,
         ..ObjectMeta::default()
     })
 }
@@ -481,6 +483,8 @@ struct LookupState {
     order: std::collections::VecDeque<IpAddr>,
     tokens: f64,
     refilled: std::time::Instant,
+    /// Addresses being asked for now: a second record about one waits for that answer.
+    asking: std::collections::HashMap<IpAddr, Arc<tokio::sync::Notify>>,
 }
 
 impl std::fmt::Debug for PodLookups {
@@ -500,6 +504,7 @@ impl PodLookups {
                 order: std::collections::VecDeque::new(),
                 tokens: LOOKUP_BURST,
                 refilled: std::time::Instant::now(),
+                asking: std::collections::HashMap::new(),
             }),
             permits: tokio::sync::Semaphore::new(LOOKUP_INFLIGHT),
         }
@@ -513,56 +518,99 @@ impl PodLookups {
     }
 
     /// The pod that has `ip`, if the API knows one; `None` also when the cache holds
-    /// every pod (nothing to ask), or over the rate (`skipped`).
+    /// every pod (nothing to ask), when the nodes' ranges say it cannot be a pod, or over
+    /// the rate (`skipped`).
     pub async fn pod_at(&self, ip: IpAddr) -> Option<Arc<PodIdentity>> {
-        if !matches!(
-            self.identities.coverage(),
-            Some(Coverage::Selected | Coverage::Ranges)
-        ) {
+        let coverage = self.identities.coverage();
+        if !matches!(coverage, Some(Coverage::Selected | Coverage::Ranges)) {
             return None;
         }
         let ip = super::canonical(ip);
-        {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let now = std::time::Instant::now();
-            if let Some((at, answer)) = st.answers.get(&ip) {
-                if now.duration_since(*at) < LOOKUP_TTL {
-                    let answer = answer.clone();
-                    drop(st);
-                    self.count("cached");
-                    return answer;
-                }
-            }
-            let elapsed = now.duration_since(st.refilled).as_secs_f64();
-            st.tokens = (st.tokens + elapsed * LOOKUP_RATE).min(LOOKUP_BURST);
-            st.refilled = now;
-            if st.tokens < 1.0 {
-                drop(st);
-                self.count("skipped");
-                return None;
-            }
-            st.tokens -= 1.0;
+        if coverage == Some(Coverage::Ranges) && !self.identities.inspect(|c| c.in_pod_range(ip)) {
+            // Not in any node's pod range: no pod has it (a spoofed or outside source
+            // costs the API nothing).
+            self.count("outside_ranges");
+            return None;
         }
-        let params = kube::api::ListParams::default().fields(&format!("status.podIP={ip}"));
+        let waited = loop {
+            let asked = {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let now = std::time::Instant::now();
+                if let Some((at, answer)) = st.answers.get(&ip) {
+                    if now.duration_since(*at) < LOOKUP_TTL {
+                        let answer = answer.clone();
+                        drop(st);
+                        self.count("cached");
+                        return answer;
+                    }
+                }
+                if let Some(asking) = st.asking.get(&ip) {
+                    // Registered under the lock the answer is written under: not missed.
+                    let asking = Arc::clone(asking);
+                    Some(asking)
+                } else {
+                    let elapsed = now.duration_since(st.refilled).as_secs_f64();
+                    st.tokens = (st.tokens + elapsed * LOOKUP_RATE).min(LOOKUP_BURST);
+                    st.refilled = now;
+                    if st.tokens < 1.0 {
+                        drop(st);
+                        self.count("skipped");
+                        return None;
+                    }
+                    st.tokens -= 1.0;
+                    st.asking.insert(ip, Arc::new(tokio::sync::Notify::new()));
+                    None
+                }
+            };
+            match asked {
+                Some(asking) => {
+                    let notified = asking.notified();
+                    // The answer may have landed between the lock and here.
+                    if !self
+                        .state
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .asking
+                        .contains_key(&ip)
+                    {
+                        continue;
+                    }
+                    let _ = tokio::time::timeout(LOOKUP_TIMEOUT, notified).await;
+                    break true;
+                }
+                None => break false,
+            }
+        };
+        if waited {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let answer = st.answers.get(&ip).and_then(|(_, a)| a.clone());
+            drop(st);
+            self.count("cached");
+            return answer;
+        }
+        // From the watch cache (resourceVersion=0): a name may be a moment old, and the
+        // API server does not read etcd for it.
+        let params = kube::api::ListParams::default()
+            .match_any()
+            .fields(&format!("status.podIP={ip}"));
         let answer = tokio::time::timeout(LOOKUP_TIMEOUT, async {
             let _turn = self.permits.acquire().await;
             self.api.list(&params).await
         })
         .await;
+        let pod = match answer {
+            Ok(Ok(list)) => Ok(self.owner(ip, list.items)),
+            _ => Err(()),
+        };
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let Ok(Ok(list)) = answer else {
+        if let Some(asking) = st.asking.remove(&ip) {
+            asking.notify_waiters();
+        }
+        let Ok(pod) = pod else {
             drop(st);
             self.count("error");
             return None;
         };
-        let mut reducer = Reducer::new(self.identities.local_node(), self.identities.label_keys());
-        let pod = list
-            .items
-            .into_iter()
-            .map(|p| p.reduce(&mut reducer))
-            .find(|p| {
-                !p.host_network && !p.finished && p.ips.iter().any(|a| super::canonical(*a) == ip)
-            });
         if st
             .answers
             .insert(ip, (std::time::Instant::now(), pod.clone()))
@@ -577,7 +625,26 @@ impl PodLookups {
         }
         drop(st);
         self.count(if pod.is_some() { "found" } else { "not_found" });
+        if let Some(p) = &pod {
+            self.identities.update(|c| c.note_looked_up(p));
+        }
         pod
+    }
+
+    /// The pod that owns `ip` among those the API listed for it: running (not finished,
+    /// not on the host network) and not being deleted; none when that leaves several (an
+    /// address changing hands: better no name than the wrong one).
+    fn owner(&self, ip: IpAddr, items: Vec<ListedPod>) -> Option<Arc<PodIdentity>> {
+        let mut reducer = Reducer::new(self.identities.local_node(), self.identities.label_keys());
+        let mut owners = items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| p.reduce(&mut reducer))
+            .filter(|p| {
+                !p.host_network && !p.finished && p.ips.iter().any(|a| super::canonical(*a) == ip)
+            });
+        let first = owners.next()?;
+        owners.next().is_none().then_some(first)
     }
 }
 
@@ -652,9 +719,13 @@ async fn watch_pods(client: Client, cx: Context, mut stop: signal::Receiver<bool
         // while every pod is watched anyway) leaves them running.
         let started_for = (cx.identities.pod_plan(), cx.identities.label_keys());
         let mut feeds: Vec<(Feed, Api<ListedPod>, watcher::Config)> = Vec::new();
+        // Feeds that run the same query as before keep their pods until they list again.
+        let mut kept: Vec<FeedId> = Vec::new();
         let (coverage, mut decided) = match started_for.0.clone() {
             PodPlan::Policy(plan) if plan.queries.len() <= MAX_QUERY_FEEDS => {
                 ids.retain(|q, _| plan.queries.contains(q));
+                kept.push(LOCAL_PODS);
+                kept.extend(ids.values().copied());
                 for query in &plan.queries {
                     if !ids.contains_key(query) {
                         let free = (LOCAL_PODS + 1..)
@@ -714,7 +785,8 @@ async fn watch_pods(client: Client, cx: Context, mut stop: signal::Receiver<bool
         } else {
             Coverage::Selected
         };
-        cx.identities.begin_pod_feeds(&feed_ids, now, decided);
+        cx.identities
+            .begin_pod_feeds(&feed_ids, &kept, now, decided);
         if decided {
             publish_coverage(&cx.metrics, coverage);
         }
@@ -743,7 +815,7 @@ async fn watch_pods(client: Client, cx: Context, mut stop: signal::Receiver<bool
                     }
                 }
                 _ = check.tick(), if !decided => {
-                    if cx.identities.sync(Resource::Nodes).synced {
+                    if cx.identities.listed_once(Resource::Nodes) {
                         decided = true;
                         cx.identities.decide_coverage(coverage);
                         // Unless the nodes or pods already contradict it.

@@ -50,8 +50,8 @@ pub struct Metrics {
     /// `ranges`), 0 for the others.
     pub kubernetes_pod_coverage: IntGaugeVec,
     /// On-demand lookups of an alert's unknown peer (`fieldSelector=status.podIP`), by
-    /// `outcome`: `found`, `not_found`, `cached`, `skipped` (over the rate or queue
-    /// bound), `error`.
+    /// `outcome`: `found`, `not_found`, `cached`, `outside_ranges` (not asked: in no pod
+    /// range), `skipped` (over the rate or queue bound), `error`.
     pub kubernetes_pod_lookups: IntCounterVec,
     /// SYNs to watched ports by what became of them (`completed`, `half_open`,
     /// `refused`), set from the daemon's attempt tracker.

@@ -753,6 +753,27 @@ fn parse_selector(s: &RawSelector) -> Result<PeerSelector, String> {
         if let Some(k) = labels.keys().find(|k| k.trim().is_empty()) {
             return Err(format!("`pods.labels` has an empty key (`{k}`)"));
         }
+        // The daemon asks the API server for these pods with a label selector: a key or
+        // value outside Kubernetes' syntax would select something else, or be refused.
+        if let Some(ns) = namespace.as_deref().map(str::trim) {
+            if !is_dns_label(ns) {
+                return Err(format!(
+                    "`pods.namespace: {ns}` is not a Kubernetes namespace name (lowercase letters, digits, `-`; at most 63)"
+                ));
+            }
+        }
+        for (k, v) in labels {
+            if !is_label_key(k) {
+                return Err(format!(
+                    "`pods.labels` key `{k}` is not a Kubernetes label key ([prefix/]name: letters, digits, `-_.`, at most 63, a DNS prefix)"
+                ));
+            }
+            if !is_label_value(v) {
+                return Err(format!(
+                    "`pods.labels` value `{v}` (key `{k}`) is not a Kubernetes label value (letters, digits, `-_.`, at most 63, alphanumeric at both ends)"
+                ));
+            }
+        }
         return Ok(PeerSelector::Pods {
             namespace: namespace.as_ref().map(|n| n.trim().to_owned()),
             labels: labels.clone(),
@@ -761,12 +782,12 @@ fn parse_selector(s: &RawSelector) -> Result<PeerSelector, String> {
     let mut accounts = Vec::new();
     for sa in s.service_accounts.iter().flatten() {
         match sa.trim().split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Some((ns, name)) if is_dns_label(ns) && is_dns_subdomain(name) => {
                 accounts.push((ns.to_owned(), name.to_owned()));
             }
             _ => {
                 return Err(format!(
-                    "service account `{sa}` must be written `namespace/name`"
+                    "service account `{sa}` must be written `namespace/name` (Kubernetes names: lowercase letters, digits, `-`, `.` in the name)"
                 ))
             }
         }
@@ -775,6 +796,41 @@ fn parse_selector(s: &RawSelector) -> Result<PeerSelector, String> {
         return Err("`serviceAccounts` lists no service account".to_owned());
     }
     Ok(PeerSelector::ServiceAccounts(accounts))
+}
+
+/// A label value: empty, or ≤ 63 of `[A-Za-z0-9-_.]`, alphanumeric at both ends.
+fn is_label_value(v: &str) -> bool {
+    v.is_empty()
+        || (v.len() <= 63
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric()))
+}
+
+/// A label key: `[prefix/]name`, the name a non-empty label value, the prefix a DNS
+/// subdomain.
+fn is_label_key(k: &str) -> bool {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    !name.is_empty() && is_label_value(name) && prefix.is_none_or(is_dns_subdomain)
+}
+
+/// RFC 1123 label: ≤ 63 of lowercase letters, digits and `-`, alphanumeric at both ends.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: dot-separated labels, ≤ 253 in all.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 fn parse_peer_text(text: &str) -> Result<PeerEntry, String> {

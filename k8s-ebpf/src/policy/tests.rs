@@ -652,3 +652,31 @@ rules:
         ]
     );
 }
+
+/// Selectors become label and field selectors the API server evaluates: a key or value
+/// outside Kubernetes' syntax would select something else (`a=b,c` is two terms) or be
+/// refused (and keep the daemon from ever being ready), so it is a policy error.
+#[test]
+fn selectors_outside_kubernetes_syntax_are_refused() {
+    let peer = |entry: &str| {
+        format!("version: 1\nrules:\n  - name: kubelet\n    port: 10250\n    expected_peers:\n      - {entry}\n")
+    };
+    for bad in [
+        "pods: {labels: {app: \"a,b=c\"}}",
+        "pods: {labels: {app: \"x y\"}}",
+        "pods: {labels: {\"bad key!\": x}}",
+        "pods: {namespace: Monitoring}",
+        "pods: {namespace: \"ns,x\"}",
+        "serviceAccounts: [\"monitoring/prom,x\"]",
+    ] {
+        let err = Policy::parse(&peer(bad), "test").expect_err(bad);
+        assert!(err.to_string().contains("Kubernetes"), "{bad}: {err}");
+    }
+    for good in [
+        "pods: {labels: {app.kubernetes.io/name: prometheus, tier: \"\"}}",
+        "pods: {namespace: kube-system, labels: {k8s-app: metrics-server}}",
+        "serviceAccounts: [monitoring/prometheus-k8s.v2]",
+    ] {
+        Policy::parse(&peer(good), "test").unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+}
