@@ -163,6 +163,30 @@ impl FakeApi {
     }
 }
 
+/// The `kubernetes` Service's EndpointSlice as kube-apiserver writes it: the API
+/// servers at `addresses` (IPv4).
+pub fn apiserver_slice(addresses: &[&str]) -> Value {
+    json!({
+        "metadata": {"name": "kubernetes", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4",
+        "endpoints": addresses.iter().map(|a| json!({"addresses": [a]})).collect::<Vec<_>>(),
+        "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]
+    })
+}
+
+/// `monitoring/prometheus-0` at `ip`: the pod the default policy's monitoring selector
+/// expects.
+pub fn prometheus_pod(ip: &str) -> Value {
+    pod(
+        "monitoring",
+        "prometheus-0",
+        ip,
+        json!({"app.kubernetes.io/name": "prometheus"}),
+        "prometheus",
+    )
+}
+
 /// A running Pod object on node `node-a` with one container, `ip` its pod IP.
 pub fn pod(namespace: &str, name: &str, ip: &str, labels: Value, sa: &str) -> Value {
     json!({

@@ -24,7 +24,7 @@ use std::{
 use integration_tests::{
     daemon::Daemon,
     daemon_bin,
-    fakeapi::{pod, FakeApi},
+    fakeapi::{apiserver_slice, pod, prometheus_pod, FakeApi},
     link, privileged, run, NetNs,
 };
 use serde_json::{json, Value};
@@ -99,24 +99,9 @@ fn seed(api: &FakeApi) {
     );
     api.call(
         "endpointslices/apply",
-        Some(json!({
-            "metadata": {"name": "kubernetes", "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": "kubernetes"}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [CONTROL_PLANE]}],
-            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]
-        })),
+        Some(apiserver_slice(&[CONTROL_PLANE])),
     );
-    api.call(
-        "pods/apply",
-        Some(pod(
-            "monitoring",
-            "prometheus-0",
-            PROMETHEUS,
-            json!({"app.kubernetes.io/name": "prometheus"}),
-            "prometheus",
-        )),
-    );
+    api.call("pods/apply", Some(prometheus_pod(PROMETHEUS)));
 }
 
 /// The embedded default policy with a 1 s window.

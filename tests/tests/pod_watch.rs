@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use integration_tests::{
     answer_for,
     daemon::{spray_sources, Daemon},
-    fakeapi::{pod, FakeApi},
-    link, privileged, NetNs,
+    fakeapi::{apiserver_slice, pod, prometheus_pod, FakeApi},
+    link, privileged, wait_for, NetNs,
 };
 use serde_json::{json, Value};
 
@@ -73,24 +73,9 @@ fn cluster(node_ns: &NetNs, dir: &std::path::Path, flags: &[&str]) -> FakeApi {
     );
     api.call(
         "endpointslices/apply",
-        Some(json!({
-            "metadata": {"name": "kubernetes", "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": "kubernetes"}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [CONTROL_PLANE]}],
-            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]
-        })),
+        Some(apiserver_slice(&[CONTROL_PLANE])),
     );
-    api.call(
-        "pods/apply",
-        Some(pod(
-            "monitoring",
-            "prometheus-0",
-            PROMETHEUS,
-            json!({"app.kubernetes.io/name": "prometheus"}),
-            "prometheus",
-        )),
-    );
+    api.call("pods/apply", Some(prometheus_pod(PROMETHEUS)));
     api.call(
         "pods/apply",
         Some(on_node(
@@ -148,14 +133,6 @@ fn inbound<'a>(records: &'a [Value], peer: &str, port: u16) -> Vec<&'a Value> {
                 && r["event"]["action"] == "unexpected-inbound"
         })
         .collect()
-}
-
-fn within(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "not within {timeout:?}: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -271,7 +248,7 @@ fn the_daemon_lists_only_the_pods_its_policy_can_name() {
         "{outsider:#}"
     );
     assert!(inbound(&records, INTRUDER, 6443).is_empty(), "{records:#?}");
-    within(
+    wait_for(
         "the outsider not looked up (in no pod range)",
         Duration::from_secs(5),
         || {
@@ -289,7 +266,7 @@ fn the_daemon_lists_only_the_pods_its_policy_can_name() {
             "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.77"}]}
         })),
     );
-    within("the new node seen", Duration::from_secs(5), || {
+    wait_for("the new node seen", Duration::from_secs(5), || {
         daemon.metric("k8s_ebpf_kubernetes_objects{resource=\"nodes\"}") == 13.0
     });
     std::thread::sleep(Duration::from_millis(500));
@@ -312,7 +289,7 @@ fn the_daemon_lists_only_the_pods_its_policy_can_name() {
             "aws-node",
         )),
     );
-    within("the switch to every pod", Duration::from_secs(10), || {
+    wait_for("the switch to every pod", Duration::from_secs(10), || {
         daemon.metric("k8s_ebpf_kubernetes_pod_coverage{coverage=\"all\"}") == 1.0
             && daemon.metric("k8s_ebpf_kubernetes_synced{resource=\"pods\"}") == 1.0
     });

@@ -35,7 +35,7 @@ use std::{
 use integration_tests::{
     daemon::Daemon,
     daemon_bin,
-    fakeapi::{pod, FakeApi},
+    fakeapi::{apiserver_slice, pod, prometheus_pod, FakeApi},
     link, privileged, run, NetNs,
 };
 use serde_json::{json, Value};
@@ -360,26 +360,8 @@ fn seed(api: &FakeApi, d: &Distribution) {
         // Managed: no control-plane Node; the API server's endpoint (EKS: its ENI).
         vec![CONTROL_PLANE]
     };
-    api.call(
-        "endpointslices/apply",
-        Some(json!({
-            "metadata": {"name": "kubernetes", "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": "kubernetes"}},
-            "addressType": "IPv4",
-            "endpoints": apiservers.iter().map(|a| json!({"addresses": [a]})).collect::<Vec<_>>(),
-            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]
-        })),
-    );
-    api.call(
-        "pods/apply",
-        Some(pod(
-            "monitoring",
-            "prometheus-0",
-            PROMETHEUS,
-            json!({"app.kubernetes.io/name": "prometheus"}),
-            "prometheus",
-        )),
-    );
+    api.call("endpointslices/apply", Some(apiserver_slice(&apiservers)));
+    api.call("pods/apply", Some(prometheus_pod(PROMETHEUS)));
     // GKE labels its agents as upstream does, AKS as `app: konnectivity-agent`.
     let agent_labels = if d.profile == "aks" {
         json!({"app": "konnectivity-agent"})
