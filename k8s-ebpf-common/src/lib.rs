@@ -175,7 +175,19 @@ pub mod counter {
     pub const READ_ERRORS: u32 = 6;
     /// Dedup-map updates that failed (the event was still emitted, without folding).
     pub const DEDUP_UPDATE_ERRORS: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Under `--netns all`: a pod's listeners and connections into a pod, on ports whose
+    /// rule judges only the node's namespace, dropped in the kernel (not counted in
+    /// `SEEN`): userspace would drop them anyway, and a pod must not spend the node's
+    /// ring buffer.
+    pub const OUT_OF_SCOPE: u32 = 8;
+    /// Of `RINGBUF_FULL`: records given up to keep the ring's headroom for completed
+    /// connections (listener records above half full, SYNs and pods' outbound records
+    /// above three quarters), not for want of room.
+    pub const RINGBUF_SHED: u32 = 9;
+    /// Of `RINGBUF_FULL`: completed inbound connections lost. While it grows, a SYN whose
+    /// handshake seems not to have completed may have completed.
+    pub const INBOUND_LOST: u32 = 10;
+    pub const COUNT: u32 = 11;
     /// Outcomes the kernel counts outside the programs, read by userspace and exported
     /// beside the ones above: returns of `inet_csk_accept` the kretprobe missed (its
     /// instance pool was exhausted), and program runs the kernel skipped because another
@@ -191,6 +203,9 @@ pub mod counter {
         "ringbuf_full",
         "read_errors",
         "dedup_update_errors",
+        "out_of_scope",
+        "ringbuf_shed",
+        "inbound_lost",
     ];
 }
 
@@ -198,6 +213,46 @@ pub mod counter {
 pub mod inbound_source {
     pub const TRACEPOINT: u32 = 0;
     pub const ACCEPT_HOOK: u32 = 1;
+}
+
+/// Bits of a `WATCHED_PORTS` entry.
+pub mod port_flag {
+    /// The port is watched.
+    pub const WATCHED: u8 = 1;
+    /// Under `--netns all`, its rule judges pods' namespaces too (`netns: all`): pods'
+    /// listeners and inbound connections on it reach userspace.
+    pub const POD_SCOPE: u8 = 2;
+}
+
+/// Key of the kernel's listener table: one (namespace, local address, port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenKey {
+    pub netns: u32,
+    pub port: u16,
+    pub family: u16,
+    pub addr: [u8; 16],
+}
+
+/// Value of the listener table. `opened - closed` is the number of sockets listening on
+/// the key (kept with atomic adds). The kernel reports only the changes between none and
+/// some, at most one record per key and fold interval; userspace reconciles the final
+/// state of a key whose last change was folded (`changed_ns > emitted_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ListenState {
+    pub opened: u64,
+    pub closed: u64,
+    /// When the last none ↔ some change happened (reported or folded).
+    pub changed_ns: u64,
+    /// When the last record for this key was written.
+    pub emitted_ns: u64,
+}
+
+impl ListenState {
+    pub const fn listening(&self) -> bool {
+        self.opened > self.closed
+    }
 }
 
 /// Indexes of the `SETTINGS` array map (u32 values), written by userspace after attaching.
@@ -262,4 +317,6 @@ mod pod {
     unsafe impl aya::Pod for super::DedupKey {}
     unsafe impl aya::Pod for super::DedupWindow {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::ListenKey {}
+    unsafe impl aya::Pod for super::ListenState {}
 }

@@ -42,8 +42,8 @@ mod programs {
         Global,
     };
     use k8s_ebpf_common::{
-        counter, inbound_source, setting, ConnRecord, DedupKey, DedupWindow, EventKind, HookKind,
-        KernelOffsets, AF_INET, AF_INET6, COMM_LEN,
+        counter, inbound_source, port_flag, setting, ConnRecord, DedupKey, DedupWindow, EventKind,
+        HookKind, KernelOffsets, ListenKey, ListenState, AF_INET, AF_INET6, COMM_LEN,
     };
 
     /// Offsets into kernel structs and tracepoint records, from the running kernel.
@@ -87,13 +87,34 @@ mod programs {
     #[unsafe(no_mangle)]
     static SYN_NETNS: Global<u32> = Global::new(0);
 
+    /// Under `--netns all` (`TARGET_NETNS` 0): the node's own namespace. Records from any
+    /// other are a pod's, and only some of them can matter (see [`in_scope`]).
+    #[unsafe(no_mangle)]
+    static HOST_NETNS: Global<u32> = Global::new(0);
+
     /// Length of the dedup window in nanoseconds; 0 disables folding.
     #[unsafe(no_mangle)]
     static DEDUP_WINDOW_NS: Global<u64> = Global::new(0);
 
+    /// At most one listener record per (namespace, address, port) in this long; changes
+    /// in between are folded and reconciled by userspace from `LISTENERS`.
+    #[unsafe(no_mangle)]
+    static LISTEN_FOLD_NS: Global<u64> = Global::new(1_000_000_000);
+
+    /// The ring buffer's size in bytes (set by the loader with the map's size).
+    #[unsafe(no_mangle)]
+    static RING_BYTES: Global<u64> = Global::new(256 * 1024);
+
     /// Records for userspace. Size set by the loader.
     #[map]
     static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+    /// How many sockets listen on each (namespace, address, port): only the changes
+    /// between none and some become records, so listener churn costs the ring at most one
+    /// record per key and fold interval. LRU: an evicted key comes back with a count of
+    /// zero, and a close on it still reads as "none left".
+    #[map]
+    static LISTENERS: LruHashMap<ListenKey, ListenState> = LruHashMap::with_max_entries(16384, 0);
 
     /// Indexed by port: non-zero when the port is watched. An array lookup is the cheapest
     /// filter the kernel offers, and it is the only work unwatched traffic costs.
@@ -129,7 +150,99 @@ mod programs {
 
     #[inline(always)]
     fn is_watched(port: u16) -> bool {
-        matches!(WATCHED_PORTS.get(u32::from(port)), Some(v) if *v != 0)
+        matches!(WATCHED_PORTS.get(u32::from(port)), Some(v) if *v & port_flag::WATCHED != 0)
+    }
+
+    /// Under `--netns all`, whether a record from `ev`'s namespace can matter to the
+    /// verdict. A pod's listeners and the connections into a pod are judged only on
+    /// ports whose rule says `netns: all`; everything else a pod does on its own loopback
+    /// or network would only be dropped by userspace, after costing the node's ring.
+    /// A pod's outbound connections stay: they may reach a node or the API server.
+    #[inline(always)]
+    fn in_scope(ev: &Event) -> bool {
+        let host = HOST_NETNS.load();
+        if host == 0 || ev.netns == host || ev.netns == 0 {
+            return true;
+        }
+        match ev.kind {
+            EventKind::Listen | EventKind::ListenClose | EventKind::Inbound => matches!(
+                WATCHED_PORTS.get(u32::from(ev.local_port)),
+                Some(v) if *v & port_flag::POD_SCOPE != 0
+            ),
+            _ => true,
+        }
+    }
+
+    // `bpf_ringbuf_query` flags (uapi).
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+
+    /// Whether the ring has room for a record of this kind without eating into the
+    /// headroom kept for what an attacker cannot make cheaply: listener records stop at
+    /// half full, SYNs (spoofable) and pods' outbound records at three quarters; completed
+    /// inbound connections and the node's own outbound ones may use it all.
+    #[inline(always)]
+    fn within_headroom(ev: &Event) -> bool {
+        let size = RING_BYTES.load();
+        let limit = match ev.kind {
+            EventKind::Listen | EventKind::ListenClose => size / 2,
+            EventKind::Syn => size / 4 * 3,
+            EventKind::Outbound if ev.netns != HOST_NETNS.load() && HOST_NETNS.load() != 0 => {
+                size / 4 * 3
+            }
+            _ => return true,
+        };
+        EVENTS.query(BPF_RB_AVAIL_DATA) < limit
+    }
+
+    /// Counts a listen or listen-close event on its (namespace, address, port); returns
+    /// whether it is a change between none and some that may be reported now. A change
+    /// inside the fold interval is left for userspace to reconcile; an event that changes
+    /// nothing (a second `SO_REUSEPORT` listener, or closing one of two) never is one.
+    #[inline(always)]
+    // By reference on purpose, as in `open_window`: fewer stack copies for the verifier.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    fn listener_change(ev: &Event, now: u64) -> bool {
+        let key = ListenKey {
+            netns: ev.netns,
+            port: ev.local_port,
+            family: ev.family,
+            addr: ev.local_addr,
+        };
+        let slot = match LISTENERS.get_ptr_mut(&key) {
+            Some(slot) => slot,
+            None => {
+                let fresh = ListenState::default();
+                if LISTENERS.insert(&key, &fresh, 0).is_err() {
+                    count(counter::DEDUP_UPDATE_ERRORS);
+                    return true;
+                }
+                match LISTENERS.get_ptr_mut(&key) {
+                    Some(slot) => slot,
+                    None => return true,
+                }
+            }
+        };
+        let state = unsafe { &mut *slot };
+        if ev.kind == EventKind::Listen {
+            add_atomic(&mut state.opened);
+            if state.opened.wrapping_sub(state.closed) != 1 {
+                return false;
+            }
+        } else {
+            add_atomic(&mut state.closed);
+            if state.closed > state.opened {
+                // A listener from before the table knew the key (or an evicted key).
+                state.closed = state.opened;
+            } else if state.opened != state.closed {
+                return false;
+            }
+        }
+        state.changed_ns = now;
+        if state.emitted_ns != 0 && now.wrapping_sub(state.emitted_ns) < LISTEN_FOLD_NS.load() {
+            return false;
+        }
+        state.emitted_ns = now;
+        true
     }
 
     /// What a hook saw, before filtering.
@@ -261,9 +374,18 @@ mod programs {
             count(counter::FILTERED);
             return;
         }
+        if target == 0 && !in_scope(&ev) {
+            count(counter::OUT_OF_SCOPE);
+            return;
+        }
         count(counter::SEEN);
         normalise(&mut ev);
         let now = unsafe { bpf_ktime_get_ns() };
+        let listener = matches!(ev.kind, EventKind::Listen | EventKind::ListenClose);
+        if listener && !listener_change(&ev, now) {
+            count(counter::DEDUPLICATED);
+            return;
+        }
         let (pid, tgid, cgroup_id) = if ev.process_context {
             let id = bpf_get_current_pid_tgid();
             (id as u32, (id >> 32) as u32, unsafe {
@@ -273,15 +395,23 @@ mod programs {
             (0, 0, 0)
         };
         let window = DEDUP_WINDOW_NS.load();
-        let folds = window != 0 && !matches!(ev.kind, EventKind::Listen | EventKind::ListenClose);
+        let folds = window != 0 && !listener;
         let key = dedup_key(&ev, tgid, cgroup_id);
         if folds && fold_into_open_window(&key, now, window) {
+            return;
+        }
+        if !within_headroom(&ev) {
+            count(counter::RINGBUF_FULL);
+            count(counter::RINGBUF_SHED);
             return;
         }
         // Reserve before opening a window: a window whose first record was lost would hide
         // the peer until it closed.
         let Some(mut entry) = EVENTS.reserve::<ConnRecord>(0) else {
             count(counter::RINGBUF_FULL);
+            if ev.kind == EventKind::Inbound {
+                count(counter::INBOUND_LOST);
+            }
             return;
         };
         let (prev_count, prev_window_start_ns) = if folds {

@@ -180,6 +180,7 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
         ring_bytes: config.ring_bytes,
         state_hook: config.state_hook,
         syn_hook: config.syn_hook,
+        pod_scope: policy.pod_scoped_ports(),
     };
     let (capture, streams) = Capture::load(&capture_config, &policy.watched_ports())?;
     info!(
@@ -268,9 +269,11 @@ async fn run_loop(
                 let p = load_policy_on(config.policy_path.as_deref(), base).map_err(|e| {
                     UsageError(format!("invalid policy on profile {detected}:\n{e}"))
                 })?;
-                if p.watched_ports() != policy.watched_ports() {
+                if p.watched_ports() != policy.watched_ports()
+                    || p.pod_scoped_ports() != policy.pod_scoped_ports()
+                {
                     capture
-                        .set_watched_ports(&p.watched_ports())
+                        .set_watched_ports(&p.watched_ports(), &p.pod_scoped_ports())
                         .context("watching the detected profile's ports")?;
                 }
                 policy = Arc::new(p);
@@ -335,7 +338,10 @@ async fn run_loop(
     readiness.set_attached(true);
 
     let reader_stats = Arc::new(ReaderStats::default());
-    let reader = Reader::new(streams, Arc::clone(&reader_stats)).context("ring buffer")?;
+    let mut reader = Reader::new(streams, Arc::clone(&reader_stats)).context("ring buffer")?;
+    if let Ok(own) = crate::capture::own_netns() {
+        reader.seed_listeners(own, inventory.sockets.iter().copied());
+    }
     let (obs_tx, mut obs_rx) = mpsc::channel::<Observation>(4096);
     let reader_task = tokio::spawn(reader.run(obs_tx, stop_rx.clone()));
 
@@ -862,7 +868,7 @@ impl PolicyWatch {
             Ok(policy) => {
                 let old_window = engine.policy().window();
                 let ports = policy.watched_ports();
-                if let Err(e) = capture.set_watched_ports(&ports) {
+                if let Err(e) = capture.set_watched_ports(&ports, &policy.pod_scoped_ports()) {
                     warn!(error = %e, "cannot update the kernel's watched ports; keeping the last good policy");
                     m.record_policy_reload(false);
                     return false;
@@ -913,6 +919,10 @@ impl DropWatch {
             );
             self.ringbuf_full = full;
         }
+        m.set_kernel_counter(
+            "listeners_reconciled",
+            reader.listeners_reconciled.load(Ordering::Relaxed),
+        );
         let records = reader.records.load(Ordering::Relaxed);
         m.ring_records
             .inc_by(records.saturating_sub(m.ring_records.get()));
@@ -931,6 +941,8 @@ impl DropWatch {
 #[derive(Default)]
 struct Inventory {
     listeners: BTreeSet<SocketAddr>,
+    /// Sockets per listening address found at start, for the kernel's listener table.
+    sockets: Vec<(SocketAddr, u64)>,
     at_start: Vec<Observation>,
 }
 
@@ -941,6 +953,7 @@ impl Inventory {
             Ok(found) => {
                 for l in found {
                     self.listeners.insert(l.address);
+                    self.sockets.push((l.address, l.sockets));
                     self.at_start.push(l.to_observation());
                 }
             }

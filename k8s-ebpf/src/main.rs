@@ -460,6 +460,7 @@ async fn learn(args: LearnArgs) -> anyhow::Result<()> {
         attach: args.attach,
         netns: args.netns,
         window: base.window(),
+        pod_scope: base.pod_scoped_ports(),
         ..CaptureConfig::default()
     };
     let mode = args.kubernetes.mode();
@@ -538,6 +539,8 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         ring_bytes: args.ring_bytes,
         state_hook: args.state_hook,
         syn_hook: args.syn_hook,
+        // A raw view: every namespace's listeners and connections, pods' included.
+        pod_scope: args.ports.iter().copied().collect(),
     };
     let ports: BTreeSet<u16> = args.ports.into_iter().collect();
     let (capture, streams) = Capture::load(&config, &ports)?;

@@ -61,6 +61,7 @@ fn start_with(node: &NetNs, ports: &[u16], window: Duration, state_hook: StateHo
         ring_bytes: 1 << 20,
         state_hook,
         syn_hook: SynHook::SkLookup,
+        pod_scope: BTreeSet::new(),
     };
     let ports: BTreeSet<u16> = ports.iter().copied().collect();
     let (capture, streams) = Capture::load(&config, &ports).expect("load and attach");

@@ -23,7 +23,9 @@ use aya::{
     programs::{FExit, KProbe, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use k8s_ebpf_common::{counter, inbound_source, setting, DedupKey, DedupWindow};
+use k8s_ebpf_common::{
+    counter, inbound_source, port_flag, setting, DedupKey, DedupWindow, ListenKey, ListenState,
+};
 use tracing::{info, warn};
 
 pub use self::observation::{EventKind, ExeId, HookKind, Observation, ProcessInfo};
@@ -57,6 +59,20 @@ pub enum StateHook {
     TpBtf,
     /// `tracepoint/sock/inet_sock_set_state`: works from Linux 4.16 on.
     Tracepoint,
+}
+
+/// At most one listener record per (namespace, address, port) in this long: a process
+/// that opens and closes a listener in a loop costs the ring one record a second, and
+/// userspace reconciles the final state from the kernel's listener table.
+pub const LISTEN_FOLD: Duration = Duration::from_secs(1);
+
+/// A watched port's entry in the kernel's `WATCHED_PORTS` map.
+fn port_flags(port: u16, pod_scope: &BTreeSet<u16>) -> u8 {
+    if pod_scope.contains(&port) {
+        port_flag::WATCHED | port_flag::POD_SCOPE
+    } else {
+        port_flag::WATCHED
+    }
 }
 
 /// The inbound hook actually attached.
@@ -126,6 +142,9 @@ pub struct CaptureConfig {
     pub ring_bytes: u32,
     pub state_hook: StateHook,
     pub syn_hook: SynHook,
+    /// Under `--netns all`: the ports whose rule judges pods' own listeners and inbound
+    /// connections (`netns: all`); on the others the kernel drops those.
+    pub pod_scope: BTreeSet<u16>,
 }
 
 impl Default for CaptureConfig {
@@ -137,6 +156,7 @@ impl Default for CaptureConfig {
             netns: NetnsScope::Own,
             window: Duration::from_secs(10),
             ring_bytes: 1 << 20,
+            pod_scope: BTreeSet::new(),
         }
     }
 }
@@ -199,6 +219,7 @@ pub struct Capture {
     netns: u32,
     watched_map: Array<MapData, u8>,
     watched: BTreeSet<u16>,
+    pod_scope: BTreeSet<u16>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -206,6 +227,9 @@ pub struct Capture {
 pub struct CaptureStreams {
     pub ring: RingBuf<MapData>,
     pub dedup: HashMap<MapData, DedupKey, DedupWindow>,
+    /// How many sockets listen on each (namespace, address, port); see
+    /// [`k8s_ebpf_common::ListenState`].
+    pub listeners: HashMap<MapData, ListenKey, ListenState>,
     pub window: Duration,
 }
 
@@ -238,11 +262,18 @@ impl Capture {
         // hostNetwork pod): that is where inbound connections to the node arrive.
         let syn_netns = if netns == 0 { own } else { netns };
         let window_ns = u64::try_from(config.window.as_nanos()).unwrap_or(u64::MAX);
+        // Under `all`, records from any namespace but this one are pods'.
+        let host_netns = if netns == 0 { own } else { 0 };
+        let ring_bytes = u64::from(config.ring_bytes);
+        let listen_fold_ns = u64::try_from(LISTEN_FOLD.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("TARGET_NETNS", &netns, true)
+            .override_global("HOST_NETNS", &host_netns, true)
             .override_global("SYN_NETNS", &syn_netns, true)
             .override_global("DEDUP_WINDOW_NS", &window_ns, true)
+            .override_global("LISTEN_FOLD_NS", &listen_fold_ns, true)
+            .override_global("RING_BYTES", &ring_bytes, true)
             .map_max_entries("EVENTS", config.ring_bytes)
             .load(EBPF_OBJECT)?;
 
@@ -250,7 +281,7 @@ impl Capture {
         let mut watched_map: Array<MapData, u8> = take_map(&mut ebpf, "WATCHED_PORTS")?;
         for port in ports {
             watched_map
-                .set(u32::from(*port), 1, 0)
+                .set(u32::from(*port), port_flags(*port, &config.pod_scope), 0)
                 .map_err(|source| CaptureError::Map {
                     map: "WATCHED_PORTS",
                     source,
@@ -290,6 +321,7 @@ impl Capture {
 
         let ring: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
         let dedup: HashMap<MapData, DedupKey, DedupWindow> = take_map(&mut ebpf, "DEDUP")?;
+        let listeners: HashMap<MapData, ListenKey, ListenState> = take_map(&mut ebpf, "LISTENERS")?;
         let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "COUNTERS")?;
         info!(
             inbound = %inbound,
@@ -309,11 +341,13 @@ impl Capture {
                 netns,
                 watched_map,
                 watched: ports.clone(),
+                pod_scope: config.pod_scope.clone(),
                 counters,
             },
             CaptureStreams {
                 ring,
                 dedup,
+                listeners,
                 window: config.window,
             },
         ))
@@ -352,15 +386,24 @@ impl Capture {
         &self.watched
     }
 
-    /// Replaces the watched-port set in the kernel map.
-    pub fn set_watched_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), CaptureError> {
+    /// Replaces the watched-port set in the kernel map; `pod_scope` as in
+    /// [`CaptureConfig::pod_scope`].
+    pub fn set_watched_ports(
+        &mut self,
+        ports: &BTreeSet<u16>,
+        pod_scope: &BTreeSet<u16>,
+    ) -> Result<(), CaptureError> {
         let map_err = |source| CaptureError::Map {
             map: "WATCHED_PORTS",
             source,
         };
-        for port in ports.difference(&self.watched) {
+        for port in ports {
+            let flags = port_flags(*port, pod_scope);
+            if self.watched.contains(port) && port_flags(*port, &self.pod_scope) == flags {
+                continue;
+            }
             self.watched_map
-                .set(u32::from(*port), 1, 0)
+                .set(u32::from(*port), flags, 0)
                 .map_err(map_err)?;
         }
         for port in self.watched.difference(ports) {
@@ -369,6 +412,7 @@ impl Capture {
                 .map_err(map_err)?;
         }
         self.watched = ports.clone();
+        self.pod_scope = pod_scope.clone();
         Ok(())
     }
 

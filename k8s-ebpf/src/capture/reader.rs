@@ -13,6 +13,12 @@
 //! has caught up, so clearing readiness with records left would wait forever. Shutdown
 //! reads until the ring is empty.
 //!
+//! Listener records are the kernel's reports of a (namespace, address, port) going from no
+//! listening socket to some and back, at most one a second per key (a churning listener is
+//! folded in the kernel). The sweep reconciles the rest: a key whose last change was
+//! folded, and whose state in the kernel's listener table differs from the last record,
+//! becomes a listen or listen-close observation of its own, so the inventory ends exact.
+//!
 //! The bookkeeping maps are bounded by the kernel's dedup map: an entry lives only while
 //! the kernel still holds a window with that start (each sweep prunes the rest), so
 //! nothing is cleared wholesale and no summary loses its first record's context.
@@ -28,7 +34,10 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData, RingBuf};
-use k8s_ebpf_common::{ConnRecord, DedupKey, DedupWindow, EventKind, HookKind};
+use k8s_ebpf_common::{
+    ConnRecord, DedupKey, DedupWindow, EventKind, HookKind, ListenKey, ListenState, AF_INET,
+    AF_INET6,
+};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     sync::mpsc,
@@ -46,11 +55,16 @@ pub struct ReaderStats {
     pub records: AtomicU64,
     pub decode_errors: AtomicU64,
     pub window_summaries: AtomicU64,
+    /// Listener changes the kernel folded, reported by the sweep from its listener table.
+    pub listeners_reconciled: AtomicU64,
 }
 
 /// Extra time after a window's end before the sweep reads its count, so that an increment
 /// racing with the end of the window has landed.
 const SWEEP_GRACE: Duration = Duration::from_millis(200);
+
+/// `bpf_map_update_elem` flag: only if the key is new.
+const BPF_NOEXIST: u64 = 1;
 
 /// Records read per wake-up before the sweep and shutdown get a turn.
 const BATCH: usize = 4096;
@@ -69,6 +83,10 @@ pub struct Reader {
     first: StdHashMap<DedupKey, (u64, Observation)>,
     /// Start of the last window reported per key.
     reported: StdHashMap<DedupKey, u64>,
+    listeners: HashMap<MapData, ListenKey, ListenState>,
+    /// Per listener key: whether the last observation said it listens, and the last
+    /// listen observation (its process, for a reconciled one).
+    listen_known: StdHashMap<ListenKey, (bool, Option<Observation>)>,
     stats: Arc<ReaderStats>,
 }
 
@@ -83,8 +101,35 @@ impl Reader {
             clock: Clock::now(),
             first: StdHashMap::new(),
             reported: StdHashMap::new(),
+            listeners: streams.listeners,
+            listen_known: StdHashMap::new(),
             stats,
         })
+    }
+
+    /// Tells the kernel's listener table about the sockets already listening in namespace
+    /// `netns` when the daemon started (from a sock_diag scan), so that closing one of
+    /// several `SO_REUSEPORT` listeners is not taken for the port closing.
+    pub fn seed_listeners(
+        &mut self,
+        netns: u32,
+        sockets: impl IntoIterator<Item = (SocketAddr, u64)>,
+    ) {
+        for (address, count) in sockets {
+            let key = listen_key(netns, address);
+            let state = ListenState {
+                opened: count,
+                ..ListenState::default()
+            };
+            // Only where the kernel has not seen the key yet: its own counts are exact.
+            match self.listeners.insert(key, state, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => warn!(error = %e, %address, "cannot seed the kernel's listener table"),
+            }
+            self.listen_known.insert(key, (true, None));
+        }
     }
 
     /// Runs until `tx` is closed or `shutdown` fires; drains what is ready before returning.
@@ -107,8 +152,11 @@ impl Reader {
                         guard.clear_ready();
                     }
                 }
-                _ = sweep.tick(), if !self.window.is_zero() => {
-                    let summaries = self.sweep(self.window + SWEEP_GRACE);
+                _ = sweep.tick() => {
+                    let mut summaries = self.reconcile_listeners();
+                    if !self.window.is_zero() {
+                        summaries.extend(self.sweep(self.window + SWEEP_GRACE));
+                    }
                     for o in summaries {
                         if tx.send(o).await.is_err() { return Ok(()); }
                     }
@@ -147,7 +195,17 @@ impl Reader {
                     continue;
                 }
             };
-            if folds(observation.kind) {
+            if !folds(observation.kind) {
+                let key = ListenKey {
+                    netns: record.netns,
+                    port: record.local_port,
+                    family: record.family,
+                    addr: record.local_addr,
+                };
+                let listening = observation.kind == EventKind::Listen;
+                self.listen_known
+                    .insert(key, (listening, listening.then(|| observation.clone())));
+            } else {
                 let key = key_of(&record);
                 if record.prev_count > 1 {
                     if let Some(summary) = self.summary(
@@ -180,6 +238,54 @@ impl Reader {
         summary.count = count;
         summary.window_summary = true;
         Some(summary)
+    }
+
+    /// Listener changes the kernel folded: every key whose state in the kernel's table
+    /// differs from what the last observation said, once its last change is
+    /// [`SWEEP_GRACE`] old (a record it did write has been read by then).
+    fn reconcile_listeners(&mut self) -> Vec<Observation> {
+        let now = monotonic_ns();
+        let grace = u64::try_from(SWEEP_GRACE.as_nanos()).unwrap_or(u64::MAX);
+        let mut changed = Vec::new();
+        let mut live = std::collections::HashSet::new();
+        let mut complete = true;
+        for entry in self.listeners.iter() {
+            let Ok((key, state)) = entry else {
+                complete = false;
+                break;
+            };
+            live.insert(key);
+            let known = self.listen_known.get(&key).map(|(l, _)| *l);
+            if now.saturating_sub(state.changed_ns) < grace
+                || known.unwrap_or(false) == state.listening()
+            {
+                continue;
+            }
+            changed.push((key, state));
+        }
+        if complete {
+            self.listen_known.retain(|key, _| live.contains(key));
+        }
+        let mut out = Vec::with_capacity(changed.len());
+        for (key, state) in changed {
+            let listening = state.listening();
+            let at = self.clock.wall(state.changed_ns);
+            let last = self.listen_known.remove(&key).and_then(|(_, obs)| obs);
+            let mut obs = last.unwrap_or_else(|| listener_observation(&key, at));
+            obs.kind = if listening {
+                EventKind::Listen
+            } else {
+                EventKind::ListenClose
+            };
+            obs.at = at;
+            self.listen_known
+                .insert(key, (listening, listening.then(|| obs.clone())));
+            self.stats
+                .listeners_reconciled
+                .fetch_add(1, Ordering::Relaxed);
+            out.push(obs);
+        }
+        out
     }
 
     /// Reports windows at least `min_age` old that have not been reported yet.
@@ -256,6 +362,47 @@ fn key_of(r: &ConnRecord) -> DedupKey {
         tgid: if outbound { r.tgid } else { 0 },
         cgroup_id: if outbound { r.cgroup_id } else { 0 },
         peer: r.remote_addr,
+    }
+}
+
+/// The kernel's listener-table key for a listening address.
+fn listen_key(netns: u32, address: SocketAddr) -> ListenKey {
+    let mut addr = [0u8; 16];
+    let family = match address.ip() {
+        IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            AF_INET
+        }
+        IpAddr::V6(v6) => {
+            addr = v6.octets();
+            AF_INET6
+        }
+    };
+    ListenKey {
+        netns,
+        port: address.port(),
+        family,
+        addr,
+    }
+}
+
+/// A listener observation for a key no record described.
+fn listener_observation(key: &ListenKey, at: std::time::SystemTime) -> Observation {
+    let ip = decode::ip(key.family, &key.addr).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let unspecified = match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    Observation {
+        kind: EventKind::Listen,
+        hook: HookKind::Tracepoint,
+        at,
+        local: SocketAddr::new(ip, key.port),
+        remote: SocketAddr::new(unspecified, 0),
+        process: None,
+        netns: key.netns,
+        count: 1,
+        window_summary: false,
     }
 }
 

@@ -153,6 +153,7 @@ mod tests {
             inode: 1,
             uid: 0,
             owner: None,
+            sockets: 1,
         }
     }
 

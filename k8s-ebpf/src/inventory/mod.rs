@@ -113,6 +113,9 @@ pub struct Listener {
     pub uid: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
+    /// Sockets listening on the address (`SO_REUSEPORT` allows several).
+    #[serde(skip)]
+    pub sockets: u64,
 }
 
 impl Listener {
@@ -222,10 +225,17 @@ pub fn scan_listeners(ports: &BTreeSet<u16>) -> std::io::Result<Vec<Listener>> {
             inode: s.inode,
             uid: s.uid,
             owner: owners.get(&s.inode).cloned(),
+            sockets: 1,
         })
         .collect();
     listeners.sort_by_key(|l| (l.port, l.address));
-    listeners.dedup_by_key(|l| (l.port, l.address));
+    listeners.dedup_by(|later, kept| {
+        let same = (later.port, later.address) == (kept.port, kept.address);
+        if same {
+            kept.sockets += later.sockets;
+        }
+        same
+    });
     Ok(listeners)
 }
 
@@ -369,6 +379,7 @@ mod tests {
                 comm: "\x1b[2Jkubelet\r".into(),
                 exe: None,
             }),
+            sockets: 1,
         };
         let probe = probe::ProbeResult {
             target: address,

@@ -623,6 +623,15 @@ impl Policy {
     pub fn watched_ports(&self) -> BTreeSet<u16> {
         self.rules.keys().copied().collect()
     }
+
+    /// The ports whose rule judges pods' own namespaces too (`netns: all`).
+    pub fn pod_scoped_ports(&self) -> BTreeSet<u16> {
+        self.rules
+            .values()
+            .filter(|r| r.netns == RuleNetns::All)
+            .map(|r| r.port)
+            .collect()
+    }
 }
 
 fn parse_raw(text: &str, origin: &str) -> Result<RawPolicy, PolicyErrors> {
