@@ -3,7 +3,7 @@
 //! Data flows one way: [`capture`] (kernel programs, ring buffer, decode) → [`verdict`]
 //! under the [`policy`] (built on the [`ports`] table, peers named by [`identity`]) → [`correlate`] (windows, counts,
 //! port scans) → [`alert`] records written by [`output`], with [`metrics`] alongside.
-//! See the README's architecture section.
+//! See docs/architecture.md.
 
 pub mod alert;
 pub mod capture;

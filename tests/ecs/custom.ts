@@ -1,6 +1,6 @@
 // The record type the ECS check holds every k8s-ebpf record to: Elastic's own `Ecs` (from
 // the pinned @elastic/ecs package, never copied here) plus the two objects ECS has no
-// field set for, exactly as README.md "Alerts" documents them. The test appends one
+// field set for, exactly as docs/alerts.md documents them. The test appends one
 // `const rN: K8sEbpfRecord = {...};` per record; `tsc --noEmit --strict` then rejects a
 // misspelt field (excess property), a wrong type or a missing required one.
 import type { Ecs } from '@elastic/ecs';

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bootstrap;
+mod doclinks;
 mod image;
 mod kernels;
 mod npm;
