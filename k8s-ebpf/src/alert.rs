@@ -99,6 +99,16 @@ impl Action {
         }
     }
 
+    /// The record's severity, from its rule's: a refused or half-open attempt is
+    /// reconnaissance (and its source can be spoofed), one level below a completed
+    /// unexpected connection on the same port.
+    pub fn severity(self, rule: Severity) -> Severity {
+        match self {
+            Self::RefusedAttempt | Self::HalfOpenAttempt => rule.lower(),
+            _ => rule,
+        }
+    }
+
     /// The allowed-event action for an expected observation of `kind`, if it gets one.
     pub fn allowed(kind: EventKind) -> Option<Self> {
         match kind {
@@ -548,7 +558,7 @@ impl AlertEvent {
         Self {
             timestamp: obs.at,
             ecs: ECS,
-            event: event_fields(action, subject.severity),
+            event: event_fields(action, action.severity(subject.severity)),
             source,
             destination,
             network: NetworkFields::tcp(peer_ip, direction),

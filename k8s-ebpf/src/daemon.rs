@@ -407,7 +407,11 @@ async fn run_loop(
                     records.send(alert).await;
                 }
                 match capture.counters() {
-                    Ok(c) => drops.update(&c, &reader_stats, &metrics),
+                    Ok(c) => {
+                        if drops.update(&c, &reader_stats, &metrics) {
+                            pipeline.attempts.inbound_lost(std::time::Instant::now());
+                        }
+                    }
                     Err(e) => warn!(error = %e, "cannot read the kernel counters"),
                 }
                 if pipeline.local.refresh_if_stale() {
@@ -555,7 +559,8 @@ impl Pipeline<'_> {
     /// did not come.
     async fn expire_attempts(&mut self) {
         let now = std::time::Instant::now();
-        for obs in self.attempts.expire(now) {
+        let expired = self.attempts.expire_checking(now, handshakes_in_progress);
+        for obs in expired {
             self.route(obs, now).await;
         }
         for p in self.pairs.expire(now) {
@@ -673,6 +678,23 @@ impl Pipeline<'_> {
         };
         for alert in self.engine.observe_with(obs, &context, SystemTime::now()) {
             self.sender.send(alert).await;
+        }
+    }
+}
+
+/// The (local port, peer) of every handshake the kernel is still carrying out in this
+/// namespace (its request sockets, sock_diag `SYN_RECV`); `None` when it cannot tell.
+fn handshakes_in_progress() -> Option<std::collections::HashSet<(u16, std::net::IpAddr)>> {
+    match inventory::tcp_sockets(netlink_packet_sock_diag::inet::StateFlags::SYN_RECV) {
+        Ok(sockets) => Some(
+            sockets
+                .into_iter()
+                .map(|s| (s.local.port(), s.remote.ip()))
+                .collect(),
+        ),
+        Err(e) => {
+            warn!(error = %e, "cannot list the handshakes in progress (sock_diag)");
+            None
         }
     }
 }
@@ -903,10 +925,13 @@ impl PolicyWatch {
 struct DropWatch {
     ringbuf_full: u64,
     decode_errors: u64,
+    inbound_lost: u64,
 }
 
 impl DropWatch {
-    fn update(&mut self, c: &KernelCounters, reader: &ReaderStats, m: &Metrics) {
+    /// Returns whether the kernel lost completed inbound connections since the last call
+    /// (then a SYN seen meanwhile may have completed unseen).
+    fn update(&mut self, c: &KernelCounters, reader: &ReaderStats, m: &Metrics) -> bool {
         for (name, value) in c.named() {
             m.set_kernel_counter(name, value);
         }
@@ -931,6 +956,12 @@ impl DropWatch {
             m.decode_errors.inc_by(decode - self.decode_errors);
             self.decode_errors = decode;
         }
+        // A completed connection lost to a full ring, or an accept the kretprobe missed
+        // (its instance pool exhausted by threads parked in accept()).
+        let inbound_lost = c.get(counter::INBOUND_LOST) + c.kretprobe_missed;
+        let grew = inbound_lost > self.inbound_lost;
+        self.inbound_lost = inbound_lost;
+        grew
     }
 }
 

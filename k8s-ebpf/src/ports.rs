@@ -27,6 +27,15 @@ impl Severity {
         }
     }
 
+    /// One level down (`low` stays `low`).
+    pub fn lower(self) -> Self {
+        match self {
+            Self::Critical => Self::High,
+            Self::High => Self::Medium,
+            Self::Medium | Self::Low => Self::Low,
+        }
+    }
+
     /// ECS `event.severity`: the numbers Elastic's detection rules use for the four
     /// levels, so alerts sort alongside theirs.
     pub fn ecs_severity(self) -> u8 {

@@ -484,6 +484,16 @@ fn control_plane_node_under_attack() {
                 assert_eq!(a["destination"]["ip"], APISERVER, "{a}");
                 assert_eq!(a["network"]["direction"], "egress", "{a}");
             }
+            // Reconnaissance (and spoofable): one level below the port's own.
+            "refused-attempt" | "half-open-attempt" => {
+                let lower = match severity_of(port) {
+                    99 => 73,
+                    73 => 47,
+                    _ => 21,
+                };
+                assert_eq!(a["event"]["severity"], lower, "{a}");
+                assert_eq!(a["network"]["direction"], "ingress", "{a}");
+            }
             _ => {
                 assert_eq!(a["event"]["severity"], severity_of(port), "{a}");
                 assert_eq!(a["network"]["direction"], "ingress", "{a}");

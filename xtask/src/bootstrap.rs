@@ -44,6 +44,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // Steps the daemon's wall clock (LD_PRELOAD) without touching the machine's: the
     // timestamp test in tests/tests/hardening.rs.
     "libfaketime",
+    // Issue 25: a client whose first SYN-ACKs are dropped (a slow handshake, nft in its
+    // namespace), and spoofed-source SYN floods for the bench.
+    "nftables",
+    "hping3",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -298,6 +298,9 @@ impl Metrics {
             ("completed", stats.completed),
             ("half_open", stats.half_open),
             ("refused", stats.refused),
+            ("unconfirmed", stats.unconfirmed),
+            ("extended", stats.extended),
+            ("evicted", stats.evicted),
         ] {
             let c = self.syn_attempts.with_label_values(&[resolution]);
             c.inc_by(total.saturating_sub(c.get()));
