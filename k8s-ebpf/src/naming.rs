@@ -82,9 +82,17 @@ impl RecordSender {
 }
 
 /// An alert about a remote peer (`source`) the cache cannot name. Allowed records
-/// (`--log-allowed`) are not looked up: they would spend the budget real alerts need.
+/// (`--log-allowed`) are not looked up: they would spend the budget real alerts need; nor
+/// are refused and half-open attempts, whose source a spoofer chooses: SYNs spoofed from
+/// a pod range would otherwise spend the budget, and the real intruder's completed
+/// connection would go out unnamed.
 fn needs_name(record: &AlertEvent) -> bool {
+    use crate::alert::Action;
     record.kind() == crate::alert::RecordKind::Alert
+        && !matches!(
+            record.event.action,
+            Action::RefusedAttempt | Action::HalfOpenAttempt
+        )
         && record.source.is_some()
         && record
             .kubernetes
@@ -131,4 +139,61 @@ async fn name(mut record: AlertEvent, lookups: Arc<PodLookups>) -> AlertEvent {
         }
     }
     record
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, time::SystemTime};
+
+    use super::needs_name;
+    use crate::{
+        alert::{Action, AlertEvent, KubernetesFields, Subject},
+        capture::{EventKind, HookKind, Observation},
+        identity::PeerIdentity,
+        ports::Severity,
+    };
+
+    /// A record about an unknown peer, as the pipeline makes it.
+    fn record(action: Action, kind: EventKind) -> AlertEvent {
+        let obs = Observation {
+            kind,
+            hook: HookKind::SkLookup,
+            at: SystemTime::UNIX_EPOCH,
+            local: "192.0.2.10:10250".parse::<SocketAddr>().unwrap(),
+            remote: "10.244.9.7:40000".parse::<SocketAddr>().unwrap(),
+            process: None,
+            netns: 1,
+            count: 1,
+            window_summary: false,
+        };
+        let unknown = KubernetesFields::from_peer(&PeerIdentity::default());
+        let subject = Subject {
+            rule_name: "kubelet",
+            component: "kubelet",
+            severity: Severity::Critical,
+            ruleset: None,
+            hostname: "node-a",
+            container_id: None,
+            kubernetes: Some(&unknown),
+        };
+        AlertEvent::for_observation(&obs, action, &subject)
+    }
+
+    /// Issue 25, item 6: a spoofer chooses the source of a SYN; only what completed a
+    /// handshake (whose source had to answer) spends the API's lookup budget.
+    #[test]
+    fn only_records_with_a_real_source_are_looked_up() {
+        assert!(needs_name(&record(
+            Action::UnexpectedInbound,
+            EventKind::Inbound
+        )));
+        assert!(!needs_name(&record(
+            Action::HalfOpenAttempt,
+            EventKind::HalfOpen
+        )));
+        assert!(!needs_name(&record(
+            Action::RefusedAttempt,
+            EventKind::Refused
+        )));
+    }
 }
