@@ -36,6 +36,12 @@ pub struct PodLookups {
     permits: tokio::sync::Semaphore,
 }
 
+/// What [`PodLookups::take_turn`] leaves a caller with.
+enum Turn {
+    Answered(Option<Arc<PodIdentity>>),
+    Ask,
+}
+
 struct LookupState {
     answers: std::collections::HashMap<IpAddr, (std::time::Instant, Option<Arc<PodIdentity>>)>,
     order: std::collections::VecDeque<IpAddr>,
@@ -90,6 +96,15 @@ impl PodLookups {
             self.count("outside_ranges");
             return None;
         }
+        match self.take_turn(ip).await {
+            Turn::Answered(answer) => answer,
+            Turn::Ask => self.ask(ip).await,
+        }
+    }
+
+    /// An answer already held or being asked for (waited for), none over the rate, or
+    /// this caller's turn to ask the API.
+    async fn take_turn(&self, ip: IpAddr) -> Turn {
         let waited = loop {
             let asked = {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -99,7 +114,7 @@ impl PodLookups {
                         let answer = answer.clone();
                         drop(st);
                         self.count("cached");
-                        return answer;
+                        return Turn::Answered(answer);
                     }
                 }
                 if let Some(asking) = st.asking.get(&ip) {
@@ -113,7 +128,7 @@ impl PodLookups {
                     if st.tokens < 1.0 {
                         drop(st);
                         self.count("skipped");
-                        return None;
+                        return Turn::Answered(None);
                     }
                     st.tokens -= 1.0;
                     st.asking.insert(ip, Arc::new(tokio::sync::Notify::new()));
@@ -144,8 +159,13 @@ impl PodLookups {
             let answer = st.answers.get(&ip).and_then(|(_, a)| a.clone());
             drop(st);
             self.count("cached");
-            return answer;
+            return Turn::Answered(answer);
         }
+        Turn::Ask
+    }
+
+    /// Asks the API for the pod at `ip`, keeps the answer and wakes whoever waits for it.
+    async fn ask(&self, ip: IpAddr) -> Option<Arc<PodIdentity>> {
         // From the watch cache (resourceVersion=0): a name may be a moment old, and the
         // API server does not read etcd for it.
         let params = kube::api::ListParams::default()

@@ -36,8 +36,8 @@ use super::{
     client::{client, source},
     listed::{ListedNode, ListedPod, Reducer, Watched, APISERVER_NAMESPACE, APISERVER_SERVICE},
     lookups::PodLookups,
-    ApiConfig, Coverage, FeedId, Identities, PodPlan, PodQuery, Resource, SyncState, ALL_PODS,
-    LOCAL_PODS, MAX_QUERY_FEEDS,
+    ApiConfig, Coverage, FeedId, Identities, LabelKeys, PodPlan, PodQueries, PodQuery, Resource,
+    SyncState, ALL_PODS, LOCAL_PODS, MAX_QUERY_FEEDS,
 };
 use crate::metrics::Metrics;
 
@@ -197,120 +197,11 @@ async fn watch_pods(client: Client, cx: Context, mut stop: signal::Receiver<bool
         // What the watches below are started for; a nudge that changes neither (a reload
         // while every pod is watched anyway) leaves them running.
         let started_for = (cx.identities.pod_plan(), cx.identities.label_keys());
-        let mut feeds: Vec<(Feed, Api<ListedPod>, watcher::Config)> = Vec::new();
-        // Feeds that run the same query as before keep their pods until they list again.
-        let mut kept: Vec<FeedId> = Vec::new();
-        let (coverage, mut decided) = match started_for.0.clone() {
-            PodPlan::Policy(plan) if plan.queries.len() <= MAX_QUERY_FEEDS => {
-                ids.retain(|q, _| plan.queries.contains(q));
-                kept.push(LOCAL_PODS);
-                kept.extend(ids.values().copied());
-                for query in &plan.queries {
-                    if !ids.contains_key(query) {
-                        let free = (LOCAL_PODS + 1..)
-                            .find(|i| !ids.values().any(|v| v == i))
-                            .unwrap_or(FeedId::MAX);
-                        ids.insert(query.clone(), free);
-                    }
-                }
-                let node = cx.identities.local_node();
-                feeds.push((
-                    Feed::pods(LOCAL_PODS, format!("pods on node {node}")),
-                    Api::all(client.clone()),
-                    watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-                ));
-                for (query, id) in &ids {
-                    let api = match &query.namespace {
-                        Some(ns) => Api::namespaced(client.clone(), ns),
-                        None => Api::all(client.clone()),
-                    };
-                    let mut config = watcher::Config::default();
-                    if !query.labels.is_empty() {
-                        config = config.labels(&query.labels);
-                    }
-                    if !query.fields.is_empty() {
-                        config = config.fields(&query.fields);
-                    }
-                    feeds.push((Feed::pods(*id, format!("pods {query}")), api, config));
-                }
-                if plan.any_pod {
-                    (Coverage::Ranges, false)
-                } else {
-                    (Coverage::Selected, true)
-                }
-            }
-            plan => {
-                if let PodPlan::Policy(p) = plan {
-                    warn!(
-                        selectors = p.queries.len(),
-                        "more pod selectors than watches kept apart ({MAX_QUERY_FEEDS}): \
-                         watching every pod"
-                    );
-                }
-                ids.clear();
-                feeds.push((
-                    Feed::pods(ALL_PODS, "pods"),
-                    Api::all(client.clone()),
-                    watcher::Config::default(),
-                ));
-                (Coverage::All, true)
-            }
-        };
-        let feed_ids: Vec<FeedId> = feeds.iter().map(|(f, _, _)| f.id).collect();
-        // Until the nodes are listed, `pods: {}` matches the pods cached (and the daemon
-        // is not ready: readiness waits for the decision).
-        let now = if decided {
-            coverage
-        } else {
-            Coverage::Selected
-        };
-        cx.identities
-            .begin_pod_feeds(&feed_ids, &kept, now, decided);
-        if decided {
-            publish_coverage(&cx.metrics, coverage);
-        }
-        cx.metrics
-            .kubernetes_synced
-            .with_label_values(&[Resource::Pods.as_str()])
-            .set(0);
-        info!(
-            coverage = coverage.as_str(),
-            watches = %feeds.iter().map(|(f, _, _)| f.what.as_str()).collect::<Vec<_>>().join("; "),
-            "watching pods"
-        );
-        let tasks: Vec<JoinHandle<()>> = feeds
-            .into_iter()
-            .map(|(feed, api, config)| {
-                tokio::spawn(run(feed, api, config, cx.clone(), stop.clone()))
-            })
-            .collect();
-        let mut check = tokio::time::interval(COVERAGE_CHECK);
-        let stopping = loop {
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => break true,
-                () = changed.notified() => {
-                    if (cx.identities.pod_plan(), cx.identities.label_keys()) != started_for {
-                        break false;
-                    }
-                }
-                _ = check.tick(), if !decided => {
-                    if cx.identities.listed_once(Resource::Nodes) {
-                        decided = true;
-                        cx.identities.decide_coverage(coverage);
-                        // Unless the nodes or pods already contradict it.
-                        if cx.identities.pod_plan() != PodPlan::All {
-                            publish_coverage(&cx.metrics, coverage);
-                            info!(
-                                coverage = coverage.as_str(),
-                                "`pods: {{}}` is judged by the nodes' spec.podCIDRs; pods \
-                                 outside the selectors are not listed"
-                            );
-                        }
-                        publish_sync(&cx, Resource::Pods);
-                    }
-                }
-            }
-        };
+        let planned = plan_pod_feeds(&client, &cx, &mut ids, started_for.0.clone());
+        let (coverage, decided) = (planned.coverage, planned.decided);
+        let tasks = start_pod_feeds(&cx, planned, &stop);
+        let stopping =
+            await_pod_change(&cx, &changed, &mut stop, &started_for, coverage, decided).await;
         if stopping {
             // They stop on the same signal.
             for t in tasks {
@@ -325,6 +216,188 @@ async fn watch_pods(client: Client, cx: Context, mut stop: signal::Receiver<bool
             let _ = t.await;
         }
     }
+}
+
+/// The pod watches one plan asks for.
+struct PodFeeds {
+    feeds: Vec<(Feed, Api<ListedPod>, watcher::Config)>,
+    /// Feeds that run the same query as before keep their pods until they list again.
+    kept: Vec<FeedId>,
+    coverage: Coverage,
+    /// Whether `coverage` holds already (`pods: {}` waits for the nodes' pod ranges).
+    decided: bool,
+}
+
+/// The watches for `plan`: this node's pods and one per selector query (their ids kept
+/// in `ids`), or every pod when the plan asks for that or has too many queries.
+fn plan_pod_feeds(
+    client: &Client,
+    cx: &Context,
+    ids: &mut BTreeMap<PodQuery, FeedId>,
+    plan: PodPlan,
+) -> PodFeeds {
+    match plan {
+        PodPlan::Policy(plan) if plan.queries.len() <= MAX_QUERY_FEEDS => {
+            selected_pod_feeds(client, cx, ids, &plan)
+        }
+        plan => {
+            if let PodPlan::Policy(p) = plan {
+                warn!(
+                    selectors = p.queries.len(),
+                    "more pod selectors than watches kept apart ({MAX_QUERY_FEEDS}): \
+                     watching every pod"
+                );
+            }
+            ids.clear();
+            PodFeeds {
+                feeds: vec![(
+                    Feed::pods(ALL_PODS, "pods"),
+                    Api::all(client.clone()),
+                    watcher::Config::default(),
+                )],
+                kept: Vec::new(),
+                coverage: Coverage::All,
+                decided: true,
+            }
+        }
+    }
+}
+
+/// This node's pods and one watch per selector query.
+fn selected_pod_feeds(
+    client: &Client,
+    cx: &Context,
+    ids: &mut BTreeMap<PodQuery, FeedId>,
+    plan: &PodQueries,
+) -> PodFeeds {
+    let mut feeds = Vec::new();
+    let mut kept = Vec::new();
+    ids.retain(|q, _| plan.queries.contains(q));
+    kept.push(LOCAL_PODS);
+    kept.extend(ids.values().copied());
+    for query in &plan.queries {
+        if !ids.contains_key(query) {
+            let free = (LOCAL_PODS + 1..)
+                .find(|i| !ids.values().any(|v| v == i))
+                .unwrap_or(FeedId::MAX);
+            ids.insert(query.clone(), free);
+        }
+    }
+    let node = cx.identities.local_node();
+    feeds.push((
+        Feed::pods(LOCAL_PODS, format!("pods on node {node}")),
+        Api::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+    ));
+    for (query, id) in ids.iter() {
+        let api = match &query.namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let mut config = watcher::Config::default();
+        if !query.labels.is_empty() {
+            config = config.labels(&query.labels);
+        }
+        if !query.fields.is_empty() {
+            config = config.fields(&query.fields);
+        }
+        feeds.push((Feed::pods(*id, format!("pods {query}")), api, config));
+    }
+    let (coverage, decided) = if plan.any_pod {
+        (Coverage::Ranges, false)
+    } else {
+        (Coverage::Selected, true)
+    };
+    PodFeeds {
+        feeds,
+        kept,
+        coverage,
+        decided,
+    }
+}
+
+/// Tells the identities which feeds run, publishes the coverage, and spawns the watches.
+fn start_pod_feeds(
+    cx: &Context,
+    planned: PodFeeds,
+    stop: &signal::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let PodFeeds {
+        feeds,
+        kept,
+        coverage,
+        decided,
+    } = planned;
+    let feed_ids: Vec<FeedId> = feeds.iter().map(|(f, _, _)| f.id).collect();
+    // Until the nodes are listed, `pods: {}` matches the pods cached (and the daemon
+    // is not ready: readiness waits for the decision).
+    let now = if decided {
+        coverage
+    } else {
+        Coverage::Selected
+    };
+    cx.identities
+        .begin_pod_feeds(&feed_ids, &kept, now, decided);
+    if decided {
+        publish_coverage(&cx.metrics, coverage);
+    }
+    cx.metrics
+        .kubernetes_synced
+        .with_label_values(&[Resource::Pods.as_str()])
+        .set(0);
+    info!(
+        coverage = coverage.as_str(),
+        watches = %feeds.iter().map(|(f, _, _)| f.what.as_str()).collect::<Vec<_>>().join("; "),
+        "watching pods"
+    );
+    feeds
+        .into_iter()
+        .map(|(feed, api, config)| tokio::spawn(run(feed, api, config, cx.clone(), stop.clone())))
+        .collect()
+}
+
+/// Waits for `stop` (true) or a change of plan or labels (false), deciding the coverage
+/// meanwhile once the nodes are listed.
+async fn await_pod_change(
+    cx: &Context,
+    changed: &tokio::sync::Notify,
+    stop: &mut signal::Receiver<bool>,
+    started_for: &(PodPlan, Arc<LabelKeys>),
+    coverage: Coverage,
+    mut decided: bool,
+) -> bool {
+    let mut check = tokio::time::interval(COVERAGE_CHECK);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break true,
+            () = changed.notified() => {
+                if (cx.identities.pod_plan(), cx.identities.label_keys()) != *started_for {
+                    break false;
+                }
+            }
+            _ = check.tick(), if !decided => {
+                if cx.identities.listed_once(Resource::Nodes) {
+                    decided = true;
+                    decide_coverage(cx, coverage);
+                }
+            }
+        }
+    }
+}
+
+/// The nodes are listed: `coverage` holds from now on.
+fn decide_coverage(cx: &Context, coverage: Coverage) {
+    cx.identities.decide_coverage(coverage);
+    // Unless the nodes or pods already contradict it.
+    if cx.identities.pod_plan() != PodPlan::All {
+        publish_coverage(&cx.metrics, coverage);
+        info!(
+            coverage = coverage.as_str(),
+            "`pods: {{}}` is judged by the nodes' spec.podCIDRs; pods \
+             outside the selectors are not listed"
+        );
+    }
+    publish_sync(cx, Resource::Pods);
 }
 
 fn publish_coverage(metrics: &Metrics, coverage: Coverage) {
@@ -357,15 +430,7 @@ async fn run<K: Watched>(
 ) {
     let resource = feed.resource;
     let name = resource.as_str();
-    let identities = &cx.identities;
-    let metrics = &cx.metrics;
-    // Present from the start (0, not synced), so `increase()` and "not synced" alerts see
-    // the first change (deploy/prometheusrule.yaml).
-    metrics.kubernetes_lists.with_label_values(&[name]);
-    if resource != Resource::Pods {
-        metrics.kubernetes_synced.with_label_values(&[name]).set(0);
-        metrics.kubernetes_objects.with_label_values(&[name]).set(0);
-    }
+    present_from_start(&cx.metrics, resource);
     let start = |streamed: bool| {
         let config = if streamed {
             config.clone().streaming_lists()
@@ -379,13 +444,7 @@ async fn run<K: Watched>(
     };
     let mut streamed = cx.streaming.load(Ordering::Relaxed);
     let mut stream = start(streamed);
-    let mut reducer = Reducer::new(identities.local_node(), identities.label_keys());
-    // Objects of the list in progress; swapped into the cache whole at InitDone.
-    let mut listing: Option<Vec<K::Reduced>> = None;
-    let mut synced_once = false;
-    // Updates since the interner last dropped strings no pod holds any more (churn brings
-    // new label values and service accounts; a re-list prunes too).
-    let mut applied = 0u32;
+    let mut state = FeedState::<K>::new(&cx.identities);
     loop {
         let next = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -396,114 +455,173 @@ async fn run<K: Watched>(
             return;
         };
         match next {
-            Ok(Event::Init) => listing = Some(Vec::new()),
-            Ok(Event::InitApply(obj)) => {
-                if let Some(l) = listing.as_mut() {
-                    let reduced = obj.reduce(&mut reducer);
-                    l.push(identities.inspect(|c| K::reuse(c, reduced)));
-                }
-            }
-            Ok(Event::InitDone) => {
-                let items = listing.take().unwrap_or_default();
-                let count = items.len();
-                identities.update(|c| K::replace(c, items, feed.id));
-                reducer.prune();
-                // The list's pages were parsed and freed between the objects kept: hand
-                // the free pages back instead of keeping them for the daemon's lifetime.
-                // SAFETY: malloc_trim has no preconditions.
-                #[cfg(target_env = "gnu")]
-                unsafe {
-                    libc::malloc_trim(0);
-                }
-                feed.set_sync(
-                    identities,
-                    SyncState {
-                        synced: true,
-                        failing: None,
-                    },
-                );
-                metrics.kubernetes_lists.with_label_values(&[name]).inc();
-                let mode = if streamed { "streaming" } else { "paginated" };
-                metrics
-                    .kubernetes_listed_objects
-                    .with_label_values(&[name, mode])
-                    .inc_by(count as u64);
-                publish_sync(&cx, resource);
-                if !synced_once {
-                    synced_once = true;
-                    info!(
-                        watch = %feed.what,
-                        objects = count,
-                        mode,
-                        "Kubernetes identities synced"
-                    );
-                }
-            }
-            Ok(Event::Apply(obj)) => {
-                let reduced = obj.reduce(&mut reducer);
-                applied += 1;
-                if applied >= PRUNE_EVERY {
-                    applied = 0;
-                    reducer.prune();
-                }
-                identities.update(|c| K::apply(c, reduced, feed.id));
-            }
-            Ok(Event::Delete(obj)) => identities.update(|c| K::delete(c, &obj, feed.id)),
+            Ok(event) => state.on_event(event, &feed, &cx, streamed),
             Err(e) if streamed && refuses_streaming(&e) => {
-                // Not an error of ours: the server has no WatchList (before 1.27, or the
-                // feature gate off, as in 1.33's default). Every watch lists in pages now.
                 streamed = false;
-                if cx.streaming.swap(false, Ordering::Relaxed) {
-                    info!(
-                        error = %describe(&e),
-                        "the Kubernetes API does not stream lists (sendInitialEvents): \
-                         listing in pages of 500"
-                    );
-                }
-                listing = None;
+                lists_in_pages(&cx, &e);
+                state.listing = None;
                 stream = start(false);
                 continue;
             }
             Err(e) => {
-                let reason = classify(&e);
-                metrics
-                    .kubernetes_api_errors
-                    .with_label_values(&[name, reason])
-                    .inc();
-                if reason == "gone" {
-                    // Normal life of a watch: the server compacted our resourceVersion;
-                    // kube-runtime lists again and the next InitDone replaces the cache.
-                    info!(watch = %feed.what, "watch expired (410 Gone): listing again");
+                if !watch_failed(&feed, &cx, &e) {
                     continue;
-                }
-                let before = identities.sync(resource);
-                feed.set_sync(
-                    identities,
-                    SyncState {
-                        synced: false,
-                        failing: Some(reason),
-                    },
-                );
-                publish_sync(&cx, resource);
-                // Once per change of reason; the retries (backoff) are counted, not logged.
-                if before.failing != Some(reason) {
-                    warn!(
-                        watch = %feed.what,
-                        reason,
-                        error = %describe(&e),
-                        "{}",
-                        explain(resource, reason)
-                    );
-                } else {
-                    debug!(watch = %feed.what, reason, error = %describe(&e), "still failing");
                 }
             }
         }
-        metrics
+        cx.metrics
             .kubernetes_objects
             .with_label_values(&[name])
-            .set(i64::try_from(identities.len(resource)).unwrap_or(i64::MAX));
+            .set(i64::try_from(cx.identities.len(resource)).unwrap_or(i64::MAX));
     }
+}
+
+/// Present from the start (0, not synced), so `increase()` and "not synced" alerts see
+/// the first change (deploy/prometheusrule.yaml).
+fn present_from_start(metrics: &Metrics, resource: Resource) {
+    let name = resource.as_str();
+    metrics.kubernetes_lists.with_label_values(&[name]);
+    if resource != Resource::Pods {
+        metrics.kubernetes_synced.with_label_values(&[name]).set(0);
+        metrics.kubernetes_objects.with_label_values(&[name]).set(0);
+    }
+}
+
+/// One watch's progress through its lists and updates.
+struct FeedState<K: Watched> {
+    reducer: Reducer,
+    /// Objects of the list in progress; swapped into the cache whole at InitDone.
+    listing: Option<Vec<K::Reduced>>,
+    synced_once: bool,
+    /// Updates since the interner last dropped strings no pod holds any more (churn
+    /// brings new label values and service accounts; a re-list prunes too).
+    applied: u32,
+}
+
+impl<K: Watched> FeedState<K> {
+    fn new(identities: &Identities) -> Self {
+        Self {
+            reducer: Reducer::new(identities.local_node(), identities.label_keys()),
+            listing: None,
+            synced_once: false,
+            applied: 0,
+        }
+    }
+
+    fn on_event(&mut self, event: Event<K>, feed: &Feed, cx: &Context, streamed: bool) {
+        let identities = &cx.identities;
+        match event {
+            Event::Init => self.listing = Some(Vec::new()),
+            Event::InitApply(obj) => {
+                if let Some(l) = self.listing.as_mut() {
+                    let reduced = obj.reduce(&mut self.reducer);
+                    l.push(identities.inspect(|c| K::reuse(c, reduced)));
+                }
+            }
+            Event::InitDone => self.list_done(feed, cx, streamed),
+            Event::Apply(obj) => {
+                let reduced = obj.reduce(&mut self.reducer);
+                self.applied += 1;
+                if self.applied >= PRUNE_EVERY {
+                    self.applied = 0;
+                    self.reducer.prune();
+                }
+                identities.update(|c| K::apply(c, reduced, feed.id));
+            }
+            Event::Delete(obj) => identities.update(|c| K::delete(c, &obj, feed.id)),
+        }
+    }
+
+    /// A full list: it replaces the feed's part of the cache, and the feed is synced.
+    fn list_done(&mut self, feed: &Feed, cx: &Context, streamed: bool) {
+        let (identities, metrics) = (&cx.identities, &cx.metrics);
+        let name = feed.resource.as_str();
+        let items = self.listing.take().unwrap_or_default();
+        let count = items.len();
+        identities.update(|c| K::replace(c, items, feed.id));
+        self.reducer.prune();
+        // The list's pages were parsed and freed between the objects kept: hand
+        // the free pages back instead of keeping them for the daemon's lifetime.
+        // SAFETY: malloc_trim has no preconditions.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        feed.set_sync(
+            identities,
+            SyncState {
+                synced: true,
+                failing: None,
+            },
+        );
+        metrics.kubernetes_lists.with_label_values(&[name]).inc();
+        let mode = if streamed { "streaming" } else { "paginated" };
+        metrics
+            .kubernetes_listed_objects
+            .with_label_values(&[name, mode])
+            .inc_by(count as u64);
+        publish_sync(cx, feed.resource);
+        if !self.synced_once {
+            self.synced_once = true;
+            info!(
+                watch = %feed.what,
+                objects = count,
+                mode,
+                "Kubernetes identities synced"
+            );
+        }
+    }
+}
+
+/// Not an error of ours: the server has no WatchList (before 1.27, or the feature gate
+/// off, as in 1.33's default). Every watch lists in pages from now on.
+fn lists_in_pages(cx: &Context, e: &watcher::Error) {
+    if cx.streaming.swap(false, Ordering::Relaxed) {
+        info!(
+            error = %describe(e),
+            "the Kubernetes API does not stream lists (sendInitialEvents): \
+             listing in pages of 500"
+        );
+    }
+}
+
+/// Counts and reports a watch error; false when it is the normal end of a watch (410
+/// Gone: kube-runtime lists again), which leaves the object count as it is.
+fn watch_failed(feed: &Feed, cx: &Context, e: &watcher::Error) -> bool {
+    let resource = feed.resource;
+    let reason = classify(e);
+    cx.metrics
+        .kubernetes_api_errors
+        .with_label_values(&[resource.as_str(), reason])
+        .inc();
+    if reason == "gone" {
+        // Normal life of a watch: the server compacted our resourceVersion;
+        // kube-runtime lists again and the next InitDone replaces the cache.
+        info!(watch = %feed.what, "watch expired (410 Gone): listing again");
+        return false;
+    }
+    let before = cx.identities.sync(resource);
+    feed.set_sync(
+        &cx.identities,
+        SyncState {
+            synced: false,
+            failing: Some(reason),
+        },
+    );
+    publish_sync(cx, resource);
+    // Once per change of reason; the retries (backoff) are counted, not logged.
+    if before.failing != Some(reason) {
+        warn!(
+            watch = %feed.what,
+            reason,
+            error = %describe(e),
+            "{}",
+            explain(resource, reason)
+        );
+    } else {
+        debug!(watch = %feed.what, reason, error = %describe(e), "still failing");
+    }
+    true
 }
 
 /// The server refused a streaming list: 422 Invalid (`sendInitialEvents` forbidden
