@@ -22,19 +22,20 @@
 //! event an older version can follow a newer one. So an update never re-claims an address
 //! its pod already listed once another pod has taken it, an update older than the version
 //! held (by `resourceVersion`) is ignored, and a deleted pod (by uid) does not come back.
-
 //!
-//! One job a file: [`objects`] (what is kept of a node or a pod), [`cache`] (the cache and
-//! its indexes), [`handle`] (the shared [`Identities`] the pipeline looks peers up in),
-//! [`query`] (which pods to ask the API for: identity's own request types, which the
-//! policy fills from its selectors), [`api`] (whether and how the API is reached), and,
-//! with the `kubernetes` feature, [`client`], [`listed`] (what is read from the API),
-//! [`watch`] (the feeds) and [`lookups`] (pods looked up on demand by address).
+//! One job a file: `objects` (what is kept of a node or a pod), `cache` (the cache and
+//! its indexes), `coverage` (which pods it holds; the pod ranges), `handle` (the
+//! shared [`Identities`] the pipeline looks peers up in),
+//! `query` (which pods to ask the API for: identity's own request types, which the
+//! policy fills from its selectors), `api` (whether and how the API is reached), and,
+//! with the `kubernetes` feature, `client`, `listed` (what is read from the API),
+//! [`watch`] (the feeds) and `lookups` (pods looked up on demand by address).
 
 mod api;
 mod cache;
 #[cfg(feature = "kubernetes")]
 mod client;
+mod coverage;
 mod handle;
 #[cfg(feature = "kubernetes")]
 mod listed;
@@ -48,6 +49,6 @@ mod tests;
 #[cfg(feature = "kubernetes")]
 pub mod watch;
 
-pub use self::{api::*, cache::*, handle::*, objects::*, query::*};
+pub use self::{api::*, cache::*, coverage::Coverage, handle::*, objects::*, query::*};
 #[cfg(feature = "kubernetes")]
 pub use self::{client::local_node, lookups::PodLookups};
