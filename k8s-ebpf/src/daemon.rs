@@ -41,7 +41,9 @@ use crate::{
     metrics::{Metrics, MetricsServer, Readiness},
     naming::RecordSender,
     output::{self, Destination, OutputSettings},
-    policy::{executables::ExecutableIndex, Policy, PolicyErrors, Profile, ProfileChoice},
+    policy::{
+        detect_profile, executables::ExecutableIndex, Policy, PolicyErrors, Profile, ProfileChoice,
+    },
     privilege,
     verdict::{client_match, ClientContext, ClientSide},
 };
@@ -262,7 +264,7 @@ async fn run_loop(
     let mut base = provisional_profile(config.profile);
     match config.profile {
         Some(ProfileChoice::Auto) => {
-            let (detected, why) = identity::detect_profile(&api, &config.hostname).await;
+            let (detected, why) = detect_profile(&api, &config.hostname).await;
             info!(profile = detected.name(), reason = %why, "profile detected (--profile auto)");
             base = Some(detected);
             if detected != Profile::Kubeadm {

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::{alert::AlertEvent, metrics::Metrics, output::AlertSender};
 #[cfg(feature = "kubernetes")]
-use crate::{alert::KubernetesFields, identity::watch::PodLookups};
+use crate::{alert::KubernetesFields, identity::PodLookups};
 
 /// Records waiting for their turn (a lookup, or one before them).
 const QUEUE: usize = 1024;

@@ -271,6 +271,14 @@ pub(crate) mod tests {
     use std::{net::SocketAddr, time::SystemTime};
 
     use super::*;
+
+    #[test]
+    fn out_of_scope_labels_are_the_ones_metrics_create() {
+        assert_eq!(
+            OutOfScope::ALL.map(OutOfScope::as_str),
+            crate::metrics::OUT_OF_SCOPE_REASONS
+        );
+    }
     use crate::capture::{HookKind, ProcessInfo};
 
     pub(crate) const POLICY: &str = "\

@@ -1,4 +1,6 @@
-//! The prerequisite bootstrap shared by `cargo xtask run`, `test` and `bench`.
+//! The prerequisite bootstrap every `cargo xtask` command starts with, taking what the
+//! command needs ([`Need`]): `run` only what building and running the daemon need; `test`,
+//! `vm`, `bench`, `soak`, `image` and `bootstrap` everything.
 //!
 //! It checks, cheaply and quietly, everything a fresh Debian machine lacks, installs what
 //! is missing (as root), and mounts tracefs/bpffs. When it cannot install (not root, no
@@ -11,6 +13,31 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+
+use crate::host::sh;
+
+/// What a command needs installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Building and running the daemon (`cargo xtask run`): [`RUN_PACKAGES`], the nightly
+    /// `rust-src`, bpf-linker, tracefs and bpffs.
+    Run,
+    /// Everything the tests, the VM matrix, the benchmarks and the image use as well:
+    /// [`DEBIAN_PACKAGES`], cargo-fuzz, Node and the ECS check's npm packages.
+    All,
+}
+
+impl Need {
+    fn packages(self) -> &'static [&'static str] {
+        match self {
+            Need::Run => RUN_PACKAGES,
+            Need::All => DEBIAN_PACKAGES,
+        }
+    }
+}
+
+/// Debian packages for building and running: LLVM 22 for bpf-linker.
+pub const RUN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 
 /// Debian packages: LLVM 22 for bpf-linker, and the real peers and tools the tests drive.
 pub const DEBIAN_PACKAGES: &[&str] = &[
@@ -54,13 +81,13 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-/// Everything the xtask commands need. Quiet when nothing is missing.
-pub fn ensure(packages: &[&str]) -> Result<()> {
+/// What `need` asks for. Quiet when nothing is missing.
+pub fn ensure(need: Need) -> Result<()> {
     let started = Instant::now();
     let root = is_root();
     let mut missing_steps: Vec<String> = Vec::new();
 
-    let missing = missing_packages(packages)?;
+    let missing = missing_packages(need.packages())?;
     if !missing.is_empty() {
         let cmd = format!(
             "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {}",
@@ -100,25 +127,8 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
         }
     }
 
-    if !cargo_fuzz_ok() {
-        let cmd = format!("cargo install cargo-fuzz --locked --version {CARGO_FUZZ_VERSION}");
-        eprintln!("bootstrap: {cmd}");
-        sh(&cmd).with_context(|| format!("installing cargo-fuzz failed; run:\n  {cmd}"))?;
-    }
-
-    if !has_npm() {
-        // Debian's nodejs and npm; a Node from elsewhere (NodeSource) that brings npm is
-        // used as it is.
-        let cmd = "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm";
-        if root {
-            eprintln!("bootstrap: installing nodejs and npm");
-            sh(cmd).with_context(|| format!("installing npm failed; the command was:\n  {cmd}"))?;
-        } else {
-            missing_steps.push(format!("sudo sh -c '{cmd}'"));
-        }
-    }
-    if has_npm() {
-        crate::npm::ensure()?;
+    if need == Need::All {
+        test_tools(root, &mut missing_steps)?;
     }
 
     for (fs, dir) in [("tracefs", "/sys/kernel/tracing"), ("bpf", "/sys/fs/bpf")] {
@@ -142,6 +152,31 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
     let took = started.elapsed();
     if took.as_secs() >= 5 {
         eprintln!("bootstrap: done in {took:.1?}");
+    }
+    Ok(())
+}
+
+/// What only the tests use: cargo-fuzz, and Node with the ECS check's npm packages.
+fn test_tools(root: bool, missing_steps: &mut Vec<String>) -> Result<()> {
+    if !cargo_fuzz_ok() {
+        let cmd = format!("cargo install cargo-fuzz --locked --version {CARGO_FUZZ_VERSION}");
+        eprintln!("bootstrap: {cmd}");
+        sh(&cmd).with_context(|| format!("installing cargo-fuzz failed; run:\n  {cmd}"))?;
+    }
+
+    if !has_npm() {
+        // Debian's nodejs and npm; a Node from elsewhere (NodeSource) that brings npm is
+        // used as it is.
+        let cmd = "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm";
+        if root {
+            eprintln!("bootstrap: installing nodejs and npm");
+            sh(cmd).with_context(|| format!("installing npm failed; the command was:\n  {cmd}"))?;
+        } else {
+            missing_steps.push(format!("sudo sh -c '{cmd}'"));
+        }
+    }
+    if has_npm() {
+        crate::npm::ensure()?;
     }
     Ok(())
 }
@@ -230,16 +265,4 @@ fn is_mounted(fstype: &str, dir: &str) -> bool {
             })
         })
         .unwrap_or(false)
-}
-
-/// Runs a shell command, inheriting output, failing on a non-zero exit.
-pub fn sh(cmd: &str) -> Result<()> {
-    let status = Command::new("sh")
-        .args(["-c", cmd])
-        .status()
-        .with_context(|| format!("cannot start `{cmd}`"))?;
-    if !status.success() {
-        bail!("`{cmd}` failed with {status}");
-    }
-    Ok(())
 }

@@ -1,11 +1,13 @@
 //! `cargo xtask run | test | vm | bench | bootstrap`: the project's only entry points.
 //!
-//! Every command starts with the same prerequisite bootstrap ([`bootstrap::ensure`]), so
-//! the README's two commands work on a fresh machine and CI proves exactly what they do.
+//! Every command starts with the prerequisite bootstrap ([`bootstrap::ensure`]), given what
+//! it needs ([`Need`]: `run` only building and running, the others everything), so the
+//! README's two commands work on a fresh machine and CI proves exactly what they do.
 
 mod bench;
 mod bootstrap;
 mod doclinks;
+mod host;
 mod image;
 mod kernels;
 mod npm;
@@ -22,6 +24,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+
+use crate::bootstrap::Need;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Build, run and test k8s-ebpf")]
@@ -80,12 +84,12 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(&root, args),
         Cmd::Test { no_vm } => test(&root, !no_vm),
         Cmd::Vm => {
-            bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
+            bootstrap::ensure(Need::All)?;
             let bin = build_daemon()?;
             kernels::run_matrix(&root, &bin, &build_synprobe()?)
         }
         Cmd::Bench { scale_only, before } => {
-            bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
+            bootstrap::ensure(Need::All)?;
             if !bootstrap::is_root() {
                 bail!("the benchmarks load eBPF programs and create network namespaces: run `cargo xtask bench` as root");
             }
@@ -110,16 +114,16 @@ fn main() -> Result<()> {
             bench::run(&root, &bin, &storm, before.as_deref())
         }
         Cmd::Soak { minutes } => {
-            bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
+            bootstrap::ensure(Need::All)?;
             let bin = std::fs::canonicalize(build_daemon()?)?;
             soak::run(&root, &bin, minutes)
         }
         Cmd::Image => {
-            bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)?;
+            bootstrap::ensure(Need::All)?;
             let bin = build_daemon()?;
             image::build(&bin, &target_dir()).map(drop)
         }
-        Cmd::Bootstrap => bootstrap::ensure(bootstrap::DEBIAN_PACKAGES),
+        Cmd::Bootstrap => bootstrap::ensure(Need::All),
     }
 }
 
@@ -159,7 +163,7 @@ fn target_dir() -> PathBuf {
 }
 
 fn run(_root: &Path, args: Vec<OsString>) -> Result<()> {
-    bootstrap::ensure(&["llvm-22-dev", "libpolly-22-dev"])?;
+    bootstrap::ensure(Need::Run)?;
     let bin = build_daemon()?;
     let bin = std::fs::canonicalize(&bin)?;
     let mut cmd = if bootstrap::is_root() {
@@ -180,9 +184,7 @@ fn run(_root: &Path, args: Vec<OsString>) -> Result<()> {
 
 fn test(root: &Path, with_vm: bool) -> Result<()> {
     let started = Instant::now();
-    step("bootstrap", || {
-        bootstrap::ensure(bootstrap::DEBIAN_PACKAGES)
-    })?;
+    step("bootstrap", || bootstrap::ensure(Need::All))?;
     step("cargo fmt --check", || cargo(&["fmt", "--all", "--check"]))?;
     step("clippy (userspace)", || {
         cargo(&[

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 
-use crate::bootstrap::sh;
+use crate::host::sh;
 
 const LOCK: &str = "tests/ecs/package-lock.json";
 const MANIFEST: &str = "tests/ecs/package.json";

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::bench::{cpu_seconds, peak_rss_kib, sh_ok, sh_out, Ns};
+use crate::host::{cpu_seconds, peak_rss_kib, sh_ok, sh_out, Ns};
 
 /// One generated cluster and the API server's abilities.
 #[derive(Clone, Copy)]

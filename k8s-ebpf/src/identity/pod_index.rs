@@ -11,7 +11,7 @@ use std::{
 
 use hashbrown::HashTable;
 
-use super::{canonical, PodIdentity};
+use super::{cache::canonical, PodIdentity};
 
 /// Pods by namespace and name.
 #[derive(Debug, Default)]

@@ -11,6 +11,10 @@ use prometheus::{
 
 pub use self::server::{MetricsServer, MetricsServerError, Readiness, DEFAULT_METRICS_ADDR};
 
+/// `k8s_ebpf_out_of_scope_total{reason}` values, created at 0 (the verdict's
+/// `OutOfScope::as_str`; a test in verdict.rs keeps the two the same).
+pub const OUT_OF_SCOPE_REASONS: [&str; 3] = ["pod_inbound", "pod_listener", "pod_outbound"];
+
 /// The daemon's metrics and the registry they live in.
 #[derive(Clone)]
 pub struct Metrics {
@@ -261,8 +265,8 @@ impl Metrics {
         for result in ["ok", "error"] {
             m.policy_reloads.with_label_values(&[result]);
         }
-        for reason in crate::verdict::OutOfScope::ALL {
-            m.out_of_scope.with_label_values(&[reason.as_str()]);
+        for reason in OUT_OF_SCOPE_REASONS {
+            m.out_of_scope.with_label_values(&[reason]);
         }
         for outcome in ["joined", "client_alone", "client_folded"] {
             m.connection_pairs.with_label_values(&[outcome]);

@@ -75,12 +75,12 @@ use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
 pub use self::error::{PolicyError, PolicyErrors, Position};
-pub use self::profiles::{Profile, ProfileChoice};
+pub use self::profiles::{detect_profile, Profile, ProfileChoice};
 use self::schema::{
     RawCgroup, RawClients, RawDefaults, RawPeer, RawPods, RawPolicy, RawRule, RawSelector,
 };
 use crate::{
-    identity::{PeerIdentity, PodIdentity},
+    identity::{PeerIdentity, PodIdentity, PodQueries, PodQuery},
     ports::{self, BindScope, Severity},
 };
 
@@ -180,38 +180,6 @@ impl PeerSelector {
             Self::Apiserver => id.apiserver,
         }
     }
-}
-
-/// The pods one peer selector can match, as the Kubernetes API selects them: a list and
-/// watch of `namespace` (all when `None`) with `labelSelector=labels` and
-/// `fieldSelector=fields` (either empty: none).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PodQuery {
-    pub namespace: Option<String>,
-    pub labels: String,
-    pub fields: String,
-}
-
-impl std::fmt::Display for PodQuery {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "namespace={}", self.namespace.as_deref().unwrap_or("*"))?;
-        if !self.labels.is_empty() {
-            write!(f, " labelSelector={}", self.labels)?;
-        }
-        if !self.fields.is_empty() {
-            write!(f, " fieldSelector={}", self.fields)?;
-        }
-        Ok(())
-    }
-}
-
-/// Which pods the policy's expected peers can be ([`Policy::pod_queries`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodQueries {
-    /// Some selector is `pods: {}`: any pod.
-    pub any_pod: bool,
-    /// One per distinct selector.
-    pub queries: BTreeSet<PodQuery>,
 }
 
 /// A set of peers: loopback, networks and Kubernetes selectors, groups already expanded.

@@ -9,7 +9,10 @@
 
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
-use crate::ports::{BindScope, Exposure, WatchedPort, PORTS};
+use crate::{
+    identity::{ApiConfig, ApiMode},
+    ports::{BindScope, Exposure, WatchedPort, PORTS},
+};
 
 /// One distribution's policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -186,6 +189,36 @@ pub fn detect(labels: &BTreeMap<String, String>, provider_id: Option<&str>) -> (
             provider_id.map_or_else(|| "unset".to_owned(), |p| format!("`{p}`")),
         ),
     )
+}
+
+/// `--profile auto`: the profile for the node named `node`, from its labels and
+/// providerID as identity reads them from the API, and why; kubeadm (with the reason)
+/// when the Node cannot be read.
+pub async fn detect_profile(config: &ApiConfig, node: &str) -> (Profile, String) {
+    if *config.mode() == ApiMode::Off {
+        return (
+            Profile::Kubeadm,
+            "--no-kubernetes: no node to inspect, taken for kubeadm".to_owned(),
+        );
+    }
+    #[cfg(feature = "kubernetes")]
+    {
+        match crate::identity::local_node(config, node).await {
+            Ok((labels, provider_id)) => {
+                let (profile, why) = detect(&labels, provider_id.as_deref());
+                (profile, format!("Node `{node}`: {why}"))
+            }
+            Err(e) => (Profile::Kubeadm, format!("{e}: taken for kubeadm")),
+        }
+    }
+    #[cfg(not(feature = "kubernetes"))]
+    {
+        let _ = node;
+        (
+            Profile::Kubeadm,
+            "built without Kubernetes support: taken for kubeadm".to_owned(),
+        )
+    }
 }
 
 #[cfg(test)]
