@@ -403,7 +403,7 @@ async fn run_loop(
             _ = handshake_check.tick() => pipeline.expire_attempts().await,
             _ = tick.tick() => {
                 let attempts = &pipeline.attempts;
-                metrics.set_attempts(&attempts.stats(), attempts.pending());
+                metrics.set_attempts(&attempts.stats().by_resolution(), attempts.pending());
                 pipeline.publish_pairs(&metrics);
                 for alert in pipeline.engine.tick(SystemTime::now()) {
                     records.send(alert).await;
@@ -446,7 +446,10 @@ async fn run_loop(
         pipeline.take(obs, inventory, &metrics).await;
     }
     pipeline.flush_attempts().await;
-    metrics.set_attempts(&pipeline.attempts.stats(), pipeline.attempts.pending());
+    metrics.set_attempts(
+        &pipeline.attempts.stats().by_resolution(),
+        pipeline.attempts.pending(),
+    );
     pipeline.publish_pairs(&metrics);
     for w in watchers {
         let _ = w.await;

@@ -98,6 +98,20 @@ pub struct AttemptStats {
     pub evicted: u64,
 }
 
+impl AttemptStats {
+    /// `k8s_ebpf_syn_attempts_total{resolution}`.
+    pub fn by_resolution(&self) -> [(&'static str, u64); 6] {
+        [
+            ("completed", self.completed),
+            ("half_open", self.half_open),
+            ("refused", self.refused),
+            ("unconfirmed", self.unconfirmed),
+            ("extended", self.extended),
+            ("evicted", self.evicted),
+        ]
+    }
+}
+
 #[derive(Default)]
 pub struct Attempts {
     pending: HashMap<AttemptKey, Pending>,

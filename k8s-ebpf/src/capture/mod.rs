@@ -492,7 +492,8 @@ impl KernelCounters {
         self.programs[index as usize]
     }
 
-    /// The counters by name (the unused `calls` slot left out).
+    /// The counters by name (the unused `calls` slot left out): each one of
+    /// [`crate::metrics::KERNEL_OUTCOMES`] (a test keeps them in step).
     pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         counter::NAMES
             .iter()
@@ -503,15 +504,6 @@ impl KernelCounters {
                 (counter::KRETPROBE_MISSED, self.kretprobe_missed),
                 (counter::RECURSION_MISSES, self.recursion_misses),
             ])
-    }
-
-    /// The names [`KernelCounters::named`] yields.
-    pub fn exported_names() -> impl Iterator<Item = &'static str> {
-        counter::NAMES
-            .iter()
-            .copied()
-            .filter(|n| Self::exported(n))
-            .chain([counter::KRETPROBE_MISSED, counter::RECURSION_MISSES])
     }
 
     fn exported(name: &str) -> bool {
@@ -769,5 +761,36 @@ fn raise_memlock_limit() {
             "could not raise RLIMIT_MEMLOCK ({}); on kernels before 5.11 map creation may fail",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KernelCounters;
+
+    /// Metrics export every outcome from the start under its name, without importing
+    /// capture: their list must hold every name the counters are reported under.
+    #[test]
+    fn every_kernel_counter_is_a_metrics_outcome() {
+        let counters = KernelCounters {
+            programs: Default::default(),
+            kretprobe_missed: 0,
+            recursion_misses: 0,
+        };
+        let named: Vec<&str> = counters.named().map(|(n, _)| n).collect();
+        for name in &named {
+            assert!(
+                crate::metrics::KERNEL_OUTCOMES.contains(name),
+                "{name} is missing from metrics::KERNEL_OUTCOMES"
+            );
+        }
+        // And nothing stale: the userspace one aside, each is a kernel counter.
+        let userspace = ["listeners_reconciled"];
+        for outcome in crate::metrics::KERNEL_OUTCOMES {
+            assert!(
+                named.contains(&outcome) || userspace.contains(&outcome),
+                "{outcome} is no kernel counter"
+            );
+        }
     }
 }

@@ -103,6 +103,26 @@ impl Default for Metrics {
     }
 }
 
+/// `k8s_ebpf_kernel_events_total{outcome}`: the kernel programs' counters (but `calls`,
+/// the cost of every hook run, kept for the bench), the kernel's own accounting of missed
+/// kretprobes and skipped runs, and the listener changes userspace read back from the
+/// kernel's listener table. All exported from the start.
+pub const KERNEL_OUTCOMES: [&str; 13] = [
+    "filtered",
+    "seen",
+    "emitted",
+    "deduplicated",
+    "ringbuf_full",
+    "read_errors",
+    "dedup_update_errors",
+    "out_of_scope",
+    "ringbuf_shed",
+    "inbound_lost",
+    k8s_ebpf_common::counter::KRETPROBE_MISSED,
+    k8s_ebpf_common::counter::RECURSION_MISSES,
+    "listeners_reconciled",
+];
+
 impl Metrics {
     /// Defines every metric in a fresh registry. The definitions are constants, so the
     /// `expect`s here can only fire on a programming error (covered by the unit tests).
@@ -272,7 +292,7 @@ impl Metrics {
             m.connection_pairs.with_label_values(&[outcome]);
         }
         // The kernel's per-CPU outcome counters, as `k8s_ebpf_kernel_events_total{outcome}`.
-        for outcome in crate::capture::KernelCounters::exported_names() {
+        for outcome in KERNEL_OUTCOMES {
             m.kernel_events.with_label_values(&[outcome]).reset();
         }
         m
@@ -297,15 +317,10 @@ impl Metrics {
     }
 
     /// The attempt tracker's totals.
-    pub fn set_attempts(&self, stats: &crate::capture::attempts::AttemptStats, pending: usize) {
-        for (resolution, total) in [
-            ("completed", stats.completed),
-            ("half_open", stats.half_open),
-            ("refused", stats.refused),
-            ("unconfirmed", stats.unconfirmed),
-            ("extended", stats.extended),
-            ("evicted", stats.evicted),
-        ] {
+    /// The attempt tracker's totals, by resolution (plain labels: see
+    /// `AttemptStats::by_resolution`), and the SYNs waiting now.
+    pub fn set_attempts(&self, by_resolution: &[(&str, u64)], pending: usize) {
+        for (resolution, total) in by_resolution {
             let c = self.syn_attempts.with_label_values(&[resolution]);
             c.inc_by(total.saturating_sub(c.get()));
         }
