@@ -180,6 +180,7 @@ fn every_record() -> Vec<Value> {
                     let scan = PortScan {
                         peer: "203.0.113.9".parse().expect("ip"),
                         prefix,
+                        sources_at_least: false,
                         kubernetes,
                         ports: vec![2379, 6443, 10250],
                         count: 7,
