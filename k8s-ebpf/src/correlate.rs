@@ -15,13 +15,27 @@
 //!   *unexpected* inbound connections, half-open probes or refused attempts within
 //!   `defaults.scan.window` (a fixed window from its first such contact) raises one
 //!   `port-scan` alert listing the ports, and a closing `port-scan` summary with every
-//!   port and the total count. Several sources: the record names the first, the prefix
-//!   and how many.
-//! - **Floods.** Past `defaults.flood.sources` distinct unexpected sources on one
-//!   (finding, port) within `defaults.window`, further sources fold into one record per
-//!   prefix (/24, /64) carrying `k8s_ebpf.prefix`, the number of sources and the exact
-//!   event count: the first sources are still named one by one, the SIEM is not buried,
-//!   and the counts still add up to what the kernel saw.
+//!   port and the total count. Several sources: the record names the first (with that
+//!   source's identity, never another's), the prefix and how many.
+//! - **Floods.** A remote source folds into its prefix's record (`k8s_ebpf.prefix`, the
+//!   number of *distinct* sources in `k8s_ebpf.sources`, the exact event count; no
+//!   `source.ip`) only once *that* prefix (/24, /64) named `defaults.flood.sources`
+//!   sources on the (finding, port) within `defaults.window` (a fixed window from its
+//!   first named source). A crowd in one prefix never makes a source of another prefix
+//!   anonymous. For completed connections (unexpected-inbound: the handshake needs the
+//!   route back, so the source is real) this is the only folding.
+//!   Half-open and refused attempts are one packet and their source can be spoofed: they
+//!   also share a budget of `defaults.flood.lines` alert lines per port (both findings
+//!   together). A window may open only if the port's lines written in the last window,
+//!   the summaries its open windows may still write and its own two lines fit the level's
+//!   share of the budget: named sources the first half (of the budget less 8 lines kept
+//!   for the family records), /24 (/64) records up to three quarters, /16 (/48) records the
+//!   rest; past that, one record per port, finding and family (0.0.0.0/0, ::/0, every
+//!   network namespace) takes everything. A source goes to the finest level whose window
+//!   is open or may open. So no span of one window holds more than the budget's lines for
+//!   a port, whatever the spread of sources, and the counts still add up to every event.
+//!   A flood record keeps up to 4,096 distinct sources (65,536 over all records); past
+//!   that its `sources` is a lower bound (`k8s_ebpf.sources_at_least`).
 //!   The per-port alerts go on beside it, one per (rule, peer) and window: each names its
 //!   port's rule and severity (etcd is not the read-only kubelet), and a scan of all 65,535
 //!   ports still yields at most one alert per watched port plus the scan. Expected peers
@@ -29,8 +43,13 @@
 //!   scanner.
 //! - **Allowed events.** With `log_allowed`, expected inbound/outbound connections give
 //!   `event.kind: event` records, windowed the same way.
-//! - **Bounds.** Open windows and tracked scan peers are capped; at the cap the oldest
-//!   entry is evicted (its pending count is lost) and the eviction counted.
+//! - **Bounds.** Every table has a cap, keeps the newest, and counts what it drops in
+//!   `k8s_ebpf_correlation_evictions_total{table}`: open windows (`windows`; prefix
+//!   windows go before named ones, and an evicted window reports its count at once instead
+//!   of losing it), tracked scan prefixes (`scan_peers`), the per-prefix naming counts
+//!   (`flood_prefixes`; losing one only names more), and the sources kept by flood and
+//!   scan records (`flood_sources`, `scan_sources`; the record's count becomes "at
+//!   least"). The line budget holds at most the budget's timestamps per watched port.
 //!
 //! Time is the caller's wall clock (`now`); a clock stepping backwards only delays
 //! window closes. Expiry runs on [`Engine::tick`] and at the start of every

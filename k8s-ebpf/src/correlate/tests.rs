@@ -786,6 +786,9 @@ fn a_flood_records_sources_are_distinct() {
         .is_some_and(|m| m.contains("from at least 4096 source(s) in 2001:db8:5:6::/64")));
 }
 
+/// Makes the i-th event of a flood: (kind, port, source).
+type Spray = Box<dyn Fn(&mut SplitMix, usize) -> (EventKind, u16, IpAddr)>;
+
 /// Technique: a SYN flood with a random source per SYN (`hping3 --rand-source`). However
 /// the sources spread — random IPv4 /24s, one IPv6 /48, a mix on one port with both
 /// spoofable findings — a port gets at most `defaults.flood.lines` lines in any window,
@@ -793,10 +796,7 @@ fn a_flood_records_sources_are_distinct() {
 #[test]
 fn a_random_source_spoof_flood_holds_the_line_budget_with_exact_counts() {
     let window = Duration::from_secs(10);
-    let cases: [(
-        &str,
-        Box<dyn Fn(&mut SplitMix, usize) -> (EventKind, u16, IpAddr)>,
-    ); 3] = [
+    let cases: [(&str, Spray); 3] = [
         (
             "random IPv4 /24s",
             Box::new(|r, _| (EventKind::HalfOpen, 2379, r.v4())),
