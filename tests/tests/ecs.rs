@@ -273,6 +273,10 @@ fn every_record() -> Vec<Value> {
                                 at() + Duration::from_secs(10),
                             )));
                             out.push(json(&flood));
+                            // More distinct sources than a record keeps: "at least".
+                            let mut capped = flood.clone();
+                            capped.set_sources(4096, true);
+                            out.push(json(&capped));
                         }
                     }
                 }
@@ -299,6 +303,12 @@ fn every_record_kind_is_ecs() {
         (
             "flood",
             records.iter().any(|r| r["k8s_ebpf"]["sources"].is_u64()),
+        ),
+        (
+            "flood, at least",
+            records
+                .iter()
+                .any(|r| r["k8s_ebpf"]["sources_at_least"] == true),
         ),
         (
             "kubernetes pod",
