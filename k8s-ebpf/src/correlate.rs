@@ -17,6 +17,10 @@
 //!   `port-scan` alert listing the ports, and a closing `port-scan` summary with every
 //!   port and the total count. Several sources: the record names the first (with that
 //!   source's identity, never another's), the prefix and how many.
+//!   Scans seen only in half-open and refused attempts (spoofable) share one budget of
+//!   `defaults.flood.lines` scan lines, counted like a port's (a declared scan holds two
+//!   until its summary); past it such a scan is declared later, when there is room or on a
+//!   completed connection from its prefix. Its contacts are in the per-port records.
 //! - **Floods.** A remote source folds into its prefix's record (`k8s_ebpf.prefix`, the
 //!   number of *distinct* sources in `k8s_ebpf.sources`, the exact event count; no
 //!   `source.ip`) only once *that* prefix (/24, /64) named `defaults.flood.sources`
@@ -82,6 +86,9 @@ pub const DEFAULT_MAX_FLOOD_PREFIXES: usize = 16_384;
 pub const DEFAULT_MAX_SCAN_SOURCES: usize = 65_536;
 /// Distinct sources a scan record counts exactly; beyond it, "at least".
 const MAX_SCAN_SOURCES: usize = 4096;
+
+/// The [`LineBudget`] key of spoofable scans (no watched port is 0).
+const SCAN_BUDGET_KEY: u16 = 0;
 
 mod flood;
 
@@ -181,6 +188,10 @@ struct ScanPeer {
     severity: Severity,
     /// The identity of `first` (the source the record names) as last resolved.
     identity: Option<PeerIdentity>,
+    /// A contact completed a connection: the scanner's address is real.
+    completed: bool,
+    /// Declared from spoofable contacts only, within the scans' line budget.
+    budgeted: bool,
 }
 
 /// One unexpected contact counted toward a port scan.
@@ -190,6 +201,8 @@ struct ScanTouch<'a> {
     severity: Severity,
     added: u64,
     identity: Option<&'a PeerIdentity>,
+    /// A half-open or refused attempt: its source may be forged.
+    spoofable: bool,
 }
 
 /// The correlation engine; see the module docs for its rules.
@@ -208,6 +221,8 @@ pub struct Engine {
     prefix_naming: PrefixNaming,
     /// Spoofable-attempt lines per port.
     line_budget: LineBudget,
+    /// Lines of scans declared from spoofable contacts only (one budget for all).
+    scan_lines: LineBudget,
     /// Sources kept by all flood windows, and by all scans.
     flood_sources_held: usize,
     scan_sources_held: usize,
@@ -253,6 +268,7 @@ impl Engine {
             scan_order: BTreeMap::new(),
             prefix_naming: PrefixNaming::default(),
             line_budget: LineBudget::default(),
+            scan_lines: LineBudget::default(),
             flood_sources_held: 0,
             scan_sources_held: 0,
             seq: 0,
@@ -355,6 +371,7 @@ impl Engine {
                 severity: rule.severity,
                 added,
                 identity: client.peer,
+                spoofable: spoofable(action),
             };
             if let Some(a) = self.scan_touch(&touch, obs.at, now) {
                 out.push(a);
@@ -555,12 +572,17 @@ impl Engine {
             self.scan_order.remove(&slot);
             if let Some(s) = self.scans.remove(&peer) {
                 s.sources.release(&mut self.scan_sources_held);
-                if s.declared_at_events.is_some_and(|at| s.events > at) {
+                let summary = s.declared_at_events.is_some_and(|at| s.events > at);
+                if summary {
                     let scan = self.scan_record(&s, now);
                     out.push(scan.summary(s.events, slot.0, now));
                 }
+                if s.budgeted {
+                    self.scan_lines.closed(SCAN_BUDGET_KEY, summary, now);
+                }
             }
         }
+        self.scan_lines.expire(window, now);
         out
     }
 
@@ -660,6 +682,9 @@ impl Engine {
                 };
                 if let Some(s) = self.scans.remove(&oldest) {
                     s.sources.release(&mut self.scan_sources_held);
+                    if s.budgeted {
+                        self.scan_lines.closed(SCAN_BUDGET_KEY, false, now);
+                    }
                 }
                 self.scan_peers_evicted += 1;
                 if let Some(m) = &self.metrics {
@@ -680,6 +705,8 @@ impl Engine {
                     declared_at_events: None,
                     severity: touch.severity,
                     identity: None,
+                    completed: false,
+                    budgeted: false,
                 },
             );
         }
@@ -692,6 +719,7 @@ impl Engine {
             self.settings.max_scan_sources,
         );
         s.ports.insert(touch.port);
+        s.completed |= !touch.spoofable;
         s.events += touch.added;
         s.severity = s.severity.max(touch.severity);
         if let Some(id) = touch.identity.filter(|_| touch.peer == s.first) {
@@ -708,11 +736,28 @@ impl Engine {
                     .inc();
             }
         }
-        let s = self.scans.get_mut(&prefix)?;
+        let s = self.scans.get(&prefix)?;
         if s.declared_at_events.is_some() || s.ports.len() < threshold {
             return None;
         }
+        // Spoofed SYNs from many prefixes to a few ports each would make a scan record per
+        // prefix: scans seen only in spoofable contacts share one line budget (a declined
+        // one is declared at a later contact once there is room, or at once on a completed
+        // connection; its contacts are in the per-port records either way).
+        let budgeted = !s.completed;
+        if budgeted {
+            let (lines, window) = (self.policy.flood_lines(), self.policy.window());
+            if !self
+                .scan_lines
+                .allows(SCAN_BUDGET_KEY, Level::Wide, lines, window, now)
+            {
+                return None;
+            }
+            self.scan_lines.opened(SCAN_BUDGET_KEY, true, now);
+        }
+        let s = self.scans.get_mut(&prefix)?;
         s.declared_at_events = Some(s.events);
+        s.budgeted = budgeted;
         let s = self.scans.get(&prefix)?;
         let mut alert = self.scan_record(s, at);
         alert.k8s_ebpf.count = s.events;

@@ -1007,3 +1007,40 @@ fn flood_and_scan_tables_are_bounded_and_count_what_they_drop() {
         "{text}"
     );
 }
+
+/// Technique: spoofed SYNs from many prefixes, each to three watched ports: one port-scan
+/// record per prefix would bury the SIEM just as one line per SYN. Scans seen only in
+/// spoofable contacts share the line budget; a scanner that completes a connection is
+/// still declared, by name.
+#[test]
+fn spoofed_scans_share_the_line_budget() {
+    let mut e = engine();
+    let budget = e.policy().flood_lines();
+    let mut records = Vec::new();
+    for i in 0..2_000u64 {
+        // A /24 per i, in 198.18.0.0/15.
+        let peer: IpAddr = format!("198.{}.{}.1", 18 + i / 256, i % 256)
+            .parse()
+            .expect("ip");
+        for (j, port) in [2379, 6443, 10250].into_iter().enumerate() {
+            let now = at_ms(i * 3 + j as u64);
+            records.extend(e.observe(&attempt(EventKind::HalfOpen, port, peer, now), now));
+        }
+    }
+    let scans = records
+        .iter()
+        .filter(|r| r.event.action == Action::PortScan)
+        .count();
+    assert!(scans > 0 && scans <= budget, "{scans} port-scan lines");
+    let scanner: IpAddr = "192.0.2.7".parse().expect("ip");
+    let mut out = Vec::new();
+    for (j, port) in [2379, 6443, 10250].into_iter().enumerate() {
+        let now = at_ms(6_000 + j as u64);
+        out.extend(e.observe(&attempt(EventKind::Inbound, port, scanner, now), now));
+    }
+    let scan = out
+        .iter()
+        .find(|r| r.event.action == Action::PortScan)
+        .expect("the real scanner's port-scan");
+    assert_eq!(json(scan)["source"]["ip"], "192.0.2.7");
+}
