@@ -348,6 +348,8 @@ pub struct PortScan {
     pub peer: IpAddr,
     /// With several sources: the prefix they share and how many there were.
     pub prefix: Option<(ipnet::IpNet, u64)>,
+    /// More sources than the engine keeps: the count is a lower bound.
+    pub sources_at_least: bool,
     /// The scanner's identity, when the Kubernetes API is in use.
     pub kubernetes: Option<KubernetesFields>,
     /// The watched ports it touched, ascending.
@@ -393,13 +395,18 @@ pub struct Extension {
     pub cgroup_id: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<u32>,
-    /// A record for many sources at once (a flood past `defaults.flood.sources`, or a scan
-    /// from several addresses): the network they share (/24, /64).
+    /// A record for many sources at once (a flood of sources, or a scan from several
+    /// addresses): the network they share (/24, /64; a spoofable flood past its line
+    /// budget also /16, /48, and 0.0.0.0/0 or ::/0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
-    /// With `prefix`: how many sources it stands for (sightings of a new source).
+    /// With `prefix`: how many distinct sources it stands for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sources: Option<u64>,
+    /// With `sources`: more distinct sources than the engine keeps per record, so
+    /// `sources` is a lower bound ("at least").
+    #[serde(skip_serializing_if = "is_false")]
+    pub sources_at_least: bool,
     /// Outbound: how the local process was recognised as an expected client
     /// (`executable`, `pod`, `cgroup`, `container`, `comm`); absent when it was not.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -589,6 +596,7 @@ impl AlertEvent {
                 netns: (obs.netns != 0).then_some(obs.netns),
                 prefix: None,
                 sources: None,
+                sources_at_least: false,
                 client_match: None,
                 exe_dev: obs
                     .process
@@ -650,24 +658,32 @@ impl AlertEvent {
     pub fn into_flood(mut self, prefix: ipnet::IpNet, sources: u64) -> Self {
         self.source = None;
         self.kubernetes = None;
+        if prefix.prefix_len() == 0 {
+            // The whole address family: sources from any namespace fold here.
+            self.k8s_ebpf.netns = None;
+        }
         self.k8s_ebpf.prefix = Some(prefix.to_string());
-        self.set_sources(sources);
+        self.set_sources(sources, false);
         self
     }
 
-    /// Sets the number of sources a flood record stands for (and its message).
-    pub fn set_sources(&mut self, sources: u64) {
+    /// Sets the number of distinct sources a flood record stands for (and its message);
+    /// `at_least` when there were more than were kept.
+    pub fn set_sources(&mut self, sources: u64, at_least: bool) {
         let Some(prefix) = &self.k8s_ebpf.prefix else {
             return;
         };
         let port = self.destination.as_ref().and_then(|d| d.port).unwrap_or(0);
+        let at_least_text = if at_least { "at least " } else { "" };
         self.message = format!(
-            "{} to {} port {port} from {sources} source(s) in {prefix}: a flood of sources \
-             (past the policy's flood threshold, new sources fold by prefix)",
+            "{} to {} port {port} from {at_least_text}{sources} source(s) in {prefix}: a flood \
+             of sources (past the policy's flood threshold or line budget, sources fold by \
+             prefix)",
             self.event.action.as_str(),
             self.k8s_ebpf.component
         );
         self.k8s_ebpf.sources = Some(sources);
+        self.k8s_ebpf.sources_at_least = at_least;
     }
 
     /// The `port-scan` record: `peer` touched `ports` (sorted) within `window`.
@@ -711,7 +727,8 @@ impl AlertEvent {
                     humantime::format_duration(scan.window)
                 ),
                 Some((prefix, sources)) => format!(
-                    "port scan from {sources} sources in {prefix} (first {peer}{who}): {} watched ports touched within {} ({list})",
+                    "port scan from {}{sources} sources in {prefix} (first {peer}{who}): {} watched ports touched within {} ({list})",
+                    if scan.sources_at_least { "at least " } else { "" },
                     scan.ports.len(),
                     humantime::format_duration(scan.window)
                 ),
@@ -726,6 +743,7 @@ impl AlertEvent {
                 netns: None,
                 prefix: scan.prefix.map(|(p, _)| p.to_string()),
                 sources: scan.prefix.map(|(_, n)| n),
+                sources_at_least: scan.prefix.is_some() && scan.sources_at_least,
                 client_match: None,
                 exe_dev: None,
                 exe_inode: None,
@@ -940,6 +958,7 @@ mod tests {
         let mut report = PortScan {
             peer: "192.0.2.9".parse().expect("ip"),
             prefix: None,
+            sources_at_least: false,
             kubernetes: None,
             ports: vec![2379, 6443, 10250],
             count: 3,

@@ -148,6 +148,7 @@ impl Learned {
                 },
                 flood: OutFlood {
                     sources: base.flood_sources(),
+                    lines: base.flood_lines(),
                 },
             },
             rules: base.rules().map(|r| self.rule(r)).collect(),
@@ -251,6 +252,7 @@ struct OutDefaults {
 #[derive(Serialize)]
 struct OutFlood {
     sources: usize,
+    lines: usize,
 }
 
 #[derive(Serialize)]

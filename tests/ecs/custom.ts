@@ -16,6 +16,7 @@ interface K8sEbpfFields {
   netns?: number;
   prefix?: string;
   sources?: number;
+  sources_at_least?: true;
   client_match?: 'executable' | 'pod' | 'cgroup' | 'container' | 'comm';
   exe_dev?: string;
   exe_inode?: number;

@@ -180,6 +180,7 @@ fn every_record() -> Vec<Value> {
                     let scan = PortScan {
                         peer: "203.0.113.9".parse().expect("ip"),
                         prefix,
+                        sources_at_least: false,
                         kubernetes,
                         ports: vec![2379, 6443, 10250],
                         count: 7,
@@ -272,6 +273,10 @@ fn every_record() -> Vec<Value> {
                                 at() + Duration::from_secs(10),
                             )));
                             out.push(json(&flood));
+                            // More distinct sources than a record keeps: "at least".
+                            let mut capped = flood.clone();
+                            capped.set_sources(4096, true);
+                            out.push(json(&capped));
                         }
                     }
                 }
@@ -298,6 +303,12 @@ fn every_record_kind_is_ecs() {
         (
             "flood",
             records.iter().any(|r| r["k8s_ebpf"]["sources"].is_u64()),
+        ),
+        (
+            "flood, at least",
+            records
+                .iter()
+                .any(|r| r["k8s_ebpf"]["sources_at_least"] == true),
         ),
         (
             "kubernetes pod",

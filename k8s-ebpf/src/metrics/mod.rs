@@ -279,7 +279,14 @@ impl Metrics {
         for kind in ["alert", "event"] {
             m.output_dropped.with_label_values(&[kind]);
         }
-        for table in ["windows", "scan_peers", "pairs"] {
+        for table in [
+            "windows",
+            "scan_peers",
+            "pairs",
+            "flood_prefixes",
+            "flood_sources",
+            "scan_sources",
+        ] {
             m.correlation_evictions.with_label_values(&[table]);
         }
         for result in ["ok", "error"] {

@@ -96,6 +96,13 @@ pub const DEFAULT_SCAN_PORTS: usize = 3;
 /// Unexpected sources per (finding, port) and window named one by one before further
 /// ones fold by prefix (`defaults.flood.sources`).
 pub const DEFAULT_FLOOD_SOURCES: usize = 64;
+/// Alert lines per port and window for attempts whose source can be spoofed (half-open,
+/// refused): past it, their sources fold by /24, /16 and finally into one record per
+/// address family, so a random-source flood cannot bury the SIEM (`defaults.flood.lines`).
+pub const DEFAULT_FLOOD_LINES: usize = 100;
+/// Below this a line budget leaves no room for even one named source beside the
+/// per-family flood records.
+pub const MIN_FLOOD_LINES: usize = 20;
 /// Long enough that a scan of one port a minute is still one scan; slower scans still
 /// alert per port, they are only not labelled a scan.
 pub const DEFAULT_SCAN_WINDOW: Duration = Duration::from_secs(600);
@@ -399,6 +406,7 @@ pub struct Policy {
     window: Duration,
     scan: ScanSettings,
     flood_sources: usize,
+    flood_lines: usize,
     rules: BTreeMap<u16, Rule>,
 }
 
@@ -504,10 +512,17 @@ impl Policy {
         self.scan
     }
 
-    /// `defaults.flood.sources`: unexpected sources named one by one per (finding, port)
-    /// and window before further ones fold by prefix.
+    /// `defaults.flood.sources`: unexpected sources of one prefix (/24, /64) named one by
+    /// one per (finding, port) and window before further ones of that prefix fold into
+    /// its record.
     pub fn flood_sources(&self) -> usize {
         self.flood_sources
+    }
+
+    /// `defaults.flood.lines`: the most alert lines per port and window that spoofable
+    /// attempts (half-open, refused) may cause, whatever the spread of their sources.
+    pub fn flood_lines(&self) -> usize {
+        self.flood_lines
     }
 
     pub fn rule(&self, port: u16) -> Option<&Rule> {
@@ -633,6 +648,7 @@ fn merge(base: RawPolicy, top: RawPolicy) -> RawPolicy {
                 (None, f) | (f, None) => f,
                 (Some(b), Some(t)) => Some(schema::RawFlood {
                     sources: t.sources.or(b.sources),
+                    lines: t.lines.or(b.lines),
                 }),
             };
             Some(RawDefaults {
@@ -934,6 +950,24 @@ impl Validator {
                 }
             },
         };
+        let flood_lines = match defaults.flood.as_ref().and_then(|f| f.lines.as_ref()) {
+            None => DEFAULT_FLOOD_LINES,
+            Some(n) => match usize::try_from(n.value) {
+                Ok(v) if (MIN_FLOOD_LINES..=1_000_000).contains(&v) => v,
+                _ => {
+                    self.error(
+                        pos(n),
+                        format!(
+                            "defaults.flood.lines (alert lines per port and window for \
+                             half-open and refused attempts) must be {MIN_FLOOD_LINES}-1000000, \
+                             not {}",
+                            n.value
+                        ),
+                    );
+                    DEFAULT_FLOOD_LINES
+                }
+            },
+        };
 
         let groups = raw.peers.map(|g| self.groups(g)).unwrap_or_default();
 
@@ -956,6 +990,7 @@ impl Validator {
                     window: scan_window,
                 },
                 flood_sources,
+                flood_lines,
                 rules,
             })
         } else {

@@ -44,6 +44,8 @@ pub(super) struct RawDefaults {
 pub(super) struct RawFlood {
     #[serde(default)]
     pub sources: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub lines: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -234,6 +234,41 @@ fn minimal_policy_takes_defaults_from_the_table() {
 }
 
 #[test]
+fn flood_line_budget_is_a_validated_default() {
+    assert_eq!(
+        Policy::parse(MINIMAL, "m.yaml")
+            .expect("parses")
+            .flood_lines(),
+        DEFAULT_FLOOD_LINES
+    );
+    assert_eq!(Policy::embedded_default().flood_lines(), 100);
+    let with = |lines: &str| {
+        format!(
+            "version: 1\ndefaults:\n  flood: {{sources: 8, lines: {lines}}}\n{}",
+            &MINIMAL[11..]
+        )
+    };
+    let p = Policy::parse(&with("40"), "f.yaml").expect("parses");
+    assert_eq!((p.flood_sources(), p.flood_lines()), (8, 40));
+    for bad in ["0", "19", "-1", "1000001"] {
+        let e = Policy::parse(&with(bad), "f.yaml")
+            .expect_err(bad)
+            .to_string();
+        assert!(
+            e.contains("f.yaml:3:30: defaults.flood.lines (alert lines per port and window for half-open and refused attempts) must be 20-1000000, not "),
+            "{e}"
+        );
+    }
+    // A profile's budget is inherited key by key.
+    let p = Policy::parse(
+        "version: 1\nextends: k3s\ndefaults:\n  flood: {sources: 8}\n",
+        "x.yaml",
+    )
+    .expect("parses");
+    assert_eq!((p.flood_sources(), p.flood_lines()), (8, 100));
+}
+
+#[test]
 fn unknown_key_is_an_error_with_position() {
     let text =
         "version: 1\nrules:\n  - name: etcd\n    port: 2379\n    expected_peer: [loopback]\n";
