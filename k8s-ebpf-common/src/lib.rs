@@ -130,6 +130,10 @@ pub struct ConnRecord {
     pub _pad2: u32,
 }
 
+// The kernel writes `comm` as two aligned u64 stores (a byte-array store could become a
+// `memset` call, which Linux 5.10 refuses in an `sk_lookup` program).
+const _: () = assert!(core::mem::offset_of!(ConnRecord, comm) % 8 == 0);
+
 /// Key of the in-kernel dedup map: everything a verdict depends on, so that a window
 /// never folds two events the policy tells apart. One entry per (kind, watched port,
 /// peer, network namespace) and, for outbound, per local process (cgroup and tgid: an

@@ -367,8 +367,23 @@ mod programs {
     }
 
     /// Everything after the port filter, which each hook applies first because it is the
-    /// cheapest way out for unwatched traffic.
-    fn observe(mut ev: Event) {
+    /// cheapest way out for unwatched traffic: for the tracing programs, whose events may
+    /// come in process context.
+    fn observe(ev: Event) {
+        observe_in::<true>(ev)
+    }
+
+    /// [`observe`] for the `sk_lookup` program, inlined into it: no process-context helper
+    /// call is in its code at all (5.10 and 6.1 refuse one in an `sk_lookup` program, even
+    /// unreachable), and no subprogram call (5.10 cannot type its pointer argument).
+    #[inline(always)]
+    fn observe_softirq(ev: Event) {
+        observe_in::<false>(ev)
+    }
+
+    /// `PROCESS`: whether the program may call the helpers that read the current task.
+    #[inline(always)]
+    fn observe_in<const PROCESS: bool>(mut ev: Event) {
         let target = TARGET_NETNS.load();
         if target != 0 && ev.netns != target {
             count(counter::FILTERED);
@@ -386,7 +401,7 @@ mod programs {
             count(counter::DEDUPLICATED);
             return;
         }
-        let (pid, tgid, cgroup_id) = if ev.process_context {
+        let (pid, tgid, cgroup_id) = if PROCESS && ev.process_context {
             let id = bpf_get_current_pid_tgid();
             (id as u32, (id >> 32) as u32, unsafe {
                 bpf_get_current_cgroup_id()
@@ -426,34 +441,45 @@ mod programs {
         } else {
             (0, 0)
         };
-        let (comm, (exe_dev, exe_ino)) = if ev.process_context {
-            (bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]), unsafe {
-                current_executable()
-            })
+        // The task name as two words: a zeroed byte array would be a `memset` call.
+        let (comm, (exe_dev, exe_ino)) = if PROCESS && ev.process_context {
+            let comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+            // SAFETY: 16 bytes read as two u64 (unaligned: a byte array's alignment is 1).
+            let words = unsafe { core::ptr::read_unaligned(comm.as_ptr() as *const [u64; 2]) };
+            (words, unsafe { current_executable() })
         } else {
-            ([0u8; COMM_LEN], (0, 0))
+            ([0u64; 2], (0, 0))
         };
-        entry.write(ConnRecord {
-            kind: ev.kind as u32,
-            hook: ev.hook as u32,
-            ts_ns: now,
-            pid,
-            tgid,
-            cgroup_id,
-            netns: ev.netns,
-            family: ev.family,
-            local_port: ev.local_port,
-            remote_port: ev.remote_port,
-            _pad: 0,
-            prev_count,
-            prev_window_start_ns,
-            local_addr: ev.local_addr,
-            remote_addr: ev.remote_addr,
-            comm,
-            exe_ino,
-            exe_dev,
-            _pad2: 0,
-        });
+        // Field by field, volatile: where the fields are constant zeros (the `sk_lookup`
+        // program's), LLVM would otherwise merge their stores into a call to `memset`, a
+        // subprogram with a pointer argument that Linux 5.10's verifier refuses.
+        let r = entry.as_mut_ptr();
+        // SAFETY: `r` points at the reserved, writable record; every field is written.
+        unsafe {
+            use core::ptr::{addr_of_mut, write_volatile as put};
+            put(addr_of_mut!((*r).kind), ev.kind as u32);
+            put(addr_of_mut!((*r).hook), ev.hook as u32);
+            put(addr_of_mut!((*r).ts_ns), now);
+            put(addr_of_mut!((*r).pid), pid);
+            put(addr_of_mut!((*r).tgid), tgid);
+            put(addr_of_mut!((*r).cgroup_id), cgroup_id);
+            put(addr_of_mut!((*r).netns), ev.netns);
+            put(addr_of_mut!((*r).family), ev.family);
+            put(addr_of_mut!((*r).local_port), ev.local_port);
+            put(addr_of_mut!((*r).remote_port), ev.remote_port);
+            put(addr_of_mut!((*r)._pad), 0);
+            put(addr_of_mut!((*r).prev_count), prev_count);
+            put(addr_of_mut!((*r).prev_window_start_ns), prev_window_start_ns);
+            put(addr_of_mut!((*r).local_addr), ev.local_addr);
+            put(addr_of_mut!((*r).remote_addr), ev.remote_addr);
+            // `comm` is at offset 88 of a ring record (8-aligned): two aligned words.
+            let comm_words = addr_of_mut!((*r).comm) as *mut u64;
+            put(comm_words, comm[0]);
+            put(comm_words.add(1), comm[1]);
+            put(addr_of_mut!((*r).exe_ino), exe_ino);
+            put(addr_of_mut!((*r).exe_dev), exe_dev);
+            put(addr_of_mut!((*r)._pad2), 0);
+        }
         entry.submit(0);
         count(counter::EMITTED);
     }
@@ -781,7 +807,7 @@ mod programs {
         } else {
             return Ok(());
         }
-        observe(Event {
+        observe_softirq(Event {
             kind: EventKind::Syn,
             hook: HookKind::SkLookup,
             family,
