@@ -103,6 +103,8 @@ pub struct Row {
     lines: usize,
     lines_port: usize,
     cpu_s: f64,
+    /// VmHWM once ready, before the run (the identity cache's sync included).
+    peak_before_kib: u64,
     peak_kib: u64,
     syn_evicted: f64,
     windows_evicted: f64,
@@ -661,13 +663,13 @@ fn measure(
     let pid = daemon.0.id();
     cgroup.add(pid)?;
     let started = Instant::now();
-    while !sh_ok(in_ns(&node, "curl").args([
+    while sh_ok(in_ns(&node, "curl").args([
         "-sf",
         "--max-time",
         "5",
         &format!("http://{METRICS}/readyz"),
     ]))
-    .is_ok()
+    .is_err()
     {
         if let Ok(Some(status)) = daemon.0.try_wait() {
             bail!(
@@ -684,6 +686,7 @@ fn measure(
 
     let before = counters(&scrape(&node));
     let cpu_before = cpu_seconds(pid);
+    let peak_before_kib = peak_rss_kib(pid);
     let lookups_before = lookup_runs(pid);
     let throttle_before = cgroup.throttle();
     let (lines_before, port_before) = count_lines(&alerts);
@@ -825,6 +828,7 @@ fn measure(
         lines,
         lines_port,
         cpu_s,
+        peak_before_kib,
         peak_kib,
         syn_evicted: after.syn_evicted - before.syn_evicted,
         windows_evicted: after.windows_evicted - before.windows_evicted,
@@ -843,8 +847,8 @@ fn render(rows: &[Row]) -> Result<String> {
         s,
         "{HEADING} (spoofed SYN floods, daemon capped at 500m CPU)\n"
     )?;
-    writeln!(s, "The release daemon (embedded default policy, `--netns self`) runs in a node network namespace with listeners on 2379 and 6443, in a CPU cgroup capped at the DaemonSet's limit (500m: CFS quota {} ms per {} ms period). An attacker namespace on a veth sends bare SYNs to 6443 with spoofed sources (tests/src/bin/synprobe.rs, raw sockets, paced by the bench; fixed count and rate): random IPv4 addresses (any /24), or random addresses in one IPv6 /48 with the daemon reading the fake Kubernetes API's 20,000 pods (VPC CNI: every pod cached). The node routes its SYN-ACKs to the attacker namespace, which does not forward them, so no spoofed handshake completes. Halfway through each run a real attacker (another address of the attacker namespace, from a prefix the flood does not use) completes one connection to 6443; its latency is from its connect() call (the handshake, shown beside it, included) to its `unexpected-inbound` line naming its `source.ip` appearing in the output file (polled every 5 ms). \"Reached\" is the daemon's sk_lookup program's run count (kernel.bpf_stats_enabled, one run per SYN reaching the node's namespace); the kernel counters are `k8s_ebpf_kernel_events_total` (every event on a watched port, SYNs and the real connection's states); lines are the output file's lines (its size rotations included) written from the start of the run to the daemon's exit (SIGTERM reports open windows), and per 10 s over that span; CPU is the daemon's user + system time over the run and peak RSS its VmHWM since start (the identity cache's sync included). Evictions: held SYNs (`k8s_ebpf_syn_attempts_total{{resolution=\"evicted\"}}`) / correlation windows / scan peers (`k8s_ebpf_correlation_evictions_total`). Throttled: CFS periods in which the cgroup hit its quota, of all periods in the run, and the time throttled. The sender and the kernel's softirq work share the machine's cores with the daemon; numbers from a shared machine are noisy.\n", CFS_QUOTA_US / 1000, CFS_PERIOD_US / 1000)?;
-    writeln!(s, "| scenario | SYNs offered | offered SYNs/s | reached (sk_lookup runs) | kernel seen | emitted | deduplicated | ring full (shed) | alert lines: all (port 6443; per 10 s) | daemon CPU | peak RSS | evicted: SYNs / windows / scan peers | output drops | throttled periods | real attacker alerted after (its handshake) |")?;
+    writeln!(s, "The release daemon (embedded default policy, `--netns self`) runs in a node network namespace with listeners on 2379 and 6443, in a CPU cgroup capped at the DaemonSet's limit (500m: CFS quota {} ms per {} ms period). An attacker namespace on a veth sends bare SYNs to 6443 with spoofed sources (tests/src/bin/synprobe.rs, raw sockets, paced by the bench; fixed count and rate): random IPv4 addresses (any /24), or random addresses in one IPv6 /48 with the daemon reading the fake Kubernetes API's 20,000 pods (VPC CNI: every pod cached). The node routes its SYN-ACKs to the attacker namespace, which does not forward them, so no spoofed handshake completes. Halfway through each run a real attacker (another address of the attacker namespace, from a prefix the flood does not use) completes one connection to 6443; its latency is from its connect() call (the handshake, shown beside it, included) to its `unexpected-inbound` line naming its `source.ip` appearing in the output file (polled every 5 ms). \"Reached\" is the daemon's sk_lookup program's run count (kernel.bpf_stats_enabled, one run per SYN reaching the node's namespace); the kernel counters are `k8s_ebpf_kernel_events_total` (every event on a watched port, SYNs and the real connection's states); lines are the output file's lines (its size rotations included) written from the start of the run to the daemon's exit (SIGTERM reports open windows), and per 10 s over that span; CPU is the daemon's user + system time over the run; peak RSS is its VmHWM once ready (the identity cache's sync included) and after the run. Evictions: held SYNs (`k8s_ebpf_syn_attempts_total{{resolution=\"evicted\"}}`) / correlation windows / scan peers (`k8s_ebpf_correlation_evictions_total`). Throttled: CFS periods in which the cgroup hit its quota, of all periods in the run, and the time throttled. The sender and the kernel's softirq work share the machine's cores with the daemon; numbers from a shared machine are noisy.\n", CFS_QUOTA_US / 1000, CFS_PERIOD_US / 1000)?;
+    writeln!(s, "| scenario | SYNs offered | offered SYNs/s | reached (sk_lookup runs) | kernel seen | emitted | deduplicated | ring full (shed) | alert lines: all (port 6443; per 10 s) | daemon CPU | peak RSS before → after the run | evicted: SYNs / windows / scan peers | output drops | throttled periods | real attacker alerted after (its handshake) |")?;
     writeln!(
         s,
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
@@ -852,7 +856,7 @@ fn render(rows: &[Row]) -> Result<String> {
     for r in rows {
         writeln!(
             s,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} ({}) | {} ({}; {:.0}) | {:.2} s | {:.1} MiB | {} / {} / {} | {} | {} of {} ({:.0} ms) | {} ({:.0} ms) |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} ({}) | {} ({}; {:.0}) | {:.2} s | {:.1} → {:.1} MiB | {} / {} / {} | {} | {} of {} ({:.0} ms) | {} ({:.0} ms) |",
             r.scenario.label,
             r.sent,
             r.sent as f64 / r.send_seconds,
@@ -866,6 +870,7 @@ fn render(rows: &[Row]) -> Result<String> {
             r.lines_port,
             r.lines_port as f64 * 10.0 / r.span_seconds,
             r.cpu_s,
+            r.peak_before_kib as f64 / 1024.0,
             r.peak_kib as f64 / 1024.0,
             r.syn_evicted,
             r.windows_evicted,
@@ -895,5 +900,47 @@ pub fn splice(report: &str, section: &str) -> String {
     let end = rest
         .find("\n## ")
         .map_or(report.len(), |i| start + HEADING.len() + i + 1);
-    format!("{}{section}{}", &report[..start], &report[end..])
+    let after = &report[end..];
+    // A blank line between this section and the next heading.
+    let gap = if after.is_empty() || section.ends_with("\n\n") {
+        ""
+    } else {
+        "\n"
+    };
+    format!("{}{section}{gap}{after}", &report[..start])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_appends_then_replaces_only_its_section() {
+        let report = "# k8s-ebpf benchmarks\n\n## Identity at cluster scale\n\nrows\n";
+        let first = splice(report, "## Under attack (old)\n\nold\n");
+        assert_eq!(
+            first,
+            "# k8s-ebpf benchmarks\n\n## Identity at cluster scale\n\nrows\n\n## Under attack (old)\n\nold\n"
+        );
+        let with_next = format!("{first}\n## Later\n\nkept\n");
+        assert_eq!(
+            splice(&with_next, "## Under attack (new)\n\nnew\n"),
+            "# k8s-ebpf benchmarks\n\n## Identity at cluster scale\n\nrows\n\n## Under attack (new)\n\nnew\n\n## Later\n\nkept\n"
+        );
+        assert_eq!(splice("", "## Under attack\n"), "## Under attack\n");
+    }
+
+    #[test]
+    fn lines_are_counted_across_rotations_and_by_destination_port() {
+        let dir = std::env::temp_dir().join(format!("xtask-attack-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("alerts.json");
+        let line = |port: u16| {
+            format!("{{\"source\":{{\"ip\":\"192.0.2.9\",\"port\":6443}},\"destination\":{{\"ip\":\"192.0.2.1\",\"port\":{port}}}}}\n")
+        };
+        std::fs::write(&path, line(6443) + &line(2379)).unwrap();
+        std::fs::write(dir.join("alerts.json.1"), line(64431) + &line(6443)).unwrap();
+        assert_eq!(count_lines(&path), (4, 2));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
