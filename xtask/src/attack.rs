@@ -652,7 +652,12 @@ fn measure(
         None
     };
     let alerts = dir.join(format!("alerts-{}.json", &sc.label[1..2]));
-    let _ = std::fs::remove_file(&alerts);
+    // This file and its rotations from an earlier bench (the daemon keeps five).
+    for old in std::iter::once(alerts.clone())
+        .chain((1..=5).map(|i| PathBuf::from(format!("{}.{i}", alerts.display()))))
+    {
+        let _ = std::fs::remove_file(old);
+    }
     let mut c = in_ns(&node, &daemon_bin.to_string_lossy());
     c.args(["run", "--metrics-addr", METRICS, "--output"])
         .arg(&alerts);
