@@ -13,6 +13,8 @@
 //! 4. A flood from an attacker namespace: `nmap -p-` then a 30,000-connection burst.
 //! 5. The identity cache at cluster scale against the fake Kubernetes API ([`crate::scale`]);
 //!    alone with `--scale-only`, which replaces only that section of docs/bench.md.
+//! 6. Spoofed SYN floods with the daemon capped at 500m CPU ([`crate::attack`]); alone with
+//!    `--attack-only`, which replaces only that section.
 //!
 //! The results go to stdout and to docs/bench.md.
 
@@ -106,7 +108,13 @@ struct DaemonCost {
     programs: BTreeMap<Config, ProgramStats>,
 }
 
-pub fn run(root: &Path, daemon: &Path, storm: &Path, before: Option<&Path>) -> Result<()> {
+pub fn run(
+    root: &Path,
+    daemon: &Path,
+    storm: &Path,
+    synprobe: &Path,
+    before: Option<&Path>,
+) -> Result<()> {
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let tools = Tools {
@@ -129,6 +137,8 @@ pub fn run(root: &Path, daemon: &Path, storm: &Path, before: Option<&Path>) -> R
     let (rows, speed) = crate::scale::run(root, daemon, before)?;
     report.push('\n');
     report.push_str(&crate::scale::render(&rows, &speed)?);
+    report.push('\n');
+    report.push_str(&crate::attack::run(root, daemon, synprobe)?);
     print!("{report}");
     std::fs::write(root.join("docs/bench.md"), &report)?;
     eprintln!("xtask bench: written to docs/bench.md");

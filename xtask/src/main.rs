@@ -4,6 +4,7 @@
 //! it needs ([`Need`]: `run` only building and running, the others everything), so the
 //! README's two commands work on a fresh machine and CI proves exactly what they do.
 
+mod attack;
 mod bench;
 mod bootstrap;
 mod doclinks;
@@ -59,6 +60,10 @@ enum Cmd {
         /// section of docs/bench.md.
         #[arg(long)]
         scale_only: bool,
+        /// Only the under-attack rows (spoofed SYN floods, daemon capped at 500m CPU);
+        /// replaces that section of docs/bench.md.
+        #[arg(long, conflicts_with = "scale_only")]
+        attack_only: bool,
         /// Another daemon binary (e.g. an older build) measured in the scale rows too.
         #[arg(long)]
         before: Option<std::path::PathBuf>,
@@ -88,7 +93,11 @@ fn main() -> Result<()> {
             let bin = build_daemon()?;
             kernels::run_matrix(&root, &bin, &build_synprobe()?)
         }
-        Cmd::Bench { scale_only, before } => {
+        Cmd::Bench {
+            scale_only,
+            attack_only,
+            before,
+        } => {
             bootstrap::ensure(Need::All)?;
             if !bootstrap::is_root() {
                 bail!("the benchmarks load eBPF programs and create network namespaces: run `cargo xtask bench` as root");
@@ -102,6 +111,10 @@ fn main() -> Result<()> {
             if scale_only {
                 return bench::run_scale(&root, &bin, before.as_deref());
             }
+            let synprobe = build_synprobe()?;
+            if attack_only {
+                return attack::run_only(&root, &bin, &synprobe);
+            }
             cargo(&[
                 "build",
                 "--release",
@@ -111,7 +124,7 @@ fn main() -> Result<()> {
                 "storm",
             ])?;
             let storm = std::fs::canonicalize(target_dir().join("release/storm"))?;
-            bench::run(&root, &bin, &storm, before.as_deref())
+            bench::run(&root, &bin, &storm, &synprobe, before.as_deref())
         }
         Cmd::Soak { minutes } => {
             bootstrap::ensure(Need::All)?;

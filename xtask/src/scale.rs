@@ -115,10 +115,10 @@ impl Drop for Running {
     }
 }
 
-struct FakeApi {
+pub(crate) struct FakeApi {
     _proc: Running,
     port: u16,
-    kubeconfig: PathBuf,
+    pub(crate) kubeconfig: PathBuf,
 }
 
 /// A CA and a server certificate it signs (webpki refuses a self-signed server cert).
@@ -181,7 +181,7 @@ fn certificates(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     Ok((ca, crt, key))
 }
 
-fn start_fake(root: &Path, dir: &Path, ns: &Ns, cluster: Cluster) -> Result<FakeApi> {
+pub(crate) fn start_fake(root: &Path, dir: &Path, ns: &Ns, cluster: Cluster) -> Result<FakeApi> {
     let Cluster { pods, nodes, .. } = cluster;
     let (ca, crt, key) = certificates(dir)?;
     let port_file = dir.join(format!("fakeapi-{}.port", ns.0));
