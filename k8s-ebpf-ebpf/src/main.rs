@@ -109,6 +109,14 @@ mod programs {
     #[map]
     static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
+    /// A listener-table entry before its first event.
+    static NO_LISTENER: ListenState = ListenState {
+        opened: 0,
+        closed: 0,
+        changed_ns: 0,
+        emitted_ns: 0,
+    };
+
     /// How many sockets listen on each (namespace, address, port): only the changes
     /// between none and some become records, so listener churn costs the ring at most one
     /// record per key and fold interval. LRU: an evicted key comes back with a count of
@@ -211,8 +219,9 @@ mod programs {
         let slot = match LISTENERS.get_ptr_mut(&key) {
             Some(slot) => slot,
             None => {
-                let fresh = ListenState::default();
-                if LISTENERS.insert(&key, &fresh, 0).is_err() {
+                // From read-only global data, not the stack: [`observe`]'s frame has to fit
+                // the verifier's 512-byte limit with the `tp_btf` program's on 5.10 and 6.1.
+                if LISTENERS.insert(&key, &NO_LISTENER, 0).is_err() {
                     count(counter::DEDUP_UPDATE_ERRORS);
                     return true;
                 }
@@ -369,7 +378,7 @@ mod programs {
     /// Everything after the port filter, which each hook applies first because it is the
     /// cheapest way out for unwatched traffic: for the tracing programs, whose events may
     /// come in process context.
-    fn observe(ev: Event) {
+    fn observe(ev: &mut Event) {
         observe_in::<true>(ev)
     }
 
@@ -377,27 +386,29 @@ mod programs {
     /// call is in its code at all (5.10 and 6.1 refuse one in an `sk_lookup` program, even
     /// unreachable), and no subprogram call (5.10 cannot type its pointer argument).
     #[inline(always)]
-    fn observe_softirq(ev: Event) {
+    fn observe_softirq(ev: &mut Event) {
         observe_in::<false>(ev)
     }
 
     /// `PROCESS`: whether the program may call the helpers that read the current task.
     #[inline(always)]
-    fn observe_in<const PROCESS: bool>(mut ev: Event) {
+    /// By reference: the caller's event is not copied into this frame (the verifier's
+    /// 512-byte limit over the call chain is near on 5.10 and 6.1).
+    fn observe_in<const PROCESS: bool>(ev: &mut Event) {
         let target = TARGET_NETNS.load();
         if target != 0 && ev.netns != target {
             count(counter::FILTERED);
             return;
         }
-        if target == 0 && !in_scope(&ev) {
+        if target == 0 && !in_scope(ev) {
             count(counter::OUT_OF_SCOPE);
             return;
         }
         count(counter::SEEN);
-        normalise(&mut ev);
+        normalise(ev);
         let now = unsafe { bpf_ktime_get_ns() };
         let listener = matches!(ev.kind, EventKind::Listen | EventKind::ListenClose);
-        if listener && !listener_change(&ev, now) {
+        if listener && !listener_change(ev, now) {
             count(counter::DEDUPLICATED);
             return;
         }
@@ -411,11 +422,11 @@ mod programs {
         };
         let window = DEDUP_WINDOW_NS.load();
         let folds = window != 0 && !listener;
-        let key = dedup_key(&ev, tgid, cgroup_id);
+        let key = dedup_key(ev, tgid, cgroup_id);
         if folds && fold_into_open_window(&key, now, window) {
             return;
         }
-        if !within_headroom(&ev) {
+        if !within_headroom(ev) {
             count(counter::RINGBUF_FULL);
             count(counter::RINGBUF_SHED);
             return;
@@ -469,7 +480,10 @@ mod programs {
             put(addr_of_mut!((*r).remote_port), ev.remote_port);
             put(addr_of_mut!((*r)._pad), 0);
             put(addr_of_mut!((*r).prev_count), prev_count);
-            put(addr_of_mut!((*r).prev_window_start_ns), prev_window_start_ns);
+            put(
+                addr_of_mut!((*r).prev_window_start_ns),
+                prev_window_start_ns,
+            );
             put(addr_of_mut!((*r).local_addr), ev.local_addr);
             put(addr_of_mut!((*r).remote_addr), ev.remote_addr);
             // `comm` is at offset 88 of a ring record (8-aligned): two aligned words.
@@ -603,7 +617,7 @@ mod programs {
         let Some((family, local_addr, remote_addr)) = sock_addresses::<DIRECT>(sk)? else {
             return Ok(());
         };
-        observe(Event {
+        observe(&mut Event {
             kind,
             hook: HookKind::Tracepoint,
             family,
@@ -686,7 +700,7 @@ mod programs {
         };
         let sk: *const u8 = ctx.read_at(o.tp_skaddr as usize)?;
         let netns = netns_inum::<false>(sk, o.skc_net);
-        observe(Event {
+        observe(&mut Event {
             kind,
             hook: HookKind::Tracepoint,
             family,
@@ -717,7 +731,7 @@ mod programs {
         let Some((family, local_addr, remote_addr)) = sock_addresses::<DIRECT>(sk)? else {
             return Ok(());
         };
-        observe(Event {
+        observe(&mut Event {
             kind: EventKind::Inbound,
             hook,
             family,
@@ -807,7 +821,7 @@ mod programs {
         } else {
             return Ok(());
         }
-        observe_softirq(Event {
+        observe_softirq(&mut Event {
             kind: EventKind::Syn,
             hook: HookKind::SkLookup,
             family,

@@ -14,6 +14,9 @@ $IP addr add 192.0.2.1/24 dev veth0
 $IP link set veth0 up
 $IP -n atk link set lo up
 $IP -n atk addr add 192.0.2.66/24 dev veth1
+# The raw SYN prober's source: the attacker's kernel owns it and resets the SYN-ACK, as
+# after nmap -sS (a SYN-ACK that died on the way would be held for the kernel's retries).
+$IP -n atk addr add 192.0.2.67/24 dev veth1
 $IP -n atk link set veth1 up
 # The node's etcd stand-in is started once the daemon is ready: an accept hook (fexit,
 # kretprobe) only sees calls that entered inet_csk_accept after it attached, and busybox
