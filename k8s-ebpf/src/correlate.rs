@@ -72,7 +72,7 @@ use self::flood::{
 };
 use crate::{
     alert::{Action, AlertEvent, KubernetesFields, PortScan, RecordKind, Subject},
-    capture::{EventKind, Observation},
+    capture::{EventKind, ExeId, Observation},
     identity::PeerIdentity,
     metrics::Metrics,
     policy::Policy,
@@ -147,9 +147,23 @@ struct WindowKey {
     level: Level,
     /// 0 for a per-family flood window, which folds every namespace.
     netns: u32,
-    /// Outbound: the local process (tgid) and its cgroup; 0 otherwise.
-    tgid: u32,
+    /// Outbound: the local process as the verdict sees it — its cgroup, executable file
+    /// and task name — not its pid: a process forked per connection is one window, not
+    /// one alert each (issue 25). The pid only where the executable is unknown. Zeros
+    /// otherwise.
     cgroup_id: u64,
+    exe: Option<ExeId>,
+    comm: [u8; 16],
+    tgid: u32,
+}
+
+/// The task name as a fixed key (the kernel's `comm` is at most 15 bytes).
+fn comm_key(name: &str) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    let bytes = name.as_bytes();
+    let n = bytes.len().min(16);
+    key[..n].copy_from_slice(&bytes[..n]);
+    key
 }
 
 /// The prefix a source is folded into when it floods or scans: /24 for IPv4, /64 for
@@ -386,8 +400,10 @@ impl Engine {
             peer,
             level: Level::Named,
             netns: obs.netns,
-            tgid: process.map_or(0, |p| p.pid),
             cgroup_id: process.map_or(0, |p| p.cgroup_id),
+            exe: process.and_then(|p| p.exe),
+            comm: process.map_or([0; 16], |p| comm_key(&p.name)),
+            tgid: process.filter(|p| p.exe.is_none()).map_or(0, |p| p.pid),
         };
         if let Some(w) = self.windows.get_mut(&named) {
             w.total += added;

@@ -405,3 +405,67 @@ fn a_slow_handshake_is_one_connection_and_a_probe_is_reconnaissance() {
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
 }
+
+/// Technique (issue 25, item 6): fork a fresh process for every connection to another
+/// node's kubelet, so each connection comes from a new pid. On f02f678 the engine keyed an
+/// outbound window by pid: 20 connections were 20 `unexpected-outbound` alerts. Now it is
+/// keyed by what the verdict sees (cgroup, executable file, task name): one alert naming
+/// the first process, and its window's summary counting all 20.
+#[test]
+fn a_process_forked_per_connection_is_one_outbound_alert() {
+    if !privileged("a_process_forked_per_connection_is_one_outbound_alert") {
+        return;
+    }
+    const FORKS: u64 = 20;
+    let node = NetNs::new("node");
+    let other = NetNs::new("other");
+    let other_node = ATTACKERS[2];
+    link(
+        &node,
+        &[&format!("{NODE}/24")],
+        &other,
+        &[&format!("{other_node}/24")],
+    );
+    let kubelet = other.listen(&format!("{other_node}:10250"));
+    kubelet.set_nonblocking(true).expect("nonblocking");
+    let mut daemon = Daemon::start(&node, &[]);
+    let out = run(node.command("python3").args([
+        "-c",
+        "import os,socket,sys\n\
+         for _ in range(int(sys.argv[2])):\n\
+         \x20   pid=os.fork()\n\
+         \x20   if pid==0:\n\
+         \x20       s=socket.create_connection((sys.argv[1],10250),timeout=3); s.close(); os._exit(0)\n\
+         \x20   os.waitpid(pid,0)",
+        other_node,
+        &FORKS.to_string(),
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outbound = |r: &Value| {
+        r["event"]["action"] == "unexpected-outbound" && r["destination"]["ip"] == other_node
+    };
+    daemon.wait_records("the pivot's alert", Duration::from_secs(10), |r| {
+        r.iter().any(outbound)
+    });
+    // Stopping closes every window: the summary comes out.
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+    let records = daemon.records();
+    let first: Vec<&Value> = records
+        .iter()
+        .filter(|r| outbound(r) && r["k8s_ebpf"]["summary"] != true)
+        .collect();
+    assert_eq!(first.len(), 1, "one alert for one program: {first:#?}");
+    let total: u64 = records
+        .iter()
+        .filter(|r| outbound(r))
+        .map(|r| r["k8s_ebpf"]["count"].as_u64().unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    assert_eq!(total, FORKS, "the window counts every connection");
+    drop(kubelet);
+}
