@@ -340,6 +340,8 @@ async fn run_loop(
     readiness.set_attached(true);
 
     let reader_stats = Arc::new(ReaderStats::default());
+    let mut streams = streams;
+    inventory.kernel = streams.listener_table.take();
     let mut reader = Reader::new(streams, Arc::clone(&reader_stats)).context("ring buffer")?;
     if let Ok(own) = crate::capture::own_netns() {
         reader.seed_listeners(own, inventory.sockets.iter().copied());
@@ -518,7 +520,7 @@ impl Pipeline<'_> {
         let now = std::time::Instant::now();
         let ready = self
             .attempts
-            .observe(obs, now, |o| inventory.listening(o.local));
+            .observe(obs, now, |o| inventory.listening(o.netns, o.local));
         for obs in ready {
             self.route(obs, now).await;
         }
@@ -977,6 +979,10 @@ impl DropWatch {
 #[derive(Default)]
 struct Inventory {
     listeners: BTreeSet<SocketAddr>,
+    /// When a listener on each port last closed, for [`Inventory::listening`].
+    closed_at: std::collections::HashMap<u16, std::time::Instant>,
+    /// The kernel's listener table: the truth where a record was folded.
+    kernel: Option<crate::capture::ListenerTable>,
     /// Sockets per listening address found at start, for the kernel's listener table.
     sockets: Vec<(SocketAddr, u64)>,
     at_start: Vec<Observation>,
@@ -1011,9 +1017,32 @@ impl Inventory {
         }
     }
 
-    /// Whether something listens on `local` (its address, or the wildcard of its family;
-    /// an IPv6 wildcard also takes IPv4 unless it is v6-only, which the scan cannot tell).
-    fn listening(&self, local: SocketAddr) -> bool {
+    /// How long after a close the kernel's table is asked as well: the kernel reports a
+    /// listener that reopens within its fold interval (1 s) only through the table, which
+    /// the reader's sweep reads back a moment later.
+    const RECENT_CLOSE: Duration = Duration::from_secs(3);
+
+    /// Whether something listens on `local` in namespace `netns`: the inventory's answer,
+    /// or, for an address that closed in the last [`Inventory::RECENT_CLOSE`], the
+    /// kernel's listener table's (a restarted server is not taken for a closed port).
+    fn listening(&self, netns: u32, local: SocketAddr) -> bool {
+        if self.listening_known(local) {
+            return true;
+        }
+        let recently_closed = self
+            .closed_at
+            .get(&local.port())
+            .is_some_and(|at| at.elapsed() < Self::RECENT_CLOSE);
+        recently_closed
+            && self
+                .kernel
+                .as_ref()
+                .is_some_and(|k| k.listening(netns, local))
+    }
+
+    /// Whether the inventory lists `local` (its address, or the wildcard of its family; an
+    /// IPv6 wildcard also takes IPv4 unless it is v6-only, which the scan cannot tell).
+    fn listening_known(&self, local: SocketAddr) -> bool {
         use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
         let port = local.port();
         self.listeners.contains(&local)
@@ -1038,6 +1067,8 @@ impl Inventory {
             }
             EventKind::ListenClose => {
                 self.listeners.remove(&obs.local);
+                self.closed_at
+                    .insert(obs.local.port(), std::time::Instant::now());
             }
             _ => return,
         }

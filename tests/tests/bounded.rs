@@ -469,3 +469,57 @@ fn a_process_forked_per_connection_is_one_outbound_alert() {
     assert_eq!(total, FORKS, "the window counts every connection");
     drop(kubelet);
 }
+
+/// Technique: restart a server (close its listener, open it again at once) and probe it
+/// in the moment after. The kernel folds the reopening into its listener table (one
+/// record a second per address); until the sweep reads it back, the inventory believes
+/// the port closed. Without asking the table, the probe was a `refused-attempt` on a port
+/// that listens (and a completed connection there would have had a refused attempt
+/// beside it). Now a port that closed moments ago is checked against the kernel's table.
+#[test]
+fn a_probe_right_after_a_server_restart_is_half_open_not_refused() {
+    if !privileged("a_probe_right_after_a_server_restart_is_half_open_not_refused") {
+        return;
+    }
+    let node = NetNs::new("node");
+    let attacker = NetNs::new("attack");
+    let prober = ATTACKERS[1];
+    link(
+        &node,
+        &[&format!("{NODE}/24")],
+        &attacker,
+        &[&format!("{prober}/24")],
+    );
+    let mut daemon = Daemon::start(&node, &[]);
+    let addr = format!("{NODE}:2379");
+    let first = node.listen(&addr);
+    // Past the fold interval: the close is reported, the reopening right after it folded.
+    std::thread::sleep(Duration::from_millis(1_500));
+    drop(first);
+    let _second = node.listen(&addr);
+    // The prober's own address: its kernel resets the SYN-ACK, as after `nmap -sS`.
+    let mut probe = attacker
+        .command(env!("CARGO_BIN_EXE_synprobe"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("synprobe");
+    use std::io::Write as _;
+    probe
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{prober} {NODE} 2379\n").as_bytes())
+        .expect("write the SYN");
+    assert!(probe.wait_with_output().expect("synprobe").status.success());
+    let records = daemon.wait_records("the probe's alert", Duration::from_secs(10), |r| {
+        alert_from(r, "half-open-attempt", prober, 2379)
+            || alert_from(r, "refused-attempt", prober, 2379)
+    });
+    assert!(
+        !alert_from(&records, "refused-attempt", prober, 2379),
+        "a probe of a listening port was taken for a refused attempt"
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}

@@ -230,7 +230,60 @@ pub struct CaptureStreams {
     /// How many sockets listen on each (namespace, address, port); see
     /// [`k8s_ebpf_common::ListenState`].
     pub listeners: HashMap<MapData, ListenKey, ListenState>,
+    /// The same table, for the pipeline's questions (taken by whoever asks them).
+    pub listener_table: Option<ListenerTable>,
     pub window: Duration,
+}
+
+/// The kernel's `LISTENERS` table twice: for the reader's sweep and for the pipeline (a
+/// duplicate descriptor, taken before capabilities go).
+fn listener_table_handles(
+    ebpf: &mut Ebpf,
+) -> Result<(HashMap<MapData, ListenKey, ListenState>, ListenerTable), CaptureError> {
+    use aya::maps::{Map, MapError};
+    const NAME: &str = "LISTENERS";
+    let map_err = |source| CaptureError::Map { map: NAME, source };
+    let Some(Map::LruHashMap(data)) = ebpf.take_map(NAME) else {
+        return Err(map_err(MapError::InvalidName {
+            name: NAME.to_owned(),
+        }));
+    };
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+        map_err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "dup",
+            io_error,
+        }))
+    })?;
+    let second = MapData::from_fd(fd).map_err(map_err)?;
+    let first = HashMap::try_from(Map::LruHashMap(data)).map_err(map_err)?;
+    let second = HashMap::try_from(Map::LruHashMap(second)).map_err(map_err)?;
+    Ok((first, ListenerTable(second)))
+}
+
+/// The kernel's listener table, read: whether anything listens on an address now, even
+/// where the kernel folded the record that would have said so.
+pub struct ListenerTable(HashMap<MapData, ListenKey, ListenState>);
+
+impl ListenerTable {
+    /// Whether a socket in namespace `netns` listens on `local`'s port at its address or
+    /// its family's wildcard (an IPv6 wildcard also takes IPv4 unless it is v6-only, which
+    /// the table cannot tell).
+    pub fn listening(&self, netns: u32, local: std::net::SocketAddr) -> bool {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+        let port = local.port();
+        let mut candidates = vec![
+            local,
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+        ];
+        if local.is_ipv4() {
+            candidates.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+        }
+        candidates.into_iter().any(|a| {
+            self.0
+                .get(&reader::listen_key(netns, a), 0)
+                .is_ok_and(|state| state.listening())
+        })
+    }
 }
 
 const TRACEPOINT_PROGRAM: &str = "inet_sock_set_state";
@@ -321,7 +374,7 @@ impl Capture {
 
         let ring: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
         let dedup: HashMap<MapData, DedupKey, DedupWindow> = take_map(&mut ebpf, "DEDUP")?;
-        let listeners: HashMap<MapData, ListenKey, ListenState> = take_map(&mut ebpf, "LISTENERS")?;
+        let (listeners, listener_table) = listener_table_handles(&mut ebpf)?;
         let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "COUNTERS")?;
         info!(
             inbound = %inbound,
@@ -348,6 +401,7 @@ impl Capture {
                 ring,
                 dedup,
                 listeners,
+                listener_table: Some(listener_table),
                 window: config.window,
             },
         ))

@@ -366,7 +366,7 @@ fn key_of(r: &ConnRecord) -> DedupKey {
 }
 
 /// The kernel's listener-table key for a listening address.
-fn listen_key(netns: u32, address: SocketAddr) -> ListenKey {
+pub(super) fn listen_key(netns: u32, address: SocketAddr) -> ListenKey {
     let mut addr = [0u8; 16];
     let family = match address.ip() {
         IpAddr::V4(v4) => {
