@@ -386,3 +386,28 @@ pub fn answer_for(attacker: &NetNs, node: &NetNs, prefix: &str, via: &str) {
         .args(["-qw", "net.ipv6.ip_nonlocal_bind=1"]));
     node.ip(&["-6", "route", "add", prefix, "via", via]);
 }
+
+/// Sends one bare SYN per `SOURCE DEST PORT` line from `ns` with the raw-socket prober
+/// at `synprobe` (tests pass `env!("CARGO_BIN_EXE_synprobe")`); sources may be spoofed.
+/// Returns how many were sent.
+pub fn send_syns(ns: &NetNs, synprobe: &str, lines: &str) -> u64 {
+    use std::io::Write as _;
+    let mut child = ns
+        .command(synprobe)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("synprobe");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("write the SYN list");
+    let out = child.wait_with_output().expect("synprobe");
+    assert!(out.status.success(), "synprobe: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("synprobe's count")
+}

@@ -498,20 +498,12 @@ fn a_probe_right_after_a_server_restart_is_half_open_not_refused() {
     drop(first);
     let _second = node.listen(&addr);
     // The prober's own address: its kernel resets the SYN-ACK, as after `nmap -sS`.
-    let mut probe = attacker
-        .command(env!("CARGO_BIN_EXE_synprobe"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("synprobe");
-    use std::io::Write as _;
-    probe
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(format!("{prober} {NODE} 2379\n").as_bytes())
-        .expect("write the SYN");
-    assert!(probe.wait_with_output().expect("synprobe").status.success());
+    let sent = integration_tests::send_syns(
+        &attacker,
+        env!("CARGO_BIN_EXE_synprobe"),
+        &format!("{prober} {NODE} 2379\n"),
+    );
+    assert_eq!(sent, 1);
     let records = daemon.wait_records("the probe's alert", Duration::from_secs(10), |r| {
         alert_from(r, "half-open-attempt", prober, 2379)
             || alert_from(r, "refused-attempt", prober, 2379)

@@ -636,23 +636,8 @@ fn a_spoofed_syn_flood_folds_by_prefix_and_a_rotating_scan_is_caught() {
     ] {
         input += &format!("{source} {NODE} {port}\n");
     }
-    let mut child = lab
-        .attacker
-        .command(env!("CARGO_BIN_EXE_synprobe"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("synprobe");
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write SYN list");
-    let out = child.wait_with_output().expect("synprobe");
-    assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "503");
+    let sent = integration_tests::send_syns(&lab.attacker, env!("CARGO_BIN_EXE_synprobe"), &input);
+    assert_eq!(sent, 503);
 
     let flood_prefixes = |r: &[Value]| -> BTreeSet<String> {
         alerts(r, "half-open-attempt")

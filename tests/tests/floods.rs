@@ -7,7 +7,6 @@
 
 use std::{
     collections::BTreeSet,
-    io::Write as _,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -138,28 +137,9 @@ fn a_crowd_from_one_prefix_does_not_make_the_next_attacker_anonymous() {
     );
 }
 
-/// Sends one bare SYN per `SOURCE DEST PORT` line from the attacker's namespace (raw
-/// socket, spoofed sources); returns how many were sent.
+/// Sends one bare SYN per `SOURCE DEST PORT` line from the attacker's namespace.
 fn send_syns(lab: &Lab, lines: &str) -> u64 {
-    let mut child = lab
-        .attacker
-        .command(env!("CARGO_BIN_EXE_synprobe"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("synprobe");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(lines.as_bytes())
-        .expect("write SYN list");
-    let out = child.wait_with_output().expect("synprobe");
-    assert!(out.status.success(), "synprobe: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("synprobe's count")
+    integration_tests::send_syns(&lab.attacker, env!("CARGO_BIN_EXE_synprobe"), lines)
 }
 
 fn listen_with_backlog(ns: &NetNs, addr: &str, backlog: i32) -> socket2::Socket {

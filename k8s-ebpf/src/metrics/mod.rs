@@ -107,21 +107,18 @@ impl Default for Metrics {
 /// the cost of every hook run, kept for the bench), the kernel's own accounting of missed
 /// kretprobes and skipped runs, and the listener changes userspace read back from the
 /// kernel's listener table. All exported from the start.
-pub const KERNEL_OUTCOMES: [&str; 13] = [
-    "filtered",
-    "seen",
-    "emitted",
-    "deduplicated",
-    "ringbuf_full",
-    "read_errors",
-    "dedup_update_errors",
-    "out_of_scope",
-    "ringbuf_shed",
-    "inbound_lost",
-    k8s_ebpf_common::counter::KRETPROBE_MISSED,
-    k8s_ebpf_common::counter::RECURSION_MISSES,
-    "listeners_reconciled",
-];
+pub fn kernel_outcomes() -> impl Iterator<Item = &'static str> {
+    use k8s_ebpf_common::counter;
+    counter::NAMES
+        .iter()
+        .copied()
+        .filter(|n| *n != "calls")
+        .chain([
+            counter::KRETPROBE_MISSED,
+            counter::RECURSION_MISSES,
+            "listeners_reconciled",
+        ])
+}
 
 impl Metrics {
     /// Defines every metric in a fresh registry. The definitions are constants, so the
@@ -299,7 +296,7 @@ impl Metrics {
             m.connection_pairs.with_label_values(&[outcome]);
         }
         // The kernel's per-CPU outcome counters, as `k8s_ebpf_kernel_events_total{outcome}`.
-        for outcome in KERNEL_OUTCOMES {
+        for outcome in kernel_outcomes() {
             m.kernel_events.with_label_values(&[outcome]).reset();
         }
         m
