@@ -161,10 +161,13 @@ fn rsyslog_ships_every_alert_exactly_once_across_rotations() {
     std::fs::write(
         &policy,
         format!(
-            "version: 1\ndefaults:\n  flood:\n    sources: {}\nrules:\n  \
+            // Every source its own line: the flood budgets (named sources per prefix,
+            // lines per port for refused attempts) raised past the burst.
+            "version: 1\ndefaults:\n  flood:\n    sources: {}\n    lines: {}\nrules:\n  \
              - {{name: kubelet, port: 10250, expected_peers: [loopback]}}\n  \
              - {{name: kubelet-read-only, port: 10255, expected_peers: []}}\n",
-            SOURCES * 2
+            SOURCES * 2,
+            SOURCES * 8
         ),
     )
     .expect("policy");
