@@ -106,9 +106,12 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
 
-    /// Every record written so far, parsed (a line that is not JSON fails the test).
+    /// Every record written so far, parsed (a line that is not JSON fails the test). A
+    /// last line without its newline is one the daemon is still writing: not yet a record.
     pub fn records(&self) -> Vec<Value> {
-        let text = std::fs::read_to_string(self.alerts_path()).unwrap_or_default();
+        let mut text = std::fs::read_to_string(self.alerts_path()).unwrap_or_default();
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        text.truncate(complete);
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
             .collect()
