@@ -1,4 +1,7 @@
-use std::{collections::BTreeMap, time::UNIX_EPOCH};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::UNIX_EPOCH,
+};
 
 use serde_json::Value;
 

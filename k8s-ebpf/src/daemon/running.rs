@@ -1,0 +1,431 @@
+//! The running daemon: what it holds between events, its start-up (after the privileged
+//! part, [`super::prepare`]), one step per kind of event the event loop waits on, and its
+//! shutdown.
+
+use std::{
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tracing::{info, warn};
+
+use super::{
+    listeners::Inventory,
+    losses::DropWatch,
+    pipeline::Pipeline,
+    provisional_profile,
+    reload::{keep_policy_labels, PolicyWatch},
+    DaemonConfig, UsageError,
+};
+use crate::{
+    capture::{
+        reader::{Reader, ReaderStats},
+        Capture, CaptureStreams, NetnsScope, Observation,
+    },
+    correlate::{Engine, EngineSettings},
+    identity::{self, Identities, LabelKeys, PodPlan},
+    metrics::{Metrics, MetricsServer, Readiness},
+    naming::RecordSender,
+    output::{self, AlertSender, OutputHandle, OutputSettings},
+    policy::{detect_profile, Policy, Profile, ProfileChoice},
+};
+
+/// Everything the daemon holds between events.
+pub(super) struct Running {
+    capture: Capture,
+    inventory: Inventory,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    identities: Identities,
+    pipeline: Pipeline,
+    reload: PolicyWatch,
+    drops: DropWatch,
+    reader_stats: Arc<ReaderStats>,
+    /// What only shutdown uses.
+    tasks: Tasks,
+}
+
+/// The tasks started beside the event loop, and the output's ends, for shutdown.
+struct Tasks {
+    stop: watch::Sender<bool>,
+    /// The metrics and health endpoint.
+    server: Option<JoinHandle<()>>,
+    /// The Kubernetes API feeds.
+    watchers: Vec<JoinHandle<()>>,
+    reader: JoinHandle<std::io::Result<()>>,
+    /// Names records' pods from the API before they reach the output.
+    naming: Option<JoinHandle<()>>,
+    output: AlertSender,
+    output_handle: OutputHandle,
+}
+
+impl Running {
+    /// Serves metrics and health, settles the profile, starts the Kubernetes feeds, opens
+    /// the output, starts reading the ring buffer and judges the listeners and
+    /// connections found at start. Returns the daemon and the reader's observations.
+    pub(super) async fn start(
+        config: DaemonConfig,
+        api: identity::ApiConfig,
+        policy: Arc<Policy>,
+        mut capture: Capture,
+        streams: CaptureStreams,
+        mut inventory: Inventory,
+    ) -> anyhow::Result<(Self, mpsc::Receiver<Observation>)> {
+        let metrics = Arc::new(Metrics::new());
+        let readiness = Arc::new(Readiness::new());
+        metrics.record_policy_reload(true);
+        readiness.set_policy_loaded(true);
+
+        let (stop, stop_rx) = watch::channel(false);
+        let server = serve_metrics(&config, &metrics, &readiness, &stop_rx).await?;
+        let (policy, base) = settle_profile(&config, &api, policy, &mut capture).await?;
+        let (identities, watchers) =
+            start_identities(&config, &api, &policy, &metrics, &stop_rx).await;
+        let (output, output_handle, records, naming) = open_output(&config, &metrics, &identities)?;
+        metrics.set_attach_mechanism(capture.inbound().as_str());
+        readiness.set_attached(true);
+
+        let reader_stats = Arc::new(ReaderStats::default());
+        let (observations, reader) =
+            start_reader(streams, &mut inventory, &reader_stats, stop_rx.clone())?;
+
+        let pipeline = Pipeline::new(&config, &policy, records, identities.clone(), &metrics);
+        let mut daemon = Running {
+            capture,
+            inventory,
+            metrics,
+            readiness,
+            identities,
+            pipeline,
+            reload: PolicyWatch::new(config.policy_path.clone(), base),
+            drops: DropWatch::default(),
+            reader_stats,
+            tasks: Tasks {
+                stop,
+                server,
+                watchers,
+                reader,
+                naming,
+                output,
+                output_handle,
+            },
+        };
+        daemon.update_readiness();
+        daemon.judge_found_at_start().await;
+        Ok((daemon, observations))
+    }
+
+    /// The listeners already there: a wide bind on a loopback-only port is an alert at
+    /// start, not only when the next one binds.
+    async fn judge_found_at_start(&mut self) {
+        self.inventory.publish(&self.metrics);
+        for obs in self.inventory.start_observations() {
+            self.pipeline.emit(&obs, None).await;
+        }
+    }
+
+    /// Readiness waits for the Kubernetes caches the policy's selectors need.
+    fn update_readiness(&self) {
+        let blocked = self.pipeline.engine.policy().needs_identities()
+            && self.identities.is_enabled()
+            && !self.identities.all_synced();
+        self.readiness.set_identities_blocked(blocked);
+    }
+
+    /// One observation from the kernel.
+    pub(super) async fn observation(&mut self, obs: Observation) {
+        self.pipeline
+            .take(obs, &mut self.inventory, &self.metrics)
+            .await;
+    }
+
+    /// SYNs whose handshake did not complete in time, and pods' records whose node side
+    /// did not come.
+    pub(super) async fn expire_attempts(&mut self) {
+        self.pipeline.expire_attempts().await;
+    }
+
+    /// Every second: windows that closed, the kernel's counters, the node's addresses,
+    /// readiness.
+    pub(super) async fn every_second(&mut self) {
+        self.publish_pipeline();
+        for alert in self.pipeline.engine.tick(SystemTime::now()) {
+            self.pipeline.sender.send(alert).await;
+        }
+        match self.capture.counters() {
+            Ok(c) => {
+                if self.drops.update(&c, &self.reader_stats, &self.metrics) {
+                    self.pipeline.attempts.inbound_lost(Instant::now());
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read the kernel counters"),
+        }
+        if self.pipeline.local.refresh_if_stale() {
+            self.pipeline
+                .executables
+                .refresh(self.pipeline.engine.policy());
+        }
+        self.update_readiness();
+    }
+
+    /// The policy file changed (a poll) or SIGHUP asked (`forced`).
+    pub(super) fn reload_policy(&mut self, forced: bool) {
+        if self.reload.check(
+            forced,
+            &mut self.capture,
+            &mut self.pipeline.engine,
+            &self.metrics,
+        ) {
+            self.pipeline
+                .executables
+                .refresh(self.pipeline.engine.policy());
+            keep_policy_labels(&self.identities, self.pipeline.engine.policy());
+        }
+    }
+
+    /// The attempts' and pairs' counters as metrics.
+    fn publish_pipeline(&self) {
+        let attempts = &self.pipeline.attempts;
+        self.metrics
+            .set_attempts(&attempts.stats().by_resolution(), attempts.pending());
+        self.pipeline.publish_pairs(&self.metrics);
+    }
+
+    /// Stop reading, report what the kernel still holds, close every window, wait for the
+    /// output to write everything.
+    pub(super) async fn shutdown(
+        mut self,
+        mut observations: mpsc::Receiver<Observation>,
+    ) -> anyhow::Result<()> {
+        self.readiness.set_attached(false);
+        let _ = self.tasks.stop.send(true);
+        while let Some(obs) = observations.recv().await {
+            self.pipeline
+                .take(obs, &mut self.inventory, &self.metrics)
+                .await;
+        }
+        self.pipeline.flush_attempts().await;
+        self.publish_pipeline();
+        for w in self.tasks.watchers {
+            let _ = w.await;
+        }
+        match self.tasks.reader.await {
+            Ok(Err(e)) => warn!(error = %e, "ring-buffer reader failed"),
+            Err(e) => warn!(error = %e, "ring-buffer reader panicked"),
+            Ok(Ok(())) => {}
+        }
+        for alert in self.pipeline.engine.close_all(SystemTime::now()) {
+            self.pipeline.sender.send(alert).await;
+        }
+        // The last record sender goes with the pipeline; the naming task then ends.
+        drop(self.pipeline);
+        if let Some(task) = self.tasks.naming {
+            let _ = task.await;
+        }
+        if let Ok(c) = self.capture.counters() {
+            self.drops.update(&c, &self.reader_stats, &self.metrics);
+        }
+        drop(self.tasks.output);
+        let counts = self.tasks.output_handle.finish().await?;
+        if let Some(server) = self.tasks.server {
+            let _ = server.await;
+        }
+        info!(
+            written = counts.written,
+            dropped_alerts = counts.dropped_alerts,
+            write_errors = counts.write_errors,
+            "stopped"
+        );
+        Ok(())
+    }
+}
+
+/// Binds `/metrics`, `/healthz` and `/readyz` when an address is configured; the server
+/// stops when `stop` turns true.
+async fn serve_metrics(
+    config: &DaemonConfig,
+    metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<JoinHandle<()>>> {
+    let Some(addr) = config.metrics_addr else {
+        return Ok(None);
+    };
+    let server = MetricsServer::bind(addr, Arc::clone(metrics), Arc::clone(readiness))
+        .await
+        .with_context(|| format!("metrics endpoint on {addr}"))?;
+    info!(addr = %server.local_addr()?, "serving /metrics, /healthz and /readyz");
+    let mut rx = stop.clone();
+    Ok(Some(tokio::spawn(server.run(async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }))))
+}
+
+/// `--profile auto`: detects the distribution and layers the policy on its profile
+/// (watching its ports if they differ). Returns the policy to run and the profile a
+/// reloaded file is layered on.
+async fn settle_profile(
+    config: &DaemonConfig,
+    api: &identity::ApiConfig,
+    mut policy: Arc<Policy>,
+    capture: &mut Capture,
+) -> anyhow::Result<(Arc<Policy>, Option<Profile>)> {
+    let mut base = provisional_profile(config.profile);
+    match config.profile {
+        Some(ProfileChoice::Auto) => {
+            let (detected, why) = detect_profile(api, &config.hostname).await;
+            info!(profile = detected.name(), reason = %why, "profile detected (--profile auto)");
+            base = Some(detected);
+            if detected != Profile::Kubeadm {
+                let p =
+                    super::load_policy_on(config.policy_path.as_deref(), base).map_err(|e| {
+                        UsageError(format!("invalid policy on profile {detected}:\n{e}"))
+                    })?;
+                if p.watched_ports() != policy.watched_ports()
+                    || p.pod_scoped_ports() != policy.pod_scoped_ports()
+                {
+                    capture
+                        .set_watched_ports(&p.watched_ports(), &p.pod_scoped_ports())
+                        .context("watching the detected profile's ports")?;
+                }
+                policy = Arc::new(p);
+            }
+        }
+        Some(ProfileChoice::Named(p)) => info!(profile = p.name(), "profile (--profile)"),
+        None => {}
+    }
+    if let Some(p) = policy.profile() {
+        info!(
+            profile = p,
+            policy = policy.origin(),
+            "judging with the {p} profile"
+        );
+    }
+    Ok((policy, base))
+}
+
+/// The identity cache, told which pod labels and pods the policy can use, and the API
+/// feeds that fill it.
+async fn start_identities(
+    config: &DaemonConfig,
+    api: &identity::ApiConfig,
+    policy: &Policy,
+    metrics: &Arc<Metrics>,
+    stop: &watch::Receiver<bool>,
+) -> (Identities, Vec<JoinHandle<()>>) {
+    let identities = Identities::new(config.hostname.clone());
+    // Before the first list: pods are cached with only the labels this policy can use.
+    identities.keep_labels(LabelKeys::for_selectors(policy.pod_label_keys()));
+    // Only the pods the policy's selectors can match, and this node's.
+    identities.set_pod_plan(PodPlan::Policy(policy.pod_queries()));
+    let watchers = identity::start(api, &identities, metrics, stop.clone()).await;
+    if policy.needs_identities() && !identities.is_enabled() {
+        warn!(
+            "the policy expects peers by Kubernetes selector, but no Kubernetes API is in use: \
+             those selectors match nothing, only the policy's addresses do"
+        );
+    }
+    (identities, watchers)
+}
+
+/// The alert output, and the sender the pipeline uses: through the naming step when the
+/// API can name pods the cache does not hold.
+fn open_output(
+    config: &DaemonConfig,
+    metrics: &Arc<Metrics>,
+    identities: &Identities,
+) -> anyhow::Result<(
+    AlertSender,
+    OutputHandle,
+    RecordSender,
+    Option<JoinHandle<()>>,
+)> {
+    let (sender, output_handle) = output::spawn(
+        OutputSettings::new(config.output.clone()),
+        Some(Arc::clone(metrics)),
+    )
+    .map_err(|e| {
+        if e.is_usage() {
+            anyhow::Error::from(UsageError(e.to_string()))
+        } else {
+            e.into()
+        }
+    })?;
+    // Records about a peer the cache does not hold get its pod from the API first.
+    #[cfg(feature = "kubernetes")]
+    let (records, naming) = match identities.lookups() {
+        Some(lookups) => {
+            let (r, task) = RecordSender::naming(sender.clone(), lookups, Arc::clone(metrics));
+            (r, Some(task))
+        }
+        None => (
+            RecordSender::direct(sender.clone(), Arc::clone(metrics)),
+            None,
+        ),
+    };
+    #[cfg(not(feature = "kubernetes"))]
+    let (records, naming) = {
+        let _ = identities;
+        (
+            RecordSender::direct(sender.clone(), Arc::clone(metrics)),
+            None::<JoinHandle<()>>,
+        )
+    };
+    Ok((sender, output_handle, records, naming))
+}
+
+/// The ring-buffer reader on its own task, its listener table seeded from the scan at
+/// start; the kernel's listener table handed to the inventory.
+fn start_reader(
+    mut streams: CaptureStreams,
+    inventory: &mut Inventory,
+    stats: &Arc<ReaderStats>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(mpsc::Receiver<Observation>, JoinHandle<std::io::Result<()>>)> {
+    inventory.kernel = streams.listener_table.take();
+    let mut reader = Reader::new(streams, Arc::clone(stats)).context("ring buffer")?;
+    if let Ok(own) = crate::capture::own_netns() {
+        reader.seed_listeners(own, inventory.sockets.iter().copied());
+    }
+    let (tx, rx) = mpsc::channel::<Observation>(4096);
+    let task = tokio::spawn(reader.run(tx, stop));
+    Ok((rx, task))
+}
+
+impl Pipeline {
+    /// The pipeline for `policy`, sending its records to `sender`.
+    fn new(
+        config: &DaemonConfig,
+        policy: &Arc<Policy>,
+        sender: RecordSender,
+        identities: Identities,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let engine = Engine::new(Arc::clone(policy), {
+            let mut s = EngineSettings::new(config.hostname.clone());
+            s.log_allowed = config.log_allowed;
+            s
+        })
+        .with_metrics(Arc::clone(metrics));
+        let pipeline = Pipeline::with_engine(
+            engine,
+            sender,
+            identities,
+            policy,
+            config.netns == NetnsScope::All,
+            config.kubernetes_service.clone(),
+        );
+        if pipeline.all_namespaces {
+            info!(
+                kubernetes_service = ?pipeline.kubernetes_service,
+                "watching every network namespace: pods' own traffic is judged only where it reaches a node or the control plane (or a rule says `netns: all`)"
+            );
+        }
+        pipeline
+    }
+}
