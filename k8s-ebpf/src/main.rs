@@ -175,6 +175,11 @@ struct RunArgs {
     /// $KUBERNETES_SERVICE_HOST (the kubelet sets it in every pod to that address).
     #[arg(long, value_delimiter = ',')]
     kubernetes_service: Vec<std::net::IpAddr>,
+    /// At start, how long records wait for the Kubernetes feeds the policy's selectors
+    /// need to sync before they are judged by address (peers then say
+    /// `kubernetes.identity: unsynced`); `/readyz` answers 503 meanwhile.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    kubernetes_sync_wait: Duration,
     #[command(flatten)]
     kubernetes: KubernetesArgs,
 }
@@ -389,6 +394,7 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
             args.kubernetes_service
         },
         kubernetes: args.kubernetes.mode(),
+        sync_wait: args.kubernetes_sync_wait,
     })
 }
 

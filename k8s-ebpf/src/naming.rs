@@ -97,7 +97,7 @@ fn needs_name(record: &AlertEvent) -> bool {
         && record
             .kubernetes
             .as_ref()
-            .is_some_and(|k| matches!(k.identity, "unknown" | "pod-range"))
+            .is_some_and(|k| matches!(k.identity, "unknown" | "unsynced" | "pod-range"))
 }
 
 #[cfg(feature = "kubernetes")]

@@ -87,7 +87,13 @@ pub struct DaemonConfig {
     pub kubernetes_service: Vec<IpAddr>,
     /// Where peer identities come from.
     pub kubernetes: ApiMode,
+    /// How long records wait at start for the Kubernetes feeds to sync before they are
+    /// judged by address ([`DEFAULT_SYNC_WAIT`]).
+    pub sync_wait: Duration,
 }
+
+/// How long records wait at start for the Kubernetes feeds (`--kubernetes-sync-wait`).
+pub const DEFAULT_SYNC_WAIT: Duration = Duration::from_secs(30);
 
 /// A configuration problem the user must fix (exit status 64), as opposed to a runtime
 /// failure.

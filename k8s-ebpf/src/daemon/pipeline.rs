@@ -1,6 +1,11 @@
 //! Observations from the reader to alert records.
 
-use std::{net::IpAddr, path::PathBuf, time::SystemTime};
+use std::{
+    collections::VecDeque,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
 
 use tracing::warn;
 
@@ -45,6 +50,38 @@ pub(super) struct Pipeline {
     pub(super) all_namespaces: bool,
     /// The `kubernetes` Service's addresses.
     pub(super) kubernetes_service: Vec<IpAddr>,
+    /// Records waiting at start for the Kubernetes feeds to sync.
+    hold: SyncHold,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+/// At start, while the Kubernetes feeds the policy's selectors need have not synced,
+/// records wait (at most `until`, at most [`SyncHold::MAX`] of them) instead of being
+/// judged against an empty cache: a control-plane peer expected by selector is not a
+/// stranger because the daemon restarted. Past the wait they are judged by address, and
+/// peers nothing is known about say `kubernetes.identity: unsynced`.
+pub(super) struct SyncHold {
+    until: Instant,
+    held: VecDeque<(Observation, Option<Observation>)>,
+    /// The hold ended (the feeds synced, the wait ran out, or shutdown); it never
+    /// starts again.
+    over: bool,
+    /// It ended by running out of time.
+    timed_out: bool,
+}
+
+impl SyncHold {
+    /// Records held at most; past it a record is judged at once (counted `overflow`).
+    const MAX: usize = 16_384;
+
+    pub(super) fn new(wait: Duration) -> Self {
+        Self {
+            until: Instant::now() + wait,
+            held: VecDeque::new(),
+            over: false,
+            timed_out: false,
+        }
+    }
 }
 
 /// What `/proc` says about a record's local process: its cgroup and the file it runs,
@@ -78,8 +115,8 @@ impl Pipeline {
         sender: RecordSender,
         identities: Identities,
         policy: &Policy,
-        all_namespaces: bool,
-        kubernetes_service: Vec<IpAddr>,
+        (all_namespaces, kubernetes_service): (bool, Vec<IpAddr>),
+        (hold, metrics): (SyncHold, std::sync::Arc<Metrics>),
     ) -> Self {
         Self {
             sender,
@@ -91,6 +128,55 @@ impl Pipeline {
             pairs: Pairs::new(policy.window()),
             all_namespaces,
             kubernetes_service,
+            hold,
+            metrics,
+        }
+    }
+
+    /// Whether the policy's verdicts wait for Kubernetes feeds that have not synced.
+    pub(super) fn waiting_for_identities(&self) -> bool {
+        self.engine.policy().needs_identities()
+            && self.identities.is_enabled()
+            && !self.identities.all_synced()
+    }
+
+    /// Readiness: not while records wait for the feeds (until they sync or the wait runs
+    /// out); later, while a feed relists (a reload naming new labels).
+    pub(super) fn identities_blocked(&self) -> bool {
+        !self.hold.timed_out && self.waiting_for_identities()
+    }
+
+    /// Ends the hold when the feeds synced, the wait ran out or the daemon stops
+    /// (`stopping`): every held record is judged, in the order it came.
+    pub(super) async fn release_held(&mut self, stopping: bool) {
+        if self.hold.over {
+            return;
+        }
+        let synced = !self.waiting_for_identities();
+        let timed_out = Instant::now() >= self.hold.until;
+        if !(synced || timed_out || stopping) {
+            return;
+        }
+        self.hold.over = true;
+        self.hold.timed_out = !synced && timed_out;
+        let outcome = match (synced, timed_out) {
+            (true, _) => "synced",
+            (false, true) => "timeout",
+            (false, false) => "shutdown",
+        };
+        if !synced {
+            warn!(
+                held = self.hold.held.len(),
+                "the Kubernetes API has not synced: judging by address (peers it would name \
+                 say kubernetes.identity: unsynced)"
+            );
+        }
+        self.metrics
+            .sync_hold
+            .with_label_values(&[outcome])
+            .inc_by(self.hold.held.len() as u64);
+        while let Some((obs, client)) = self.hold.held.pop_front() {
+            self.judge(&obs, client.as_ref()).await;
         }
     }
 
@@ -189,9 +275,27 @@ impl Pipeline {
         c.inc_by(stats.recent_evicted.saturating_sub(c.get()));
     }
 
-    /// Judges `obs`; `client`: the client's record of the same connection, when `obs` is
-    /// the node's side of a pod's connection to this node.
+    /// Judges `obs` (or holds it while the feeds sync at start); `client`: the client's
+    /// record of the same connection, when `obs` is the node's side of a pod's connection
+    /// to this node.
     pub(super) async fn emit(&mut self, obs: &Observation, client: Option<&Observation>) {
+        if !self.hold.over && self.waiting_for_identities() {
+            let outcome = if self.hold.held.len() < SyncHold::MAX {
+                self.hold.held.push_back((obs.clone(), client.cloned()));
+                "held"
+            } else {
+                "overflow"
+            };
+            self.metrics.sync_hold.with_label_values(&[outcome]).inc();
+            if outcome == "held" {
+                return;
+            }
+        }
+        self.judge(obs, client).await;
+    }
+
+    /// Judges `obs`, as [`Pipeline::emit`] says.
+    async fn judge(&mut self, obs: &Observation, client: Option<&Observation>) {
         let in_pod_netns = self.in_pod_netns(obs);
         // The local process is the record's subject for these; inbound it is the server.
         let facts = ProcessFacts::read(

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::{
     listeners::Inventory,
     losses::DropWatch,
-    pipeline::Pipeline,
+    pipeline::{Pipeline, SyncHold},
     provisional_profile,
     reload::{keep_policy_labels, PolicyWatch},
     DaemonConfig, UsageError,
@@ -131,10 +131,8 @@ impl Running {
 
     /// Readiness waits for the Kubernetes caches the policy's selectors need.
     fn update_readiness(&self) {
-        let blocked = self.pipeline.engine.policy().needs_identities()
-            && self.identities.is_enabled()
-            && !self.identities.all_synced();
-        self.readiness.set_identities_blocked(blocked);
+        self.readiness
+            .set_identities_blocked(self.pipeline.identities_blocked());
     }
 
     /// One observation from the kernel.
@@ -153,6 +151,7 @@ impl Running {
     /// Every second: windows that closed, the kernel's counters, the node's addresses,
     /// readiness.
     pub(super) async fn every_second(&mut self) {
+        self.pipeline.release_held(false).await;
         self.publish_pipeline();
         for alert in self.pipeline.engine.tick(SystemTime::now()) {
             self.pipeline.sender.send(alert).await;
@@ -210,6 +209,7 @@ impl Running {
                 .await;
         }
         self.pipeline.flush_attempts().await;
+        self.pipeline.release_held(true).await;
         self.publish_pipeline();
         for w in self.tasks.watchers {
             let _ = w.await;
@@ -417,8 +417,11 @@ impl Pipeline {
             sender,
             identities,
             policy,
-            config.netns == NetnsScope::All,
-            config.kubernetes_service.clone(),
+            (
+                config.netns == NetnsScope::All,
+                config.kubernetes_service.clone(),
+            ),
+            (SyncHold::new(config.sync_wait), Arc::clone(metrics)),
         );
         if pipeline.all_namespaces {
             info!(

@@ -95,6 +95,7 @@ impl IdentityCache {
             pod,
             apiserver,
             pod_range,
+            unsynced: false,
         }
     }
 

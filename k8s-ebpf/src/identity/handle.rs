@@ -83,10 +83,16 @@ impl Identities {
         self.read().enabled
     }
 
-    /// `None` when no API is configured (nothing can be resolved).
+    /// `None` when no API is configured (nothing can be resolved). An address nothing is
+    /// known about while the feeds have not all synced is `unsynced`, not `unknown`.
     pub fn lookup(&self, ip: IpAddr) -> Option<PeerIdentity> {
+        let synced = self.all_synced();
         let s = self.read();
-        s.enabled.then(|| s.cache.lookup(ip))
+        s.enabled.then(|| {
+            let mut id = s.cache.lookup(ip);
+            id.unsynced = !synced && id.kind() == "unknown";
+            id
+        })
     }
 
     /// The remote peer of a record about the remote side (inbound, refused); `None` for

@@ -363,11 +363,15 @@ pub struct PeerIdentity {
     /// No cached pod has the address, but it is in a node's pod range while the cache
     /// holds only the pods the policy names ([`Coverage::Ranges`]): a pod, name unknown.
     pub pod_range: bool,
+    /// Nothing known about the address while the Kubernetes feeds have not all synced:
+    /// the peer may be one the API has not listed yet.
+    pub unsynced: bool,
 }
 
 impl PeerIdentity {
     /// `pod`, `node`, `apiserver`, `pod-range` (a pod by its address's range, name not
-    /// cached) or `unknown`: the most specific thing it is.
+    /// cached), `unsynced` (nothing known, the feeds not synced yet) or `unknown`: the
+    /// most specific thing it is.
     pub fn kind(&self) -> &'static str {
         if self.pod.is_some() {
             "pod"
@@ -377,6 +381,8 @@ impl PeerIdentity {
             "apiserver"
         } else if self.pod_range {
             "pod-range"
+        } else if self.unsynced {
+            "unsynced"
         } else {
             "unknown"
         }

@@ -74,7 +74,14 @@ pub struct Metrics {
     /// Connections from a pod to this node seen from both ends, by what the client's
     /// record became (`joined`, `client_alone`, `client_folded`).
     pub connection_pairs: IntCounterVec,
+    /// Records held at start until the Kubernetes feeds synced, by outcome (`held`; then
+    /// `synced`, `timeout` or `shutdown` as they went out; `overflow`: judged at once, the
+    /// hold being full).
+    pub sync_hold: IntCounterVec,
 }
+
+/// `k8s_ebpf_sync_hold_records_total{outcome}` values, created at 0.
+pub const SYNC_HOLD_OUTCOMES: [&str; 5] = ["held", "synced", "timeout", "shutdown", "overflow"];
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
@@ -265,6 +272,12 @@ impl Metrics {
                 "Outbound records from a pod to this node's own addresses, by outcome: joined (one record with the node's side of the same connection), client_alone (no node side within the hold: judged alone), client_folded (the node's side was folded in the kernel's dedup window).",
                 &["outcome"],
             ),
+            sync_hold: counter_vec(
+                &r,
+                "k8s_ebpf_sync_hold_records_total",
+                "Records held at start while the Kubernetes feeds the policy's selectors need had not synced, by outcome: held (entered the hold), synced, timeout or shutdown (judged when the feeds synced, when the wait ran out: judged by address, or at shutdown), overflow (the hold full: judged at once).",
+                &["outcome"],
+            ),
             registry: r,
         };
         m.build_info
@@ -294,6 +307,9 @@ impl Metrics {
         }
         for outcome in ["joined", "client_alone", "client_folded"] {
             m.connection_pairs.with_label_values(&[outcome]);
+        }
+        for outcome in SYNC_HOLD_OUTCOMES {
+            m.sync_hold.with_label_values(&[outcome]);
         }
         // The kernel's per-CPU outcome counters, as `k8s_ebpf_kernel_events_total{outcome}`.
         for outcome in kernel_outcomes() {
