@@ -70,6 +70,9 @@ pub enum HookKind {
     /// `sk_lookup` program on the watched network namespace: runs for every segment that
     /// looks for a listener (Linux 5.9+).
     SkLookup = 6,
+    /// Userspace only: found by the scan a policy reload runs for the ports it adds, after
+    /// the capability drop (a listener's owner may be unnamed). Never in a kernel record.
+    Rescan = 7,
 }
 
 impl HookKind {

@@ -212,6 +212,7 @@ pub fn hook_name(h: HookKind) -> &'static str {
         HookKind::ResetTracepoint => "reset-tracepoint",
         HookKind::Scan => "sock-diag-scan",
         HookKind::SkLookup => "sk-lookup",
+        HookKind::Rescan => "sock-diag-rescan",
     }
 }
 
@@ -307,11 +308,13 @@ fn endpoints(obs: &Observation) -> (Option<Endpoint>, Option<Endpoint>, Option<&
 fn message(obs: &Observation, action: Action, subject: &Subject<'_>) -> String {
     let port = obs.watched_port();
     // Only outbound and listener messages name the process.
-    let who = || {
-        obs.process
-            .as_ref()
-            .map(|p| format!("{} (pid {})", p.name, p.pid))
-            .unwrap_or_else(|| "an unknown process".to_owned())
+    let who = || match &obs.process {
+        Some(p) => format!("{} (pid {})", p.name, p.pid),
+        None if obs.hook == HookKind::Rescan => "a process not named: found by the scan of a \
+             port a policy reload added, and naming another process's socket needs the \
+             capabilities the daemon dropped at start"
+            .to_owned(),
+        None => "an unknown process".to_owned(),
     };
     let what = format_args!("{} port {port} ({})", subject.component, subject.rule_name);
     // Inbound: who the peer is in the cluster, when known.

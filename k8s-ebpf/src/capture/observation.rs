@@ -102,6 +102,7 @@ impl Observation {
             HookKind::ResetTracepoint => "reset-tracepoint",
             HookKind::Scan => "sock-diag-scan",
             HookKind::SkLookup => "sk-lookup",
+            HookKind::Rescan => "sock-diag-rescan",
         };
         let p = self.process.as_ref();
         serde_json::json!({

@@ -52,6 +52,40 @@ impl Inventory {
         }
     }
 
+    /// The listeners and established connections on `ports` (a reload added them), as
+    /// records to judge; the listeners join the inventory. After the capability drop:
+    /// owners this process may not inspect stay unnamed (said in the record).
+    pub(super) fn scan_added(&mut self, ports: &BTreeSet<u16>) -> Vec<Observation> {
+        let mut found = Vec::new();
+        match inventory::scan_listeners(ports) {
+            Ok(listeners) => {
+                for l in listeners {
+                    self.listeners.insert(l.address);
+                    found.push(l.to_observation());
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list the listeners on the added ports (sock_diag)"),
+        }
+        match inventory::established(ports) {
+            Ok(connections) => found.extend(connections),
+            Err(e) => warn!(
+                error = %e,
+                "cannot list the established connections on the added ports (sock_diag)"
+            ),
+        }
+        for obs in &mut found {
+            obs.hook = k8s_ebpf_common::HookKind::Rescan;
+        }
+        let unnamed = found.iter().filter(|o| o.process.is_none()).count();
+        info!(
+            ports = ?ports,
+            found = found.len(),
+            unnamed,
+            "scanned the ports the reload added"
+        );
+        found
+    }
+
     /// How long after a close the kernel's table is asked as well: the kernel reports a
     /// listener that reopens within its fold interval (1 s) only through the table, which
     /// the reader's sweep reads back a moment later.

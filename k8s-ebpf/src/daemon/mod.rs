@@ -262,10 +262,10 @@ async fn run_loop(
             },
             _ = events.handshakes.tick() => daemon.expire_attempts().await,
             _ = events.second.tick() => daemon.every_second().await,
-            _ = events.policy_poll.tick() => daemon.reload_policy(false),
+            _ = events.policy_poll.tick() => daemon.reload_policy(false).await,
             _ = events.hangup.recv() => {
                 info!("SIGHUP: reloading the policy");
-                daemon.reload_policy(true);
+                daemon.reload_policy(true).await;
             }
             _ = events.terminate.recv() => { info!("SIGTERM: stopping"); break; }
             _ = events.interrupt.recv() => { info!("SIGINT: stopping"); break; }

@@ -172,18 +172,38 @@ impl Running {
         self.update_readiness();
     }
 
-    /// The policy file changed (a poll) or SIGHUP asked (`forced`).
-    pub(super) fn reload_policy(&mut self, forced: bool) {
-        if self.reload.check(
+    /// The policy file changed (a poll) or SIGHUP asked (`forced`). A reload is a start
+    /// for the ports it adds: their listeners and established connections are scanned
+    /// and judged, and the inventory learns the listeners.
+    pub(super) async fn reload_policy(&mut self, forced: bool) {
+        let before = self.pipeline.engine.policy().watched_ports();
+        if !self.reload.check(
             forced,
             &mut self.capture,
             &mut self.pipeline.engine,
             &self.metrics,
         ) {
-            self.pipeline
-                .executables
-                .refresh(self.pipeline.engine.policy());
-            keep_policy_labels(&self.identities, self.pipeline.engine.policy());
+            return;
+        }
+        self.pipeline
+            .executables
+            .refresh(self.pipeline.engine.policy());
+        keep_policy_labels(&self.identities, self.pipeline.engine.policy());
+        let added: std::collections::BTreeSet<u16> = self
+            .pipeline
+            .engine
+            .policy()
+            .watched_ports()
+            .difference(&before)
+            .copied()
+            .collect();
+        if added.is_empty() {
+            return;
+        }
+        let found = self.inventory.scan_added(&added);
+        self.inventory.publish(&self.metrics);
+        for obs in found {
+            self.pipeline.emit(&obs, None).await;
         }
     }
 
