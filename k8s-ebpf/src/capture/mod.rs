@@ -293,6 +293,49 @@ const KRETPROBE_PROGRAM: &str = "inet_csk_accept_kretprobe";
 const FEXIT_PROGRAM: &str = "inet_csk_accept_fexit";
 const ACCEPT_FUNCTION: &str = "inet_csk_accept";
 
+/// The kernel object loaded with this run's settings in its globals (offsets, the
+/// namespaces watched, the dedup window, the ring's size), nothing attached yet.
+/// `namespaces`: (the watched one, 0 for all; the daemon's own; where SYNs are watched).
+fn load_object(
+    config: &CaptureConfig,
+    offsets: &KernelOffsets,
+    (netns, own, syn_netns): (u32, u32, u32),
+) -> Result<Ebpf, CaptureError> {
+    let window_ns = u64::try_from(config.window.as_nanos()).unwrap_or(u64::MAX);
+    // Under `all`, records from any namespace but this one are pods'.
+    let host_netns = if netns == 0 { own } else { 0 };
+    let ring_bytes = u64::from(config.ring_bytes);
+    let listen_fold_ns = u64::try_from(LISTEN_FOLD.as_nanos()).unwrap_or(u64::MAX);
+    Ok(EbpfLoader::new()
+        .override_global("OFFSETS", offsets, true)
+        .override_global("TARGET_NETNS", &netns, true)
+        .override_global("HOST_NETNS", &host_netns, true)
+        .override_global("SYN_NETNS", &syn_netns, true)
+        .override_global("DEDUP_WINDOW_NS", &window_ns, true)
+        .override_global("LISTEN_FOLD_NS", &listen_fold_ns, true)
+        .override_global("RING_BYTES", &ring_bytes, true)
+        .map_max_entries("EVENTS", config.ring_bytes)
+        .load(EBPF_OBJECT)?)
+}
+
+/// The SYN hook on namespace `syn_netns`, unless `--syn-hook off`; returns the namespace
+/// it watches.
+fn attach_syn(ebpf: &mut Ebpf, hook: SynHook, syn_netns: u32) -> Result<Option<u32>, CaptureError> {
+    match hook {
+        SynHook::SkLookup => {
+            attach_syn_hook(ebpf, syn_netns).map_err(|reason| CaptureError::SynHook {
+                netns: syn_netns,
+                reason,
+            })?;
+            Ok(Some(syn_netns))
+        }
+        SynHook::Off => {
+            warn!("--syn-hook off: half-open probes and refused attempts are not captured");
+            Ok(None)
+        }
+    }
+}
+
 impl Capture {
     /// Loads and attaches everything. On error nothing stays attached.
     pub fn load(
@@ -314,22 +357,7 @@ impl Capture {
         // Under `all`, SYNs are watched in the node's namespace (the daemon's own, in a
         // hostNetwork pod): that is where inbound connections to the node arrive.
         let syn_netns = if netns == 0 { own } else { netns };
-        let window_ns = u64::try_from(config.window.as_nanos()).unwrap_or(u64::MAX);
-        // Under `all`, records from any namespace but this one are pods'.
-        let host_netns = if netns == 0 { own } else { 0 };
-        let ring_bytes = u64::from(config.ring_bytes);
-        let listen_fold_ns = u64::try_from(LISTEN_FOLD.as_nanos()).unwrap_or(u64::MAX);
-        let mut ebpf = EbpfLoader::new()
-            .override_global("OFFSETS", &offsets, true)
-            .override_global("TARGET_NETNS", &netns, true)
-            .override_global("HOST_NETNS", &host_netns, true)
-            .override_global("SYN_NETNS", &syn_netns, true)
-            .override_global("DEDUP_WINDOW_NS", &window_ns, true)
-            .override_global("LISTEN_FOLD_NS", &listen_fold_ns, true)
-            .override_global("RING_BYTES", &ring_bytes, true)
-            .map_max_entries("EVENTS", config.ring_bytes)
-            .load(EBPF_OBJECT)?;
-
+        let mut ebpf = load_object(config, &offsets, (netns, own, syn_netns))?;
         let mut settings: Array<MapData, u32> = take_map(&mut ebpf, "SETTINGS")?;
         let mut watched_map: Array<MapData, u8> = take_map(&mut ebpf, "WATCHED_PORTS")?;
         for port in ports {
@@ -340,7 +368,6 @@ impl Capture {
                     source,
                 })?;
         }
-
         // The state-change program carries outbound and listen events on every kernel, so
         // one variant must load: the BTF raw tracepoint where allowed (cheaper per event),
         // else the classic tracepoint.
@@ -358,19 +385,7 @@ impl Capture {
                 source,
             })?;
 
-        let syn_attached = match config.syn_hook {
-            SynHook::SkLookup => {
-                attach_syn_hook(&mut ebpf, syn_netns).map_err(|reason| CaptureError::SynHook {
-                    netns: syn_netns,
-                    reason,
-                })?;
-                Some(syn_netns)
-            }
-            SynHook::Off => {
-                warn!("--syn-hook off: half-open probes and refused attempts are not captured");
-                None
-            }
-        };
+        let syn_attached = attach_syn(&mut ebpf, config.syn_hook, syn_netns)?;
 
         let ring: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
         let dedup: HashMap<MapData, DedupKey, DedupWindow> = take_map(&mut ebpf, "DEDUP")?;
