@@ -81,3 +81,51 @@ impl Drop for Ns {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
+
+/// A daemon binary measured beside this build (`--before`), with the label its rows carry.
+pub(crate) struct Binary {
+    pub(crate) label: String,
+    pub(crate) path: std::path::PathBuf,
+}
+
+impl Binary {
+    /// `LABEL=PATH`, or a path (labelled by itself). The path must exist.
+    pub(crate) fn parse(arg: &str) -> Result<Self> {
+        let (label, path) = match arg.split_once('=') {
+            Some((label, path)) if !label.is_empty() && !label.contains('/') => (label, path),
+            _ => (arg, arg),
+        };
+        let path =
+            std::fs::canonicalize(path).with_context(|| format!("--before {arg}: {path}"))?;
+        Ok(Binary {
+            label: label.to_owned(),
+            path,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Binary;
+
+    #[test]
+    fn before_is_a_path_or_label_equals_path() {
+        let dir = std::env::temp_dir().join(format!("xtask-before-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = dir.join("k8s-ebpf");
+        std::fs::write(&bin, "").unwrap();
+        let path = bin.display().to_string();
+        let plain = Binary::parse(&path).unwrap();
+        assert_eq!(
+            (plain.label.as_str(), plain.path.as_path()),
+            (path.as_str(), bin.as_path())
+        );
+        let labelled = Binary::parse(&format!("f02f678={path}")).unwrap();
+        assert_eq!(
+            (labelled.label.as_str(), labelled.path.as_path()),
+            ("f02f678", bin.as_path())
+        );
+        assert!(Binary::parse(&format!("x={path}.missing")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
