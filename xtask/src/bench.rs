@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::host::{cpu_seconds, peak_rss_kib, sh_ok, sh_out, Binary, Ns};
+use crate::host::{cpu_seconds_fine, peak_rss_kib, sh_ok, sh_out, Binary, Ns};
 
 const REPS: usize = 11;
 /// Stats-enabled storms per monitor (interleaved, in rotating order) for the eBPF run time.
@@ -245,7 +245,7 @@ fn storm_run(tools: &Tools, config: Config, rep: usize, storm: &mut Storm) -> Re
     let _ = std::fs::remove_file(&alerts);
     let ns = Ns::new("storm")?;
     let monitor = start_monitor(tools, &ns, config)?;
-    let cpu_before = monitor.as_ref().map(|m| cpu_seconds(m.child.id()));
+    let cpu_before = monitor.as_ref().map(|m| cpu_seconds_fine(m.child.id()));
     let out = tools.storm(&ns)?;
     let rate = json_number(&out, "per_second")?;
     let cpu_us = json_number(&out, "cpu_us_per_connection")?;
@@ -263,7 +263,7 @@ fn storm_run(tools: &Tools, config: Config, rep: usize, storm: &mut Storm) -> Re
     std::thread::sleep(Duration::from_millis(300));
     let pid = m.child.id();
     let cost = storm.daemons.entry(config).or_default();
-    cost.cpu_seconds.push(cpu_seconds(pid) - cpu_before);
+    cost.cpu_seconds.push(cpu_seconds_fine(pid) - cpu_before);
     cost.peak_rss_kib = cost.peak_rss_kib.max(peak_rss_kib(pid));
     let metrics = scrape(&ns)?;
     cost.ringbuf_full += metric(
@@ -657,23 +657,23 @@ fn storm_table(s: &mut String, storm: &Storm, before: &[Binary]) -> Result<()> {
 
 fn daemon_table(s: &mut String, storm: &Storm, before: &[Binary]) -> Result<()> {
     writeln!(s, "\n## Daemon cost during the storm\n")?;
-    writeln!(s, "The daemon's own CPU (utime + stime, clock-tick resolution 0.01 s, so the per-run median is coarse: the total over all {REPS} runs, per connection, is the finer figure), its peak RSS (VmHWM, highest of the runs), the drop counters and the alert lines it wrote, summed over its runs (the storm's peer is expected: none is the right answer).\n")?;
-    writeln!(s, "| daemon | CPU per run (median) | CPU, all runs | CPU µs / connection | ratio to (b) | peak RSS | ring-buffer drops | output queue drops | alert lines |")?;
+    writeln!(s, "The daemon's own CPU time over each storm (the scheduler's sum_exec_runtime of its threads, nanosecond resolution; from the daemon being ready to 300 ms after the storm), its peak RSS (VmHWM, highest of the runs), the drop counters and the alert lines it wrote, summed over its {REPS} runs (the storm's peer is expected: none is the right answer).\n")?;
+    writeln!(s, "| daemon | CPU ms per run (median) | min–max | CPU µs / connection | ratio to (b) | peak RSS | ring-buffer drops | output queue drops | alert lines |")?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
-    let per_conn = |c: &DaemonCost| {
-        c.cpu_seconds.iter().sum::<f64>() * 1e6
-            / (c.cpu_seconds.len() as u64 * STORM_CONNECTIONS) as f64
-    };
-    let watched = storm.daemons.get(&Config::Watched).map_or(0.0, per_conn);
+    let ms = |c: &DaemonCost| c.cpu_seconds.iter().map(|s| s * 1e3).collect::<Vec<_>>();
+    let watched = storm
+        .daemons
+        .get(&Config::Watched)
+        .map_or(0.0, |c| median(&ms(c)));
     for (config, cost) in &storm.daemons {
-        let us = per_conn(cost);
+        let m = median(&ms(cost));
         writeln!(
             s,
-            "| {} | {:.2} s | {:.2} s | {us:.3} | {:.2} | {:.1} MiB | {} | {} | {} |",
+            "| {} | {m:.1} | {} | {:.3} | {:.2} | {:.1} MiB | {} | {} | {} |",
             config.label(before),
-            median(&cost.cpu_seconds),
-            cost.cpu_seconds.iter().sum::<f64>(),
-            if watched > 0.0 { us / watched } else { 0.0 },
+            spread(&ms(cost), 1),
+            m * 1e3 / STORM_CONNECTIONS as f64,
+            if watched > 0.0 { m / watched } else { 0.0 },
             cost.peak_rss_kib as f64 / 1024.0,
             cost.ringbuf_full,
             cost.output_dropped,

@@ -48,6 +48,26 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// CPU time of a process's live threads in seconds, at the scheduler's nanosecond
+/// resolution (`se.sum_exec_runtime`, milliseconds, in /proc/PID/task/*/sched; a thread that
+/// has exited no longer counts). Finer than [`cpu_seconds`]'s clock ticks, for short runs.
+pub(crate) fn cpu_seconds_fine(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ms = |text: String| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("se.sum_exec_runtime")?.split(':').nth(1))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    tasks
+        .flatten()
+        .map(|t| ms(std::fs::read_to_string(t.path().join("sched")).unwrap_or_default()))
+        .sum::<f64>()
+        / 1e3
+}
+
 pub(crate) fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -126,6 +146,8 @@ mod tests {
             ("f02f678", bin.as_path())
         );
         assert!(Binary::parse(&format!("x={path}.missing")).is_err());
+        let own = super::cpu_seconds_fine(std::process::id());
+        assert!(own > 0.0 && own < 3600.0, "{own}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
