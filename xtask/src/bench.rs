@@ -5,10 +5,13 @@
 //!    (a) no monitor, (b) k8s-ebpf watching the storm port, (c) k8s-ebpf not watching it,
 //!    (d) libbpf-tools `tcplife`, (e) a bpftrace one-liner printing each accept on the
 //!    port. REPS interleaved repetitions; medians; each as a ratio to (a).
-//! 2. The daemon's cost during (b): CPU seconds, peak RSS, drop counters; and, in one more
-//!    storm per monitor with `kernel.bpf_stats_enabled`, the kernel's own count of eBPF
-//!    run time: nanoseconds per connection (run_time_ns summed over the monitor's
-//!    programs, divided by connections) for (b), (c), (d) and (e) side by side.
+//!    Each `--before` binary (an earlier build) runs as (b) in the same rotation.
+//! 2. The daemon's cost during (b), (c) and each before-binary: CPU seconds, peak RSS, drop
+//!    counters, alert lines; and, in STATS_REPS more interleaved storms per monitor with
+//!    `kernel.bpf_stats_enabled`, the kernel's own count of eBPF run time: nanoseconds per
+//!    connection (run_time_ns summed over the monitor's programs, divided by connections)
+//!    for (b), the before-binaries, (c), (d), (e) and an empty program's floor (f).
+//!    Alone with `--storm-only`, which replaces only these sections of docs/bench.md.
 //! 3. The userspace pipeline (criterion: `cargo bench -p k8s-ebpf --bench pipeline`).
 //! 4. A flood from an attacker namespace: `nmap -p-` then a 30,000-connection burst.
 //! 5. The identity cache at cluster scale against the fake Kubernetes API ([`crate::scale`]);
@@ -28,18 +31,24 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::host::{cpu_seconds, peak_rss_kib, sh_ok, sh_out, Ns};
+use crate::host::{cpu_seconds_fine, peak_rss_kib, sh_ok, sh_out, Binary, Ns};
 
 const REPS: usize = 11;
+/// Stats-enabled storms per monitor (interleaved, in rotating order) for the eBPF run time.
+const STATS_REPS: usize = 5;
 const STORM_CONNECTIONS: u64 = 50_000;
 const STORM_PORT: u16 = 18080;
 const METRICS: &str = "127.0.0.1:9478";
 const FLOOD_CONNECTIONS: u64 = 30_000;
+/// Where the storm sections of docs/bench.md end (`--storm-only` replaces what is above).
+const AFTER_STORM: &str = "## Userspace pipeline";
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Config {
     None,
     Watched,
+    /// The `--before` binary with this index, run as (b): storm port watched.
+    Before(usize),
     Unwatched,
     Tcplife,
     Bpftrace,
@@ -48,22 +57,38 @@ enum Config {
 }
 
 impl Config {
-    const ALL: [Config; 5] = [
-        Config::None,
-        Config::Watched,
-        Config::Unwatched,
-        Config::Tcplife,
-        Config::Bpftrace,
-    ];
+    /// The storm's configurations: each `--before` binary right after (b).
+    fn storm(before: usize) -> Vec<Config> {
+        let mut all = vec![Config::None, Config::Watched];
+        all.extend((0..before).map(Config::Before));
+        all.extend([Config::Unwatched, Config::Tcplife, Config::Bpftrace]);
+        all
+    }
 
-    fn label(self) -> &'static str {
+    /// The eBPF run-time table's monitors: the storm's, then the floor (f).
+    fn stats(before: usize) -> Vec<Config> {
+        let mut all = Config::storm(before);
+        all.retain(|c| *c != Config::None);
+        all.push(Config::EmptyProgram);
+        all
+    }
+
+    fn is_daemon(self) -> bool {
+        matches!(
+            self,
+            Config::Watched | Config::Before(_) | Config::Unwatched
+        )
+    }
+
+    fn label(self, before: &[Binary]) -> String {
         match self {
-            Config::None => "(a) no monitor",
-            Config::Watched => "(b) k8s-ebpf, storm port watched",
-            Config::Unwatched => "(c) k8s-ebpf, storm port not watched",
-            Config::Tcplife => "(d) tcplife (libbpf-tools)",
-            Config::Bpftrace => "(e) bpftrace, inet_sock_set_state accepts",
-            Config::EmptyProgram => "(f) an empty program on inet_sock_set_state",
+            Config::None => "(a) no monitor".into(),
+            Config::Watched => "(b) k8s-ebpf, storm port watched".into(),
+            Config::Before(i) => format!("(b) before: {}, storm port watched", before[i].label),
+            Config::Unwatched => "(c) k8s-ebpf, storm port not watched".into(),
+            Config::Tcplife => "(d) tcplife (libbpf-tools)".into(),
+            Config::Bpftrace => "(e) bpftrace, inet_sock_set_state accepts".into(),
+            Config::EmptyProgram => "(f) an empty program on inet_sock_set_state".into(),
         }
     }
 }
@@ -89,23 +114,74 @@ impl Drop for Monitor {
     }
 }
 
-struct Tools {
+struct Tools<'a> {
     daemon: PathBuf,
+    before: &'a [Binary],
     storm: PathBuf,
     dir: PathBuf,
+    /// The storm port watched, loopback expected.
+    policy: PathBuf,
+}
+
+impl<'a> Tools<'a> {
+    fn new(root: &Path, daemon: &Path, storm: &Path, before: &'a [Binary]) -> Result<Self> {
+        let dir = root.join("target/bench");
+        std::fs::create_dir_all(&dir)?;
+        let policy = dir.join("storm-policy.yaml");
+        std::fs::write(
+            &policy,
+            format!(
+                "version: 1\nrules:\n  - {{name: storm, port: {STORM_PORT}, expected_peers: [loopback]}}\n"
+            ),
+        )?;
+        Ok(Tools {
+            daemon: daemon.to_path_buf(),
+            before,
+            storm: storm.to_path_buf(),
+            dir,
+            policy,
+        })
+    }
+
+    fn label(&self, config: Config) -> String {
+        config.label(self.before)
+    }
+
+    /// One storm from `ns`: the storm tool's JSON summary.
+    fn storm(&self, ns: &Ns) -> Result<String> {
+        sh_out(ns.cmd(&self.storm).args([
+            "both",
+            &format!("127.0.0.1:{STORM_PORT}"),
+            &STORM_CONNECTIONS.to_string(),
+            "2",
+        ]))
+    }
 }
 
 /// Program name → (run_time_ns, run_cnt).
 type ProgramStats = BTreeMap<String, (u64, u64)>;
 
+/// What one k8s-ebpf configuration cost over its storm runs.
 #[derive(Default)]
 struct DaemonCost {
     cpu_seconds: Vec<f64>,
     peak_rss_kib: u64,
     ringbuf_full: f64,
     output_dropped: f64,
-    /// Per monitor: its programs' statistics over one stats-enabled storm.
-    programs: BTreeMap<Config, ProgramStats>,
+    alert_lines: usize,
+}
+
+type Rates = BTreeMap<Config, Vec<f64>>;
+
+#[derive(Default)]
+struct Storm {
+    /// Connections per second (wall clock), per configuration, in run order.
+    rates: Rates,
+    /// CPU microseconds per connection of the storm process.
+    cpu_per_conn: Rates,
+    daemons: BTreeMap<Config, DaemonCost>,
+    /// Per monitor: its programs' statistics, one map per stats-enabled storm.
+    programs: BTreeMap<Config, Vec<ProgramStats>>,
 }
 
 pub fn run(
@@ -113,27 +189,15 @@ pub fn run(
     daemon: &Path,
     storm: &Path,
     synprobe: &Path,
-    before: Option<&Path>,
+    before: &[Binary],
 ) -> Result<()> {
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let tools = Tools {
-        daemon: daemon.to_path_buf(),
-        storm: storm.to_path_buf(),
-        dir: dir.clone(),
-    };
-    let policy = dir.join("storm-policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "version: 1\nrules:\n  - {{name: storm, port: {STORM_PORT}, expected_peers: [loopback]}}\n"
-        ),
-    )?;
-    let (storm, cost, flood) = measure(&tools, &policy)?;
-
+    let tools = Tools::new(root, daemon, storm, before)?;
+    let storm = measure(&tools)?;
+    let flood = flood(&tools)?;
     eprintln!("xtask bench: userspace pipeline (criterion)");
     let pipeline = pipeline_bench()?;
-    let mut report = render(&storm, &cost, &flood, &pipeline)?;
+    let mut report = render_storm(&storm, before, "cargo xtask bench")?;
+    report.push_str(&render_rest(&flood, &pipeline)?);
     let (rows, speed) = crate::scale::run(root, daemon, before)?;
     report.push('\n');
     report.push_str(&crate::scale::render(&rows, &speed)?);
@@ -145,77 +209,81 @@ pub fn run(
     Ok(())
 }
 
-type Rates = BTreeMap<Config, Vec<f64>>;
+/// Only the storm sections: measured, printed, and put in place of the old ones at the
+/// top of docs/bench.md (the later sections are kept).
+pub fn run_storm(root: &Path, daemon: &Path, storm: &Path, before: &[Binary]) -> Result<()> {
+    let tools = Tools::new(root, daemon, storm, before)?;
+    let section = render_storm(&measure(&tools)?, before, "cargo xtask bench --storm-only")?;
+    print!("{section}");
+    let path = root.join("docs/bench.md");
+    let report = std::fs::read_to_string(&path).unwrap_or_default();
+    let rest = report.find(AFTER_STORM).map_or("", |i| &report[i..]);
+    std::fs::write(&path, format!("{section}\n{rest}"))?;
+    eprintln!("xtask bench: storm sections written to docs/bench.md");
+    Ok(())
+}
 
-fn measure(tools: &Tools, policy: &Path) -> Result<(Storm, DaemonCost, Flood)> {
-    let mut rates: Rates = BTreeMap::new();
-    let mut cpu_per_conn: Rates = BTreeMap::new();
-    let mut cost = DaemonCost::default();
+fn measure(tools: &Tools) -> Result<Storm> {
+    let configs = Config::storm(tools.before.len());
+    let mut storm = Storm::default();
     for rep in 0..REPS {
         // Rotate the order each repetition, so no configuration always follows the same
         // one (a run's teardown — namespace, TIME_WAIT sockets, programs — can spill into
         // the next), and let the machine settle between runs.
-        for i in 0..Config::ALL.len() {
-            let config = Config::ALL[(rep + i) % Config::ALL.len()];
-            std::thread::sleep(Duration::from_millis(1500));
-            let ns = Ns::new("storm")?;
-            let monitor = start_monitor(tools, &ns, config, policy)?;
-            let before = monitor.as_ref().map(|m| cpu_seconds(m.child.id()));
-            let out = sh_out(ns.cmd(&tools.storm).args([
-                "both",
-                &format!("127.0.0.1:{STORM_PORT}"),
-                &STORM_CONNECTIONS.to_string(),
-                "2",
-            ]))?;
-            let rate = json_number(&out, "per_second")?;
-            let cpu_us = json_number(&out, "cpu_us_per_connection")?;
-            eprintln!(
-                "xtask bench: rep {} {:<42} {rate:>8.0} conn/s {cpu_us:>7.2} µs CPU/conn",
-                rep + 1,
-                config.label()
-            );
-            rates.entry(config).or_default().push(rate);
-            cpu_per_conn.entry(config).or_default().push(cpu_us);
-            if let (Config::Watched, Some(m), Some(before)) = (config, &monitor, before) {
-                // Let the reader drain what the storm left in the ring buffer.
-                std::thread::sleep(Duration::from_millis(300));
-                let pid = m.child.id();
-                cost.cpu_seconds.push(cpu_seconds(pid) - before);
-                cost.peak_rss_kib = cost.peak_rss_kib.max(peak_rss_kib(pid));
-                let metrics = scrape(&ns)?;
-                cost.ringbuf_full += metric(
-                    &metrics,
-                    "k8s_ebpf_kernel_events_total{outcome=\"ringbuf_full\"}",
-                );
-                cost.output_dropped +=
-                    metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"alert\"}")
-                        + metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"event\"}");
-            }
-            drop(monitor);
+        for i in 0..configs.len() {
+            storm_run(tools, configs[(rep + i) % configs.len()], rep, &mut storm)?;
         }
     }
-    cost.programs = program_run_times(tools, policy)?;
-    let flood = flood(tools)?;
-    Ok((
-        Storm {
-            rates,
-            cpu_per_conn,
-        },
-        cost,
-        flood,
-    ))
+    storm.programs = program_run_times(tools)?;
+    Ok(storm)
 }
 
-struct Storm {
-    /// Connections per second (wall clock), per configuration, in run order.
-    rates: Rates,
-    /// CPU microseconds per connection of the storm process.
-    cpu_per_conn: Rates,
+/// One storm under `config`; a k8s-ebpf daemon's own cost goes to `storm.daemons`.
+fn storm_run(tools: &Tools, config: Config, rep: usize, storm: &mut Storm) -> Result<()> {
+    std::thread::sleep(Duration::from_millis(1500));
+    let alerts = tools.dir.join("storm-alerts.json");
+    let _ = std::fs::remove_file(&alerts);
+    let ns = Ns::new("storm")?;
+    let monitor = start_monitor(tools, &ns, config)?;
+    let cpu_before = monitor.as_ref().map(|m| cpu_seconds_fine(m.child.id()));
+    let out = tools.storm(&ns)?;
+    let rate = json_number(&out, "per_second")?;
+    let cpu_us = json_number(&out, "cpu_us_per_connection")?;
+    eprintln!(
+        "xtask bench: rep {} {:<52} {rate:>8.0} conn/s {cpu_us:>7.2} µs CPU/conn",
+        rep + 1,
+        tools.label(config)
+    );
+    storm.rates.entry(config).or_default().push(rate);
+    storm.cpu_per_conn.entry(config).or_default().push(cpu_us);
+    let (Some(m), Some(cpu_before), true) = (&monitor, cpu_before, config.is_daemon()) else {
+        return Ok(());
+    };
+    // Let the reader drain what the storm left in the ring buffer.
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = m.child.id();
+    let cost = storm.daemons.entry(config).or_default();
+    cost.cpu_seconds.push(cpu_seconds_fine(pid) - cpu_before);
+    cost.peak_rss_kib = cost.peak_rss_kib.max(peak_rss_kib(pid));
+    let metrics = scrape(&ns)?;
+    cost.ringbuf_full += metric(
+        &metrics,
+        "k8s_ebpf_kernel_events_total{outcome=\"ringbuf_full\"}",
+    );
+    cost.output_dropped += metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"alert\"}")
+        + metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"event\"}");
+    drop(monitor); // SIGTERM: open windows are reported, then the file is complete
+    cost.alert_lines += std::fs::read_to_string(&alerts)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    Ok(())
 }
 
-/// One more storm per monitor with kernel.bpf_stats_enabled on, for the programs' run
-/// times. Apart from the measured runs: the statistics add two clock reads to every run.
-fn program_run_times(tools: &Tools, policy: &Path) -> Result<BTreeMap<Config, ProgramStats>> {
+/// More storms per monitor with kernel.bpf_stats_enabled on, for the programs' run times,
+/// interleaved like the storm. Apart from the measured runs: the statistics add two clock
+/// reads to every run.
+fn program_run_times(tools: &Tools) -> Result<BTreeMap<Config, Vec<ProgramStats>>> {
     const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
     let before = std::fs::read_to_string(SYSCTL)
         .unwrap_or_default()
@@ -223,31 +291,15 @@ fn program_run_times(tools: &Tools, policy: &Path) -> Result<BTreeMap<Config, Pr
         .to_owned();
     std::fs::write(SYSCTL, "1").context("enabling kernel.bpf_stats_enabled")?;
     let result = (|| {
-        let mut out = BTreeMap::new();
-        for config in [
-            Config::Watched,
-            Config::Unwatched,
-            Config::Tcplife,
-            Config::Bpftrace,
-            Config::EmptyProgram,
-        ] {
-            std::thread::sleep(Duration::from_millis(1500));
-            let ns = Ns::new("stats")?;
-            let monitor = start_monitor(tools, &ns, config, policy)?.context("the monitor")?;
-            sh_out(ns.cmd(&tools.storm).args([
-                "both",
-                &format!("127.0.0.1:{STORM_PORT}"),
-                &STORM_CONNECTIONS.to_string(),
-                "2",
-            ]))?;
-            let stats = program_stats(monitor.child.id());
-            let ns_per_conn =
-                stats.values().map(|(t, _)| *t).sum::<u64>() as f64 / STORM_CONNECTIONS as f64;
-            eprintln!(
-                "xtask bench: eBPF run time {:<42} {ns_per_conn:>8.0} ns/conn",
-                config.label()
-            );
-            out.insert(config, stats);
+        let configs = Config::stats(tools.before.len());
+        let mut out: BTreeMap<Config, Vec<ProgramStats>> = BTreeMap::new();
+        for rep in 0..STATS_REPS {
+            for i in 0..configs.len() {
+                let config = configs[(rep + i) % configs.len()];
+                out.entry(config)
+                    .or_default()
+                    .push(stats_run(tools, config)?);
+            }
         }
         Ok(out)
     })();
@@ -255,7 +307,49 @@ fn program_run_times(tools: &Tools, policy: &Path) -> Result<BTreeMap<Config, Pr
     result
 }
 
-fn start_monitor(tools: &Tools, ns: &Ns, config: Config, policy: &Path) -> Result<Option<Monitor>> {
+fn stats_run(tools: &Tools, config: Config) -> Result<ProgramStats> {
+    std::thread::sleep(Duration::from_millis(1500));
+    let ns = Ns::new("stats")?;
+    let monitor = start_monitor(tools, &ns, config)?.context("the monitor")?;
+    tools.storm(&ns)?;
+    let stats = program_stats(monitor.child.id());
+    let ns_per_conn =
+        stats.values().map(|(t, _)| *t).sum::<u64>() as f64 / STORM_CONNECTIONS as f64;
+    eprintln!(
+        "xtask bench: eBPF run time {:<52} {ns_per_conn:>8.0} ns/conn",
+        tools.label(config)
+    );
+    Ok(stats)
+}
+
+/// k8s-ebpf (this build or a before-binary) in `ns`, the storm port watched but in (c).
+fn spawn_daemon(tools: &Tools, ns: &Ns, config: Config) -> Result<Child> {
+    let daemon = match config {
+        Config::Before(i) => &tools.before[i].path,
+        _ => &tools.daemon,
+    };
+    let mut c = ns.cmd(daemon);
+    c.args(["run", "--metrics-addr", METRICS, "--output"])
+        .arg(tools.dir.join("storm-alerts.json"));
+    if config != Config::Unwatched {
+        c.arg("--policy").arg(&tools.policy);
+    }
+    let log = std::fs::File::create(tools.dir.join("daemon.log"))?;
+    Ok(c.stdout(Stdio::null()).stderr(log).spawn()?)
+}
+
+/// The daemon in namespace `ns` answers /readyz with 200.
+fn ready(ns: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-sf"])
+        .arg(format!("http://{METRICS}/readyz"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn start_monitor(tools: &Tools, ns: &Ns, config: Config) -> Result<Option<Monitor>> {
     let log = |name: &str| -> Result<std::fs::File> {
         Ok(std::fs::File::create(
             tools.dir.join(format!("{name}.log")),
@@ -263,33 +357,10 @@ fn start_monitor(tools: &Tools, ns: &Ns, config: Config, policy: &Path) -> Resul
     };
     let (child, ready): (Child, Box<dyn Fn() -> bool>) = match config {
         Config::None => return Ok(None),
-        Config::Watched | Config::Unwatched => {
-            let mut c = ns.cmd(&tools.daemon);
-            c.args(["run", "--metrics-addr", METRICS, "--output"])
-                .arg(tools.dir.join("storm-alerts.json"));
-            if config == Config::Watched {
-                c.arg("--policy").arg(policy);
-            }
-            let child = c.stdout(Stdio::null()).stderr(log("daemon")?).spawn()?;
+        Config::Watched | Config::Before(_) | Config::Unwatched => {
+            let child = spawn_daemon(tools, ns, config)?;
             let ns_name = ns.0.clone();
-            (
-                child,
-                Box::new(move || {
-                    Command::new("ip")
-                        .args([
-                            "netns",
-                            "exec",
-                            &ns_name,
-                            "curl",
-                            "-sf",
-                            &format!("http://{METRICS}/readyz"),
-                        ])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .is_ok_and(|s| s.success())
-                }),
-            )
+            (child, Box::new(move || ready(&ns_name)))
         }
         Config::Tcplife => {
             let out = tools.dir.join("tcplife.log");
@@ -333,14 +404,14 @@ fn start_monitor(tools: &Tools, ns: &Ns, config: Config, policy: &Path) -> Resul
         if let Ok(Some(status)) = monitor.child.try_wait() {
             bail!(
                 "{} exited with {status} before it was ready (logs in {})",
-                config.label(),
+                tools.label(config),
                 tools.dir.display()
             );
         }
         if Instant::now() > deadline {
             bail!(
                 "{} not ready after 30 s (logs in {})",
-                config.label(),
+                tools.label(config),
                 tools.dir.display()
             );
         }
@@ -508,14 +579,20 @@ fn pipeline_bench() -> Result<Pipeline> {
     })
 }
 
-fn render(storm: &Storm, cost: &DaemonCost, flood: &Flood, pipeline: &Pipeline) -> Result<String> {
-    let rates = &storm.rates;
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let base = median(&rates[&Config::None]);
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn spread(v: &[f64], digits: usize) -> String {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.digits$}–{max:.digits$}")
+}
+
+/// The title, the machine, and the storm sections (storm, daemon cost, eBPF run time).
+fn render_storm(storm: &Storm, before: &[Binary], command: &str) -> Result<String> {
     let mut s = String::new();
     let kernel = sh_out(Command::new("uname").arg("-r"))?.trim().to_owned();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")?
@@ -529,97 +606,160 @@ fn render(storm: &Storm, cost: &DaemonCost, flood: &Flood, pipeline: &Pipeline) 
     writeln!(s, "# k8s-ebpf benchmarks\n")?;
     writeln!(
         s,
-        "Produced by `cargo xtask bench` on {date}: {cores} cores ({cpu}), Linux {kernel}."
+        "Produced by `{command}` on {date}: {cores} cores ({cpu}), Linux {kernel}."
     )?;
+    if command.ends_with("--storm-only") {
+        writeln!(s, "That run measured the sections above \"Userspace pipeline\"; the later sections are from earlier runs (see this file's history).")?;
+    }
     writeln!(
         s,
-        "Every ratio is against the baseline (a) measured in the same run.\n"
+        "Every ratio is against the baseline measured in the same run.\n"
     )?;
+    if !before.is_empty() {
+        let list: Vec<String> = before
+            .iter()
+            .map(|b| format!("{} (`{}`)", b.label, b.path.display()))
+            .collect();
+        writeln!(s, "Earlier builds measured in the same run (`--before`), each run as (b) in the same rotation: {}.\n", list.join(", "))?;
+    }
+    storm_table(&mut s, storm, before)?;
+    daemon_table(&mut s, storm, before)?;
+    ebpf_table(&mut s, storm, before)?;
+    Ok(s)
+}
+
+fn storm_table(s: &mut String, storm: &Storm, before: &[Binary]) -> Result<()> {
     writeln!(s, "## Connection storm ({STORM_CONNECTIONS} loopback connections per run, {REPS} interleaved runs in rotating order, medians)\n")?;
     writeln!(s, "CPU per connection is the storm process's own user + system time (both ends of every connection; on loopback the kernel's softirq work, eBPF programs included, runs in its context): it is the steadier measure on a shared machine. Wall-clock rates vary more from run to run.\n")?;
-    writeln!(s, "| configuration | CPU µs / connection (median) | CPU ratio to (a) | CPU overhead | median conn/s | rate ratio to (a) | runs (conn/s) |")?;
-    writeln!(s, "|---|---:|---:|---:|---:|---:|---|")?;
+    writeln!(s, "| configuration | CPU µs / connection (median) | CPU µs, min–max | CPU ratio to (a) | CPU overhead | median conn/s | rate ratio to (a) | runs (conn/s) |")?;
+    writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---|")?;
+    let base = median(&storm.rates[&Config::None]);
     let cpu_base = median(&storm.cpu_per_conn[&Config::None]);
-    for config in Config::ALL {
-        let v = &rates[&config];
+    for config in Config::storm(before.len()) {
+        let v = &storm.rates[&config];
         let m = median(v);
-        let cpu = median(&storm.cpu_per_conn[&config]);
+        let cpus = &storm.cpu_per_conn[&config];
+        let cpu = median(cpus);
         let runs: Vec<String> = v.iter().map(|r| format!("{r:.0}")).collect();
         writeln!(
             s,
-            "| {} | {cpu:.2} | {:.3} | {:+.1} % | {m:.0} | {:.3} | {} |",
-            config.label(),
+            "| {} | {cpu:.2} | {} | {:.3} | {:+.1} % | {m:.0} | {:.3} | {} |",
+            config.label(before),
+            spread(cpus, 2),
             cpu / cpu_base,
             (cpu / cpu_base - 1.0) * 100.0,
             m / base,
             runs.join(", "),
         )?;
     }
-    let cpu_total: f64 = cost.cpu_seconds.iter().sum();
-    writeln!(s, "\n## Daemon cost during (b)\n")?;
-    writeln!(s, "| measure | value |\n|---|---:|")?;
-    writeln!(
-        s,
-        "| daemon CPU per run (median of {REPS}; clock-tick resolution 0.01 s) | {:.2} s |",
-        median(&cost.cpu_seconds)
-    )?;
-    writeln!(s, "| daemon CPU, all (b) runs | {cpu_total:.3} s |")?;
-    writeln!(
-        s,
-        "| daemon peak RSS | {:.1} MiB |",
-        cost.peak_rss_kib as f64 / 1024.0
-    )?;
-    writeln!(s, "| kernel ring-buffer drops | {} |", cost.ringbuf_full)?;
-    writeln!(s, "| output queue drops | {} |", cost.output_dropped)?;
-    for (name, (run_ns, cnt)) in cost.programs.get(&Config::Watched).into_iter().flatten() {
-        let per = if *cnt > 0 {
-            *run_ns as f64 / *cnt as f64
-        } else {
-            0.0
-        };
+    Ok(())
+}
+
+fn daemon_table(s: &mut String, storm: &Storm, before: &[Binary]) -> Result<()> {
+    writeln!(s, "\n## Daemon cost during the storm\n")?;
+    writeln!(s, "The daemon's own CPU time over each storm (the scheduler's sum_exec_runtime of its threads, nanosecond resolution; from the daemon being ready to 300 ms after the storm), its peak RSS (VmHWM, highest of the runs), the drop counters and the alert lines it wrote, summed over its {REPS} runs (the storm's peer is expected: none is the right answer).\n")?;
+    writeln!(s, "| daemon | CPU ms per run (median) | min–max | CPU µs / connection | ratio to (b) | peak RSS | ring-buffer drops | output queue drops | alert lines |")?;
+    writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    let ms = |c: &DaemonCost| c.cpu_seconds.iter().map(|s| s * 1e3).collect::<Vec<_>>();
+    let watched = storm
+        .daemons
+        .get(&Config::Watched)
+        .map_or(0.0, |c| median(&ms(c)));
+    for (config, cost) in &storm.daemons {
+        let m = median(&ms(cost));
         writeln!(
             s,
-            "| program `{name}` in (b): runs / mean run time | {cnt} / {per:.0} ns |"
+            "| {} | {m:.1} | {} | {:.3} | {:.2} | {:.1} MiB | {} | {} | {} |",
+            config.label(before),
+            spread(&ms(cost), 1),
+            m * 1e3 / STORM_CONNECTIONS as f64,
+            if watched > 0.0 { m / watched } else { 0.0 },
+            cost.peak_rss_kib as f64 / 1024.0,
+            cost.ringbuf_full,
+            cost.output_dropped,
+            cost.alert_lines,
         )?;
     }
     writeln!(
         s,
-        "\n## eBPF run time per connection (kernel.bpf_stats_enabled, one {STORM_CONNECTIONS}-connection storm each)\n"
+        "\n| daemon | program | runs / connection | mean run time |\n|---|---|---:|---:|"
+    )?;
+    for (config, runs) in storm.programs.iter().filter(|(c, _)| c.is_daemon()) {
+        let mut sums: ProgramStats = BTreeMap::new();
+        for (name, (t, n)) in runs.iter().flatten() {
+            let e = sums.entry(name.clone()).or_default();
+            *e = (e.0 + t, e.1 + n);
+        }
+        for (name, (t, n)) in sums {
+            let per_conn = n as f64 / (runs.len() as u64 * STORM_CONNECTIONS) as f64;
+            let mean = if n > 0 { t as f64 / n as f64 } else { 0.0 };
+            writeln!(
+                s,
+                "| {} | `{name}` | {per_conn:.2} | {mean:.0} ns |",
+                config.label(before)
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn ebpf_table(s: &mut String, storm: &Storm, before: &[Binary]) -> Result<()> {
+    writeln!(
+        s,
+        "\n## eBPF run time per connection (kernel.bpf_stats_enabled, {STATS_REPS} interleaved {STORM_CONNECTIONS}-connection storms each, medians)\n"
     )?;
     writeln!(s, "The kernel's own count: run_time_ns summed over every program the monitor holds, divided by the storm's connections (each loopback connection is both ends). The statistics add two clock reads to every run, so absolute values are a little high; all monitors pay the same. Row (f) is the floor: a program that does nothing, on the one tracepoint, costs this much per connection because the tracepoint fires on every state change of both ends (10 per loopback connection).\n")?;
     writeln!(
         s,
-        "| monitor | program runs / connection | eBPF ns / connection | ratio to (b) |"
+        "| monitor | program runs / connection | eBPF ns / connection (median) | min–max | ratio to (b) | ratio to the floor (f) |"
     )?;
-    writeln!(s, "|---|---:|---:|---:|")?;
-    let per_conn = |config: Config| {
-        cost.programs.get(&config).map(|p| {
-            let (t, n) = p
-                .values()
-                .fold((0u64, 0u64), |(t, n), (rt, rc)| (t + rt, n + rc));
-            (
-                n as f64 / STORM_CONNECTIONS as f64,
-                t as f64 / STORM_CONNECTIONS as f64,
-            )
-        })
+    writeln!(s, "|---|---:|---:|---:|---:|---:|")?;
+    // Per storm: (program runs, run time in ns) per connection.
+    let per_conn = |config: Config| -> Vec<(f64, f64)> {
+        let runs = storm.programs.get(&config).map_or(&[][..], |v| &v[..]);
+        runs.iter()
+            .map(|p| {
+                let (t, n) = p
+                    .values()
+                    .fold((0u64, 0u64), |(t, n), (rt, rc)| (t + rt, n + rc));
+                let per = |x: u64| x as f64 / STORM_CONNECTIONS as f64;
+                (per(n), per(t))
+            })
+            .collect()
     };
-    let watched = per_conn(Config::Watched).map_or(0.0, |(_, t)| t);
-    for config in [
-        Config::Watched,
-        Config::Unwatched,
-        Config::Tcplife,
-        Config::Bpftrace,
-        Config::EmptyProgram,
-    ] {
-        if let Some((runs, ns)) = per_conn(config) {
-            let ratio = if watched > 0.0 { ns / watched } else { 0.0 };
-            writeln!(
-                s,
-                "| {} | {runs:.1} | {ns:.0} | {ratio:.2} |",
-                config.label()
-            )?;
+    let ns_median = |config: Config| {
+        let v: Vec<f64> = per_conn(config).iter().map(|r| r.1).collect();
+        if v.is_empty() {
+            0.0
+        } else {
+            median(&v)
         }
+    };
+    let (watched, floor) = (ns_median(Config::Watched), ns_median(Config::EmptyProgram));
+    let ratio = |x: f64, to: f64| if to > 0.0 { x / to } else { 0.0 };
+    for config in Config::stats(before.len()) {
+        let rows = per_conn(config);
+        if rows.is_empty() {
+            continue;
+        }
+        let runs = median(&rows.iter().map(|r| r.0).collect::<Vec<_>>());
+        let ns: Vec<f64> = rows.iter().map(|r| r.1).collect();
+        let m = median(&ns);
+        writeln!(
+            s,
+            "| {} | {runs:.1} | {m:.0} | {} | {:.2} | {:.2} |",
+            config.label(before),
+            spread(&ns, 0),
+            ratio(m, watched),
+            ratio(m, floor),
+        )?;
     }
+    Ok(())
+}
+
+/// The sections after the storm: the userspace pipeline and the flood.
+fn render_rest(flood: &Flood, pipeline: &Pipeline) -> Result<String> {
+    let mut s = String::new();
     writeln!(s, "\n## Userspace pipeline (criterion, one core)\n")?;
     writeln!(s, "| path | events/s |\n|---|---:|")?;
     writeln!(
@@ -781,7 +921,7 @@ fn prog_name(id: u32) -> Option<String> {
 }
 
 /// Only the scale rows: measured, printed, and spliced into docs/bench.md.
-pub fn run_scale(root: &Path, daemon: &Path, before: Option<&Path>) -> Result<()> {
+pub fn run_scale(root: &Path, daemon: &Path, before: &[Binary]) -> Result<()> {
     let (rows, speed) = crate::scale::run(root, daemon, before)?;
     let section = crate::scale::render(&rows, &speed)?;
     print!("{section}");

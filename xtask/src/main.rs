@@ -64,9 +64,15 @@ enum Cmd {
         /// replaces that section of docs/bench.md.
         #[arg(long, conflicts_with = "scale_only")]
         attack_only: bool,
-        /// Another daemon binary (e.g. an older build) measured in the scale rows too.
-        #[arg(long)]
-        before: Option<std::path::PathBuf>,
+        /// Only the connection-storm rows (the storm, the daemon's cost, the eBPF run
+        /// time); replaces those sections of docs/bench.md.
+        #[arg(long, conflicts_with_all = ["scale_only", "attack_only"])]
+        storm_only: bool,
+        /// Another daemon binary (e.g. an older build), `PATH` or `LABEL=PATH`; may be
+        /// given more than once. Each is measured in the storm rows (interleaved with this
+        /// build) and in the scale rows.
+        #[arg(long, value_name = "[LABEL=]PATH")]
+        before: Vec<String>,
     },
     /// The daemon under mixed traffic for a bounded time; fails if its memory grows more
     /// than 5 % after the first minute (needs root).
@@ -96,6 +102,7 @@ fn main() -> Result<()> {
         Cmd::Bench {
             scale_only,
             attack_only,
+            storm_only,
             before,
         } => {
             bootstrap::ensure(Need::All)?;
@@ -104,12 +111,11 @@ fn main() -> Result<()> {
             }
             let bin = std::fs::canonicalize(build_daemon()?)?;
             let before = before
-                .map(|b| {
-                    std::fs::canonicalize(&b).with_context(|| format!("--before {}", b.display()))
-                })
-                .transpose()?;
+                .iter()
+                .map(|b| host::Binary::parse(b))
+                .collect::<Result<Vec<_>>>()?;
             if scale_only {
-                return bench::run_scale(&root, &bin, before.as_deref());
+                return bench::run_scale(&root, &bin, &before);
             }
             let synprobe = build_synprobe()?;
             if attack_only {
@@ -124,7 +130,10 @@ fn main() -> Result<()> {
                 "storm",
             ])?;
             let storm = std::fs::canonicalize(target_dir().join("release/storm"))?;
-            bench::run(&root, &bin, &storm, &synprobe, before.as_deref())
+            if storm_only {
+                return bench::run_storm(&root, &bin, &storm, &before);
+            }
+            bench::run(&root, &bin, &storm, &synprobe, &before)
         }
         Cmd::Soak { minutes } => {
             bootstrap::ensure(Need::All)?;

@@ -2,7 +2,7 @@
 //! (tests/fixtures/fakeapi.py) generates a cluster of N pods and M nodes shaped like a real
 //! one, the release daemon (default policy) lists and watches it from its own network
 //! namespace, and we record time to /readyz 200, RSS once synced, peak RSS (VmHWM), and
-//! what the fake served (objects, requests, bytes). The same for a `--before` binary when
+//! what the fake served (objects, requests, bytes). The same for each `--before` binary
 //! given. The fake's own paging speed is measured alone first, so it is known not to be
 //! the bottleneck.
 
@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::host::{cpu_seconds, peak_rss_kib, sh_ok, sh_out, Ns};
+use crate::host::{cpu_seconds, peak_rss_kib, sh_ok, sh_out, Binary, Ns};
 
 /// One generated cluster and the API server's abilities.
 #[derive(Clone, Copy)]
@@ -73,7 +73,7 @@ const GENERATE_TIMEOUT: Duration = Duration::from_secs(300);
 const NODE_NAME: &str = "node-00001";
 
 pub struct Row {
-    pub binary: &'static str,
+    pub binary: String,
     pub cluster: Cluster,
     /// What the daemon reported: `k8s_ebpf_kubernetes_pod_coverage`.
     pub coverage: String,
@@ -319,12 +319,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// One daemon against one generated cluster.
-pub fn measure(
-    root: &Path,
-    dir: &Path,
-    binary: (&'static str, &Path),
-    cluster: Cluster,
-) -> Result<Row> {
+pub fn measure(root: &Path, dir: &Path, binary: (&str, &Path), cluster: Cluster) -> Result<Row> {
     let Cluster { pods, nodes, .. } = cluster;
     let ns = Ns::new("scale")?;
     let api = start_fake(root, dir, &ns, cluster)?;
@@ -393,7 +388,7 @@ pub fn measure(
         .unwrap_or("-")
         .to_owned();
     Ok(Row {
-        binary: binary.0,
+        binary: binary.0.to_owned(),
         cluster,
         coverage,
         pods: stats["stored"]["pods"].as_u64().unwrap_or(pods),
@@ -409,8 +404,8 @@ pub fn measure(
     })
 }
 
-/// Every cluster size for `after` (and `before`, when given).
-pub fn run(root: &Path, after: &Path, before: Option<&Path>) -> Result<(Vec<Row>, FakeSpeed)> {
+/// Every cluster size for `after` and each `--before` binary.
+pub fn run(root: &Path, after: &Path, before: &[Binary]) -> Result<(Vec<Row>, FakeSpeed)> {
     let dir = root.join("target/bench/scale");
     std::fs::create_dir_all(&dir)?;
     let top = CLUSTERS[2];
@@ -418,9 +413,8 @@ pub fn run(root: &Path, after: &Path, before: Option<&Path>) -> Result<(Vec<Row>
     let speed = fake_speed(root, &dir, top.pods, top.nodes)?;
     let mut rows = Vec::new();
     for cluster in CLUSTERS {
-        let binaries = [("this build", Some(after)), ("before (--before)", before)];
-        for (name, bin) in binaries {
-            let Some(bin) = bin else { continue };
+        let befores = before.iter().map(|b| (b.label.as_str(), b.path.as_path()));
+        for (name, bin) in std::iter::once(("this build", after)).chain(befores) {
             eprintln!(
                 "xtask bench: scale: {name}, {} pods / {} nodes, {}{}",
                 cluster.pods,
