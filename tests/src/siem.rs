@@ -46,3 +46,35 @@ pub fn validate_ocsf(version: &str, files: &[&Path]) -> Result<String, String> {
         Err(report)
     }
 }
+
+/// `sigma ARGS` from the venv: (success, stdout, stderr).
+pub fn sigma(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(tool("sigma"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("run sigma");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs every rule of `rules` over the ECS lines of `files` with pySigma's SQLite backend
+/// (tests/siem/sigma_run.py): `{"records": N, "hits": {"rule name": [hit, ...]}}`.
+/// Panics, with the tool's output, when a rule fails to convert or run.
+pub fn run_rules(rules: &Path, files: &[&Path]) -> serde_json::Value {
+    let out = Command::new(tool("python"))
+        .arg(repo().join("tests/siem/sigma_run.py"))
+        .arg(rules)
+        .args(files)
+        .output()
+        .expect("run sigma_run.py");
+    assert!(
+        out.status.success(),
+        "sigma_run.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("sigma_run.py prints JSON")
+}
