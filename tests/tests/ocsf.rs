@@ -6,8 +6,9 @@
 //! attacker's kubelet (unexpected) and curl, an expected client, does too. Every record
 //! kind the daemon writes comes out as OCSF in the rotated file (rotated many times on
 //! the way), and every line of every file validates against the OCSF JSON schema of its
-//! class (`ocsf-json-schema` + `jsonschema`, tests/siem/ocsf_validate.py). The check's
-//! own ability to fail is `ecs.rs::the_ocsf_check_rejects_broken_events`.
+//! class (`ocsf-json-schema` + `jsonschema`, tests/siem/ocsf_validate.py). On stdout
+//! too (`stdout_carries_ocsf_too`). The check's own ability to fail is
+//! `ecs.rs::the_ocsf_check_rejects_broken_events`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -221,5 +222,75 @@ fn every_record_kind_is_valid_ocsf_from_the_daemon() {
             "{report}"
         ),
         Err(report) => panic!("OCSF schema validation failed:\n{report}"),
+    }
+}
+
+/// The daemon on stdout (`--output -`, the default) with `--format ocsf`: the listener
+/// found at start comes out as an OCSF Listen event, and every line there is valid OCSF
+/// (logs stay on stderr).
+#[test]
+fn stdout_carries_ocsf_too() {
+    if !privileged("stdout_carries_ocsf_too") {
+        return;
+    }
+    /// Kills the daemon if the test panics before it stops.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let node = NetNs::new("ostdout");
+    let _read_only = node.listen("0.0.0.0:10255");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\nrules:\n  - {name: kubelet-read-only, port: 10255, bind: none, expected_peers: []}\n",
+    )
+    .expect("write policy");
+    let stdout = dir.path().join("stdout.json");
+    let mut daemon = Running(
+        node.command(integration_tests::daemon_bin().to_str().expect("utf-8"))
+            .args([
+                "run",
+                "--format",
+                "ocsf",
+                "--metrics-addr",
+                "off",
+                "--policy",
+            ])
+            .arg(&policy)
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).expect("stderr"))
+            .spawn()
+            .expect("start k8s-ebpf run"),
+    );
+    let listen = |text: &str| {
+        text.lines().any(|l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|r| {
+                r["class_uid"] == 4001
+                    && r["activity_id"] == 7
+                    && r["dst_endpoint"]["port"] == 10255
+            })
+        })
+    };
+    wait_for(
+        "the listener's OCSF event on stdout",
+        Duration::from_secs(20),
+        || listen(&std::fs::read_to_string(&stdout).unwrap_or_default()),
+    );
+    // SAFETY: kill(2) on the daemon's own pid (`ip netns exec` execs the daemon).
+    let rc = unsafe { libc::kill(daemon.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    let status = daemon.0.wait().expect("wait");
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
+    );
+    if let Err(report) = validate_ocsf(OCSF_VERSION, &[stdout.as_path()]) {
+        panic!("stdout is not valid OCSF:\n{report}");
     }
 }
