@@ -15,7 +15,7 @@ use k8s_ebpf::{
     daemon::{self, DaemonConfig, UsageError},
     identity::{self, ApiMode, Identities},
     metrics::DEFAULT_METRICS_ADDR,
-    output::{Destination, Rotation, DEFAULT_KEEP, DEFAULT_MAX_BYTES},
+    output::{Destination, Format, Rotation, DEFAULT_KEEP, DEFAULT_MAX_BYTES},
     policy::{Policy, Profile, ProfileChoice},
 };
 use tokio::sync::{mpsc, watch};
@@ -151,6 +151,11 @@ struct RunArgs {
     /// Where alerts go: `-` for stdout, or a file (rotated by size).
     #[arg(long, default_value = "-")]
     output: String,
+    /// Schema of the records: `ecs` (Elastic Common Schema) or `ocsf` (Open
+    /// Cybersecurity Schema Framework 1.8.0, translated from the ECS record), on stdout
+    /// and in the file alike.
+    #[arg(long, value_enum, default_value = "ecs")]
+    format: Format,
     /// Rotate the alert file before it passes this many bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_BYTES)]
     output_max_bytes: u64,
@@ -385,6 +390,7 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
         netns: args.netns,
         metrics_addr: args.metrics_addr.0,
         output,
+        format: args.format,
         log_allowed: args.log_allowed,
         ring_bytes: args.ring_bytes,
         hostname: args.hostname.unwrap_or_else(daemon::default_hostname),

@@ -8,6 +8,8 @@
 //! or absent (a write cut short by a full disk is cut back out), it is created with mode
 //! 0600 unless `--output-mode` says otherwise, and it is never opened through a symbolic
 //! link, at start or when reopened after a rotation or a failure.
+//!
+//! `--format ocsf` translates each record on its way out ([`ocsf`]); ECS is the default.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -29,6 +31,8 @@ use crate::{
     alert::{AlertEvent, RecordKind},
     metrics::Metrics,
 };
+
+pub mod ocsf;
 
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
 /// How long an alert may wait for room in a full queue before it is dropped.
@@ -61,6 +65,16 @@ impl Rotation {
     }
 }
 
+/// The schema of the lines written (`--format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Elastic Common Schema, as the pipeline builds the record.
+    #[default]
+    Ecs,
+    /// Open Cybersecurity Schema Framework, translated from the ECS record.
+    Ocsf,
+}
+
 /// Where records go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Destination {
@@ -71,6 +85,7 @@ pub enum Destination {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutputSettings {
     pub destination: Destination,
+    pub format: Format,
     pub queue_capacity: usize,
     pub alert_wait: Duration,
 }
@@ -79,6 +94,7 @@ impl OutputSettings {
     pub fn new(destination: Destination) -> Self {
         Self {
             destination,
+            format: Format::Ecs,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             alert_wait: DEFAULT_ALERT_WAIT,
         }
@@ -257,6 +273,7 @@ pub fn spawn(
     let stats = Arc::new(OutputStats::default());
     let writer = Writer {
         sink,
+        format: settings.format,
         stats: Arc::clone(&stats),
         metrics: metrics.clone(),
     };
@@ -514,6 +531,7 @@ fn append_whole(file: &mut impl AppendFile, line: &[u8], size: u64) -> io::Resul
 
 struct Writer {
     sink: Box<dyn LineSink>,
+    format: Format,
     stats: Arc<OutputStats>,
     metrics: Option<Arc<Metrics>>,
 }
@@ -533,7 +551,12 @@ impl Writer {
     }
 
     fn write(&mut self, record: &AlertEvent) {
-        let line = match record.to_json_line() {
+        let line = match self.format {
+            Format::Ecs => record.to_json_line(),
+            Format::Ocsf => serde_json::to_value(record)
+                .and_then(|ecs| serde_json::to_string(&ocsf::from_ecs(&ecs))),
+        };
+        let line = match line {
             Ok(l) => l,
             Err(e) => {
                 self.failed(&format!("cannot serialize a record: {e}"), None);

@@ -8,6 +8,7 @@
 pub mod daemon;
 pub mod ecs;
 pub mod fakeapi;
+pub mod siem;
 
 use std::{
     fs::File,

@@ -394,3 +394,78 @@ fn the_ecs_check_rejects_broken_records() {
         "tsc must reject exactly the broken records:\n{report}"
     );
 }
+
+/// Writes `records` one a line to a temporary file for the OCSF validator.
+fn lines_file(records: &[Value]) -> tempfile::NamedTempFile {
+    use std::io::Write as _;
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    for r in records {
+        writeln!(f, "{r}").expect("write");
+    }
+    f
+}
+
+/// `--format ocsf` (k8s_ebpf::output::ocsf): every record kind above, translated, is a
+/// valid OCSF event of the pinned release by the OCSF JSON schema of its class
+/// (`ocsf-json-schema`, with jsonschema: unknown attributes refused). The root test
+/// tests/tests/ocsf.rs checks the daemon's real output the same way.
+#[test]
+fn every_record_kind_translates_to_valid_ocsf() {
+    use k8s_ebpf::output::ocsf::{from_ecs, OCSF_VERSION};
+    let ocsf: Vec<Value> = every_record().iter().map(from_ecs).collect();
+    let classes: BTreeSet<u64> = ocsf
+        .iter()
+        .filter_map(|r| r["class_uid"].as_u64())
+        .collect();
+    assert_eq!(classes, BTreeSet::from([2004, 4001]));
+    let activities: BTreeSet<u64> = ocsf
+        .iter()
+        .filter(|r| r["class_uid"] == 4001)
+        .filter_map(|r| r["activity_id"].as_u64())
+        .collect();
+    assert_eq!(
+        activities,
+        BTreeSet::from([1, 4, 5, 7]),
+        "Open, Fail, Refuse, Listen"
+    );
+    for r in &ocsf {
+        assert_eq!(r["metadata"]["version"], OCSF_VERSION, "{r}");
+        assert_eq!(r["metadata"]["product"]["name"], "k8s-ebpf", "{r}");
+    }
+    let f = lines_file(&ocsf);
+    if let Err(report) = integration_tests::siem::validate_ocsf(OCSF_VERSION, &[f.path()]) {
+        panic!("OCSF schema validation failed:\n{report}");
+    }
+}
+
+/// The OCSF check can fail: an unknown attribute, a wrong type, a missing required
+/// attribute and a value outside an enum are each rejected.
+#[test]
+fn the_ocsf_check_rejects_broken_events() {
+    use k8s_ebpf::output::ocsf::{from_ecs, OCSF_VERSION};
+    let good = from_ecs(&every_record().swap_remove(0));
+    let mut unknown = good.clone();
+    unknown["src_endpoint"]["ipaddr"] = Value::from("192.0.2.1");
+    let mut wrong_type = good.clone();
+    wrong_type["dst_endpoint"]["port"] = Value::from("10250");
+    let mut missing = good.clone();
+    missing
+        .as_object_mut()
+        .expect("object")
+        .remove("severity_id");
+    let mut out_of_enum = good.clone();
+    out_of_enum["activity_id"] = Value::from(42);
+    for (what, broken) in [
+        ("unknown attribute", unknown),
+        ("wrong type", wrong_type),
+        ("missing severity_id", missing),
+        ("activity_id outside its enum", out_of_enum),
+    ] {
+        let f = lines_file(std::slice::from_ref(&broken));
+        let report =
+            integration_tests::siem::validate_ocsf(OCSF_VERSION, &[f.path()]).expect_err(what);
+        assert!(report.contains("0 valid, 1 invalid"), "{what}: {report}");
+    }
+    let f = lines_file(&[good]);
+    integration_tests::siem::validate_ocsf(OCSF_VERSION, &[f.path()]).expect("the intact event");
+}

@@ -2,7 +2,8 @@
 //! configuration — only the paths and the collector's address changed to the test's —
 //! tailing the daemon's rotated alert file with imfile while the daemon writes a burst of
 //! alerts across several rotations, and forwards over TCP to a collector on loopback.
-//! Every line the daemon wrote arrives exactly once, as valid JSON (and valid ECS).
+//! Every line the daemon wrote arrives exactly once, as valid JSON (and valid ECS; with
+//! `--format ocsf`, valid OCSF by the OCSF JSON schema).
 
 use std::{
     collections::BTreeMap,
@@ -14,10 +15,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{daemon::Daemon, ecs::assert_ecs, link, privileged, NetNs, Proc};
+use integration_tests::{
+    daemon::Daemon, ecs::assert_ecs, link, privileged, siem::validate_ocsf, NetNs, Proc,
+};
 use serde_json::Value;
 
 const SOURCES: usize = 250;
+/// The rotation size for ECS lines; OCSF lines (≤ 1,600 bytes) get twice as much.
 const MAX_BYTES: u64 = 40_000;
 const KEEP: usize = 30;
 /// The burst pauses after this many sources (2 alerts each, ≤ 800 bytes a line: under
@@ -27,6 +31,7 @@ const KEEP: usize = 30;
 const PER_PAUSE: usize = 25;
 const PAUSE_MS: u64 = 500;
 const _: () = assert!(PER_PAUSE * 2 * 800 <= MAX_BYTES as usize);
+const _: () = assert!(PER_PAUSE * 2 * 1600 <= 2 * MAX_BYTES as usize);
 
 /// The example's rsyslog configuration, with `replace` applied (each must match once).
 fn example_config(replace: &[(&str, &str)]) -> String {
@@ -106,6 +111,26 @@ fn rsyslog_ships_every_alert_exactly_once_across_rotations() {
     if !privileged("rsyslog_ships_every_alert_exactly_once_across_rotations") {
         return;
     }
+    ship("ecs", MAX_BYTES);
+}
+
+/// The same with `--format ocsf`: the shipper is format-blind, and every OCSF line
+/// arrives once and whole.
+#[test]
+fn rsyslog_ships_every_ocsf_alert_exactly_once_across_rotations() {
+    if !privileged("rsyslog_ships_every_ocsf_alert_exactly_once_across_rotations") {
+        return;
+    }
+    ship("ocsf", MAX_BYTES * 2);
+}
+
+/// One shipper run at a time: imfile's timing margin (see PAUSE_MS) is not shared.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn ship(format: &str, max_bytes: u64) {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let node = NetNs::new("node");
     let peer = NetNs::new("peer");
     link(&node, &["192.0.2.1/24"], &peer, &["192.0.2.2/24"]);
@@ -179,7 +204,9 @@ fn rsyslog_ships_every_alert_exactly_once_across_rotations() {
             "--output",
             alerts.to_str().expect("utf-8"),
             "--output-max-bytes",
-            &MAX_BYTES.to_string(),
+            &max_bytes.to_string(),
+            "--format",
+            format,
             "--output-keep",
             &KEEP.to_string(),
         ],
@@ -243,7 +270,7 @@ fn rsyslog_ships_every_alert_exactly_once_across_rotations() {
     let received = received.lock().expect("lock").clone();
     eprintln!(
         "shipper: burst of {} connections in {burst_took:.1?}; the daemon wrote {} lines in {files} files \
-         ({MAX_BYTES}-byte rotation); rsyslog delivered {} lines, all within {:.1?}",
+         ({max_bytes}-byte rotation, {format}); rsyslog delivered {} lines, all within {:.1?}",
         SOURCES * 2,
         lines.len(),
         received.len(),
@@ -262,11 +289,18 @@ fn rsyslog_ships_every_alert_exactly_once_across_rotations() {
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
         .collect();
+    let action_of = |r: &Value| match format {
+        // Network Activity: Open (1) or Refuse (5).
+        "ocsf" => match r["activity_id"].as_u64() {
+            Some(1) => "unexpected-inbound",
+            Some(5) => "refused-attempt",
+            _ => "other",
+        }
+        .to_owned(),
+        _ => r["event"]["action"].as_str().unwrap_or("other").to_owned(),
+    };
     for action in ["unexpected-inbound", "refused-attempt"] {
-        let n = records
-            .iter()
-            .filter(|r| r["event"]["action"] == action)
-            .count();
+        let n = records.iter().filter(|r| action_of(r) == action).count();
         assert_eq!(n, SOURCES, "{action} records received");
     }
     // Exactly once: the same lines, each as many times as written (once: every record
@@ -289,7 +323,16 @@ fn rsyslog_ships_every_alert_exactly_once_across_rotations() {
         want.values().all(|&n| n == 1),
         "the daemon wrote a line twice"
     );
-    assert_ecs("records shipped by rsyslog", &records);
+    if format == "ocsf" {
+        let shipped = dir.path().join("shipped.json");
+        std::fs::write(&shipped, received.join("\n") + "\n").expect("write");
+        let version = k8s_ebpf::output::ocsf::OCSF_VERSION;
+        if let Err(report) = validate_ocsf(version, &[shipped.as_path()]) {
+            panic!("OCSF lines shipped by rsyslog:\n{report}");
+        }
+    } else {
+        assert_ecs("records shipped by rsyslog", &records);
+    }
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
 }

@@ -156,7 +156,8 @@ pub fn ensure(need: Need) -> Result<()> {
     Ok(())
 }
 
-/// What only the tests use: cargo-fuzz, and Node with the ECS check's npm packages.
+/// What only the tests use: cargo-fuzz, Node with the ECS check's npm packages, and the
+/// SIEM tests' Python venv (sigma-cli, the OCSF schemas).
 fn test_tools(root: bool, missing_steps: &mut Vec<String>) -> Result<()> {
     if !cargo_fuzz_ok() {
         let cmd = format!("cargo install cargo-fuzz --locked --version {CARGO_FUZZ_VERSION}");
@@ -178,6 +179,7 @@ fn test_tools(root: bool, missing_steps: &mut Vec<String>) -> Result<()> {
     if has_npm() {
         crate::npm::ensure()?;
     }
+    crate::siem::ensure()?;
     Ok(())
 }
 

@@ -13,6 +13,7 @@ mod image;
 mod kernels;
 mod npm;
 mod scale;
+mod siem;
 mod soak;
 
 use std::{

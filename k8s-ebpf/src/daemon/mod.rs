@@ -43,7 +43,7 @@ use tracing::{info, warn};
 use crate::{
     capture::{AttachMode, Capture, CaptureConfig, CaptureStreams, NetnsScope, StateHook, SynHook},
     identity::{self, ApiMode},
-    output::Destination,
+    output::{Destination, Format},
     policy::{Policy, PolicyErrors, Profile, ProfileChoice},
     privilege,
 };
@@ -79,6 +79,8 @@ pub struct DaemonConfig {
     /// `None`: no metrics or health endpoint.
     pub metrics_addr: Option<SocketAddr>,
     pub output: Destination,
+    /// `--format`: the schema of the lines written.
+    pub format: Format,
     pub log_allowed: bool,
     pub ring_bytes: u32,
     pub hostname: String,

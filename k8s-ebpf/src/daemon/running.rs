@@ -366,7 +366,10 @@ fn open_output(
     Option<JoinHandle<()>>,
 )> {
     let (sender, output_handle) = output::spawn(
-        OutputSettings::new(config.output.clone()),
+        OutputSettings {
+            format: config.format,
+            ..OutputSettings::new(config.output.clone())
+        },
         Some(Arc::clone(metrics)),
     )
     .map_err(|e| {
