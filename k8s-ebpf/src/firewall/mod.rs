@@ -149,6 +149,13 @@ pub fn resolve(policy: &Policy, cluster: Option<&ClusterSnapshot>) -> Resolved {
             selectors: peers.selectors().to_vec(),
             ..Allowlist::default()
         };
+        for net in mapped(peers.networks()) {
+            list.unexpressed.push(format!(
+                "`{net}` is an IPv4-mapped network: IPv4 peers arrive (and are judged by the \
+                 monitor) with their IPv4 address, which it never holds, so it admits nobody; \
+                 write the IPv4 network instead"
+            ));
+        }
         let mut extra: Vec<IpNet> = peers.networks().to_vec();
         for selector in peers.selectors() {
             let what = describe(selector);
@@ -243,25 +250,35 @@ fn selector_addresses(
     }
 }
 
-/// Aggregated (overlaps and nesting merged) IPv4 and IPv6 networks; IPv4-mapped IPv6
-/// networks count as IPv4, as the policy's own verdict does.
+/// Aggregated (overlaps and nesting merged) IPv4 and IPv6 networks. IPv4-mapped IPv6
+/// networks (`::ffff:0:0/96` and inside) are left out: an IPv4 peer reaches the node in
+/// IPv4 packets, and the policy's own verdict judges it by its IPv4 address, which such
+/// a network never holds ([`mapped`] names them).
 pub fn split(nets: impl IntoIterator<Item = IpNet>) -> (Vec<Ipv4Net>, Vec<Ipv6Net>) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for net in nets {
         match net {
             IpNet::V4(n) => v4.push(n.trunc()),
-            IpNet::V6(n) => match n.network().to_ipv4_mapped() {
-                Some(mapped) if n.prefix_len() >= 96 => v4.push(
-                    Ipv4Net::new(mapped, n.prefix_len() - 96)
-                        .expect("prefix within 32")
-                        .trunc(),
-                ),
-                _ => v6.push(n.trunc()),
-            },
+            IpNet::V6(n) if is_mapped(&n) => {}
+            IpNet::V6(n) => v6.push(n.trunc()),
         }
     }
     (Ipv4Net::aggregate(&v4), Ipv6Net::aggregate(&v6))
+}
+
+fn is_mapped(n: &Ipv6Net) -> bool {
+    n.prefix_len() >= 96 && n.network().to_ipv4_mapped().is_some()
+}
+
+/// The IPv4-mapped networks among `nets`, which match no peer.
+pub fn mapped(nets: &[IpNet]) -> Vec<Ipv6Net> {
+    nets.iter()
+        .filter_map(|n| match n {
+            IpNet::V6(n) if is_mapped(n) => Some(*n),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `text` safe inside a double-quoted nftables comment or a YAML comment line: no quotes,
