@@ -694,10 +694,10 @@ fn random_address_policies_round_trip_through_the_kernel() {
         let mut all_nets = Vec::new();
         for port in PORTS {
             let mut peers: Vec<String> = Vec::new();
-            for g in 0..groups.len() {
+            for (g, nets) in groups.iter().enumerate() {
                 if rng.below(2) == 1 {
                     peers.push(format!("\"@g{g}\""));
-                    all_nets.extend(groups[g].iter().copied());
+                    all_nets.extend(nets.iter().copied());
                 }
             }
             for _ in 0..rng.below(3) {
