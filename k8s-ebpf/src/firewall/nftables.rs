@@ -3,8 +3,8 @@
 //! Per watched port, an interval set of allowed IPv4 sources and one of IPv6 sources; the
 //! input chain accepts established and related traffic first, then everything arriving on
 //! `lo` (the node reaching itself, its own addresses included), then each port's allowed
-//! sources; what is left for the port is counted in a named counter and either logged to
-//! an NFLOG group (audit) or dropped (enforce). Other ports are not touched: the chain's
+//! sources; what is left for the port is counted in a named counter, logged to an NFLOG
+//! group and let through (audit) or dropped (enforce). Other ports are not touched: the chain's
 //! policy is accept.
 //!
 //! Facts it rests on (nft 1.0.6, checked with `nft -c`): `table inet T {}` followed by
@@ -59,8 +59,9 @@ pub fn render(resolved: &Resolved, policy: &Policy, options: &Options) -> String
         Mode::Enforce => {
             let _ = writeln!(
                 w,
-                "# mode enforce: every other source is counted (`nft list counters table inet {TABLE}`) \
-                 and dropped; the monitor does not see dropped SYNs."
+                "# mode enforce: every other source is counted (`nft list counters table inet {TABLE}`), \
+                 logged to NFLOG group {} and dropped; the monitor does not see dropped SYNs.",
+                options.log_group
             );
         }
     }
@@ -114,13 +115,17 @@ pub fn render(resolved: &Resolved, policy: &Policy, options: &Options) -> String
                 list.port
             );
         }
+        // Both modes log to the NFLOG group: under enforce the monitor never sees a dropped
+        // SYN (netfilter's input hook runs before the socket lookup), so the group and the
+        // counter are where blocked attempts show.
+        let log = format!(
+            "log prefix \"k8s-ebpf {}: \" group {}",
+            comment_text(&list.rule, 40),
+            options.log_group
+        );
         let verdict = match options.mode {
-            Mode::Audit => format!(
-                "log prefix \"k8s-ebpf {}: \" group {}",
-                comment_text(&list.rule, 40),
-                options.log_group
-            ),
-            Mode::Enforce => "drop".to_owned(),
+            Mode::Audit => log,
+            Mode::Enforce => format!("{log} drop"),
         };
         let unexpected = comment_text(
             &format!(

@@ -135,7 +135,9 @@ fn nftables_resolves_selectors_from_the_snapshot_and_says_it_is_one() {
         .iter()
         .any(|w| w.contains("kubelet") && w.contains("not stable")));
     // Enforce drops, with the rule and groups named in the comments.
-    assert!(text.contains("tcp dport 2379 counter name \"unexpected_2379\" drop"));
+    assert!(text.contains(
+        "tcp dport 2379 counter name \"unexpected_2379\" log prefix \"k8s-ebpf etcd-client: \" group 42 drop"
+    ));
     assert!(text.contains("comment \"rule etcd-client: loopback, @control_plane, @empty"));
     assert!(text.contains("ct state established,related accept"));
     assert!(text.find("ct state").expect("ct") < text.find("iif \"lo\"").expect("lo"));
