@@ -120,7 +120,7 @@ pub fn render(resolved: &Resolved, policy: &Policy, options: &Options) -> String
         // counter are where blocked attempts show.
         let log = format!(
             "log prefix \"k8s-ebpf {}: \" group {}",
-            comment_text(&list.rule, 40),
+            prefix_text(&list.rule),
             options.log_group
         );
         let verdict = match options.mode {
@@ -145,6 +145,21 @@ pub fn render(resolved: &Resolved, policy: &Policy, options: &Options) -> String
     let _ = writeln!(w, "\t}}");
     let _ = writeln!(w, "}}");
     out
+}
+
+/// A rule name as a log prefix: nft expands `$name` inside prefixes (a variable), so only
+/// letters, digits and `-_.` are kept, the rest `_`, at most 40 bytes.
+fn prefix_text(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect()
 }
 
 fn write_sets(w: &mut String, list: &Allowlist) {
