@@ -7,7 +7,7 @@
 //!
 //! Imports follow the same order: a module uses only those before it in
 //! ports, terminal, privilege (foundations) · metrics (plain labels, no stage) · capture ·
-//! inventory · identity · policy · verdict · learn · alert · correlate · output · naming ·
+//! inventory · identity · policy · verdict · learn · firewall · alert · correlate · output · naming ·
 //! daemon · main. When a stage needs a type from a later one, the type is in the wrong
 //! place (identity owns the pod queries the policy fills in; profile detection lives with
 //! the profiles). `tests/layering.rs` reads the `crate::` paths and fails on an edge
@@ -18,6 +18,7 @@ pub mod alert;
 pub mod capture;
 pub mod correlate;
 pub mod daemon;
+pub mod firewall;
 pub mod identity;
 pub mod inventory;
 pub mod learn;

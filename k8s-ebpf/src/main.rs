@@ -13,6 +13,7 @@ use k8s_ebpf::{
         AttachMode, Capture, CaptureConfig, CaptureError, NetnsScope, StateHook, SynHook,
     },
     daemon::{self, DaemonConfig, UsageError},
+    firewall,
     identity::{self, ApiMode, Identities},
     metrics::DEFAULT_METRICS_ADDR,
     output::{Destination, Format, Rotation, DEFAULT_KEEP, DEFAULT_MAX_BYTES},
@@ -75,6 +76,36 @@ enum Command {
     Learn(LearnArgs),
     /// Print raw capture records as JSON lines (a debugging and test tool).
     Capture(CaptureArgs),
+    /// Write host firewall policy (nftables, Cilium, Calico) for the watched ports' inbound
+    /// side: each rule's expected peers allowed, everyone else counted and logged (audit)
+    /// or dropped (enforce).
+    Firewall(FirewallArgs),
+}
+
+#[derive(clap::Args)]
+struct FirewallArgs {
+    /// nftables (an `inet` table for `nft -f`), cilium (CiliumClusterwideNetworkPolicy)
+    /// or calico (GlobalNetworkPolicy for host endpoints).
+    #[arg(long, value_enum, default_value = "nftables")]
+    format: firewall::Format,
+    /// audit: count and log unexpected peers, let them through; enforce: drop them.
+    #[arg(long, value_enum, default_value = "audit")]
+    mode: firewall::Mode,
+    /// Policy file (YAML), layered as `run` layers it; default: the embedded policy.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Distribution profile (kubeadm, eks, gke, aks, k3s): its policy, or the base the
+    /// file is layered on, as with `run --profile NAME`.
+    #[arg(long)]
+    profile: Option<ProfileChoice>,
+    /// NFLOG group the nftables audit mode logs to.
+    #[arg(long, default_value_t = firewall::DEFAULT_LOG_GROUP)]
+    log_group: u16,
+    /// Write here instead of stdout.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    kubernetes: KubernetesArgs,
 }
 
 #[derive(clap::Args)]
@@ -352,6 +383,7 @@ fn main() -> ExitCode {
             } => exposure(json, probe, policy.as_deref()).await,
             Command::Learn(args) => learn(args).await,
             Command::Capture(args) => capture(args).await,
+            Command::Firewall(args) => write_firewall(args).await,
         }
     });
     match result {
@@ -541,6 +573,74 @@ async fn learn(args: LearnArgs) -> anyhow::Result<()> {
         learned.learned
     );
     Ok(())
+}
+
+/// `k8s-ebpf firewall`: the policy's expected peers as host firewall policy. Selectors
+/// need the API's answer now; without it (unreachable, or none configured) nothing is
+/// written and the command fails, rather than write sets missing those peers.
+async fn write_firewall(args: FirewallArgs) -> anyhow::Result<()> {
+    let base = match args.profile {
+        None => None,
+        Some(ProfileChoice::Named(p)) => Some(p),
+        Some(ProfileChoice::Auto) => {
+            return Err(UsageError(
+                "firewall: --profile auto is not supported: name the profile (`k8s-ebpf \
+                 profiles` lists them)"
+                    .into(),
+            )
+            .into())
+        }
+    };
+    let policy = daemon::load_policy_on(args.policy.as_deref(), base)
+        .map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
+    let mode = args.kubernetes.mode();
+    let cluster = if mode != ApiMode::Off && firewall::needs_api(&policy, args.format) {
+        Some(resolve_selectors(&mode, &policy).await?)
+    } else {
+        None
+    };
+    let resolved = firewall::resolve(&policy, cluster.as_ref());
+    let options = firewall::Options {
+        format: args.format,
+        mode: args.mode,
+        log_group: args.log_group,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        generated_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    };
+    let text = firewall::render(&resolved, &policy, &options);
+    for w in firewall::warnings(&resolved, args.format) {
+        eprintln!("k8s-ebpf firewall: not expressed: {w}");
+    }
+    match &args.output {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+/// One read of the API for the policy's selectors.
+#[cfg(feature = "kubernetes")]
+async fn resolve_selectors(
+    mode: &ApiMode,
+    policy: &Policy,
+) -> anyhow::Result<identity::ClusterSnapshot> {
+    let api = identity::load(mode).map_err(UsageError)?;
+    let keys = identity::LabelKeys::for_selectors(policy.pod_label_keys());
+    identity::snapshot(&api, &policy.pod_queries(), keys)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the policy's Kubernetes selectors need their addresses from the API, and: {e}; \
+                 nothing written (--no-kubernetes writes the rules without them, each named)"
+            )
+        })
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn resolve_selectors(_: &ApiMode, _: &Policy) -> anyhow::Result<identity::ClusterSnapshot> {
+    anyhow::bail!("this build has no Kubernetes support: run with --no-kubernetes")
 }
 
 async fn capture(args: CaptureArgs) -> anyhow::Result<()> {

@@ -28,6 +28,7 @@ const ORDER: &[&str] = &[
     "policy",    // what is expected (selectors handed to identity in its own terms)
     "verdict",   // expected or not
     "learn",     // `k8s-ebpf learn`: a policy from what the verdicts would have said
+    "firewall",  // `k8s-ebpf firewall`: the policy's expected peers as host firewall policy
     "alert",     // the record correlate emits and output writes
     "correlate", // windows, counts, port scans
     "output",    // the alert writer

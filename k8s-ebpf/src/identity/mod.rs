@@ -27,7 +27,8 @@
 //! its indexes), `coverage` (which pods it holds; the pod ranges), `handle` (the
 //! shared [`Identities`] the pipeline looks peers up in),
 //! `query` (which pods to ask the API for: identity's own request types, which the
-//! policy fills from its selectors), `api` (whether and how the API is reached), and,
+//! policy fills from its selectors), `snapshot` (one read of nodes, pods and API servers,
+//! for `k8s-ebpf firewall`), `api` (whether and how the API is reached), and,
 //! with the `kubernetes` feature, `client`, `listed` (what is read from the API),
 //! [`watch`] (the feeds) and `lookups` (pods looked up on demand by address).
 
@@ -44,11 +45,14 @@ mod lookups;
 mod objects;
 mod pod_index;
 mod query;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 #[cfg(feature = "kubernetes")]
 pub mod watch;
 
-pub use self::{api::*, cache::*, coverage::Coverage, handle::*, objects::*, query::*};
+pub use self::{
+    api::*, cache::*, coverage::Coverage, handle::*, objects::*, query::*, snapshot::*,
+};
 #[cfg(feature = "kubernetes")]
 pub use self::{client::local_node, lookups::PodLookups};

@@ -367,6 +367,9 @@ pub struct Rule {
     pub netns: RuleNetns,
     /// Who may connect in.
     pub expected_peers: PeerSet,
+    /// The `@groups` named in `expected_peers`, in the file's order (already expanded
+    /// into `expected_peers`; kept so generated firewall rules can name them).
+    pub expected_peer_groups: Vec<String>,
     /// Which local processes may connect out to this port elsewhere.
     pub expected_clients: ExpectedClients,
 }
@@ -1076,13 +1079,17 @@ impl Validator {
         };
 
         let mut expected_peers = PeerSet::default();
+        let mut expected_peer_groups = Vec::new();
         for entry in &raw.expected_peers {
             match parse_peer(&entry.value) {
                 Ok(PeerEntry::Loopback) => expected_peers.loopback = true,
                 Ok(PeerEntry::Net(n)) => expected_peers.nets.push(n),
                 Ok(PeerEntry::Selector(sel)) => expected_peers.selectors.push(sel),
                 Ok(PeerEntry::Group(g)) => match groups.get(&g) {
-                    Some(set) => expected_peers.extend(set),
+                    Some(set) => {
+                        expected_peers.extend(set);
+                        expected_peer_groups.push(g);
+                    }
                     None => {
                         self.error(
                             pos(entry),
@@ -1119,6 +1126,7 @@ impl Validator {
                 .unwrap_or(BindScope::Any),
             netns: raw.netns.unwrap_or_default(),
             expected_peers,
+            expected_peer_groups,
             expected_clients,
         })
     }
