@@ -36,7 +36,9 @@ use crate::{
         Observation, StateHook, SynHook,
     },
     correlate::{Engine, EngineSettings},
-    identity::{self, ApiMode, Identities, LabelKeys, PodPlan},
+    identity::{
+        self, ApiMode, CgroupPlace, CgroupView, Identities, LabelKeys, PodIdentity, PodPlan,
+    },
     inventory,
     metrics::{Metrics, MetricsServer, Readiness},
     naming::RecordSender,
@@ -614,10 +616,9 @@ impl Pipeline<'_> {
                     EventKind::Outbound | EventKind::Listen | EventKind::ListenClose
                 )
             })
-            .and_then(|p| proc_cgroup(p.pid));
-        let container = cgroup.as_deref().and_then(container_id);
+            .and_then(|p| CgroupView::daemon().of_pid(p.pid));
+        let (container, pod) = self.container_and_pod(cgroup.as_ref());
         let peer = self.identities.peer_of(obs);
-        let pod = container.and_then(|id| self.identities.pod_for_container(id));
         let local_process = obs
             .process
             .as_ref()
@@ -645,15 +646,15 @@ impl Pipeline<'_> {
 
         // The client's end, when joined.
         let client_process = client.and_then(|c| c.process.as_ref());
-        let client_cgroup = client_process.and_then(|p| proc_cgroup(p.pid));
-        let client_container = client_cgroup.as_deref().and_then(container_id);
-        let client_pod = client_container.and_then(|id| self.identities.pod_for_container(id));
+        let client_cgroup = client_process.and_then(|p| CgroupView::daemon().of_pid(p.pid));
+        let (client_container, client_pod) = self.container_and_pod(client_cgroup.as_ref());
         let client_running = client_process.and_then(|p| running_exe(p.pid));
         let client_exe_path = client_running.as_ref().map(|p| p.display().to_string());
         let client_match = client.and_then(|c| {
             let rule = self.engine.policy().rule(c.watched_port())?;
             let context = ClientContext {
-                cgroup_path: client_cgroup.as_deref(),
+                cgroup_path: client_cgroup.as_ref().map(CgroupPlace::root_path),
+                unit: client_cgroup.as_ref().and_then(|c| c.unit.as_deref()),
                 container_id: client_container,
                 pod: client_pod.as_deref(),
                 executable: client_process
@@ -671,7 +672,8 @@ impl Pipeline<'_> {
         });
 
         let context = ClientContext {
-            cgroup_path: cgroup.as_deref(),
+            cgroup_path: cgroup.as_ref().map(CgroupPlace::root_path),
+            unit: cgroup.as_ref().and_then(|c| c.unit.as_deref()),
             container_id: container,
             peer_is_node: self.local.contains(obs),
             peer: peer.as_ref(),
@@ -686,6 +688,24 @@ impl Pipeline<'_> {
         for alert in self.engine.observe_with(obs, &context, SystemTime::now()) {
             self.sender.send(alert).await;
         }
+    }
+}
+
+impl Pipeline<'_> {
+    /// The container id a process's cgroup holds in the pod hierarchy, and its pod when
+    /// the API lists that container in the pod whose cgroup it is in.
+    fn container_and_pod<'c>(
+        &self,
+        cgroup: Option<&'c CgroupPlace>,
+    ) -> (Option<&'c str>, Option<std::sync::Arc<PodIdentity>>) {
+        let Some(container) = cgroup.and_then(|c| c.container.as_ref()) else {
+            return (None, None);
+        };
+        let pod = self
+            .identities
+            .pod_for_container(&container.id)
+            .filter(|pod| container.is_in(pod));
+        (Some(container.id.as_str()), pod)
     }
 }
 
@@ -812,22 +832,6 @@ fn interface_addresses() -> std::collections::HashSet<std::net::IpAddr> {
 }
 
 /// The cgroup v2 path of a process (`0::/kubepods/...`), if it still exists.
-fn proc_cgroup(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_owned)
-}
-
-/// The container id in a cgroup path: the last 64-hex-digit run in it, as containerd,
-/// CRI-O and Docker name their scopes (`cri-containerd-<id>.scope`, `crio-<id>.scope`,
-/// `/docker/<id>`).
-pub fn container_id(cgroup_path: &str) -> Option<&str> {
-    cgroup_path
-        .rsplit(|c: char| !c.is_ascii_hexdigit())
-        .find(|s| s.len() == 64)
-}
-
 /// After a reload: the pod labels the new policy's selectors name. Naming one the cache
 /// dropped lists the pods again (readiness waits for that list, as for the first).
 fn keep_policy_labels(identities: &Identities, policy: &Policy) {
@@ -1088,24 +1092,5 @@ impl Inventory {
                 .with_label_values(&[&addr.port().to_string(), component, scope])
                 .inc();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::container_id;
-
-    #[test]
-    fn container_ids_from_cgroup_paths() {
-        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        assert_eq!(
-            container_id(&format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-{id}.scope")),
-            Some(id)
-        );
-        assert_eq!(container_id(&format!("/docker/{id}")), Some(id));
-        assert_eq!(
-            container_id("/user.slice/user-0.slice/session-1.scope"),
-            None
-        );
     }
 }

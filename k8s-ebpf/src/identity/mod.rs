@@ -27,7 +27,8 @@
 //! its indexes), `coverage` (which pods it holds; the pod ranges), `handle` (the
 //! shared [`Identities`] the pipeline looks peers up in),
 //! `query` (which pods to ask the API for: identity's own request types, which the
-//! policy fills from its selectors), `api` (whether and how the API is reached), and,
+//! policy fills from its selectors), `api` (whether and how the API is reached), `local`
+//! (a local process's system unit or pod container, from its cgroup), and,
 //! with the `kubernetes` feature, `client`, `listed` (what is read from the API),
 //! [`watch`] (the feeds) and `lookups` (pods looked up on demand by address).
 
@@ -39,6 +40,7 @@ mod coverage;
 mod handle;
 #[cfg(feature = "kubernetes")]
 mod listed;
+mod local;
 #[cfg(feature = "kubernetes")]
 mod lookups;
 mod objects;
@@ -49,6 +51,14 @@ mod tests;
 #[cfg(feature = "kubernetes")]
 pub mod watch;
 
-pub use self::{api::*, cache::*, coverage::Coverage, handle::*, objects::*, query::*};
+pub use self::{
+    api::*,
+    cache::*,
+    coverage::Coverage,
+    handle::*,
+    local::{CgroupPlace, CgroupView, PodContainer},
+    objects::*,
+    query::*,
+};
 #[cfg(feature = "kubernetes")]
 pub use self::{client::local_node, lookups::PodLookups};

@@ -43,7 +43,7 @@ impl ExecutableIndex {
         self.paths = policy
             .rules()
             .flat_map(|r| r.expected_clients.executables.iter())
-            .cloned()
+            .map(|e| e.path.clone())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
