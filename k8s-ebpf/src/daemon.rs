@@ -44,7 +44,9 @@ use crate::{
     naming::RecordSender,
     output::{self, Destination, OutputSettings},
     policy::{
-        detect_profile, executables::ExecutableIndex, Policy, PolicyErrors, Profile, ProfileChoice,
+        detect_profile,
+        executables::{ExecutableIndex, HostRoot, RootChoice},
+        Policy, PolicyErrors, Profile, ProfileChoice,
     },
     privilege,
     verdict::{client_match, ClientContext, ClientSide},
@@ -88,6 +90,8 @@ pub struct DaemonConfig {
     pub kubernetes_service: Vec<IpAddr>,
     /// Where peer identities come from.
     pub kubernetes: ApiMode,
+    /// `--host-root`: the directory policy executables resolve in.
+    pub host_root: PathBuf,
 }
 
 /// A configuration problem the user must fix (exit status 64), as opposed to a runtime
@@ -195,6 +199,16 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
     );
     let mut inventory = Inventory::default();
     inventory.rescan(&policy.watched_ports());
+    match HostRoot::open(&config.host_root) {
+        RootChoice::Host => {
+            info!(root = %config.host_root.display(), "policy executables resolve in the host's filesystem")
+        }
+        RootChoice::Own(e) => warn!(
+            root = %config.host_root.display(),
+            error = %e,
+            "cannot open the host's root: policy executables resolve in the daemon's own filesystem, where a container has none of the host's (hostPID and CAP_SYS_PTRACE are needed; under AppArmor, a profile that allows reading the host's init)"
+        ),
+    }
     let kept = privilege::kept_after_attach();
     privilege::drop_all_but(&kept)?;
     if kept.is_empty() {

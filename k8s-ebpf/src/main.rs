@@ -175,6 +175,11 @@ struct RunArgs {
     /// $KUBERNETES_SERVICE_HOST (the kubelet sets it in every pod to that address).
     #[arg(long, value_delimiter = ',')]
     kubernetes_service: Vec<std::net::IpAddr>,
+    /// The host's root directory, where the policy's executables are looked up (opened
+    /// before the capability drop). Default: /proc/1/root, the host's under hostPID; a
+    /// read-only hostPath mount of / works too.
+    #[arg(long, default_value = "/proc/1/root")]
+    host_root: std::path::PathBuf,
     #[command(flatten)]
     kubernetes: KubernetesArgs,
 }
@@ -389,6 +394,7 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
             args.kubernetes_service
         },
         kubernetes: args.kubernetes.mode(),
+        host_root: args.host_root,
     })
 }
 
