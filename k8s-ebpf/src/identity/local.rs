@@ -88,7 +88,7 @@ impl CgroupView {
     pub fn detect() -> Self {
         std::fs::read_to_string("/proc/1/cgroup")
             .ok()
-            .and_then(|text| unified_path(&text).map(|p| Self::of_init(p)))
+            .and_then(|text| unified_path(&text).map(Self::of_init))
             .unwrap_or_default()
     }
 
