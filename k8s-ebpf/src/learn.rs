@@ -187,18 +187,34 @@ impl Learned {
         }
         let c = &r.expected_clients;
         let mut processes = c.processes.clone();
-        let mut executables: Vec<String> = c
+        let mut executables: Vec<OutExecutable> = c
             .executables
             .iter()
-            .map(|p| p.display().to_string())
+            .map(|e| {
+                let path = e.path.display().to_string();
+                if e.units.is_empty() {
+                    OutExecutable::Path(path)
+                } else {
+                    OutExecutable::InUnits {
+                        path,
+                        units: e.units.clone(),
+                    }
+                }
+            })
             .collect();
         for client in self.clients.get(&r.port).into_iter().flatten() {
-            let (list, value) = match client {
-                LearnedClient::Executable(path) => (&mut executables, path),
-                LearnedClient::Name(name) => (&mut processes, name),
-            };
-            if !list.contains(value) {
-                list.push(value.clone());
+            match client {
+                LearnedClient::Executable(path) => {
+                    let path = OutExecutable::Path(path.clone());
+                    if !executables.contains(&path) {
+                        executables.push(path);
+                    }
+                }
+                LearnedClient::Name(name) => {
+                    if !processes.contains(name) {
+                        processes.push(name.clone());
+                    }
+                }
             }
         }
         let mut cgroups: Vec<OutCgroup> =
@@ -326,7 +342,7 @@ impl From<&PeerSelector> for OutPeer {
 #[derive(Serialize)]
 struct OutClients {
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    executables: Vec<String>,
+    executables: Vec<OutExecutable>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pods: Vec<OutPods>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -342,6 +358,14 @@ struct OutClients {
 enum LearnedClient {
     Executable(String),
     Name(String),
+}
+
+/// An executable as the policy file writes it: a path, or a path with its units.
+#[derive(Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+enum OutExecutable {
+    Path(String),
+    InUnits { path: String, units: Vec<String> },
 }
 
 #[derive(Serialize)]

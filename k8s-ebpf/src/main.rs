@@ -216,6 +216,11 @@ struct RunArgs {
     /// `kubernetes.identity: unsynced`); `/readyz` answers 503 meanwhile.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     kubernetes_sync_wait: Duration,
+    /// The host's root directory, where the policy's executables are looked up (opened
+    /// before the capability drop). Default: /proc/1/root, the host's under hostPID; a
+    /// read-only hostPath mount of / works too.
+    #[arg(long, default_value = "/proc/1/root")]
+    host_root: std::path::PathBuf,
     #[command(flatten)]
     kubernetes: KubernetesArgs,
 }
@@ -433,6 +438,7 @@ fn prepare_run(args: RunArgs) -> anyhow::Result<daemon::Prepared> {
         },
         kubernetes: args.kubernetes.mode(),
         sync_wait: args.kubernetes_sync_wait,
+        host_root: args.host_root,
     })
 }
 

@@ -12,10 +12,14 @@ use crate::{
 };
 
 /// What is known about the local task beyond the observation itself, resolved by the
-/// caller (cgroup path from the cgroup id, container id from the cgroup). Empty by default.
+/// caller from its cgroup ([`crate::identity::CgroupView`]). Empty by default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientContext<'a> {
+    /// The cgroup path from the hierarchy's root where known (else as read).
     pub cgroup_path: Option<&'a str>,
+    /// The systemd system unit (under `/system.slice`) the task runs in.
+    pub unit: Option<&'a str>,
+    /// The container id, only from its place in the runtime's pod hierarchy.
     pub container_id: Option<&'a str>,
     /// The remote address is one of this node's own addresses (seen from the node's own
     /// network namespace): the connection never leaves the node. Outbound, it is no pivot
@@ -240,7 +244,7 @@ pub fn client_match(
     let process = obs.process.as_ref();
     if client
         .executable
-        .is_some_and(|path| clients.allows_executable(path))
+        .is_some_and(|path| clients.allows_executable(path, client.unit))
     {
         return Some(ClientMatch::Executable);
     }
@@ -250,7 +254,8 @@ pub fn client_match(
     if process.is_some_and(|p| p.cgroup_id != 0 && clients.allows_cgroup_id(p.cgroup_id))
         || client
             .cgroup_path
-            .is_some_and(|path| clients.allows_cgroup_path(path) || clients.allows_unit(path))
+            .is_some_and(|path| clients.allows_cgroup_path(path))
+        || client.unit.is_some_and(|unit| clients.allows_unit(unit))
     {
         return Some(ClientMatch::Cgroup);
     }
@@ -482,10 +487,19 @@ rules:
         };
         assert_eq!(matched(&by_pod), Some(ClientMatch::Pod));
         let by_unit = ClientContext {
-            cgroup_path: Some("/system.slice/kube-apiserver.service"),
+            unit: Some("kube-apiserver.service"),
             ..Default::default()
         };
         assert_eq!(matched(&by_unit), Some(ClientMatch::Cgroup));
+        // A user's cgroup whose last component is the unit's name: no unit (the caller's
+        // cgroup view gave none), only the task name.
+        let user_unit = ClientContext {
+            cgroup_path: Some(
+                "/user.slice/user-1000.slice/user@1000.service/app.slice/kube-apiserver.service",
+            ),
+            ..Default::default()
+        };
+        assert_eq!(matched(&user_unit), Some(ClientMatch::Comm));
         // Only the task name: still expected here (the policy lists it), and visible.
         assert_eq!(matched(&ClientContext::default()), Some(ClientMatch::Comm));
         // A copy of an interpreter under another path: not the listed file.
@@ -509,8 +523,52 @@ rules:
     }
 
     #[test]
+    fn a_multi_call_binary_is_expected_only_in_its_units() {
+        let text = "version: 1\nrules:\n  - name: etcd\n    port: 2379\n    expected_clients:\n      executables: [{path: /usr/local/bin/k3s, units: [k3s.service, k3s-agent.service]}]\n";
+        let p = Policy::parse(text, "t.yaml").expect("policy");
+        let kubectl = obs(
+            EventKind::Outbound,
+            "10.0.0.2:0",
+            "10.0.0.3:2379",
+            Some("kubectl"),
+        );
+        let k3s = std::path::Path::new("/usr/local/bin/k3s");
+        let in_unit = |unit| ClientContext {
+            executable: Some(k3s),
+            unit,
+            ..Default::default()
+        };
+        let j = |c: &ClientContext<'_>| judge(&p, &kubectl, c).unwrap();
+        assert_eq!(j(&in_unit(Some("k3s.service"))).verdict, Verdict::Expected);
+        assert_eq!(
+            j(&in_unit(Some("k3s.service"))).client_match,
+            Some(ClientMatch::Executable)
+        );
+        assert_eq!(
+            j(&in_unit(Some("k3s-agent.service"))).verdict,
+            Verdict::Expected
+        );
+        for unit in [None, Some("ssh.service")] {
+            assert_eq!(
+                j(&in_unit(unit)).verdict,
+                Verdict::Unexpected {
+                    reason: Finding::UnexpectedOutbound
+                },
+                "{unit:?}"
+            );
+        }
+    }
+
+    #[test]
     fn executables_must_be_absolute_and_units_unit_names() {
-        for bad in ["executables: [kube-apiserver]", "units: [/system.slice]"] {
+        for bad in [
+            "executables: [kube-apiserver]",
+            "units: [/system.slice]",
+            "executables: [{path: /usr/local/bin/k3s, units: []}]",
+            "executables: [{path: /usr/local/bin/k3s, units: [system.slice/k3s]}]",
+            "executables: [{path: k3s, units: [k3s.service]}]",
+            "executables: [{path: /usr/local/bin/k3s, unit: k3s.service}]",
+        ] {
             let text = format!(
                 "version: 1\nrules:\n  - name: kubelet\n    port: 10250\n    expected_clients: {{{bad}}}\n"
             );

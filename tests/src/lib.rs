@@ -5,6 +5,7 @@
 //! Traffic only ever goes to loopback or to addresses inside these namespaces, all from
 //! the documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32).
 
+pub mod cgroup;
 pub mod daemon;
 pub mod ecs;
 pub mod fakeapi;

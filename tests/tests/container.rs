@@ -608,3 +608,168 @@ fn image_runs_with_the_daemonset_security_context() {
         eprintln!("container: the installed RuntimeDefault allows bpf with CAP_BPF");
     }
 }
+
+/// The root the containerised daemon resolves policy executables in: the default
+/// (`/proc/1/root`, the host's init under hostPID) where this machine lets root open it;
+/// else a process of the test's own standing in for the host's init (printed).
+fn host_root_stand_in() -> (Vec<String>, Option<KilledOnDrop>) {
+    if std::fs::read_dir("/proc/1/root").is_ok() {
+        return (Vec::new(), None);
+    }
+    let standin = Command::new("sleep")
+        .arg("120")
+        .spawn()
+        .expect("sleep (the stand-in host init)");
+    eprintln!(
+        "container: this machine's PID 1 root is not readable (its init is confined); \
+         the test's own process {} stands in for it: --host-root /proc/{}/root",
+        standin.id(),
+        standin.id()
+    );
+    let args = vec![
+        "--host-root".to_owned(),
+        format!("/proc/{}/root", standin.id()),
+    ];
+    (args, Some(KilledOnDrop(standin)))
+}
+
+/// A process the test started, killed and reaped even when the test fails.
+struct KilledOnDrop(Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 26, point 1: the image holds none of the host's binaries and nothing mounts the
+/// host's root, yet the policy's executables are the host's files. An expected executable
+/// that exists only on the host (named through an absolute symlink, as k3s's links are) is
+/// an expected client; a copy of it elsewhere on the host alerts. On 9a85692 the daemon
+/// looked the path up in its own filesystem (the image): the real binary alerted too.
+#[test]
+fn host_executables_are_matched_from_the_container() {
+    if !privileged("host_executables_are_matched_from_the_container") {
+        return;
+    }
+    const PEER: &str = "198.51.100.7";
+    const PEER2: &str = "198.51.100.8";
+    let pod = pod_template();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let podman = Podman::new();
+    let node = NetNs::new("node");
+    let other = NetNs::new("othernode");
+    link(
+        &node,
+        &[&format!("{NODE_IP}/24")],
+        &other,
+        &[&format!("{PEER}/24"), &format!("{PEER2}/24")],
+    );
+    let _etcd = [PEER, PEER2].map(|p| {
+        enter_netns(&other.path(), move || {
+            std::net::TcpListener::bind((p, 2379)).expect("bind 2379")
+        })
+    });
+    // On the host only: the binary, an absolute symlink to it (the policy's name), a copy.
+    let bin = dir.path().join("host/usr/local/bin");
+    let real = bin.join("k3s");
+    integration_tests::interpreter_at(&real);
+    let link_path = bin.join("kubectl");
+    std::os::unix::fs::symlink(&real, &link_path).expect("symlink");
+    let copy = dir.path().join("host/home/user/k3s");
+    integration_tests::interpreter_at(&copy);
+    let configmap = dir.path().join("configmap");
+    std::fs::create_dir_all(&configmap).expect("configmap dir");
+    std::fs::write(
+        configmap.join("policy.yaml"),
+        format!(
+            "version: 1\ndefaults: {{window: 1s}}\nrules:\n  - name: etcd-client\n    port: 2379\n    \
+             expected_peers: [loopback]\n    expected_clients:\n      executables: [{}]\n",
+            link_path.display()
+        ),
+    )
+    .expect("policy");
+
+    let current = seccomp_profile(Seccomp::Current, dir.path());
+    let mut args = podman_run_args(&pod, &node, &configmap, &current, None);
+    args.push("--log-allowed".to_owned());
+    let (root_args, _standin) = host_root_stand_in();
+    args.extend(root_args);
+    let mut run = start(&podman, "k8s-ebpf-host-exe", &args, dir.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(get(&node, "/readyz"), Some((200, _))) {
+        if let Some(status) = run.child.try_wait().expect("wait") {
+            panic!(
+                "the container exited early with {status}:\n{}",
+                run.stderr()
+            );
+        }
+        assert!(Instant::now() < deadline, "not ready:\n{}", run.stderr());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        run.stderr()
+            .contains("policy executables resolve in the host's filesystem"),
+        "{}",
+        run.stderr()
+    );
+
+    let connect = |exe: &Path, to: &str| {
+        let out = node
+            .command(exe.to_str().expect("utf-8"))
+            .args([
+                "-c",
+                &format!(
+                    "import socket, time\ns = socket.create_connection(('{to}', 2379), 2)\ntime.sleep(1)\n"
+                ),
+            ])
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    connect(&real, PEER);
+    connect(&copy, PEER2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let find = |r: &[Value], to: &str| {
+        r.iter()
+            .find(|r| {
+                r["destination"]["ip"] == to
+                    && matches!(
+                        r["event"]["action"].as_str(),
+                        Some("allowed-outbound" | "unexpected-outbound")
+                    )
+            })
+            .cloned()
+    };
+    let (real_rec, copy_rec) = loop {
+        let r = run.records();
+        if let (Some(a), Some(b)) = (find(&r, PEER), find(&r, PEER2)) {
+            break (a, b);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no outbound records after 10 s: {r:#?}\n{}",
+            run.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        real_rec["event"]["action"], "allowed-outbound",
+        "the host's binary: {real_rec:#}"
+    );
+    assert_eq!(real_rec["k8s_ebpf"]["client_match"], "executable");
+    assert_eq!(
+        copy_rec["event"]["action"], "unexpected-outbound",
+        "a copy: {copy_rec:#}"
+    );
+    let _ = podman
+        .command()
+        .args(["stop", "--time", "10", &run.name])
+        .output();
+    let _ = run.child.wait();
+}

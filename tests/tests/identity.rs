@@ -15,13 +15,13 @@
 //!   policy passes `check-config` and expects the learned pod.
 
 use std::{
-    io::Write,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use integration_tests::{
+    cgroup::TestCgroup,
     daemon::Daemon,
     daemon_bin,
     fakeapi::{apiserver_slice, pod, prometheus_pod, FakeApi},
@@ -33,61 +33,7 @@ const NODE: &str = "192.0.2.1";
 const CONTROL_PLANE: &str = "192.0.2.10";
 const PROMETHEUS: &str = "198.51.100.20";
 const OTHER: &str = "198.51.100.21";
-
-/// A cgroup v2 directory named like a containerd container's, removed when dropped.
-struct FakeContainerCgroup {
-    dir: PathBuf,
-}
-
-impl FakeContainerCgroup {
-    fn new(id: &str) -> Self {
-        let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
-        let root = mounts
-            .lines()
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.get(2) == Some(&"cgroup2"))
-            .map(|f| PathBuf::from(f[1]))
-            .expect("a cgroup v2 hierarchy is mounted");
-        let dir = root.join(format!("k8s-ebpf-test/cri-containerd-{id}.scope"));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        Self { dir }
-    }
-
-    /// Runs the Python `script` in `ns`, inside the cgroup. `ip netns exec` remounts /sys,
-    /// so the test moves the process (ip execs python3: same pid) before releasing it
-    /// through its stdin.
-    fn python(&self, ns: &NetNs, script: &str) -> std::process::Child {
-        let prologue = "import sys\nsys.stdin.readline()\n";
-        let mut child = ns
-            .command("python3")
-            .args(["-c", &format!("{prologue}{script}")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("python3");
-        let procs = self.dir.join("cgroup.procs");
-        std::fs::write(&procs, child.id().to_string())
-            .unwrap_or_else(|e| panic!("write {}: {e}", procs.display()));
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(b"go\n").expect("release python3");
-        child
-    }
-}
-
-impl Drop for FakeContainerCgroup {
-    fn drop(&mut self) {
-        // Empty once its processes have exited; bounded wait.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if let Some(parent) = self.dir.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
-    }
-}
+const SHELL_UID: &str = "8f1c2d3e-4a5b-4c6d-9e7f-0a1b2c3d4e5f";
 
 fn seed(api: &FakeApi) {
     api.call(
@@ -257,7 +203,8 @@ fn peers_resolve_to_kubernetes_identities() {
     api.call(
         "pods/apply",
         Some(json!({
-            "metadata": {"name": "shell-0", "namespace": "tools", "labels": {"app": "shell"}},
+            "metadata": {"name": "shell-0", "namespace": "tools", "labels": {"app": "shell"},
+                         "uid": SHELL_UID},
             "spec": {"nodeName": "node-a", "serviceAccountName": "shell",
                      "containers": [{"name": "sh", "image": "registry.example/sh:1"}]},
             "status": {"phase": "Running", "podIP": "203.0.113.50",
@@ -273,9 +220,14 @@ fn peers_resolve_to_kubernetes_identities() {
         || pods() == 3.0,
     );
     let remote_kubelet = prom.listen(&format!("{PROMETHEUS}:10250"));
-    let cgroup = FakeContainerCgroup::new(&container);
+    // The container's cgroup where the kubelet (systemd driver) puts it: under its pod's.
+    let cgroup = TestCgroup::new(&format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{container}.scope",
+        SHELL_UID.replace('-', "_")
+    ));
     let mut pivot = cgroup.python(
         &node,
+        Path::new("/usr/bin/python3"),
         &format!(
             "import socket, time\n\
              socket.create_connection(('{PROMETHEUS}', 10250), 2)\n\
@@ -313,8 +265,45 @@ fn peers_resolve_to_kubernetes_identities() {
     assert_eq!(out["destination"]["ip"], PROMETHEUS);
     let _ = pivot.kill();
     let _ = pivot.wait();
-    drop(remote_kubelet);
     drop(cgroup);
+    // The attacker's view: the same container id in a scope of a user's own
+    // (`systemd-run --user --scope --unit=cri-containerd-<id>`; ids are readable in every
+    // /proc/PID/cgroup). Not the pod hierarchy: no container, no pod. On 9a85692 this alert
+    // named shell-0's container and pod.
+    std::thread::sleep(Duration::from_millis(1100)); // past the 1 s window
+    let seen = daemon.records().len();
+    let lookalike = TestCgroup::new(&format!(
+        "user.slice/user-1000.slice/user@1000.service/app.slice/cri-containerd-{container}.scope"
+    ));
+    let mut impostor = lookalike.python(
+        &node,
+        Path::new("/usr/bin/python3"),
+        &format!(
+            "import socket, time\n\
+             socket.create_connection(('{PROMETHEUS}', 10250), 2)\n\
+             time.sleep(2)\n"
+        ),
+    );
+    let records = daemon.wait_records(
+        "the lookalike's outbound alert",
+        Duration::from_secs(5),
+        |r| {
+            r[seen..]
+                .iter()
+                .any(|r| r["event"]["action"] == "unexpected-outbound")
+        },
+    );
+    let rec = records[seen..]
+        .iter()
+        .find(|r| r["event"]["action"] == "unexpected-outbound")
+        .expect("alert");
+    assert_eq!(rec["process"]["pid"], impostor.id(), "{rec:#}");
+    assert!(rec.get("container").is_none(), "{rec:#}");
+    assert!(rec["kubernetes"].get("pod").is_none(), "{rec:#}");
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    drop(lookalike);
+    drop(remote_kubelet);
     api.call(
         "pods/delete",
         Some(json!({"namespace": "tools", "name": "shell-0"})),

@@ -111,39 +111,3 @@ fn interface_addresses() -> std::collections::HashSet<std::net::IpAddr> {
     }
     out
 }
-
-/// The cgroup v2 path of a process (`0::/kubepods/...`), if it still exists.
-pub(super) fn proc_cgroup(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_owned)
-}
-
-/// The container id in a cgroup path: the last 64-hex-digit run in it, as containerd,
-/// CRI-O and Docker name their scopes (`cri-containerd-<id>.scope`, `crio-<id>.scope`,
-/// `/docker/<id>`).
-pub fn container_id(cgroup_path: &str) -> Option<&str> {
-    cgroup_path
-        .rsplit(|c: char| !c.is_ascii_hexdigit())
-        .find(|s| s.len() == 64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::container_id;
-
-    #[test]
-    fn container_ids_from_cgroup_paths() {
-        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        assert_eq!(
-            container_id(&format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-{id}.scope")),
-            Some(id)
-        );
-        assert_eq!(container_id(&format!("/docker/{id}")), Some(id));
-        assert_eq!(
-            container_id("/user.slice/user-0.slice/session-1.scope"),
-            None
-        );
-    }
-}

@@ -25,8 +25,6 @@ mod pipeline;
 mod reload;
 mod running;
 
-pub use host::container_id;
-
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -44,7 +42,10 @@ use crate::{
     capture::{AttachMode, Capture, CaptureConfig, CaptureStreams, NetnsScope, StateHook, SynHook},
     identity::{self, ApiMode},
     output::{Destination, Format},
-    policy::{Policy, PolicyErrors, Profile, ProfileChoice},
+    policy::{
+        executables::{HostRoot, RootChoice},
+        Policy, PolicyErrors, Profile, ProfileChoice,
+    },
     privilege,
 };
 use listeners::Inventory;
@@ -92,6 +93,8 @@ pub struct DaemonConfig {
     /// How long records wait at start for the Kubernetes feeds to sync before they are
     /// judged by address ([`DEFAULT_SYNC_WAIT`]).
     pub sync_wait: Duration,
+    /// `--host-root`: the directory policy executables resolve in.
+    pub host_root: PathBuf,
 }
 
 /// How long records wait at start for the Kubernetes feeds (`--kubernetes-sync-wait`).
@@ -202,6 +205,16 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
     );
     let mut inventory = Inventory::default();
     inventory.rescan(&policy.watched_ports());
+    match HostRoot::open(&config.host_root) {
+        RootChoice::Host => {
+            info!(root = %config.host_root.display(), "policy executables resolve in the host's filesystem")
+        }
+        RootChoice::Own(e) => warn!(
+            root = %config.host_root.display(),
+            error = %e,
+            "cannot open the host's root: policy executables resolve in the daemon's own filesystem, where a container has none of the host's (hostPID and CAP_SYS_PTRACE are needed; under AppArmor, a profile that allows reading the host's init)"
+        ),
+    }
     let kept = privilege::kept_after_attach();
     privilege::drop_all_but(&kept)?;
     if kept.is_empty() {

@@ -10,7 +10,7 @@ use std::{
 use tracing::warn;
 
 use super::{
-    host::{container_id, proc_cgroup, running_exe, LocalAddresses},
+    host::{running_exe, LocalAddresses},
     listeners::Inventory,
 };
 use crate::{
@@ -20,7 +20,7 @@ use crate::{
         Observation, ProcessInfo,
     },
     correlate::Engine,
-    identity::Identities,
+    identity::{CgroupPlace, CgroupView, Identities, PodIdentity},
     inventory,
     metrics::Metrics,
     naming::RecordSender,
@@ -88,20 +88,26 @@ impl SyncHold {
 /// each read only where the record's kind uses it.
 #[derive(Default)]
 struct ProcessFacts {
-    cgroup: Option<String>,
+    cgroup: Option<CgroupPlace>,
     running: Option<PathBuf>,
 }
 
 impl ProcessFacts {
     fn read(process: Option<&ProcessInfo>, cgroup: bool, running: bool) -> Self {
         Self {
-            cgroup: process.filter(|_| cgroup).and_then(|p| proc_cgroup(p.pid)),
+            cgroup: process
+                .filter(|_| cgroup)
+                .and_then(|p| CgroupView::daemon().of_pid(p.pid)),
             running: process.filter(|_| running).and_then(|p| running_exe(p.pid)),
         }
     }
 
-    fn container(&self) -> Option<&str> {
-        self.cgroup.as_deref().and_then(container_id)
+    fn cgroup_path(&self) -> Option<&str> {
+        self.cgroup.as_ref().map(CgroupPlace::root_path)
+    }
+
+    fn unit(&self) -> Option<&str> {
+        self.cgroup.as_ref().and_then(|c| c.unit.as_deref())
     }
 
     fn path(&self) -> Option<String> {
@@ -306,9 +312,8 @@ impl Pipeline {
             ),
             matches!(obs.kind, EventKind::Outbound | EventKind::Listen),
         );
-        let container = facts.container();
+        let (container, pod) = self.container_and_pod(facts.cgroup.as_ref());
         let peer = self.identities.peer_of(obs);
-        let pod = container.and_then(|id| self.identities.pod_for_container(id));
         let executable = obs
             .process
             .as_ref()
@@ -326,7 +331,8 @@ impl Pipeline {
             .map(|(c, facts)| self.client_side(c, facts, client_exe_path.as_deref()));
 
         let context = ClientContext {
-            cgroup_path: facts.cgroup.as_deref(),
+            cgroup_path: facts.cgroup_path(),
+            unit: facts.unit(),
             container_id: container,
             peer_is_node: self.local.contains(obs),
             peer: peer.as_ref(),
@@ -367,6 +373,22 @@ impl Pipeline {
         (to_control_plane, local_peer)
     }
 
+    /// The container id a process's cgroup holds in the pod hierarchy, and its pod when
+    /// the API lists that container in the pod whose cgroup it is in.
+    fn container_and_pod<'c>(
+        &self,
+        cgroup: Option<&'c CgroupPlace>,
+    ) -> (Option<&'c str>, Option<std::sync::Arc<PodIdentity>>) {
+        let Some(container) = cgroup.and_then(|c| c.container.as_ref()) else {
+            return (None, None);
+        };
+        let pod = self
+            .identities
+            .pod_for_container(&container.id)
+            .filter(|pod| container.is_in(pod));
+        (Some(container.id.as_str()), pod)
+    }
+
     /// The client's end of a pod's connection to this node, and how its process matched
     /// the rule's `expected_clients`.
     fn client_side<'c>(
@@ -375,8 +397,7 @@ impl Pipeline {
         facts: &'c ProcessFacts,
         executable_path: Option<&'c str>,
     ) -> ClientSide<'c> {
-        let container = facts.container();
-        let pod = container.and_then(|id| self.identities.pod_for_container(id));
+        let (container, pod) = self.container_and_pod(facts.cgroup.as_ref());
         let client_match =
             self.engine
                 .policy()
@@ -384,7 +405,8 @@ impl Pipeline {
                 .and_then(|rule| {
                     let context =
                         ClientContext {
-                            cgroup_path: facts.cgroup.as_deref(),
+                            cgroup_path: facts.cgroup_path(),
+                            unit: facts.unit(),
                             container_id: container,
                             pod: pod.as_deref(),
                             executable: client.process.as_ref().and_then(|p| p.exe).and_then(

@@ -28,7 +28,8 @@
 //! shared [`Identities`] the pipeline looks peers up in),
 //! `query` (which pods to ask the API for: identity's own request types, which the
 //! policy fills from its selectors), `snapshot` (one read of nodes, pods and API servers,
-//! for `k8s-ebpf firewall`), `api` (whether and how the API is reached), and,
+//! for `k8s-ebpf firewall`), `api` (whether and how the API is reached), `local` (a local
+//! process's system unit or pod container, from its cgroup), and,
 //! with the `kubernetes` feature, `client`, `listed` (what is read from the API),
 //! [`watch`] (the feeds) and `lookups` (pods looked up on demand by address).
 
@@ -40,6 +41,7 @@ mod coverage;
 mod handle;
 #[cfg(feature = "kubernetes")]
 mod listed;
+mod local;
 #[cfg(feature = "kubernetes")]
 mod lookups;
 mod objects;
@@ -52,7 +54,14 @@ mod tests;
 pub mod watch;
 
 pub use self::{
-    api::*, cache::*, coverage::Coverage, handle::*, objects::*, query::*, snapshot::*,
+    api::*,
+    cache::*,
+    coverage::Coverage,
+    handle::*,
+    local::{CgroupPlace, CgroupView, PodContainer},
+    objects::*,
+    query::*,
+    snapshot::*,
 };
 #[cfg(feature = "kubernetes")]
 pub use self::{client::local_node, lookups::PodLookups};

@@ -11,14 +11,96 @@
 //! there — an attacker's copy of an interpreter, say (ext4 does so at once). So a match is
 //! checked when it is made ([`ExecutableIndex::verify`]): the file at the path is that
 //! identity now, or the process still runs the path's replaced file.
+//!
+//! Paths are the host's: in its container (no host root mounted) the daemon's own `/`
+//! holds no `/usr/bin/kubelet`. [`HostRoot::open`], called before the capability drop,
+//! keeps a descriptor of PID 1's root directory (`--host-root`, default `/proc/1/root`:
+//! the host's under hostPID) and every later
+//! lookup opens the path beneath it with `openat2(RESOLVE_IN_ROOT)`: `..` and absolute
+//! symlinks (`/usr/local/bin/kubectl -> /usr/local/bin/k3s`) resolve inside the host's
+//! tree, as they would for the host's own exec, never in the daemon's image.
 
 use std::{
     collections::HashMap,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use super::Policy;
 use crate::capture::ExeId;
+
+/// The root directory policy paths resolve in: PID 1's (the host's, under hostPID).
+#[derive(Debug)]
+pub struct HostRoot {
+    dir: OwnedFd,
+}
+
+static HOST_ROOT: OnceLock<Option<HostRoot>> = OnceLock::new();
+
+/// Where policy paths resolve: for the start-up log line.
+#[derive(Debug)]
+pub enum RootChoice {
+    /// The host's root, held open.
+    Host,
+    /// The daemon's own `/`, with why the host's could not be opened.
+    Own(std::io::Error),
+}
+
+impl HostRoot {
+    /// Opens `root` (`/proc/1/root`: the host's root under hostPID) once, for the
+    /// process's lifetime; before the capability drop (following that link is a ptrace
+    /// "read" check on PID 1). When it cannot be opened the daemon's own `/` is used, and
+    /// the caller says so.
+    pub fn open(root: &Path) -> RootChoice {
+        use rustix::fs::OFlags;
+        let opened = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        );
+        match opened {
+            Ok(dir) => {
+                if HOST_ROOT.set(Some(HostRoot { dir })).is_err() {
+                    return RootChoice::Own(std::io::Error::other("the root was chosen already"));
+                }
+                RootChoice::Host
+            }
+            Err(e) => {
+                let _ = HOST_ROOT.set(None);
+                RootChoice::Own(e.into())
+            }
+        }
+    }
+
+    /// The identity of the file at `path` beneath this root (following symlinks inside
+    /// it, as exec does).
+    fn identity(&self, path: &Path) -> std::io::Result<ExeId> {
+        use rustix::fs::{OFlags, ResolveFlags};
+        let file = rustix::fs::openat2(
+            &self.dir,
+            path,
+            OFlags::PATH | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+            ResolveFlags::IN_ROOT,
+        )?;
+        let st = rustix::fs::fstat(&file)?;
+        Ok(ExeId {
+            major: rustix::fs::major(st.st_dev),
+            minor: rustix::fs::minor(st.st_dev),
+            ino: st.st_ino,
+        })
+    }
+}
+
+/// The identity of the file at policy path `path`: in the host's root when
+/// [`HostRoot::open`] succeeded, else in this process's own.
+fn identity_of(path: &Path) -> std::io::Result<ExeId> {
+    match HOST_ROOT.get() {
+        Some(Some(root)) => root.identity(path),
+        _ => ExeId::of_path(path),
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct ExecutableIndex {
@@ -43,12 +125,12 @@ impl ExecutableIndex {
         self.paths = policy
             .rules()
             .flat_map(|r| r.expected_clients.executables.iter())
-            .cloned()
+            .map(|e| e.path.clone())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
         for path in &self.paths {
-            if let Ok(id) = ExeId::of_path(path) {
+            if let Ok(id) = identity_of(path) {
                 if self.by_id.len() < MAX_IDENTITIES || self.by_id.contains_key(&id) {
                     self.by_id.insert(id, path.clone());
                 }
@@ -61,7 +143,7 @@ impl ExecutableIndex {
     /// `PATH (deleted)`, as the kernel names an unlinked file. `None` otherwise, also when
     /// the process is gone before it could be checked.
     pub fn verify(&self, id: ExeId, running: Option<&Path>) -> Option<&Path> {
-        let is_now = |path: &Path| ExeId::of_path(path).is_ok_and(|now| now == id);
+        let is_now = |path: &Path| identity_of(path).is_ok_and(|now| now == id);
         let Some(path) = self.by_id.get(&id) else {
             // Not known yet: a file installed at a policy path since the last refresh.
             return self.paths.iter().map(PathBuf::as_path).find(|p| is_now(p));

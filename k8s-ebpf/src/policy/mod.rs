@@ -35,9 +35,14 @@
 //!       - serviceAccounts: [monitoring/prometheus]
 //!       - apiserver               # the endpoints of the `kubernetes` Service
 //!     expected_clients:           # outbound from this node to this port elsewhere
+//!       executables:              # by the file the kernel ran (device, inode)
+//!         - /usr/bin/kubelet
+//!         - {path: /usr/local/bin/k3s, units: [k3s.service]}  # only in that system unit
+//!       units: [kubelet.service]  # systemd units, directly under /system.slice
 //!       processes: [kube-apiserver]  # task names (compared on the kernel's first 15 bytes)
 //!       cgroups: [1234, /system.slice/kubelet.service]  # cgroup v2 ids or path prefixes
-//!       containers: [3f2a9c1b7e4d]   # container ids (a listed prefix matches)
+//!       containers: [3f2a9c1b7e4d]   # container ids (a listed prefix matches), in the
+//!                                    # pod hierarchy only (see crate::identity::local)
 //! ```
 //!
 //! Selectors match the peer's identity from the Kubernetes API ([`crate::identity`]):
@@ -77,7 +82,8 @@ use serde_saphyr::Spanned;
 pub use self::error::{PolicyError, PolicyErrors, Position};
 pub use self::profiles::{detect_profile, Profile, ProfileChoice};
 use self::schema::{
-    RawCgroup, RawClients, RawDefaults, RawPeer, RawPods, RawPolicy, RawRule, RawSelector,
+    RawCgroup, RawClients, RawDefaults, RawExecutable, RawExecutableInUnits, RawPeer, RawPods,
+    RawPolicy, RawRule, RawSelector,
 };
 use crate::{
     identity::{PeerIdentity, PodIdentity, PodQueries, PodQuery},
@@ -253,17 +259,39 @@ fn canonical(ip: IpAddr) -> IpAddr {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExpectedClients {
     /// Absolute paths; matched by the identity (device, inode) of the file at the path
-    /// against the file the kernel says the task runs.
-    pub executables: Vec<std::path::PathBuf>,
+    /// against the file the kernel says the task runs, and where an entry names units,
+    /// only in one of them.
+    pub executables: Vec<ExpectedExecutable>,
     /// The local process's pod: `namespace` (any when `None`) and labels.
     pub pods: Vec<(Option<String>, BTreeMap<String, String>)>,
-    /// systemd unit names (`kubelet.service`): the cgroup path's last component.
+    /// systemd system unit names (`kubelet.service`): the unit under `/system.slice`
+    /// the process's cgroup is in ([`crate::identity::CgroupPlace::unit`]).
     pub units: Vec<String>,
     /// Task names, already cut to the kernel's 15 bytes.
     pub processes: Vec<String>,
     pub cgroup_ids: Vec<u64>,
     pub cgroup_paths: Vec<String>,
     pub containers: Vec<String>,
+}
+
+/// An expected executable: the file at `path`; with `units`, only when the process runs in
+/// one of those system units. A multi-call binary (k3s: `kubectl`, `crictl` and `ctr` are
+/// links to it) is the server only as its unit, not as any user's link to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectedExecutable {
+    pub path: std::path::PathBuf,
+    /// Empty: any process running the file.
+    pub units: Vec<String>,
+}
+
+impl ExpectedExecutable {
+    /// The file at `path`, wherever it runs.
+    pub fn anywhere(path: impl Into<std::path::PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            units: Vec::new(),
+        }
+    }
 }
 
 /// How an expected client was recognised, strongest first; alerts and allowed events say
@@ -300,8 +328,13 @@ impl ExpectedClients {
             && self.containers.is_empty()
     }
 
-    pub fn allows_executable(&self, path: &std::path::Path) -> bool {
-        self.executables.iter().any(|p| p == path)
+    /// `path` (the policy executable the process runs, as the executable index proved it)
+    /// is expected for a process in system unit `unit`.
+    pub fn allows_executable(&self, path: &std::path::Path, unit: Option<&str>) -> bool {
+        self.executables.iter().any(|e| {
+            e.path == path
+                && (e.units.is_empty() || unit.is_some_and(|u| e.units.iter().any(|x| x == u)))
+        })
     }
 
     pub fn allows_pod(&self, pod: &PodIdentity) -> bool {
@@ -313,10 +346,9 @@ impl ExpectedClients {
         })
     }
 
-    /// The cgroup path's last component is one of the listed units.
-    pub fn allows_unit(&self, cgroup_path: &str) -> bool {
-        let last = cgroup_path.rsplit('/').next().unwrap_or("");
-        self.units.iter().any(|u| u == last)
+    /// `unit` (the process's system unit, never a name from a user's cgroup) is listed.
+    pub fn allows_unit(&self, unit: &str) -> bool {
+        self.units.iter().any(|u| u == unit)
     }
 
     pub fn allows_process(&self, comm: &str) -> bool {
@@ -1134,16 +1166,39 @@ impl Validator {
     fn clients(&mut self, raw: RawClients, ok: &mut bool) -> ExpectedClients {
         let mut clients = ExpectedClients::default();
         for e in &raw.executables {
-            let path = std::path::Path::new(e.value.trim());
+            let (path, units) = match &e.value {
+                RawExecutable::Path(path) => (path, &[][..]),
+                RawExecutable::InUnits(RawExecutableInUnits { path, units }) => {
+                    if units.is_empty() {
+                        self.error(
+                            pos(e),
+                            format!("executable `{path}`: `units` lists no unit (write the path alone to expect it anywhere)"),
+                        );
+                        *ok = false;
+                    }
+                    (path, &units[..])
+                }
+            };
+            let path = std::path::Path::new(path.trim());
             if !path.is_absolute() {
                 self.error(
                     pos(e),
-                    format!("executable `{}` must be an absolute path", e.value),
+                    format!("executable `{}` must be an absolute path", path.display()),
                 );
                 *ok = false;
-            } else {
-                clients.executables.push(path.to_path_buf());
+                continue;
             }
+            let mut expected = ExpectedExecutable::anywhere(path);
+            for unit in units {
+                match unit_name(unit) {
+                    Ok(u) => expected.units.push(u.to_owned()),
+                    Err(m) => {
+                        self.error(pos(e), m);
+                        *ok = false;
+                    }
+                }
+            }
+            clients.executables.push(expected);
         }
         for p in &raw.pods {
             let RawPods { namespace, labels } = &p.value;
@@ -1163,18 +1218,12 @@ impl Validator {
             }
         }
         for u in &raw.units {
-            let unit = u.value.trim();
-            if unit.is_empty() || unit.contains('/') || !unit.contains('.') {
-                self.error(
-                    pos(u),
-                    format!(
-                        "unit `{}` must be a systemd unit name such as `kubelet.service`",
-                        u.value
-                    ),
-                );
-                *ok = false;
-            } else {
-                clients.units.push(unit.to_owned());
+            match unit_name(&u.value) {
+                Ok(unit) => clients.units.push(unit.to_owned()),
+                Err(m) => {
+                    self.error(pos(u), m);
+                    *ok = false;
+                }
             }
         }
         for p in &raw.processes {
@@ -1212,6 +1261,18 @@ impl Validator {
             }
         }
         clients
+    }
+}
+
+/// A systemd unit name (`kubelet.service`), trimmed.
+fn unit_name(text: &str) -> Result<&str, String> {
+    let unit = text.trim();
+    if unit.is_empty() || unit.contains('/') || !unit.contains('.') {
+        Err(format!(
+            "unit `{text}` must be a systemd unit name such as `kubelet.service`"
+        ))
+    } else {
+        Ok(unit)
     }
 }
 

@@ -80,9 +80,10 @@ pub(super) struct RawRule {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawClients {
-    /// Absolute paths of executables (matched by the file the kernel ran).
+    /// Absolute paths of executables (matched by the file the kernel ran), each alone or
+    /// with the systemd units it must run in.
     #[serde(default)]
-    pub executables: Vec<Spanned<String>>,
+    pub executables: Vec<Spanned<RawExecutable>>,
     /// The local process's pod (through its container id).
     #[serde(default)]
     pub pods: Vec<Spanned<RawPods>>,
@@ -95,6 +96,25 @@ pub(super) struct RawClients {
     pub cgroups: Vec<Spanned<RawCgroup>>,
     #[serde(default)]
     pub containers: Vec<Spanned<String>>,
+}
+
+/// An executable as written: its path, or `{path, units}` (a multi-call binary expected
+/// only as the system units that run it).
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "an executable: an absolute path, or a map `{path: /usr/local/bin/k3s, units: [k3s.service]}`"
+)]
+pub(super) enum RawExecutable {
+    Path(String),
+    InUnits(RawExecutableInUnits),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawExecutableInUnits {
+    pub path: String,
+    pub units: Vec<String>,
 }
 
 /// A cgroup as written: a cgroup v2 id (number) or a cgroup path prefix (string).

@@ -197,13 +197,9 @@ fn example_policy_parses() {
     assert!(api.expected_clients.allows_process("cilium-agent"));
     assert!(api
         .expected_clients
-        .allows_executable(std::path::Path::new("/usr/bin/kubelet")));
-    assert!(api
-        .expected_clients
-        .allows_unit("/system.slice/kubelet.service"));
-    assert!(!api
-        .expected_clients
-        .allows_unit("/system.slice/kubelet.service-evil"));
+        .allows_executable(std::path::Path::new("/usr/bin/kubelet"), None));
+    assert!(api.expected_clients.allows_unit("kubelet.service"));
+    assert!(!api.expected_clients.allows_unit("kubelet.service-evil"));
     assert!(api
         .expected_clients
         .allows_cgroup_path("/system.slice/containerd.service"));
@@ -504,23 +500,40 @@ fn profiles_carry_the_documented_sources() {
         .expected_peers
         .admits(ip("192.0.2.51"), Some(&agent("k8s-app"))));
 
-    // k3s: one binary is the API server, the kubelet and etcd's client.
+    // k3s: one binary is the API server, the kubelet and etcd's client — as its system
+    // units; the same file is also every user's `kubectl`, `crictl` and `ctr`.
     let k3s = Policy::from_profile(Profile::K3s);
     let bin = std::path::Path::new("/usr/local/bin/k3s");
     for port in [2379, 2380, 6443, 10250] {
-        let rule = k3s.rule(port).expect("watched");
-        assert!(rule.expected_clients.allows_executable(bin), "k3s {port}");
+        let clients = &k3s.rule(port).expect("watched").expected_clients;
+        for unit in ["k3s.service", "k3s-agent.service"] {
+            assert!(
+                clients.allows_executable(bin, Some(unit)),
+                "k3s {port} {unit}"
+            );
+        }
+        assert!(
+            !clients.allows_executable(bin, None),
+            "k3s {port}: a user's kubectl"
+        );
+        assert!(
+            !clients.allows_executable(bin, Some("ssh.service")),
+            "k3s {port}"
+        );
         assert!(!Policy::embedded_default()
             .rule(port)
             .expect("watched")
             .expected_clients
-            .allows_executable(bin));
+            .allows_executable(bin, Some("k3s.service")));
     }
     assert!(!k3s
         .rule(2379)
         .expect("2379")
         .expected_clients
-        .allows_executable(std::path::Path::new("/usr/local/bin/kube-apiserver")));
+        .allows_executable(
+            std::path::Path::new("/usr/local/bin/kube-apiserver"),
+            Some("k3s.service")
+        ));
 }
 
 #[test]
