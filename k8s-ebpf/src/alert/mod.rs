@@ -204,18 +204,6 @@ pub struct Subject<'a> {
     pub kubernetes: Option<&'a KubernetesFields>,
 }
 
-pub fn hook_name(h: HookKind) -> &'static str {
-    match h {
-        HookKind::Tracepoint => "tracepoint",
-        HookKind::Kretprobe => "kretprobe",
-        HookKind::Fexit => "fexit",
-        HookKind::ResetTracepoint => "reset-tracepoint",
-        HookKind::Scan => "sock-diag-scan",
-        HookKind::SkLookup => "sk-lookup",
-        HookKind::Rescan => "sock-diag-rescan",
-    }
-}
-
 impl AlertEvent {
     /// The record for one observation (a first sighting: `count` 1).
     pub fn for_observation(obs: &Observation, action: Action, subject: &Subject<'_>) -> Self {
@@ -367,7 +355,7 @@ impl Extension {
             summary: false,
             component: subject.component.to_owned(),
             ports: None,
-            hook: Some(hook_name(obs.hook)),
+            hook: Some(crate::capture::observation::hook_name(obs.hook)),
             cgroup_id: obs
                 .process
                 .as_ref()

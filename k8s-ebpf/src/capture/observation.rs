@@ -83,6 +83,19 @@ impl Observation {
     }
 }
 
+/// The hook's name in records (`k8s_ebpf.hook`) and in `k8s-ebpf capture`'s output.
+pub fn hook_name(h: HookKind) -> &'static str {
+    match h {
+        HookKind::Tracepoint => "tracepoint",
+        HookKind::Kretprobe => "kretprobe",
+        HookKind::Fexit => "fexit",
+        HookKind::ResetTracepoint => "reset-tracepoint",
+        HookKind::Scan => "sock-diag-scan",
+        HookKind::SkLookup => "sk-lookup",
+        HookKind::Rescan => "sock-diag-rescan",
+    }
+}
+
 impl Observation {
     /// The raw, one-line JSON form printed by `k8s-ebpf capture`.
     pub fn to_json(&self) -> serde_json::Value {
@@ -95,15 +108,7 @@ impl Observation {
             EventKind::Syn => "syn",
             EventKind::HalfOpen => "half-open",
         };
-        let hook = match self.hook {
-            HookKind::Tracepoint => "tracepoint",
-            HookKind::Kretprobe => "kretprobe",
-            HookKind::Fexit => "fexit",
-            HookKind::ResetTracepoint => "reset-tracepoint",
-            HookKind::Scan => "sock-diag-scan",
-            HookKind::SkLookup => "sk-lookup",
-            HookKind::Rescan => "sock-diag-rescan",
-        };
+        let hook = hook_name(self.hook);
         let p = self.process.as_ref();
         serde_json::json!({
             "kind": kind,
