@@ -336,6 +336,41 @@ fn attach_syn(ebpf: &mut Ebpf, hook: SynHook, syn_netns: u32) -> Result<Option<u
     }
 }
 
+/// The WATCHED_PORTS map filled with each port's flags.
+fn watched_port_map(
+    ebpf: &mut Ebpf,
+    ports: &BTreeSet<u16>,
+    pod_scope: &BTreeSet<u16>,
+) -> Result<Array<MapData, u8>, CaptureError> {
+    let mut watched_map: Array<MapData, u8> = take_map(ebpf, "WATCHED_PORTS")?;
+    for port in ports {
+        watched_map
+            .set(u32::from(*port), port_flags(*port, pod_scope), 0)
+            .map_err(|source| CaptureError::Map {
+                map: "WATCHED_PORTS",
+                source,
+            })?;
+    }
+    Ok(watched_map)
+}
+
+/// Tells the kernel programs which hook carries inbound connections.
+fn set_inbound_source(
+    settings: &mut Array<MapData, u32>,
+    inbound: InboundMechanism,
+) -> Result<(), CaptureError> {
+    let source = match inbound {
+        InboundMechanism::Tracepoint => inbound_source::TRACEPOINT,
+        _ => inbound_source::ACCEPT_HOOK,
+    };
+    settings
+        .set(setting::INBOUND_SOURCE, source, 0)
+        .map_err(|source| CaptureError::Map {
+            map: "SETTINGS",
+            source,
+        })
+}
+
 impl Capture {
     /// Loads and attaches everything. On error nothing stays attached.
     pub fn load(
@@ -359,31 +394,14 @@ impl Capture {
         let syn_netns = if netns == 0 { own } else { netns };
         let mut ebpf = load_object(config, &offsets, (netns, own, syn_netns))?;
         let mut settings: Array<MapData, u32> = take_map(&mut ebpf, "SETTINGS")?;
-        let mut watched_map: Array<MapData, u8> = take_map(&mut ebpf, "WATCHED_PORTS")?;
-        for port in ports {
-            watched_map
-                .set(u32::from(*port), port_flags(*port, &config.pod_scope), 0)
-                .map_err(|source| CaptureError::Map {
-                    map: "WATCHED_PORTS",
-                    source,
-                })?;
-        }
+        let watched_map = watched_port_map(&mut ebpf, ports, &config.pod_scope)?;
         // The state-change program carries outbound and listen events on every kernel, so
         // one variant must load: the BTF raw tracepoint where allowed (cheaper per event),
         // else the classic tracepoint.
         let state_hook = attach_state_program(&mut ebpf, &offsets, config.state_hook)?;
 
         let (inbound, kretprobe) = attach_inbound(&mut ebpf, config.attach)?;
-        let source = match inbound {
-            InboundMechanism::Tracepoint => inbound_source::TRACEPOINT,
-            _ => inbound_source::ACCEPT_HOOK,
-        };
-        settings
-            .set(setting::INBOUND_SOURCE, source, 0)
-            .map_err(|source| CaptureError::Map {
-                map: "SETTINGS",
-                source,
-            })?;
+        set_inbound_source(&mut settings, inbound)?;
 
         let syn_attached = attach_syn(&mut ebpf, config.syn_hook, syn_netns)?;
 
