@@ -9,6 +9,7 @@ pub mod observation;
 pub mod offsets;
 pub mod pairs;
 pub mod reader;
+pub mod scope;
 
 use std::{
     collections::BTreeSet,
@@ -221,6 +222,10 @@ pub struct Capture {
     watched: BTreeSet<u16>,
     pod_scope: BTreeSet<u16>,
     counters: PerCpuArray<MapData, u64>,
+    /// The programs' run-time switches ([`setting`]).
+    settings: Array<MapData, u32>,
+    /// Under `--netns all`: the addresses a pod's outbound connection is judged for.
+    scope_peers: Option<scope::ScopePeers>,
 }
 
 /// What the [`reader`] consumes.
@@ -404,6 +409,11 @@ impl Capture {
         set_inbound_source(&mut settings, inbound)?;
 
         let syn_attached = attach_syn(&mut ebpf, config.syn_hook, syn_netns)?;
+        let scope_peers = if netns == 0 {
+            Some(scope::ScopePeers::new(take_map(&mut ebpf, "SCOPE_PEERS")?))
+        } else {
+            None
+        };
 
         let ring: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
         let dedup: HashMap<MapData, DedupKey, DedupWindow> = take_map(&mut ebpf, "DEDUP")?;
@@ -429,6 +439,8 @@ impl Capture {
                 watched: ports.clone(),
                 pod_scope: config.pod_scope.clone(),
                 counters,
+                settings,
+                scope_peers,
             },
             CaptureStreams {
                 ring,
@@ -467,6 +479,39 @@ impl Capture {
     /// The watched network namespace's inode, 0 for all.
     pub fn netns(&self) -> u32 {
         self.netns
+    }
+
+    /// Whether the kernel keeps a set of addresses whose connections from a pod are
+    /// judged ([`scope`]): under `--netns all`.
+    pub fn has_scope_peers(&self) -> bool {
+        self.scope_peers.is_some()
+    }
+
+    /// Makes that set `wanted` ([`scope`]); `None` when there is none.
+    pub fn update_scope_peers(
+        &mut self,
+        wanted: impl IntoIterator<Item = std::net::IpAddr>,
+    ) -> Option<Result<scope::ScopeUpdate, CaptureError>> {
+        let scope = self.scope_peers.as_mut()?;
+        Some(scope.replace(&mut self.settings, wanted))
+    }
+
+    /// The kretprobe's instance pool ran out: an `accept()` entered meanwhile is never
+    /// probed, so its connection would have no inbound record. From now on inbound
+    /// connections come from the state tracepoint (complete, without the accepting
+    /// process). Returns whether it switched (only a kretprobe accept hook does).
+    pub fn inbound_from_state_tracepoint(&mut self) -> Result<bool, CaptureError> {
+        if self.inbound != InboundMechanism::Kprobe {
+            return Ok(false);
+        }
+        self.settings
+            .set(setting::INBOUND_SOURCE, inbound_source::TRACEPOINT, 0)
+            .map_err(|source| CaptureError::Map {
+                map: "SETTINGS",
+                source,
+            })?;
+        self.inbound = InboundMechanism::Tracepoint;
+        Ok(true)
     }
 
     pub fn watched_ports(&self) -> &BTreeSet<u16> {

@@ -78,6 +78,9 @@ pub struct Metrics {
     /// `synced`, `timeout` or `shutdown` as they went out; `overflow`: judged at once, the
     /// hold being full).
     pub sync_hold: IntCounterVec,
+    /// Under `--netns all`: the addresses in the kernel's pod scope; -1 while the kernel
+    /// filter is off.
+    pub pod_scope_addresses: IntGauge,
 }
 
 /// `k8s_ebpf_sync_hold_records_total{outcome}` values, created at 0.
@@ -263,6 +266,12 @@ const SYNC_HOLD: Definition = Definition {
     labels: &["outcome"],
 };
 
+const POD_SCOPE_ADDRESSES: Definition = Definition {
+    name: "k8s_ebpf_pod_scope_addresses",
+    help: "Under --netns all: addresses (this node's, the kubernetes Service's, the nodes' and API servers') a pod's outbound connection must reach to be judged; the kernel drops the rest as out of scope. -1 while that filter is off (before the Kubernetes feeds synced, or too many addresses).",
+    labels: &[],
+};
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -316,12 +325,14 @@ impl Metrics {
             out_of_scope: counter_vec(&r, &OUT_OF_SCOPE),
             connection_pairs: counter_vec(&r, &CONNECTION_PAIRS),
             sync_hold: counter_vec(&r, &SYNC_HOLD),
+            pod_scope_addresses: gauge(&r, &POD_SCOPE_ADDRESSES),
             registry: r,
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         m.create_known_series();
+        m.pod_scope_addresses.set(-1);
         m
     }
 
