@@ -86,8 +86,9 @@ impl Identities {
     /// `None` when no API is configured (nothing can be resolved). An address nothing is
     /// known about while the feeds have not all synced is `unsynced`, not `unknown`.
     pub fn lookup(&self, ip: IpAddr) -> Option<PeerIdentity> {
-        let synced = self.all_synced();
+        // One read lock for the sync state and the lookup: this runs for every record.
         let s = self.read();
+        let synced = s.all_synced();
         s.enabled.then(|| {
             let mut id = s.cache.lookup(ip);
             id.unsynced = !synced && id.kind() == "unknown";
@@ -261,20 +262,29 @@ impl Identities {
     }
 
     pub fn sync(&self, resource: Resource) -> SyncState {
-        let s = self.read();
-        if resource != Resource::Pods {
-            return s.sync.get(&resource).copied().unwrap_or_default();
-        }
-        SyncState {
-            synced: s.coverage_decided
-                && !s.pod_feeds.is_empty()
-                && s.pod_feeds.values().all(|f| f.synced),
-            failing: s.pod_feeds.values().find_map(|f| f.failing),
-        }
+        self.read().sync_of(resource)
     }
 
     /// Every resource has completed a full list and none is failing.
     pub fn all_synced(&self) -> bool {
-        self.is_enabled() && Resource::ALL.iter().all(|r| self.sync(*r).synced)
+        self.read().all_synced()
+    }
+}
+
+impl Shared {
+    fn sync_of(&self, resource: Resource) -> SyncState {
+        if resource != Resource::Pods {
+            return self.sync.get(&resource).copied().unwrap_or_default();
+        }
+        SyncState {
+            synced: self.coverage_decided
+                && !self.pod_feeds.is_empty()
+                && self.pod_feeds.values().all(|f| f.synced),
+            failing: self.pod_feeds.values().find_map(|f| f.failing),
+        }
+    }
+
+    fn all_synced(&self) -> bool {
+        self.enabled && Resource::ALL.iter().all(|r| self.sync_of(*r).synced)
     }
 }
