@@ -161,6 +161,17 @@ impl FakeApi {
     pub fn kubeconfig(dir: &Path) -> PathBuf {
         dir.join("kubeconfig")
     }
+
+    /// The CA certificate (PEM) that signed the server's, in its directory: a pod's
+    /// `ca.crt`.
+    pub fn ca_cert(dir: &Path) -> PathBuf {
+        dir.join("fake-ca.crt")
+    }
+
+    /// The port it serves on 127.0.0.1 of the node's namespace.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
 }
 
 /// The `kubernetes` Service's EndpointSlice as kube-apiserver writes it: the API
