@@ -906,6 +906,8 @@ impl K3sHostRoot {
 /// - Then the same binary run from a user's session scope to cp-2's 6443: exactly one
 ///   `unexpected-outbound`.
 ///
+/// The container has a private cgroup namespace, as on a cgroup v2 node.
+///
 /// Why a stand-in host root: the daemon finds the policy's executables under
 /// `--host-root` (default `/proc/1/root`); the profile names `/usr/local/bin/k3s`, which
 /// this machine does not have and which the test must not write into the real root. So
@@ -995,7 +997,13 @@ fn k3s_healthy_node_replay_in_the_container_gives_no_alert() {
     ));
 
     let current = seccomp_profile(Seccomp::Current, dir.path());
+    // A cgroup v2 node's runtime gives the pod a cgroup namespace of its own (podman on
+    // this hybrid test machine would share the host's): from there other processes'
+    // cgroup paths climb (`/../../system.slice/k3s.service`), and the unit must still be
+    // told from a user's session. The host's view is local_identity.rs's.
     let mut args = vec![
+        "--cgroupns".to_owned(),
+        "private".to_owned(),
         "--env".to_owned(),
         "KUBERNETES_SERVICE_HOST=127.0.0.1".to_owned(),
         "--env".to_owned(),
