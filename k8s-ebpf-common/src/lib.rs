@@ -73,6 +73,10 @@ pub enum HookKind {
     /// Userspace only: found by the scan a policy reload runs for the ports it adds, after
     /// the capability drop (a listener's owner may be unnamed). Never in a kernel record.
     Rescan = 7,
+    /// Userspace only: a connection to a watched port of a node address that netfilter
+    /// DNAT-ed elsewhere (a hostPort, a Service's externalIPs or NodePort), from a
+    /// conntrack NEW event. Never in a kernel record.
+    ConntrackDnat = 8,
 }
 
 impl HookKind {

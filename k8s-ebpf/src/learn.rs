@@ -397,6 +397,7 @@ mod tests {
             netns: 0,
             count: 1,
             window_summary: false,
+            forwarded_to: None,
         }
     }
 

@@ -148,6 +148,7 @@ fn observation(action: Action, v6: bool) -> Observation {
         netns: 4_026_531_840,
         count: 1,
         window_summary: false,
+        forwarded_to: None,
     }
 }
 

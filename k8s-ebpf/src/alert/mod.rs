@@ -310,13 +310,18 @@ fn message(obs: &Observation, action: Action, subject: &Subject<'_>) -> String {
         Some(k) if obs.kind.is_remote_attempt() => k.peer_label(),
         _ => String::new(),
     };
+    // A forwarded connection: the node's port is a DNAT rule's, not a listener's.
+    let forward = obs
+        .forwarded_to
+        .map(|to| format!(", forwarded (DNAT) to {to}"))
+        .unwrap_or_default();
     match action {
         Action::UnexpectedInbound => format!(
-            "unexpected inbound connection to {what} from {}{peer_name}",
+            "unexpected inbound connection to {what} from {}{peer_name}{forward}",
             obs.remote.ip()
         ),
         Action::AllowedInbound => format!(
-            "expected inbound connection to {what} from {}{peer_name}",
+            "expected inbound connection to {what} from {}{peer_name}{forward}",
             obs.remote.ip()
         ),
         Action::UnexpectedOutbound => format!(
@@ -371,6 +376,7 @@ impl Extension {
             client_netns: None,
             listener: None,
             profile: None,
+            forwarded_to: obs.forwarded_to.map(|to| to.to_string()),
         }
     }
 }

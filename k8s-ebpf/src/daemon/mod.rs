@@ -39,7 +39,10 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    capture::{AttachMode, Capture, CaptureConfig, CaptureStreams, NetnsScope, StateHook, SynHook},
+    capture::{
+        conntrack::ConntrackSocket, AttachMode, Capture, CaptureConfig, CaptureStreams, NetnsScope,
+        StateHook, SynHook,
+    },
     identity::{self, ApiMode},
     output::{Destination, Format},
     policy::{
@@ -48,6 +51,7 @@ use crate::{
     },
     privilege,
 };
+pub use host::node_addresses;
 use listeners::Inventory;
 use running::Running;
 
@@ -153,6 +157,8 @@ pub struct Prepared {
     streams: CaptureStreams,
     inventory: Inventory,
     api: identity::ApiConfig,
+    /// Conntrack NEW events (forwarded connections); `None` when it could not be opened.
+    conntrack: Option<ConntrackSocket>,
 }
 
 /// The privileged part of start-up, on the calling thread before any other thread exists
@@ -215,6 +221,17 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
             "cannot open the host's root: policy executables resolve in the daemon's own filesystem, where a container has none of the host's (hostPID and CAP_SYS_PTRACE are needed; under AppArmor, a profile that allows reading the host's init)"
         ),
     }
+    // Joining the conntrack event group needs CAP_NET_ADMIN: now or never.
+    let conntrack = match ConntrackSocket::open() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(
+                error = %e,
+                "cannot open the conntrack event socket (CAP_NET_ADMIN is needed at start): connections DNAT-ed from a watched port of a node address (hostPort, externalIPs, NodePort) are not seen"
+            );
+            None
+        }
+    };
     let kept = privilege::kept_after_attach();
     privilege::drop_all_but(&kept)?;
     if kept.is_empty() {
@@ -236,6 +253,7 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
         streams,
         inventory,
         api,
+        conntrack,
     })
 }
 
@@ -249,8 +267,16 @@ impl Prepared {
             streams,
             inventory,
             api,
+            conntrack,
         } = self;
-        run_loop(config, api, policy, capture, streams, inventory).await
+        run_loop(
+            config,
+            api,
+            policy,
+            (capture, streams, conntrack),
+            inventory,
+        )
+        .await
     }
 }
 
@@ -259,13 +285,19 @@ async fn run_loop(
     config: DaemonConfig,
     api: identity::ApiConfig,
     policy: Arc<Policy>,
-    capture: Capture,
-    streams: CaptureStreams,
+    (capture, streams, conntrack): (Capture, CaptureStreams, Option<ConntrackSocket>),
     inventory: Inventory,
 ) -> anyhow::Result<()> {
-    let (mut daemon, mut observations) =
-        Running::start(config, api, policy, capture, streams, inventory).await?;
+    let (mut daemon, mut observations, mut forwards) = Running::start(
+        config,
+        api,
+        policy,
+        (capture, streams, conntrack),
+        inventory,
+    )
+    .await?;
     let mut events = Events::new()?;
+    let mut forwards_open = true;
     loop {
         tokio::select! {
             obs = observations.recv() => match obs {
@@ -274,6 +306,11 @@ async fn run_loop(
                     warn!("the ring-buffer reader stopped");
                     break;
                 }
+            },
+            flow = forwards.recv(), if forwards_open => match flow {
+                Some(flow) => daemon.forwarded(flow).await,
+                // No socket, or its reader stopped (said in its log line and metric).
+                None => forwards_open = false,
             },
             _ = events.handshakes.tick() => daemon.expire_attempts().await,
             _ = events.second.tick() => daemon.every_second().await,

@@ -207,6 +207,29 @@ impl Pipeline {
         }
     }
 
+    /// A connection netfilter forwarded, as an inbound record to the node's port it
+    /// came to: only when that is a watched port of one of the node's addresses (the
+    /// peer is the original source, `forwarded_to` where it went).
+    pub(super) fn forwarded(&self, flow: &crate::capture::conntrack::Flow) -> Option<Observation> {
+        let to = flow.forwarded_to()?;
+        let port = flow.destination.port();
+        if self.engine.policy().rule(port).is_none() || !self.local.is_own(flow.destination.ip()) {
+            return None;
+        }
+        Some(Observation {
+            kind: EventKind::Inbound,
+            hook: k8s_ebpf_common::HookKind::ConntrackDnat,
+            at: SystemTime::now(),
+            local: flow.destination,
+            remote: flow.source,
+            process: None,
+            netns: self.local.netns,
+            count: 1,
+            window_summary: false,
+            forwarded_to: Some(to),
+        })
+    }
+
     /// Whether `obs` comes from a pod's network namespace (only under `--netns all`).
     fn in_pod_netns(&self, obs: &Observation) -> bool {
         // The node's namespace unknown (its inode unreadable): nothing is a pod's.

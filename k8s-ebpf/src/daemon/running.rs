@@ -24,6 +24,7 @@ use super::{
 };
 use crate::{
     capture::{
+        conntrack::{self, Availability, ConntrackSocket, Flow},
         reader::{Reader, ReaderStats},
         Capture, CaptureStreams, NetnsScope, Observation,
     },
@@ -46,8 +47,66 @@ pub(super) struct Running {
     reload: PolicyWatch,
     drops: DropWatch,
     reader_stats: Arc<ReaderStats>,
+    /// Whether conntrack events reach the daemon, checked again every 30 s.
+    conntrack: ConntrackWatch,
     /// What only shutdown uses.
     tasks: Tasks,
+}
+
+/// Whether forwarded connections can be seen: the socket opened at start, and the
+/// kernel's `nf_conntrack_events` now. A change is logged once and shown in
+/// `k8s_ebpf_conntrack_info`.
+struct ConntrackWatch {
+    socket: bool,
+    state: Option<Availability>,
+    checked_at: Instant,
+}
+
+impl ConntrackWatch {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+    fn new(socket: bool, metrics: &Metrics) -> Self {
+        let mut w = Self {
+            socket,
+            state: None,
+            checked_at: Instant::now(),
+        };
+        w.check(metrics);
+        w
+    }
+
+    fn check(&mut self, metrics: &Metrics) {
+        self.checked_at = Instant::now();
+        let state = if self.socket {
+            conntrack::availability()
+        } else {
+            Availability::NoSocket
+        };
+        if self.state == Some(state) {
+            return;
+        }
+        self.state = Some(state);
+        metrics.set_conntrack_state(state.as_str());
+        if state == Availability::Events {
+            info!(
+                sysctl = conntrack::EVENTS_SYSCTL,
+                "conntrack events: {}",
+                state.explain()
+            );
+        } else {
+            warn!(
+                state = state.as_str(),
+                "conntrack events: {}",
+                state.explain()
+            );
+        }
+    }
+
+    fn check_if_stale(&mut self, metrics: &Metrics) {
+        if self.checked_at.elapsed() >= Self::EVERY {
+            self.check(metrics);
+        }
+    }
 }
 
 /// The tasks started beside the event loop, and the output's ends, for shutdown.
@@ -58,6 +117,8 @@ struct Tasks {
     /// The Kubernetes API feeds.
     watchers: Vec<JoinHandle<()>>,
     reader: JoinHandle<std::io::Result<()>>,
+    /// The conntrack event reader.
+    conntrack: Option<JoinHandle<std::io::Result<()>>>,
     /// Names records' pods from the API before they reach the output.
     naming: Option<JoinHandle<()>>,
     output: AlertSender,
@@ -67,15 +128,15 @@ struct Tasks {
 impl Running {
     /// Serves metrics and health, settles the profile, starts the Kubernetes feeds, opens
     /// the output, starts reading the ring buffer and judges the listeners and
-    /// connections found at start. Returns the daemon and the reader's observations.
+    /// connections found at start. Returns the daemon, the reader's observations and the
+    /// forwarded connections conntrack reports.
     pub(super) async fn start(
         config: DaemonConfig,
         api: identity::ApiConfig,
         policy: Arc<Policy>,
-        mut capture: Capture,
-        streams: CaptureStreams,
+        (mut capture, streams, conntrack): (Capture, CaptureStreams, Option<ConntrackSocket>),
         mut inventory: Inventory,
-    ) -> anyhow::Result<(Self, mpsc::Receiver<Observation>)> {
+    ) -> anyhow::Result<(Self, mpsc::Receiver<Observation>, mpsc::Receiver<Flow>)> {
         let metrics = Arc::new(Metrics::new());
         let readiness = Arc::new(Readiness::new());
         metrics.record_policy_reload(true);
@@ -93,6 +154,11 @@ impl Running {
         let reader_stats = Arc::new(ReaderStats::default());
         let (observations, reader) =
             start_reader(streams, &mut inventory, &reader_stats, stop_rx.clone())?;
+        let conntrack_watch = ConntrackWatch::new(conntrack.is_some(), &metrics);
+        let (forwards_tx, forwards) = mpsc::channel::<Flow>(1024);
+        let conntrack_task = conntrack.map(|socket| {
+            tokio::spawn(socket.run(forwards_tx, Arc::clone(&metrics), stop_rx.clone()))
+        });
 
         let pipeline = Pipeline::new(&config, &policy, records, identities.clone(), &metrics);
         let mut daemon = Running {
@@ -105,11 +171,13 @@ impl Running {
             reload: PolicyWatch::new(config.policy_path.clone(), base),
             drops: DropWatch::default(),
             reader_stats,
+            conntrack: conntrack_watch,
             tasks: Tasks {
                 stop,
                 server,
                 watchers,
                 reader,
+                conntrack: conntrack_task,
                 naming,
                 output,
                 output_handle,
@@ -117,7 +185,7 @@ impl Running {
         };
         daemon.update_readiness();
         daemon.judge_found_at_start().await;
-        Ok((daemon, observations))
+        Ok((daemon, observations, forwards))
     }
 
     /// The listeners already there: a wide bind on a loopback-only port is an alert at
@@ -142,6 +210,18 @@ impl Running {
             .await;
     }
 
+    /// A connection conntrack saw netfilter forward (DNAT): judged when it came to a
+    /// watched port of a node address.
+    pub(super) async fn forwarded(&mut self, flow: Flow) {
+        if let Some(obs) = self.pipeline.forwarded(&flow) {
+            self.metrics
+                .conntrack_events
+                .with_label_values(&["forwarded"])
+                .inc();
+            self.pipeline.emit(&obs, None).await;
+        }
+    }
+
     /// SYNs whose handshake did not complete in time, and pods' records whose node side
     /// did not come.
     pub(super) async fn expire_attempts(&mut self) {
@@ -164,6 +244,7 @@ impl Running {
             }
             Err(e) => warn!(error = %e, "cannot read the kernel counters"),
         }
+        self.conntrack.check_if_stale(&self.metrics);
         if self.pipeline.local.refresh_if_stale() {
             self.pipeline
                 .executables
@@ -238,6 +319,13 @@ impl Running {
             Ok(Err(e)) => warn!(error = %e, "ring-buffer reader failed"),
             Err(e) => warn!(error = %e, "ring-buffer reader panicked"),
             Ok(Ok(())) => {}
+        }
+        if let Some(task) = self.tasks.conntrack {
+            match task.await {
+                Ok(Err(e)) => warn!(error = %e, "conntrack event reader failed"),
+                Err(e) => warn!(error = %e, "conntrack event reader panicked"),
+                Ok(Ok(())) => {}
+            }
         }
         for alert in self.pipeline.engine.close_all(SystemTime::now()) {
             self.pipeline.sender.send(alert).await;

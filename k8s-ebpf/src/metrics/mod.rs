@@ -78,7 +78,24 @@ pub struct Metrics {
     /// `synced`, `timeout` or `shutdown` as they went out; `overflow`: judged at once, the
     /// hold being full).
     pub sync_hold: IntCounterVec,
+    /// Conntrack NEW events read, by outcome ([`CONNTRACK_OUTCOMES`]).
+    pub conntrack_events: IntCounterVec,
+    /// 1 for whether conntrack events reach the daemon (`state`: events, no_conntrack,
+    /// events_off, no_socket).
+    pub conntrack_info: IntGaugeVec,
 }
+
+/// `k8s_ebpf_conntrack_events_total{outcome}` values, created at 0: new (TCP NEW events
+/// read), forwarded (of those, DNAT-ed from a watched port of a node address: judged),
+/// decode_errors, overflows (ENOBUFS: the socket's buffer overflowed and the kernel
+/// dropped events), read_errors.
+pub const CONNTRACK_OUTCOMES: [&str; 5] = [
+    "new",
+    "forwarded",
+    "decode_errors",
+    "overflows",
+    "read_errors",
+];
 
 /// `k8s_ebpf_sync_hold_records_total{outcome}` values, created at 0.
 pub const SYNC_HOLD_OUTCOMES: [&str; 5] = ["held", "synced", "timeout", "shutdown", "overflow"];
@@ -278,6 +295,18 @@ impl Metrics {
                 "Records held at start while the Kubernetes feeds the policy's selectors need had not synced, by outcome: held (entered the hold), synced, timeout or shutdown (judged when the feeds synced, when the wait ran out: judged by address, or at shutdown), overflow (the hold full: judged at once).",
                 &["outcome"],
             ),
+            conntrack_events: counter_vec(
+                &r,
+                "k8s_ebpf_conntrack_events_total",
+                "Conntrack NEW events (TCP) read from the netfilter netlink socket, by outcome: new (read), forwarded (DNAT-ed from a watched port of a node address: judged), decode_errors, overflows (ENOBUFS: events the kernel dropped), read_errors.",
+                &["outcome"],
+            ),
+            conntrack_info: gauge_vec(
+                &r,
+                "k8s_ebpf_conntrack_info",
+                "1 for whether conntrack events reach the daemon: events, no_conntrack (not loaded), events_off (net.netfilter.nf_conntrack_events=0), no_socket (CAP_NET_ADMIN missing at start).",
+                &["state"],
+            ),
             registry: r,
         };
         m.build_info
@@ -310,6 +339,9 @@ impl Metrics {
         }
         for outcome in SYNC_HOLD_OUTCOMES {
             m.sync_hold.with_label_values(&[outcome]);
+        }
+        for outcome in CONNTRACK_OUTCOMES {
+            m.conntrack_events.with_label_values(&[outcome]);
         }
         // The kernel's per-CPU outcome counters, as `k8s_ebpf_kernel_events_total{outcome}`.
         for outcome in kernel_outcomes() {
@@ -346,6 +378,12 @@ impl Metrics {
         }
         self.syn_pending
             .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    }
+
+    /// Marks `state` as whether conntrack events reach the daemon (and no other).
+    pub fn set_conntrack_state(&self, state: &str) {
+        self.conntrack_info.reset();
+        self.conntrack_info.with_label_values(&[state]).set(1);
     }
 
     /// Marks `mechanism` as the attached inbound hook (and no other).
