@@ -494,7 +494,11 @@ async fn exposure(json: bool, probe: bool, policy: Option<&std::path::Path>) -> 
     let mut report = k8s_ebpf::inventory::exposure_report(&policy.watched_ports(), probe)
         .await
         .context("listing TCP listeners (netlink sock_diag)")?;
-    match k8s_ebpf::inventory::forwards::scan(&policy) {
+    let node = daemon::node_addresses();
+    match k8s_ebpf::inventory::forwards::scan(
+        |port| policy.rule(port).map(|r| r.name.clone()),
+        |ip| node.contains(&ip),
+    ) {
         Ok(forwards) => report.forwards = forwards,
         Err(e) => report.forwards_error = Some(e.to_string()),
     }

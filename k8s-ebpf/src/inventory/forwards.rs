@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::Serialize;
 
-use crate::{capture::conntrack::Flow, policy::Policy};
+use crate::capture::conntrack::Flow;
 
 /// At most this many forwarded connections are read from the table.
 const DUMP_LIMIT: usize = 100_000;
@@ -34,11 +34,12 @@ pub struct Forward {
     pub finding: String,
 }
 
-/// The forwards `flows` show for `policy`'s watched ports on `is_node` addresses, one
-/// per (address, target), sorted.
+/// The forwards `flows` show for watched ports (`rule_of`: the name of the rule that
+/// judges a port, `None` for a port not watched) on `is_node` addresses, one per
+/// (address, target), sorted.
 pub fn forwards_of(
     flows: &[Flow],
-    policy: &Policy,
+    rule_of: impl Fn(u16) -> Option<String>,
     is_node: impl Fn(std::net::IpAddr) -> bool,
 ) -> Vec<Forward> {
     let mut seen: BTreeMap<(SocketAddr, SocketAddr), usize> = BTreeMap::new();
@@ -46,17 +47,14 @@ pub fn forwards_of(
         let Some(target) = f.forwarded_to() else {
             continue;
         };
-        if policy.rule(f.destination.port()).is_some() && is_node(f.destination.ip()) {
+        if rule_of(f.destination.port()).is_some() && is_node(f.destination.ip()) {
             *seen.entry((f.destination, target)).or_default() += 1;
         }
     }
     seen.into_iter()
         .map(|((address, target), connections)| {
             let port = address.port();
-            let rule = policy
-                .rule(port)
-                .map(|r| r.name.clone())
-                .unwrap_or_default();
+            let rule = rule_of(port).unwrap_or_default();
             let component = crate::ports::lookup(port).map_or("unknown", |p| p.component);
             Forward {
                 port,
@@ -76,11 +74,13 @@ pub fn forwards_of(
         .collect()
 }
 
-/// The forwards in this network namespace's conntrack table now.
-pub fn scan(policy: &Policy) -> std::io::Result<Vec<Forward>> {
+/// The forwards in this network namespace's conntrack table now, as [`forwards_of`].
+pub fn scan(
+    rule_of: impl Fn(u16) -> Option<String>,
+    is_node: impl Fn(std::net::IpAddr) -> bool,
+) -> std::io::Result<Vec<Forward>> {
     let flows = crate::capture::conntrack::dump_forwarded(DUMP_LIMIT)?;
-    let node = crate::daemon::node_addresses();
-    Ok(forwards_of(&flows, policy, |ip| node.contains(&ip)))
+    Ok(forwards_of(&flows, rule_of, is_node))
 }
 
 #[cfg(test)]
@@ -97,7 +97,11 @@ mod tests {
 
     #[test]
     fn forwards_of_watched_node_ports_grouped_by_target() {
-        let policy = Policy::embedded_default();
+        let rule_of = |port: u16| match port {
+            10250 => Some("kubelet".to_owned()),
+            10255 => Some("kubelet-readonly".to_owned()),
+            _ => None,
+        };
         let node = |ip: std::net::IpAddr| ip.to_string() == "192.0.2.10";
         let flows = [
             flow("203.0.113.7:1", "192.0.2.10:10255", "198.51.100.2:8080"),
@@ -109,7 +113,7 @@ mod tests {
             // Not a node address (a ClusterIP).
             flow("203.0.113.8:5", "10.96.0.1:10250", "198.51.100.3:10250"),
         ];
-        let found = forwards_of(&flows, &policy, node);
+        let found = forwards_of(&flows, rule_of, node);
         assert_eq!(found.len(), 1, "{found:#?}");
         let f = &found[0];
         assert_eq!(f.port, 10255);
