@@ -233,6 +233,28 @@ fn every_record() -> Vec<Value> {
                             first.k8s_ebpf.client_match = Some("executable");
                         }
                         out.push(json(&first));
+                        // A connection netfilter forwarded (DNAT) from the node's port,
+                        // and the forward itself: from conntrack, no process.
+                        if matches!(
+                            action,
+                            Action::UnexpectedInbound
+                                | Action::AllowedInbound
+                                | Action::ExposedListener
+                        ) {
+                            let mut forwarded = observation(action, v6);
+                            forwarded.hook = HookKind::ConntrackDnat;
+                            forwarded.process = None;
+                            forwarded.local = observation(Action::UnexpectedInbound, v6).local;
+                            forwarded.forwarded_to =
+                                Some("198.51.100.2:8080".parse().expect("address"));
+                            let subject = Subject {
+                                container_id: None,
+                                ..subject
+                            };
+                            out.push(json(&AlertEvent::for_observation(
+                                &forwarded, action, &subject,
+                            )));
+                        }
                         // A pod's connection to this node seen from both ends: the node's
                         // record joined with the client's.
                         if matches!(

@@ -146,9 +146,30 @@ fn a_stranger_through_a_host_port_alerts_naming_the_forward() {
     let mut daemon = Daemon::start(&lab.node, &[]);
     connect(&lab.stranger, &format!("{NODE}:10255"));
     let records = daemon.wait_records(
-        "an alert for the stranger's connection through the forward",
+        "an alert for the stranger's connection through the forward, and one for the forward",
         Duration::from_secs(10),
-        |r| alerts(r, 10255).any(|a| a["source"]["ip"] == STRANGER),
+        |r| {
+            alerts(r, 10255).any(|a| a["source"]["ip"] == STRANGER)
+                && alerts(r, 10255).any(|a| a["event"]["action"] == "exposed-listener")
+        },
+    );
+    // The forward itself: 10255 should not be served at all (`bind: none`), and a
+    // forward serves it on the node's address.
+    let forward = alerts(&records, 10255)
+        .find(|a| a["event"]["action"] == "exposed-listener")
+        .unwrap();
+    assert_eq!(forward["destination"]["ip"], NODE, "{forward}");
+    assert_eq!(
+        forward["k8s_ebpf"]["forwarded_to"],
+        format!("{POD}:8080"),
+        "{forward}"
+    );
+    assert_eq!(forward["k8s_ebpf"]["hook"], "conntrack-dnat", "{forward}");
+    assert!(
+        forward["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("is forwarded (DNAT) to {POD}:8080"))),
+        "{forward}"
     );
     let alert = alerts(&records, 10255)
         .find(|a| a["source"]["ip"] == STRANGER)
@@ -227,6 +248,11 @@ fn an_expected_peer_through_the_forward_is_not_an_alert() {
     assert!(
         !alerts(&records, 10250).any(|a| a["source"]["ip"] == FRIEND),
         "the expected peer alerted: {records:#?}"
+    );
+    // The kubelet may serve every address (`bind: any`): the forward is no finding.
+    assert!(
+        !alerts(&records, 10250).any(|a| a["event"]["action"] == "exposed-listener"),
+        "{records:#?}"
     );
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");

@@ -332,11 +332,17 @@ fn message(obs: &Observation, action: Action, subject: &Subject<'_>) -> String {
         Action::AllowedOutbound => {
             format!("{} connected to {what} on {}", who(), obs.remote.ip())
         }
-        Action::ExposedListener => format!(
-            "{what} is listening on {} (by {}): wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
-            obs.local.ip(),
-            who()
-        ),
+        Action::ExposedListener => match obs.forwarded_to {
+            Some(to) => format!(
+                "{what} on {} is forwarded (DNAT) to {to}: whoever reaches the node's address reaches it, wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
+                obs.local.ip()
+            ),
+            None => format!(
+                "{what} is listening on {} (by {}): wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
+                obs.local.ip(),
+                who()
+            ),
+        },
         Action::RefusedAttempt => format!(
             "refused connection attempt to {what} from {}{peer_name}: nothing listens there",
             obs.remote.ip()

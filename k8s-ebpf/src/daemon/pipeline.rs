@@ -53,7 +53,13 @@ pub(super) struct Pipeline {
     /// Records waiting at start for the Kubernetes feeds to sync.
     hold: SyncHold,
     metrics: std::sync::Arc<Metrics>,
+    /// The forwards (node address and port, target) already reported as a listener.
+    forwards: std::collections::HashSet<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
+
+/// Forwards reported as listeners at most; past it a new forward's connections are still
+/// judged, the forward itself is not reported again.
+const FORWARDS_MAX: usize = 4096;
 
 /// At start, while the Kubernetes feeds the policy's selectors need have not synced,
 /// records wait (at most `until`, at most [`SyncHold::MAX`] of them) instead of being
@@ -136,6 +142,7 @@ impl Pipeline {
             kubernetes_service,
             hold,
             metrics,
+            forwards: std::collections::HashSet::new(),
         }
     }
 
@@ -209,14 +216,19 @@ impl Pipeline {
 
     /// A connection netfilter forwarded, as an inbound record to the node's port it
     /// came to: only when that is a watched port of one of the node's addresses (the
-    /// peer is the original source, `forwarded_to` where it went).
-    pub(super) fn forwarded(&self, flow: &crate::capture::conntrack::Flow) -> Option<Observation> {
+    /// peer is the original source, `forwarded_to` where it went). The first time a
+    /// forward is seen, also the forward itself as a listener on the node's address (it
+    /// takes connections there like one: judged by the rule's `bind`).
+    pub(super) fn forwarded(
+        &mut self,
+        flow: &crate::capture::conntrack::Flow,
+    ) -> Option<(Observation, Option<Observation>)> {
         let to = flow.forwarded_to()?;
         let port = flow.destination.port();
         if self.engine.policy().rule(port).is_none() || !self.local.is_own(flow.destination.ip()) {
             return None;
         }
-        Some(Observation {
+        let inbound = Observation {
             kind: EventKind::Inbound,
             hook: k8s_ebpf_common::HookKind::ConntrackDnat,
             at: SystemTime::now(),
@@ -227,7 +239,15 @@ impl Pipeline {
             count: 1,
             window_summary: false,
             forwarded_to: Some(to),
-        })
+        };
+        let first =
+            self.forwards.len() < FORWARDS_MAX && self.forwards.insert((flow.destination, to));
+        let listener = first.then(|| Observation {
+            kind: EventKind::Listen,
+            remote: std::net::SocketAddr::new(flow.destination.ip(), 0),
+            ..inbound.clone()
+        });
+        Some((inbound, listener))
     }
 
     /// Whether `obs` comes from a pod's network namespace (only under `--netns all`).

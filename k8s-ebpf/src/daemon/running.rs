@@ -213,11 +213,14 @@ impl Running {
     /// A connection conntrack saw netfilter forward (DNAT): judged when it came to a
     /// watched port of a node address.
     pub(super) async fn forwarded(&mut self, flow: Flow) {
-        if let Some(obs) = self.pipeline.forwarded(&flow) {
+        if let Some((obs, listener)) = self.pipeline.forwarded(&flow) {
             self.metrics
                 .conntrack_events
                 .with_label_values(&["forwarded"])
                 .inc();
+            if let Some(listener) = listener {
+                self.pipeline.emit(&listener, None).await;
+            }
             self.pipeline.emit(&obs, None).await;
         }
     }
