@@ -379,3 +379,46 @@ fn exposure_reports_a_forwarded_watched_port() {
         "{text}"
     );
 }
+
+/// Events the kernel could not queue (the daemon stopped while 20,000 connections were
+/// made) are counted as overflows, and the daemon goes on seeing forwards afterwards.
+#[test]
+fn lost_conntrack_events_are_counted_and_the_daemon_goes_on() {
+    if !privileged("lost_conntrack_events_are_counted_and_the_daemon_goes_on") {
+        return;
+    }
+    let lab = lab();
+    let _listener = lab.pod.listen(&format!("{POD}:8080"));
+    let _nat = portmap(&lab.node, &[(10255, &format!("{POD}:8080"))]);
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    daemon.signal(libc::SIGSTOP);
+    // 20,000 short connections on the node's loopback (tracked: the namespace has NAT
+    // rules), each a NEW event, while nobody reads: past the socket's 4 MiB buffer the
+    // kernel drops them.
+    let churn = lab.node.command("python3").args([
+        "-c",
+        "import socket\n\
+         l=socket.socket(); l.bind(('127.0.0.1',9000)); l.listen(4096)\n\
+         for i in range(20000):\n\
+         \x20   c=socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\\x01\\0\\0\\0\\0\\0\\0\\0')\n\
+         \x20   c.connect(('127.0.0.1',9000)); a,_=l.accept(); a.close(); c.close()\n",
+    ]).output();
+    daemon.signal(libc::SIGCONT);
+    let churn = churn.expect("python3");
+    assert!(
+        churn.status.success(),
+        "{}",
+        String::from_utf8_lossy(&churn.stderr)
+    );
+    wait_for("the overflow counted", Duration::from_secs(10), || {
+        daemon.metric("k8s_ebpf_conntrack_events_total{outcome=\"overflows\"}") >= 1.0
+    });
+    connect(&lab.stranger, &format!("{NODE}:10255"));
+    daemon.wait_records(
+        "the stranger through the forward, after the overflow",
+        Duration::from_secs(10),
+        |r| alerts(r, 10255).any(|a| a["source"]["ip"] == STRANGER),
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
