@@ -323,6 +323,9 @@ async fn run_loop(
             _ = events.interrupt.recv() => { info!("SIGINT: stopping"); break; }
         }
     }
+    // The conntrack reader may wait to hand over a flow: with nobody receiving, its send
+    // fails and it ends, instead of holding up the shutdown.
+    drop(forwards);
     daemon.shutdown(observations).await
 }
 
