@@ -77,6 +77,9 @@ pub enum HookKind {
     /// DNAT-ed elsewhere (a hostPort, a Service's externalIPs or NodePort), from a
     /// conntrack NEW event. Never in a kernel record.
     ConntrackDnat = 8,
+    /// Userspace only: a `hostPort` of a pod on this node, from the Kubernetes API: the
+    /// node's port the CNI portmap plugin forwards to the pod. Never in a kernel record.
+    ApiHostPort = 9,
 }
 
 impl HookKind {

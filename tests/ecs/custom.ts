@@ -11,7 +11,7 @@ interface K8sEbpfFields {
   summary?: true;
   component: string;
   ports?: number[];
-  hook?: 'tracepoint' | 'kretprobe' | 'fexit' | 'reset-tracepoint' | 'sock-diag-scan' | 'sock-diag-rescan' | 'sk-lookup' | 'conntrack-dnat';
+  hook?: 'tracepoint' | 'kretprobe' | 'fexit' | 'reset-tracepoint' | 'sock-diag-scan' | 'sock-diag-rescan' | 'sk-lookup' | 'conntrack-dnat' | 'kubernetes-hostport';
   cgroup_id?: number;
   netns?: number;
   prefix?: string;

@@ -38,6 +38,7 @@ fn pod() -> Arc<PodIdentity> {
         host_network: false,
         ips: vec!["198.51.100.20".parse().expect("ip")].into(),
         container_ids: vec!["0123456789ab".into()].into(),
+        host_ports: Box::default(),
         finished: false,
     })
 }
@@ -254,6 +255,13 @@ fn every_record() -> Vec<Value> {
                             out.push(json(&AlertEvent::for_observation(
                                 &forwarded, action, &subject,
                             )));
+                            // A pod's hostPort, from the API.
+                            if action == Action::ExposedListener {
+                                forwarded.hook = HookKind::ApiHostPort;
+                                out.push(json(&AlertEvent::for_observation(
+                                    &forwarded, action, &subject,
+                                )));
+                            }
                         }
                         // A pod's connection to this node seen from both ends: the node's
                         // record joined with the client's.

@@ -422,3 +422,96 @@ fn lost_conntrack_events_are_counted_and_the_daemon_goes_on() {
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
 }
+
+/// From the API, before any connection: a pod on this node publishing `hostPort: 10255`
+/// is the node's 10255 forwarded to the pod (the rule says 10255 should not be served),
+/// named with where it comes from (`kubernetes-hostport`) and the target; a hostPort on
+/// an unwatched port and another node's pod are not.
+#[test]
+fn a_host_port_from_the_api_is_reported_before_any_connection() {
+    if !privileged("a_host_port_from_the_api_is_reported_before_any_connection") {
+        return;
+    }
+    use integration_tests::fakeapi::{pod, FakeApi};
+    let node = NetNs::new("node");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let api = FakeApi::start(&node, dir.path());
+    let with_ports = |mut p: Value, node_name: &str, ports: Value| {
+        p["spec"]["nodeName"] = node_name.into();
+        p["spec"]["containers"][0]["ports"] = ports;
+        p
+    };
+    api.call(
+        "pods/apply",
+        Some(with_ports(
+            pod(
+                "web",
+                "readonly-proxy",
+                POD,
+                serde_json::json!({}),
+                "default",
+            ),
+            "node-a",
+            serde_json::json!([
+                {"containerPort": 8080, "hostPort": 10255, "protocol": "TCP"},
+                {"containerPort": 9000, "hostPort": 9000}
+            ]),
+        )),
+    );
+    api.call(
+        "pods/apply",
+        Some(with_ports(
+            pod(
+                "web",
+                "elsewhere",
+                "198.51.100.3",
+                serde_json::json!({}),
+                "default",
+            ),
+            "node-b",
+            serde_json::json!([{"containerPort": 8080, "hostPort": 10249}]),
+        )),
+    );
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut daemon = Daemon::start(
+        &node,
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--hostname",
+            "node-a",
+        ],
+    );
+    let records = daemon.wait_records(
+        "the hostPort reported as a forward",
+        Duration::from_secs(15),
+        |r| {
+            r.iter()
+                .any(|a| a["k8s_ebpf"]["hook"] == "kubernetes-hostport")
+        },
+    );
+    let found: Vec<&Value> = records
+        .iter()
+        .filter(|a| a["k8s_ebpf"]["hook"] == "kubernetes-hostport")
+        .collect();
+    let alert = found[0];
+    eprintln!("hostPort record: {alert}");
+    assert_eq!(alert["event"]["action"], "exposed-listener", "{alert}");
+    assert_eq!(alert["destination"]["port"], 10255, "{alert}");
+    assert_eq!(alert["destination"]["ip"], "0.0.0.0", "{alert}");
+    assert_eq!(
+        alert["k8s_ebpf"]["forwarded_to"],
+        format!("{POD}:8080"),
+        "{alert}"
+    );
+    // Another second for any other forward to show; none may.
+    std::thread::sleep(Duration::from_secs(2));
+    let records = daemon.records();
+    let forwards: Vec<&Value> = records
+        .iter()
+        .filter(|a| a["k8s_ebpf"]["hook"] == "kubernetes-hostport")
+        .collect();
+    assert_eq!(forwards.len(), 1, "{forwards:#?}");
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}

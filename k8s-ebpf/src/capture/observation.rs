@@ -98,6 +98,7 @@ pub fn hook_name(h: HookKind) -> &'static str {
         HookKind::SkLookup => "sk-lookup",
         HookKind::Rescan => "sock-diag-rescan",
         HookKind::ConntrackDnat => "conntrack-dnat",
+        HookKind::ApiHostPort => "kubernetes-hostport",
     }
 }
 

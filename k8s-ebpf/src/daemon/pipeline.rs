@@ -250,6 +250,43 @@ impl Pipeline {
         Some((inbound, listener))
     }
 
+    /// The `hostPort`s of this node's pods on watched ports (from the API), each once: a
+    /// listener on the node's address (its `hostIP`, else every address) forwarded to
+    /// the pod, judged by the rule's `bind`.
+    pub(super) fn host_port_forwards(&mut self) -> Vec<Observation> {
+        let pods = self.identities.inspect(|c| c.local_host_ports());
+        let mut out = Vec::new();
+        for pod in pods.iter().filter(|p| !p.host_network) {
+            let Some(&ip) = pod.ips.iter().next() else {
+                continue;
+            };
+            for hp in pod.host_ports.iter() {
+                if self.engine.policy().rule(hp.host_port).is_none() {
+                    continue;
+                }
+                let node_ip = hp.host_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+                let local = std::net::SocketAddr::new(node_ip, hp.host_port);
+                let to = std::net::SocketAddr::new(ip, hp.container_port);
+                if self.forwards.len() >= FORWARDS_MAX || !self.forwards.insert((local, to)) {
+                    continue;
+                }
+                out.push(Observation {
+                    kind: EventKind::Listen,
+                    hook: k8s_ebpf_common::HookKind::ApiHostPort,
+                    at: SystemTime::now(),
+                    local,
+                    remote: std::net::SocketAddr::new(node_ip, 0),
+                    process: None,
+                    netns: self.local.netns,
+                    count: 1,
+                    window_summary: false,
+                    forwarded_to: Some(to),
+                });
+            }
+        }
+        out
+    }
+
     /// Whether `obs` comes from a pod's network namespace (only under `--netns all`).
     fn in_pod_netns(&self, obs: &Observation) -> bool {
         // The node's namespace unknown (its inode unreadable): nothing is a pod's.

@@ -248,6 +248,9 @@ impl Running {
             Err(e) => warn!(error = %e, "cannot read the kernel counters"),
         }
         self.conntrack.check_if_stale(&self.metrics);
+        for obs in self.pipeline.host_port_forwards() {
+            self.pipeline.emit(&obs, None).await;
+        }
         if self.pipeline.local.refresh_if_stale() {
             self.pipeline
                 .executables
