@@ -495,7 +495,6 @@ fn a_host_port_from_the_api_is_reported_before_any_connection() {
         .filter(|a| a["k8s_ebpf"]["hook"] == "kubernetes-hostport")
         .collect();
     let alert = found[0];
-    eprintln!("hostPort record: {alert}");
     assert_eq!(alert["event"]["action"], "exposed-listener", "{alert}");
     assert_eq!(alert["destination"]["port"], 10255, "{alert}");
     assert_eq!(alert["destination"]["ip"], "0.0.0.0", "{alert}");
