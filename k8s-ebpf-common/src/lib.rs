@@ -161,12 +161,16 @@ pub struct DedupKey {
     pub peer: [u8; 16],
 }
 
-/// Value of the dedup map: when the current window started and how many events it saw.
+/// Value of the dedup map: when the current window started, how many events it saw, and
+/// the remote port of the last one (SYN records: a second lookup of the same connection,
+/// the final ACK of a SYN-cookie handshake or a retransmitted SYN, is not counted again).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DedupWindow {
     pub start_ns: u64,
     pub count: u64,
+    pub last_remote_port: u16,
+    pub _pad: [u8; 6],
 }
 
 /// Indexes of the per-CPU counter array. Every event on a watched port ends in exactly one
@@ -201,7 +205,11 @@ pub mod counter {
     /// Of `RINGBUF_FULL`: completed inbound connections lost. While it grows, a SYN whose
     /// handshake seems not to have completed may have completed.
     pub const INBOUND_LOST: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// Of `DEDUPLICATED`: a listener lookup from the same peer and port as the last SYN in
+    /// its open window: the same connection looked up again (the final ACK of a SYN-cookie
+    /// handshake, a retransmitted SYN), not another attempt; the window does not count it.
+    pub const REPEATED: u32 = 11;
+    pub const COUNT: u32 = 12;
     /// Outcomes the kernel counts outside the programs, read by userspace and exported
     /// beside the ones above: returns of `inet_csk_accept` the kretprobe missed (its
     /// instance pool was exhausted), and program runs the kernel skipped because another
@@ -220,6 +228,7 @@ pub mod counter {
         "out_of_scope",
         "ringbuf_shed",
         "inbound_lost",
+        "repeated",
     ];
 }
 
@@ -273,8 +282,18 @@ impl ListenState {
 pub mod setting {
     /// [`super::inbound_source`].
     pub const INBOUND_SOURCE: u32 = 0;
-    pub const COUNT: u32 = 1;
+    /// Under `--netns all`, non-zero once userspace has filled `SCOPE_PEERS` (the
+    /// Kubernetes feeds synced, or no API): from then on a pod's outbound connection to an
+    /// address outside it is dropped in the kernel. Zero: every such record reaches
+    /// userspace, which judges it.
+    pub const POD_OUTBOUND_SCOPE: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
+
+/// Capacity of the kernel's `SCOPE_PEERS` set: the addresses a pod's outbound connection
+/// may reach and still be judged (this node's, the nodes', the API servers', the
+/// `kubernetes` Service's). A cluster with more leaves the filter off.
+pub const SCOPE_PEERS_MAX: u32 = 65_536;
 
 /// Kernel-struct offsets read from the running kernel's BTF by userspace and passed to the
 /// programs as a read-only global. Rust eBPF has no CO-RE relocations, so this is how the

@@ -35,7 +35,7 @@ mod programs {
             bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
         },
         macros::{btf_tracepoint, fexit, kretprobe, map, sk_lookup, tracepoint},
-        maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
         programs::{
             BtfTracePointContext, FExitContext, RetProbeContext, SkLookupContext, TracePointContext,
         },
@@ -44,6 +44,7 @@ mod programs {
     use k8s_ebpf_common::{
         counter, inbound_source, port_flag, setting, ConnRecord, DedupKey, DedupWindow, EventKind,
         HookKind, KernelOffsets, ListenKey, ListenState, AF_INET, AF_INET6, COMM_LEN,
+        SCOPE_PEERS_MAX,
     };
 
     /// Offsets into kernel structs and tracepoint records, from the running kernel.
@@ -138,6 +139,12 @@ mod programs {
     #[map]
     static SETTINGS: Array<u32> = Array::with_max_entries(setting::COUNT, 0);
 
+    /// Under `--netns all`: the addresses (16 bytes, IPv4 in the first four) whose
+    /// connections from a pod are judged — nodes, API servers, the `kubernetes` Service.
+    /// Filled by userspace; used once `setting::POD_OUTBOUND_SCOPE` says it is complete.
+    #[map]
+    static SCOPE_PEERS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(SCOPE_PEERS_MAX, 0);
+
     // include/net/tcp_states.h
     const TCP_ESTABLISHED: i32 = 1;
     const TCP_SYN_SENT: i32 = 2;
@@ -165,18 +172,32 @@ mod programs {
     /// verdict. A pod's listeners and the connections into a pod are judged only on
     /// ports whose rule says `netns: all`; everything else a pod does on its own loopback
     /// or network would only be dropped by userspace, after costing the node's ring.
-    /// A pod's outbound connections stay: they may reach a node or the API server.
+    /// A pod's outbound connections stay when they reach an address in `SCOPE_PEERS` (a
+    /// node, an API server), or while userspace has not filled it.
     #[inline(always)]
+    // The address by reference on purpose: a copy would be one more 16-byte stack slot
+    // for the verifier's combined limit (see `open_window`).
+    #[allow(clippy::needless_borrows_for_generic_args)]
     fn in_scope(ev: &Event) -> bool {
         let host = HOST_NETNS.load();
         if host == 0 || ev.netns == host || ev.netns == 0 {
             return true;
         }
-        match ev.kind {
-            EventKind::Listen | EventKind::ListenClose | EventKind::Inbound => matches!(
-                WATCHED_PORTS.get(u32::from(ev.local_port)),
+        let pod_scope = |port: u16| {
+            matches!(
+                WATCHED_PORTS.get(u32::from(port)),
                 Some(v) if *v & port_flag::POD_SCOPE != 0
-            ),
+            )
+        };
+        match ev.kind {
+            EventKind::Listen | EventKind::ListenClose | EventKind::Inbound => {
+                pod_scope(ev.local_port)
+            }
+            EventKind::Outbound => {
+                pod_scope(ev.remote_port)
+                    || !matches!(SETTINGS.get(setting::POD_OUTBOUND_SCOPE), Some(v) if *v != 0)
+                    || unsafe { SCOPE_PEERS.get(&ev.remote_addr) }.is_some()
+            }
             _ => true,
         }
     }
@@ -325,12 +346,22 @@ mod programs {
 
     /// Whether the event falls into an open window (and is counted there).
     #[inline(always)]
-    fn fold_into_open_window(key: &DedupKey, now: u64, window: u64) -> bool {
+    /// A SYN from the peer's last remote port is that attempt's connection looked up
+    /// again (the final ACK of a SYN-cookie handshake, or a retransmitted SYN): folded,
+    /// not counted as an attempt.
+    fn fold_into_open_window(key: &DedupKey, now: u64, window: u64, remote_port: u16) -> bool {
         if let Some(slot) = DEDUP.get_ptr_mut(key) {
             let slot = unsafe { &mut *slot };
             if now.wrapping_sub(slot.start_ns) < window {
-                add_atomic(&mut slot.count);
                 count(counter::DEDUPLICATED);
+                if key.kind == EventKind::Syn as u32 {
+                    if slot.last_remote_port == remote_port {
+                        count(counter::REPEATED);
+                        return true;
+                    }
+                    slot.last_remote_port = remote_port;
+                }
+                add_atomic(&mut slot.count);
                 return true;
             }
         }
@@ -341,7 +372,7 @@ mod programs {
     /// another CPU opened it first (the event folds into that one), else the previous
     /// window's (count, start) for the record (zeros when there was none).
     #[inline(always)]
-    fn open_window(key: &DedupKey, now: u64, window: u64) -> Option<(u32, u64)> {
+    fn open_window(key: &DedupKey, now: u64, window: u64, remote_port: u16) -> Option<(u32, u64)> {
         if let Some(slot) = DEDUP.get_ptr_mut(key) {
             let slot = unsafe { &mut *slot };
             if now.wrapping_sub(slot.start_ns) < window {
@@ -353,11 +384,14 @@ mod programs {
             let prev = (slot.count.min(u64::from(u32::MAX)) as u32, slot.start_ns);
             slot.start_ns = now;
             slot.count = 1;
+            slot.last_remote_port = remote_port;
             return Some(prev);
         }
         let fresh = DedupWindow {
             start_ns: now,
             count: 1,
+            last_remote_port: remote_port,
+            _pad: [0; 6],
         };
         // By reference on purpose: passing the value makes LLVM keep another copy on the
         // stack, and the verifier's combined limit (512 bytes over the call chain) is then
@@ -400,12 +434,14 @@ mod programs {
             count(counter::FILTERED);
             return;
         }
+        // Before the scope check: a pod's IPv4 peer on a dual-stack socket is looked up
+        // in `SCOPE_PEERS` as IPv4.
+        normalise(ev);
         if target == 0 && !in_scope(ev) {
             count(counter::OUT_OF_SCOPE);
             return;
         }
         count(counter::SEEN);
-        normalise(ev);
         let now = unsafe { bpf_ktime_get_ns() };
         let listener = matches!(ev.kind, EventKind::Listen | EventKind::ListenClose);
         if listener && !listener_change(ev, now) {
@@ -423,7 +459,7 @@ mod programs {
         let window = DEDUP_WINDOW_NS.load();
         let folds = window != 0 && !listener;
         let key = dedup_key(ev, tgid, cgroup_id);
-        if folds && fold_into_open_window(&key, now, window) {
+        if folds && fold_into_open_window(&key, now, window, ev.remote_port) {
             return;
         }
         if !within_headroom(ev) {
@@ -441,7 +477,7 @@ mod programs {
             return;
         };
         let (prev_count, prev_window_start_ns) = if folds {
-            match open_window(&key, now, window) {
+            match open_window(&key, now, window, ev.remote_port) {
                 Some(prev) => prev,
                 None => {
                     entry.discard(0);
@@ -725,6 +761,14 @@ mod programs {
         let local_port: u16 = read_at::<_, DIRECT>(sk, o.skc_num)?;
         if !is_watched(local_port) {
             count(counter::FILTERED);
+            return Ok(());
+        }
+        // Userspace moves inbound records to the state tracepoint when the kretprobe's
+        // instance pool runs out (an accept entered then is never probed); from then on
+        // this hook would only repeat the tracepoint's record.
+        if SETTINGS.get(setting::INBOUND_SOURCE).copied().unwrap_or(0)
+            != inbound_source::ACCEPT_HOOK
+        {
             return Ok(());
         }
         let remote_port = u16::from_be(read_at::<u16, DIRECT>(sk, o.skc_dport)?);

@@ -165,6 +165,24 @@ impl Learned {
     }
 
     fn rule(&self, r: &Rule) -> OutRule {
+        OutRule {
+            name: r.name.clone(),
+            port: r.port,
+            component: r.component.clone(),
+            severity: r.severity,
+            bind: if self.wide_binds.contains(&r.port) {
+                BindScope::Any
+            } else {
+                r.bind
+            },
+            netns: r.netns,
+            expected_peers: self.expected_peers(r),
+            expected_clients: self.expected_clients(r),
+        }
+    }
+
+    /// The rule's expected peers, then the ones learned for its port.
+    fn expected_peers(&self, r: &Rule) -> Vec<OutPeer> {
         let mut peers: Vec<OutPeer> = Vec::new();
         if r.expected_peers.includes_loopback() {
             peers.push(OutPeer::Text("loopback".to_owned()));
@@ -185,6 +203,11 @@ impl Learned {
                 peers.push(out);
             }
         }
+        peers
+    }
+
+    /// The rule's expected clients, with the executables and names learned for its port.
+    fn expected_clients(&self, r: &Rule) -> OutClients {
         let c = &r.expected_clients;
         let mut processes = c.processes.clone();
         let mut executables: Vec<OutExecutable> = c
@@ -220,33 +243,20 @@ impl Learned {
         let mut cgroups: Vec<OutCgroup> =
             c.cgroup_ids.iter().map(|&id| OutCgroup::Id(id)).collect();
         cgroups.extend(c.cgroup_paths.iter().cloned().map(OutCgroup::Path));
-        OutRule {
-            name: r.name.clone(),
-            port: r.port,
-            component: r.component.clone(),
-            severity: r.severity,
-            bind: if self.wide_binds.contains(&r.port) {
-                BindScope::Any
-            } else {
-                r.bind
-            },
-            netns: r.netns,
-            expected_peers: peers,
-            expected_clients: OutClients {
-                executables,
-                pods: c
-                    .pods
-                    .iter()
-                    .map(|(namespace, labels)| OutPods {
-                        namespace: namespace.clone(),
-                        labels: labels.clone(),
-                    })
-                    .collect(),
-                units: c.units.clone(),
-                processes,
-                cgroups,
-                containers: c.containers.clone(),
-            },
+        OutClients {
+            executables,
+            pods: c
+                .pods
+                .iter()
+                .map(|(namespace, labels)| OutPods {
+                    namespace: namespace.clone(),
+                    labels: labels.clone(),
+                })
+                .collect(),
+            units: c.units.clone(),
+            processes,
+            cgroups,
+            containers: c.containers.clone(),
         }
     }
 }

@@ -298,16 +298,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    // glibc raises its mmap threshold each time a large block is freed, up to 32 MiB, after
-    // which the API's list pages (megabytes each, parsed and freed one after another) are
-    // carved from the heap, and the identities kept between them pin those pages for good:
-    // ~20 MB more resident at 150,000 pods. A fixed threshold keeps large blocks mapped
-    // apart and returned when freed.
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets an allocator parameter; called before any thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
+    set_mmap_threshold();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -319,26 +310,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-                // kube-client logs every failed request at ERROR without its cause; the
-                // identity watchers report the same failure once, with the cause and fix.
-                .add_directive(
-                    "kube_client::client::builder=off"
-                        .parse()
-                        .expect("valid directive"),
-                )
-                .add_directive(
-                    "kube_runtime::watcher=error"
-                        .parse()
-                        .expect("valid directive"),
-                ),
-        )
-        .init();
+    init_logging();
     // `run` does its privileged start-up before the runtime starts any thread, so that the
     // capability drop covers every thread the daemon will ever have.
     let (command, prepared) = match cli.command {
@@ -360,40 +332,80 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let Some(command) = command else {
-            return match prepared {
-                Some(p) => p.run().await,
-                None => Ok(()),
-            };
-        };
-        match command {
-            Command::Run(_) => unreachable!("prepared above"),
-            Command::CheckConfig { file, profile } => check_config(&file, profile.as_deref()),
-            Command::Profiles { name } => show_profiles(name.as_deref()),
-            Command::Ports { json } => {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&k8s_ebpf::ports::to_json())?
-                    );
-                } else {
-                    print!("{}", k8s_ebpf::ports::render_table());
-                }
-                Ok(())
-            }
-            Command::Exposure {
-                json,
-                probe,
-                policy,
-            } => exposure(json, probe, policy.as_deref()).await,
-            Command::Learn(args) => learn(args).await,
-            Command::Capture(args) => capture(args).await,
-            Command::Firewall(args) => write_firewall(args).await,
+        match (command, prepared) {
+            (Some(command), _) => one_shot(command).await,
+            (None, Some(p)) => p.run().await,
+            (None, None) => Ok(()),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(&e),
+    }
+}
+
+/// glibc raises its mmap threshold each time a large block is freed, up to 32 MiB, after
+/// which the API's list pages (megabytes each, parsed and freed one after another) are
+/// carved from the heap, and the identities kept between them pin those pages for good:
+/// ~20 MB more resident at 150,000 pods. A fixed threshold keeps large blocks mapped
+/// apart and returned when freed.
+fn set_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+/// Logs to stderr, `RUST_LOG` or `info`.
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+                // kube-client logs every failed request at ERROR without its cause; the
+                // identity watchers report the same failure once, with the cause and fix.
+                .add_directive(
+                    "kube_client::client::builder=off"
+                        .parse()
+                        .expect("valid directive"),
+                )
+                .add_directive(
+                    "kube_runtime::watcher=error"
+                        .parse()
+                        .expect("valid directive"),
+                ),
+        )
+        .init();
+}
+
+/// Every command but `run` (prepared before the runtime started).
+async fn one_shot(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(_) => unreachable!("prepared above"),
+        Command::CheckConfig { file, profile } => check_config(&file, profile.as_deref()),
+        Command::Profiles { name } => show_profiles(name.as_deref()),
+        Command::Ports { json } => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&k8s_ebpf::ports::to_json())?
+                );
+            } else {
+                print!("{}", k8s_ebpf::ports::render_table());
+            }
+            Ok(())
+        }
+        Command::Exposure {
+            json,
+            probe,
+            policy,
+        } => exposure(json, probe, policy.as_deref()).await,
+        Command::Learn(args) => learn(args).await,
+        Command::Capture(args) => capture(args).await,
+        Command::Firewall(args) => write_firewall(args).await,
     }
 }
 

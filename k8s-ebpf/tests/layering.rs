@@ -6,6 +6,11 @@
 //! lines and in code, `crate::{a::x, b}` counting as `a` and `b`; `k8s_ebpf::` in main.rs),
 //! comments and string literals left out. A forbidden edge fails the test naming the file
 //! and the edge.
+//!
+//! The rooms stay small too: no function in k8s-ebpf/src or xtask/src may be longer than
+//! [`MAX_FN_LINES`] lines, counted from the line of its `fn` to the line of its closing
+//! brace (see [`long_functions`]). Test code is exempt: items under `#[cfg(test)]` (test
+//! modules, inline or in their own file, and test-only helpers) and the tests/ directories.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -137,7 +142,8 @@ fn top_module(rel: &Path) -> String {
     first.strip_suffix(".rs").unwrap_or(&first).to_owned()
 }
 
-/// `text` with comments, string and character literals blanked out.
+/// `text` with comments, string and character literals blanked out (their line breaks
+/// kept, so that lines count as in the file).
 fn code_only(text: &str) -> String {
     let c: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
@@ -160,6 +166,7 @@ fn code_only(text: &str) -> String {
                         break;
                     }
                 } else {
+                    newline(&mut out, c[i]);
                     i += 1;
                 }
             }
@@ -182,6 +189,7 @@ fn code_only(text: &str) -> String {
                     j += 1 + hashes;
                     break;
                 }
+                newline(&mut out, c[j]);
                 j += 1;
             }
             out.push_str("\"\"");
@@ -189,7 +197,16 @@ fn code_only(text: &str) -> String {
         } else if c[i] == '"' {
             i += 1;
             while i < c.len() && c[i] != '"' {
-                i += if c[i] == '\\' { 2 } else { 1 };
+                if c[i] == '\\' {
+                    // An escaped newline (a string continued on the next line) counts too.
+                    if let Some(next) = at(&c, i + 1) {
+                        newline(&mut out, next);
+                    }
+                    i += 2;
+                } else {
+                    newline(&mut out, c[i]);
+                    i += 1;
+                }
             }
             i += 1;
             out.push_str("\"\"");
@@ -215,6 +232,13 @@ fn code_only(text: &str) -> String {
         }
     }
     out
+}
+
+/// Keeps a line break of a blanked-out comment or literal.
+fn newline(out: &mut String, ch: char) {
+    if ch == '\n' {
+        out.push('\n');
+    }
 }
 
 fn at(c: &[char], i: usize) -> Option<char> {
@@ -272,6 +296,191 @@ fn first_ident(s: &str) -> Option<String> {
         .take_while(|c| c.is_alphanumeric() || *c == '_')
         .collect();
     (!id.is_empty()).then_some(id)
+}
+
+/// The longest a function may be, in lines from its `fn` to its closing brace.
+const MAX_FN_LINES: usize = 80;
+
+#[test]
+fn no_function_is_longer_than_80_lines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut long = Vec::new();
+    let mut functions = 0;
+    for dir in [root.join("src"), root.join("../xtask/src")] {
+        let exempt = test_module_files(&dir);
+        for path in rust_files(&dir) {
+            if exempt.contains(&path) {
+                continue;
+            }
+            let code = code_only(&fs::read_to_string(&path).expect("readable source"));
+            for f in functions_in(&code) {
+                functions += 1;
+                if f.lines > MAX_FN_LINES {
+                    long.push(format!(
+                        "{}:{} fn {}: {} lines",
+                        path.strip_prefix(root).unwrap_or(&path).display(),
+                        f.line,
+                        f.name,
+                        f.lines
+                    ));
+                }
+            }
+        }
+    }
+    assert!(functions > 500, "read too few functions: {functions}");
+    assert!(
+        long.is_empty(),
+        "functions longer than {MAX_FN_LINES} lines (split them into named steps):\n  {}",
+        long.join("\n  ")
+    );
+}
+
+/// A function outside test code: its name, the line of its `fn` (from 1) and its length.
+#[derive(Debug, PartialEq)]
+struct Function {
+    name: String,
+    line: usize,
+    lines: usize,
+}
+
+/// Every function with a body in `code` (as [`code_only`] leaves it), nested ones too,
+/// but none inside an item under `#[cfg(test)]`.
+fn functions_in(code: &str) -> Vec<Function> {
+    let bytes = code.as_bytes();
+    let test_items = cfg_test_items(code);
+    let line_of = |at: usize| code[..at].matches('\n').count() + 1;
+    let mut found = Vec::new();
+    let mut from = 0;
+    while let Some(at) = code[from..].find("fn") {
+        let start = from + at;
+        from = start + 2;
+        let word_before = start > 0 && is_ident(bytes[start - 1]);
+        let after = code[from..].trim_start();
+        let name = first_ident(after);
+        // `fn(u32)` is a pointer type, `fnord` an identifier.
+        if word_before
+            || !code[from..].starts_with(char::is_whitespace)
+            || test_items.iter().any(|r| r.contains(&start))
+        {
+            continue;
+        }
+        let Some(name) = name else { continue };
+        // The body is the first `{` before any `;` (a declaration without body).
+        let Some(open) = code[from..].find(['{', ';']).map(|i| from + i) else {
+            continue;
+        };
+        if bytes[open] == b';' {
+            continue;
+        }
+        let Some(close) = matching_brace(code, open) else {
+            continue;
+        };
+        found.push(Function {
+            name,
+            line: line_of(start),
+            lines: line_of(close) - line_of(start) + 1,
+        });
+    }
+    found
+}
+
+fn is_ident(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// The byte offset of the `}` closing the `{` at `open`.
+fn matching_brace(code: &str, open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, b) in code.bytes().enumerate().skip(open) {
+        match b {
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The extents of the items with a body under `#[cfg(test)]` (from the attribute to the
+/// closing brace).
+fn cfg_test_items(code: &str) -> Vec<std::ops::Range<usize>> {
+    let mut items = Vec::new();
+    let mut from = 0;
+    while let Some(at) = code[from..].find("#[cfg(test)]") {
+        let start = from + at;
+        from = start + 1;
+        let Some(open) = code[start..].find(['{', ';']).map(|i| start + i) else {
+            continue;
+        };
+        if code.as_bytes()[open] == b'{' {
+            if let Some(close) = matching_brace(code, open) {
+                items.push(start..close + 1);
+            }
+        }
+    }
+    items
+}
+
+/// The files of test modules declared `#[cfg(test)] mod name;` under `dir`.
+fn test_module_files(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut files = BTreeSet::new();
+    for path in rust_files(dir) {
+        let code = code_only(&fs::read_to_string(&path).expect("readable source"));
+        // mod.rs, lib.rs and main.rs hold their children beside them; a.rs in a/.
+        let stem = path.file_stem().expect("file name").to_string_lossy();
+        let parent = path.parent().expect("under a directory");
+        let children = if ["mod", "lib", "main"].contains(&stem.as_ref()) {
+            parent.to_path_buf()
+        } else {
+            parent.join(stem.as_ref())
+        };
+        let mut from = 0;
+        while let Some(at) = code[from..].find("#[cfg(test)]") {
+            from += at + 1;
+            let item = code[from - 1 + "#[cfg(test)]".len()..].trim_start();
+            let Some(rest) = item
+                .strip_prefix("pub(crate) mod ")
+                .or_else(|| item.strip_prefix("mod "))
+            else {
+                continue;
+            };
+            let Some(name) = first_ident(rest) else {
+                continue;
+            };
+            if rest[name.len()..].trim_start().starts_with(';') {
+                let file = children.join(format!("{name}.rs"));
+                let dir_file = children.join(&name).join("mod.rs");
+                assert!(
+                    file.exists() || dir_file.exists(),
+                    "{}: test module {name} not found",
+                    path.display()
+                );
+                files.insert(if file.exists() { file } else { dir_file });
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn the_length_reader_counts_from_fn_to_its_brace_and_skips_test_code() {
+    let code = code_only(
+        "fn one() {\n    let s = \"}\n{\";\n    // }\n}\n\
+         #[cfg(test)]\nmod tests {\n    fn hidden() {\n    }\n}\n\
+         type F = fn(u32) -> u32;\nfn decl();\n\
+         impl X {\n    pub(crate) fn two<T: Fn() -> u8>(&self) -> Option<u8> where T: Copy {\n        if true { Some(1) } else { None }\n    }\n}\n",
+    );
+    let f = |name: &str, line, lines| Function {
+        name: name.to_owned(),
+        line,
+        lines,
+    };
+    assert_eq!(functions_in(&code), [f("one", 1, 5), f("two", 14, 3)]);
 }
 
 #[test]

@@ -515,3 +515,98 @@ fn a_probe_right_after_a_server_restart_is_half_open_not_refused() {
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
 }
+
+/// Technique (issue 25, item 6): a listener whose backlog is full answers with SYN cookies,
+/// and then the final ACK of each handshake finds no request socket and looks the
+/// listener up again — the lookup the SYN hook watches. On main before this test each
+/// cookie handshake was two attempts in the kernel's counts and in the SYN window the
+/// alert summarises. Now the ACK from the peer's last source port is the same attempt
+/// (`repeated`): three connections are three attempts, all completed, none half-open.
+/// `net.ipv4.tcp_syncookies = 2` makes the node's namespace send cookies for every SYN.
+#[test]
+fn a_syn_cookie_handshake_is_one_attempt() {
+    if !privileged("a_syn_cookie_handshake_is_one_attempt") {
+        return;
+    }
+    const CONNECTIONS: u64 = 3;
+    let node = NetNs::new("cnode");
+    let client = NetNs::new("cclient");
+    let peer = ATTACKERS[0];
+    link(
+        &node,
+        &[&format!("{NODE}/24")],
+        &client,
+        &[&format!("{peer}/24")],
+    );
+    run(node
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.tcp_syncookies=2"]));
+    let _etcd = node.listen(&format!("{NODE}:2379"));
+    let mut daemon = Daemon::start(&node, &[]);
+    for _ in 0..CONNECTIONS {
+        client
+            .connect(&format!("{NODE}:2379"))
+            .expect("a cookie handshake completes");
+    }
+    daemon.wait_records("the connection's alert", Duration::from_secs(10), |r| {
+        alert_from(r, "unexpected-inbound", peer, 2379)
+    });
+    // The kernel's counters are published every second: wait until they hold every SYN
+    // and every connection.
+    wait_for("the kernel's counts", Duration::from_secs(10), || {
+        daemon.kernel_events("seen") >= 2.0 * CONNECTIONS as f64
+    });
+    wait_for("every SYN resolved", Duration::from_secs(20), || {
+        daemon.metric("k8s_ebpf_syn_pending") == 0.0
+    });
+    let seen = daemon.kernel_events("seen");
+    let repeated = daemon.kernel_events("repeated");
+    let attempts: f64 = [
+        "completed",
+        "half_open",
+        "refused",
+        "extended",
+        "unconfirmed",
+    ]
+    .iter()
+    .map(|r| {
+        daemon.metric(&format!(
+            r#"k8s_ebpf_syn_attempts_total{{resolution="{r}"}}"#
+        ))
+    })
+    .sum();
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+    let records = daemon.records();
+    let from_peer: Vec<(String, Value, Value)> = records
+        .iter()
+        .filter(|r| r["source"]["ip"] == peer && r["event"]["kind"] == "alert")
+        .map(|r| {
+            (
+                r["event"]["action"].as_str().unwrap_or("?").to_owned(),
+                r["k8s_ebpf"]["count"].clone(),
+                r["k8s_ebpf"]["summary"].clone(),
+            )
+        })
+        .collect();
+    eprintln!(
+        "kernel: seen {seen}, repeated {repeated}; SYN attempts resolved {attempts}; \
+         the peer's alerts: {from_peer:?}"
+    );
+    assert_eq!(
+        repeated, CONNECTIONS as f64,
+        "each handshake's final ACK is its SYN looked up again"
+    );
+    // Each connection is one SYN and one completed inbound connection in the kernel.
+    assert_eq!(
+        seen - repeated,
+        2.0 * CONNECTIONS as f64,
+        "attempts counted once"
+    );
+    assert!(
+        from_peer
+            .iter()
+            .all(|(action, _, _)| action == "unexpected-inbound"),
+        "completed connections are not probes: {from_peer:?}"
+    );
+}

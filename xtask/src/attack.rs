@@ -619,38 +619,81 @@ fn measure(
     let attacker = Ns::new("aattk")?;
     network(&node, &attacker, sc.real)?;
     let cgroup = CpuCgroup::new()?;
+    let listener = start_listener(&node)?;
+    let api = start_api(root, dir, &node, sc)?;
+    let alerts = fresh_alerts_file(dir, sc);
+    let mut daemon = start_daemon(&node, daemon_bin, &alerts, api.as_ref(), dir)?;
+    let pid = daemon.0.id();
+    cgroup.add(pid)?;
+    wait_ready(&node, &mut daemon, dir)?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    let before = Sample::take(&node, pid, &cgroup);
+    let (lines_before, port_before, _) = count_lines(&alerts);
+    let offset = std::fs::metadata(&alerts).map_or(0, |m| m.len());
+    let flood = flood(&attacker, synprobe, sc, &alerts, offset)?;
+    // The daemon copies the kernel counters into its metrics once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = Sample::take(&node, pid, &cgroup);
+    // SIGTERM: open windows are reported, then the file is complete.
+    daemon.stop();
+    let (lines, lines_port, lines_port_max_10s) = count_lines(&alerts);
+    let lines = (
+        lines.saturating_sub(lines_before),
+        lines_port.saturating_sub(port_before),
+        lines_port_max_10s,
+    );
+    drop(listener);
+    drop(api);
+    drop(cgroup);
+    Ok(Row::new(sc, flood, &before, &after, lines))
+}
+
+/// The node's listeners (LISTENER), once they said they listen.
+fn start_listener(node: &Ns) -> Result<Running> {
     let mut listener = Running(
-        in_ns(&node, "python3")
+        in_ns(node, "python3")
             .args(["-c", LISTENER])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?,
     );
-    {
-        let mut first = [0u8; 9];
-        listener
-            .0
-            .stdout
-            .as_mut()
-            .context("listener stdout")?
-            .read_exact(&mut first)
-            .context("the node's listeners did not start")?;
+    let mut first = [0u8; 9];
+    listener
+        .0
+        .stdout
+        .as_mut()
+        .context("listener stdout")?
+        .read_exact(&mut first)
+        .context("the node's listeners did not start")?;
+    Ok(listener)
+}
+
+/// The fake API server with the scenario's pods, if it has any.
+fn start_api(
+    root: &Path,
+    dir: &Path,
+    node: &Ns,
+    sc: Scenario,
+) -> Result<Option<crate::scale::FakeApi>> {
+    if sc.pods == 0 {
+        return Ok(None);
     }
-    let api = if sc.pods > 0 {
-        Some(crate::scale::start_fake(
-            root,
-            dir,
-            &node,
-            crate::scale::Cluster {
-                pods: sc.pods,
-                nodes: 500,
-                cni: "vpc",
-                watch_list: true,
-            },
-        )?)
-    } else {
-        None
-    };
+    Ok(Some(crate::scale::start_fake(
+        root,
+        dir,
+        node,
+        crate::scale::Cluster {
+            pods: sc.pods,
+            nodes: 500,
+            cni: "vpc",
+            watch_list: true,
+        },
+    )?))
+}
+
+/// The scenario's alert file, with no copy or rotation left from an earlier bench.
+fn fresh_alerts_file(dir: &Path, sc: Scenario) -> PathBuf {
     let alerts = dir.join(format!("alerts-{}.json", &sc.label[1..2]));
     // This file and its rotations from an earlier bench (the daemon keeps five).
     for old in std::iter::once(alerts.clone())
@@ -658,10 +701,21 @@ fn measure(
     {
         let _ = std::fs::remove_file(old);
     }
-    let mut c = in_ns(&node, &daemon_bin.to_string_lossy());
+    alerts
+}
+
+/// The daemon in the node namespace, writing `alerts`, on the fake API or without one.
+fn start_daemon(
+    node: &Ns,
+    daemon_bin: &Path,
+    alerts: &Path,
+    api: Option<&crate::scale::FakeApi>,
+    dir: &Path,
+) -> Result<Running> {
+    let mut c = in_ns(node, &daemon_bin.to_string_lossy());
     c.args(["run", "--metrics-addr", METRICS, "--output"])
-        .arg(&alerts);
-    match &api {
+        .arg(alerts);
+    match api {
         Some(api) => {
             c.arg("--kubeconfig")
                 .arg(&api.kubeconfig)
@@ -672,11 +726,13 @@ fn measure(
         }
     }
     let log = std::fs::File::create(dir.join("daemon.log"))?;
-    let mut daemon = Running(c.stdout(Stdio::null()).stderr(log).spawn()?);
-    let pid = daemon.0.id();
-    cgroup.add(pid)?;
+    Ok(Running(c.stdout(Stdio::null()).stderr(log).spawn()?))
+}
+
+/// Waits (bounded by READY_TIMEOUT) for the daemon's /readyz.
+fn wait_ready(node: &Ns, daemon: &mut Running, dir: &Path) -> Result<()> {
     let started = Instant::now();
-    while sh_ok(in_ns(&node, "curl").args([
+    while sh_ok(in_ns(node, "curl").args([
         "-sf",
         "--max-time",
         "5",
@@ -695,37 +751,97 @@ fn measure(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    std::thread::sleep(Duration::from_secs(2));
+    Ok(())
+}
 
-    let before = counters(&scrape(&node));
-    let cpu_before = cpu_seconds(pid);
-    let peak_before_kib = peak_rss_kib(pid);
-    let lookups_before = lookup_runs(pid);
-    let throttle_before = cgroup.throttle();
-    let (lines_before, port_before, _) = count_lines(&alerts);
-    let offset = std::fs::metadata(&alerts).map_or(0, |m| m.len());
+/// The daemon's counters and costs at one moment.
+struct Sample {
+    counters: Counters,
+    cpu_s: f64,
+    peak_kib: u64,
+    lookups: u64,
+    throttle: Throttle,
+}
 
-    let count = sc.rate * sc.seconds;
-    let (dst, mut rng) = match sc.family {
-        Family::V4 => (NODE4, Rng(0x9e37_79b9_7f4a_7c15)),
-        Family::V6 => (NODE6, Rng(0xd1b5_4a32_d192_ed03)),
-    };
+impl Sample {
+    fn take(node: &Ns, pid: u32, cgroup: &CpuCgroup) -> Self {
+        Self {
+            counters: counters(&scrape(node)),
+            cpu_s: cpu_seconds(pid),
+            peak_kib: peak_rss_kib(pid),
+            lookups: lookup_runs(pid),
+            throttle: cgroup.throttle(),
+        }
+    }
+}
+
+/// What the sender and the real attacker saw.
+struct Flood {
+    sent: u64,
+    send_seconds: f64,
+    latency_ms: Option<f64>,
+    handshake_ms: f64,
+}
+
+/// The flood from the attacker namespace, with the real attacker's connection halfway
+/// through, and how long its alert took to appear in `alerts` (after `offset`).
+fn flood(
+    attacker: &Ns,
+    synprobe: &Path,
+    sc: Scenario,
+    alerts: &Path,
+    offset: u64,
+) -> Result<Flood> {
     let mut sender = Running(
-        in_ns(&attacker, &synprobe.to_string_lossy())
+        in_ns(attacker, &synprobe.to_string_lossy())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?,
     );
     let mut stdin = sender.0.stdin.take().context("synprobe stdin")?;
-    let real_dst = if sc.real.contains(':') { NODE6 } else { NODE4 };
     let watcher = {
-        let (path, source) = (alerts.clone(), sc.real.to_owned());
+        let (path, source) = (alerts.to_path_buf(), sc.real.to_owned());
         let until = Instant::now() + Duration::from_secs(sc.seconds + 20);
         std::thread::spawn(move || watch_for(path, offset, source, until))
     };
-    let mut real: Option<Child> = None;
     let t0 = Instant::now();
+    let real = send(&mut stdin, attacker, sc, t0)?;
+    drop(stdin);
+    let (sent, send_seconds) = finish_sender(&mut sender, t0)?;
+    // The real attacker's connect times, and its alert's.
+    let connected = connect_times(real)?;
+    let alerted = watcher.join().ok().flatten();
+    let latency_ms = match (connected, alerted) {
+        (Some((called, _)), Some(a)) => {
+            Some((a.duration_since(UNIX_EPOCH)?.as_secs_f64() - called) * 1e3)
+        }
+        _ => None,
+    };
+    let handshake_ms = connected.map_or(0.0, |(c, r)| (r - c) * 1e3);
+    Ok(Flood {
+        sent,
+        send_seconds,
+        latency_ms,
+        handshake_ms,
+    })
+}
+
+/// Paces `sc.rate` spoofed SYNs a second to synprobe for `sc.seconds` (bounded by a
+/// deadline), starting the real attacker's connection halfway; returns that connection.
+fn send(
+    stdin: &mut std::process::ChildStdin,
+    attacker: &Ns,
+    sc: Scenario,
+    t0: Instant,
+) -> Result<Option<Child>> {
+    let count = sc.rate * sc.seconds;
+    let (dst, mut rng) = match sc.family {
+        Family::V4 => (NODE4, Rng(0x9e37_79b9_7f4a_7c15)),
+        Family::V6 => (NODE6, Rng(0xd1b5_4a32_d192_ed03)),
+    };
+    let real_dst = if sc.real.contains(':') { NODE6 } else { NODE4 };
+    let mut real: Option<Child> = None;
     let deadline = t0 + Duration::from_secs(sc.seconds * 3 + 5);
     let mut written = 0u64;
     let mut buf = String::new();
@@ -733,7 +849,7 @@ fn measure(
         let elapsed = t0.elapsed();
         if real.is_none() && elapsed >= Duration::from_secs(sc.seconds) / 2 {
             real = Some(
-                in_ns(&attacker, "python3")
+                in_ns(attacker, "python3")
                     .args(["-c", REAL_CONNECT, sc.real, real_dst, &PORT.to_string()])
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
@@ -760,7 +876,11 @@ fn measure(
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    drop(stdin);
+    Ok(real)
+}
+
+/// The SYNs synprobe says it sent, and the seconds since `t0` when it was done.
+fn finish_sender(sender: &mut Running, t0: Instant) -> Result<(u64, f64)> {
     let mut out = String::new();
     if let Some(o) = sender.0.stdout.as_mut() {
         o.read_to_string(&mut out)?;
@@ -775,82 +895,73 @@ fn measure(
         }
         bail!("synprobe failed with {status}: {err}");
     }
-    // The real attacker's connect times, and its alert's.
-    let connected = match real {
-        Some(c) => {
-            let out = c.wait_with_output()?;
-            if !out.status.success() {
-                bail!(
-                    "the real attacker's connection failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let times: Vec<f64> = text
-                .split_whitespace()
-                .filter_map(|t| t.parse().ok())
-                .collect();
-            match times[..] {
-                [called, returned] => Some((called, returned)),
-                _ => bail!("unexpected output from the real attacker: {text:?}"),
-            }
+    Ok((sent, send_seconds))
+}
+
+/// When the real attacker called connect() and when it returned (epoch seconds).
+fn connect_times(real: Option<Child>) -> Result<Option<(f64, f64)>> {
+    let Some(c) = real else {
+        return Ok(None);
+    };
+    let out = c.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "the real attacker's connection failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let times: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    match times[..] {
+        [called, returned] => Ok(Some((called, returned))),
+        _ => bail!("unexpected output from the real attacker: {text:?}"),
+    }
+}
+
+impl Row {
+    /// The row from the differences between two samples; `lines` = (all, on PORT, most on
+    /// PORT in 10 s) written during the run.
+    fn new(
+        scenario: Scenario,
+        flood: Flood,
+        before: &Sample,
+        after: &Sample,
+        (lines, lines_port, lines_port_max_10s): (usize, usize, usize),
+    ) -> Self {
+        let (b, a) = (&before.counters, &after.counters);
+        let (tb, ta) = (before.throttle, after.throttle);
+        Row {
+            scenario,
+            sent: flood.sent,
+            send_seconds: flood.send_seconds,
+            lookups: after.lookups.saturating_sub(before.lookups),
+            seen: a.seen - b.seen,
+            emitted: a.emitted - b.emitted,
+            deduplicated: a.deduplicated - b.deduplicated,
+            ringbuf_full: a.ringbuf_full - b.ringbuf_full,
+            ringbuf_shed: a.ringbuf_shed - b.ringbuf_shed,
+            lines,
+            lines_port,
+            lines_port_max_10s,
+            cpu_s: after.cpu_s - before.cpu_s,
+            peak_before_kib: before.peak_kib,
+            peak_kib: after.peak_kib,
+            syn_evicted: a.syn_evicted - b.syn_evicted,
+            windows_evicted: a.windows_evicted - b.windows_evicted,
+            scan_evicted: a.scan_evicted - b.scan_evicted,
+            output_dropped: a.output_dropped - b.output_dropped,
+            throttled: Throttle {
+                periods: ta.periods - tb.periods,
+                throttled: ta.throttled - tb.throttled,
+                throttled_ms: ta.throttled_ms - tb.throttled_ms,
+            },
+            latency_ms: flood.latency_ms,
+            handshake_ms: flood.handshake_ms,
         }
-        None => None,
-    };
-    let alerted = watcher.join().ok().flatten();
-    let latency_ms = match (connected, alerted) {
-        (Some((called, _)), Some(a)) => {
-            Some((a.duration_since(UNIX_EPOCH)?.as_secs_f64() - called) * 1e3)
-        }
-        _ => None,
-    };
-    let handshake_ms = connected.map_or(0.0, |(c, r)| (r - c) * 1e3);
-    // The daemon copies the kernel counters into its metrics once a second.
-    std::thread::sleep(Duration::from_millis(2500));
-    let after = counters(&scrape(&node));
-    let cpu_s = cpu_seconds(pid) - cpu_before;
-    let lookups = lookup_runs(pid).saturating_sub(lookups_before);
-    let peak_kib = peak_rss_kib(pid);
-    let t = cgroup.throttle();
-    let throttled = Throttle {
-        periods: t.periods - throttle_before.periods,
-        throttled: t.throttled - throttle_before.throttled,
-        throttled_ms: t.throttled_ms - throttle_before.throttled_ms,
-    };
-    // SIGTERM: open windows are reported, then the file is complete.
-    daemon.stop();
-    let (lines, lines_port, lines_port_max_10s) = count_lines(&alerts);
-    let (lines, lines_port) = (
-        lines.saturating_sub(lines_before),
-        lines_port.saturating_sub(port_before),
-    );
-    drop(listener);
-    drop(api);
-    drop(cgroup);
-    Ok(Row {
-        scenario: sc,
-        sent,
-        send_seconds,
-        lookups,
-        seen: after.seen - before.seen,
-        emitted: after.emitted - before.emitted,
-        deduplicated: after.deduplicated - before.deduplicated,
-        ringbuf_full: after.ringbuf_full - before.ringbuf_full,
-        ringbuf_shed: after.ringbuf_shed - before.ringbuf_shed,
-        lines,
-        lines_port,
-        lines_port_max_10s,
-        cpu_s,
-        peak_before_kib,
-        peak_kib,
-        syn_evicted: after.syn_evicted - before.syn_evicted,
-        windows_evicted: after.windows_evicted - before.windows_evicted,
-        scan_evicted: after.scan_evicted - before.scan_evicted,
-        output_dropped: after.output_dropped - before.output_dropped,
-        throttled,
-        latency_ms,
-        handshake_ms,
-    })
+    }
 }
 
 fn render(rows: &[Row]) -> Result<String> {

@@ -438,6 +438,42 @@ struct Flood {
 fn flood(tools: &Tools) -> Result<Flood> {
     let node = Ns::new("node")?;
     let attacker = Ns::new("attacker")?;
+    flood_network(&node, &attacker)?;
+    let alerts = tools.dir.join("flood-alerts.json");
+    let _ = std::fs::remove_file(&alerts);
+    let monitor = start_flood_daemon(tools, &node, &alerts)?;
+    let (nmap_seconds, burst_seconds) = attack(tools, &node, &attacker)?;
+    // The daemon copies the kernel counters into its metrics once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let metrics = scrape(&node)?;
+    let pid = monitor.child.id();
+    let peak_rss_kib = peak_rss_kib(pid);
+    drop(monitor); // SIGTERM: open windows are reported, then the file is complete
+    let alert_lines = std::fs::read_to_string(&alerts)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    Ok(Flood {
+        nmap_seconds,
+        burst_seconds,
+        alert_lines,
+        peak_rss_kib,
+        ringbuf_full: metric(
+            &metrics,
+            "k8s_ebpf_kernel_events_total{outcome=\"ringbuf_full\"}",
+        ),
+        output_dropped: metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"alert\"}")
+            + metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"event\"}"),
+        seen: metric(&metrics, "k8s_ebpf_kernel_events_total{outcome=\"seen\"}"),
+        deduplicated: metric(
+            &metrics,
+            "k8s_ebpf_kernel_events_total{outcome=\"deduplicated\"}",
+        ),
+    })
+}
+
+/// A veth pair: the node at 192.0.2.1/24, the attacker at 192.0.2.66.
+fn flood_network(node: &Ns, attacker: &Ns) -> Result<()> {
     let (a, b) = ("kbn0", "kba0");
     sh_ok(Command::new("ip").args([
         "link",
@@ -457,23 +493,31 @@ fn flood(tools: &Tools) -> Result<Flood> {
     sh_ok(Command::new("ip").args(["-n", &attacker.0, "addr", "add", "192.0.2.66/24", "dev", b]))?;
     sh_ok(Command::new("ip").args(["-n", &node.0, "link", "set", a, "up"]))?;
     sh_ok(Command::new("ip").args(["-n", &attacker.0, "link", "set", b, "up"]))?;
-    let alerts = tools.dir.join("flood-alerts.json");
-    let _ = std::fs::remove_file(&alerts);
+    Ok(())
+}
+
+/// The daemon in the node namespace writing `alerts`, once its metrics answer (20 s at most).
+fn start_flood_daemon(tools: &Tools, node: &Ns, alerts: &Path) -> Result<Monitor> {
     let mut c = node.cmd(&tools.daemon);
     c.args(["run", "--metrics-addr", METRICS, "--output"])
-        .arg(&alerts);
+        .arg(alerts);
     let child = c
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(tools.dir.join("flood-daemon.log"))?)
         .spawn()?;
     let monitor = Monitor { child };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !scrape(&node).is_ok_and(|m| m.contains("k8s_ebpf_attach_info")) {
+    while !scrape(node).is_ok_and(|m| m.contains("k8s_ebpf_attach_info")) {
         if Instant::now() > deadline {
             bail!("daemon not ready for the flood");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(monitor)
+}
+
+/// nmap -p- then the connection burst against a listener on 10250: their seconds.
+fn attack(tools: &Tools, node: &Ns, attacker: &Ns) -> Result<(f64, f64)> {
     let mut server = node
         .cmd(&tools.storm)
         .args(["serve", "192.0.2.1:10250", "0"])
@@ -502,33 +546,7 @@ fn flood(tools: &Tools) -> Result<Flood> {
     let burst_seconds = started.elapsed().as_secs_f64();
     let _ = server.kill();
     let _ = server.wait();
-    // The daemon copies the kernel counters into its metrics once a second.
-    std::thread::sleep(Duration::from_millis(2500));
-    let metrics = scrape(&node)?;
-    let pid = monitor.child.id();
-    let peak_rss_kib = peak_rss_kib(pid);
-    drop(monitor); // SIGTERM: open windows are reported, then the file is complete
-    let alert_lines = std::fs::read_to_string(&alerts)
-        .unwrap_or_default()
-        .lines()
-        .count();
-    Ok(Flood {
-        nmap_seconds,
-        burst_seconds,
-        alert_lines,
-        peak_rss_kib,
-        ringbuf_full: metric(
-            &metrics,
-            "k8s_ebpf_kernel_events_total{outcome=\"ringbuf_full\"}",
-        ),
-        output_dropped: metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"alert\"}")
-            + metric(&metrics, "k8s_ebpf_output_dropped_total{kind=\"event\"}"),
-        seen: metric(&metrics, "k8s_ebpf_kernel_events_total{outcome=\"seen\"}"),
-        deduplicated: metric(
-            &metrics,
-            "k8s_ebpf_kernel_events_total{outcome=\"deduplicated\"}",
-        ),
-    })
+    Ok((nmap_seconds, burst_seconds))
 }
 
 struct Pipeline {

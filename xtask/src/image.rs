@@ -35,12 +35,43 @@ pub fn build(bin: &Path, target: &Path) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&storage);
     std::fs::create_dir_all(&storage)?;
     let storage = std::fs::canonicalize(&storage)?;
-    let buildah = |args: &[&str]| -> Result<String> {
+    let buildah = Buildah { storage };
+
+    let bin = std::fs::canonicalize(bin)?;
+    let libs = shared_objects(&bin)?;
+    let ctr = buildah.run(&["from", "scratch"])?;
+    let result = commit(&buildah, &ctr, &bin, &libs);
+    let _ = buildah.run(&["rm", &ctr]);
+    result?;
+    let archive = archive_path(target);
+    let _ = std::fs::remove_file(&archive);
+    let dest = format!("oci-archive:{}:{}", archive.display(), tag());
+    buildah.run(&["push", "--quiet", &tag(), &dest])?;
+    let _ = std::fs::remove_dir_all(&buildah.storage);
+    let size = std::fs::metadata(&archive)?.len();
+    eprintln!(
+        "image: {} ({} as an OCI archive, {:.1} MB, {} shared objects beside the binary)",
+        archive.display(),
+        tag(),
+        size as f64 / 1e6,
+        libs.len()
+    );
+    Ok(archive)
+}
+
+/// buildah on a private vfs store.
+struct Buildah {
+    storage: PathBuf,
+}
+
+impl Buildah {
+    /// Runs `buildah args`; its trimmed stdout.
+    fn run(&self, args: &[&str]) -> Result<String> {
         let out = Command::new("buildah")
             .arg("--root")
-            .arg(storage.join("root"))
+            .arg(self.storage.join("root"))
             .arg("--runroot")
-            .arg(storage.join("run"))
+            .arg(self.storage.join("run"))
             .args(["--storage-driver", "vfs"])
             .args(args)
             .output()
@@ -52,81 +83,59 @@ pub fn build(bin: &Path, target: &Path) -> Result<PathBuf> {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
+    }
+}
 
-    let bin = std::fs::canonicalize(bin)?;
-    let libs = shared_objects(&bin)?;
-    let ctr = buildah(&["from", "scratch"])?;
-    let result = (|| -> Result<()> {
-        buildah(&[
-            "copy",
-            "--chmod",
-            "0755",
-            &ctr,
-            &bin.to_string_lossy(),
-            BIN_IN_IMAGE,
-        ])?;
-        for lib in &libs {
-            // Resolve symlinks (libc.so.6 -> libc-2.36.so on some systems) but keep the
-            // path the loader looks for.
-            let real = std::fs::canonicalize(lib)?;
-            buildah(&[
-                "copy",
-                &ctr,
-                &real.to_string_lossy(),
-                &lib.to_string_lossy(),
-            ])?;
-        }
-        let version_label = format!("org.opencontainers.image.version={VERSION}");
-        buildah(&[
-            "config",
-            "--entrypoint",
-            &format!("[\"{BIN_IN_IMAGE}\"]"),
-            "--cmd",
-            "run",
-            "--user",
-            "0:0",
-            "--label",
-            "org.opencontainers.image.title=k8s-ebpf",
-            "--label",
-            &version_label,
-            "--label",
-            "org.opencontainers.image.licenses=Apache-2.0",
-            "--label",
-            "org.opencontainers.image.base.name=scratch",
-            &ctr,
-        ])?;
-        // A fixed creation time: the same binary gives the same image.
-        buildah(&[
-            "commit",
-            "--quiet",
-            "--format",
-            "oci",
-            "--timestamp",
-            "0",
-            "--omit-history",
-            "--squash",
-            &ctr,
-            &tag(),
-        ])?;
-        Ok(())
-    })();
-    let _ = buildah(&["rm", &ctr]);
-    result?;
-    let archive = archive_path(target);
-    let _ = std::fs::remove_file(&archive);
-    let dest = format!("oci-archive:{}:{}", archive.display(), tag());
-    buildah(&["push", "--quiet", &tag(), &dest])?;
-    let _ = std::fs::remove_dir_all(&storage);
-    let size = std::fs::metadata(&archive)?.len();
-    eprintln!(
-        "image: {} ({} as an OCI archive, {:.1} MB, {} shared objects beside the binary)",
-        archive.display(),
-        tag(),
-        size as f64 / 1e6,
-        libs.len()
-    );
-    Ok(archive)
+/// Fills the scratch container `ctr` (the binary, its shared objects, the entrypoint and
+/// labels) and commits it as [`tag`].
+fn commit(buildah: &Buildah, ctr: &str, bin: &Path, libs: &[PathBuf]) -> Result<()> {
+    buildah.run(&[
+        "copy",
+        "--chmod",
+        "0755",
+        ctr,
+        &bin.to_string_lossy(),
+        BIN_IN_IMAGE,
+    ])?;
+    for lib in libs {
+        // Resolve symlinks (libc.so.6 -> libc-2.36.so on some systems) but keep the
+        // path the loader looks for.
+        let real = std::fs::canonicalize(lib)?;
+        buildah.run(&["copy", ctr, &real.to_string_lossy(), &lib.to_string_lossy()])?;
+    }
+    let version_label = format!("org.opencontainers.image.version={VERSION}");
+    buildah.run(&[
+        "config",
+        "--entrypoint",
+        &format!("[\"{BIN_IN_IMAGE}\"]"),
+        "--cmd",
+        "run",
+        "--user",
+        "0:0",
+        "--label",
+        "org.opencontainers.image.title=k8s-ebpf",
+        "--label",
+        &version_label,
+        "--label",
+        "org.opencontainers.image.licenses=Apache-2.0",
+        "--label",
+        "org.opencontainers.image.base.name=scratch",
+        ctr,
+    ])?;
+    // A fixed creation time: the same binary gives the same image.
+    buildah.run(&[
+        "commit",
+        "--quiet",
+        "--format",
+        "oci",
+        "--timestamp",
+        "0",
+        "--omit-history",
+        "--squash",
+        ctr,
+        &tag(),
+    ])?;
+    Ok(())
 }
 
 /// The shared objects the dynamic loader maps for `bin`, loader included (from `ldd`).

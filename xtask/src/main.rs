@@ -164,7 +164,8 @@ fn build_daemon() -> Result<PathBuf> {
     Ok(target_dir().join("release/k8s-ebpf"))
 }
 
-/// Builds the raw-SYN prober the VM's attacker uses (tests/src/bin/synprobe.rs).
+/// Builds the raw-SYN prober the VM's attacker uses (tests/src/bin/synprobe.rs), and
+/// beside it the VM's threads parked in accept() (tests/src/bin/acceptors.rs).
 fn build_synprobe() -> Result<PathBuf> {
     cargo(&[
         "build",
@@ -173,6 +174,8 @@ fn build_synprobe() -> Result<PathBuf> {
         "integration-tests",
         "--bin",
         "synprobe",
+        "--bin",
+        "acceptors",
     ])?;
     Ok(std::fs::canonicalize(
         target_dir().join("release/synprobe"),

@@ -329,43 +329,20 @@ pub fn measure(root: &Path, dir: &Path, binary: (&str, &Path), cluster: Cluster)
         cluster.cni
     )))?;
     let started = Instant::now();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .arg(binary.1)
-        .arg("run")
-        .arg("--kubeconfig")
-        .arg(&api.kubeconfig)
-        .args(["--hostname", NODE_NAME, "--metrics-addr", METRICS])
-        .args(["--output", "/dev/null"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let mut daemon = Running(child);
-    let ready = || {
+    let mut daemon = Running(
         Command::new("ip")
-            .args(["netns", "exec", &ns.0, "curl", "-sf"])
-            .arg(format!("http://{METRICS}/readyz"))
+            .args(["netns", "exec", &ns.0])
+            .arg(binary.1)
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(&api.kubeconfig)
+            .args(["--hostname", NODE_NAME, "--metrics-addr", METRICS])
+            .args(["--output", "/dev/null"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    while !ready() {
-        if let Ok(Some(status)) = daemon.0.try_wait() {
-            bail!(
-                "{} exited with {status} before /readyz (logs in {})",
-                binary.0,
-                dir.display()
-            );
-        }
-        if started.elapsed() > READY_TIMEOUT {
-            bail!(
-                "{} not ready after {READY_TIMEOUT:?} with {pods} pods",
-                binary.0
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .stderr(log)
+            .spawn()?,
+    );
+    wait_ready(&ns, &mut daemon, started, binary.0, pods, dir)?;
     let ready_s = started.elapsed().as_secs_f64();
     let cpu_s = cpu_seconds(daemon.0.id());
     // Synced means the lists are applied; give the allocator's trim and the watches a
@@ -375,18 +352,7 @@ pub fn measure(root: &Path, dir: &Path, binary: (&str, &Path), cluster: Cluster)
     let (rss, peak) = (rss_kib(pid), peak_rss_kib(pid));
     let stats: serde_json::Value =
         serde_json::from_str(&fake_get(&ns, api.port, "/fake/stats", false)?)?;
-    let metrics = sh_out(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.0, "curl", "-sf"])
-            .arg(format!("http://{METRICS}/metrics")),
-    )
-    .unwrap_or_default();
-    let coverage = metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("k8s_ebpf_kubernetes_pod_coverage{coverage=\""))
-        .find_map(|l| l.strip_suffix("\"} 1"))
-        .unwrap_or("-")
-        .to_owned();
+    let coverage = pod_coverage(&ns);
     Ok(Row {
         binary: binary.0.to_owned(),
         cluster,
@@ -402,6 +368,55 @@ pub fn measure(root: &Path, dir: &Path, binary: (&str, &Path), cluster: Cluster)
         listed_mib: (stat(&stats, "listed_bytes") + stat(&stats, "streamed_bytes")) as f64
             / (1024.0 * 1024.0),
     })
+}
+
+/// Waits for the daemon's /readyz, at most READY_TIMEOUT from `started`.
+fn wait_ready(
+    ns: &Ns,
+    daemon: &mut Running,
+    started: Instant,
+    name: &str,
+    pods: u64,
+    dir: &Path,
+) -> Result<()> {
+    let ready = || {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "curl", "-sf"])
+            .arg(format!("http://{METRICS}/readyz"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    while !ready() {
+        if let Ok(Some(status)) = daemon.0.try_wait() {
+            bail!(
+                "{name} exited with {status} before /readyz (logs in {})",
+                dir.display()
+            );
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            bail!("{name} not ready after {READY_TIMEOUT:?} with {pods} pods");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// The `coverage` label the daemon's k8s_ebpf_kubernetes_pod_coverage sets to 1 (`-` if none).
+fn pod_coverage(ns: &Ns) -> String {
+    let metrics = sh_out(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "curl", "-sf"])
+            .arg(format!("http://{METRICS}/metrics")),
+    )
+    .unwrap_or_default();
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("k8s_ebpf_kubernetes_pod_coverage{coverage=\""))
+        .find_map(|l| l.strip_suffix("\"} 1"))
+        .unwrap_or("-")
+        .to_owned()
 }
 
 /// Every cluster size for `after` and each `--before` binary.

@@ -10,6 +10,7 @@ pub mod observation;
 pub mod offsets;
 pub mod pairs;
 pub mod reader;
+pub mod scope;
 
 use std::{
     collections::BTreeSet,
@@ -222,6 +223,10 @@ pub struct Capture {
     watched: BTreeSet<u16>,
     pod_scope: BTreeSet<u16>,
     counters: PerCpuArray<MapData, u64>,
+    /// The programs' run-time switches ([`setting`]).
+    settings: Array<MapData, u32>,
+    /// Under `--netns all`: the addresses a pod's outbound connection is judged for.
+    scope_peers: Option<scope::ScopePeers>,
 }
 
 /// What the [`reader`] consumes.
@@ -337,6 +342,41 @@ fn attach_syn(ebpf: &mut Ebpf, hook: SynHook, syn_netns: u32) -> Result<Option<u
     }
 }
 
+/// The WATCHED_PORTS map filled with each port's flags.
+fn watched_port_map(
+    ebpf: &mut Ebpf,
+    ports: &BTreeSet<u16>,
+    pod_scope: &BTreeSet<u16>,
+) -> Result<Array<MapData, u8>, CaptureError> {
+    let mut watched_map: Array<MapData, u8> = take_map(ebpf, "WATCHED_PORTS")?;
+    for port in ports {
+        watched_map
+            .set(u32::from(*port), port_flags(*port, pod_scope), 0)
+            .map_err(|source| CaptureError::Map {
+                map: "WATCHED_PORTS",
+                source,
+            })?;
+    }
+    Ok(watched_map)
+}
+
+/// Tells the kernel programs which hook carries inbound connections.
+fn set_inbound_source(
+    settings: &mut Array<MapData, u32>,
+    inbound: InboundMechanism,
+) -> Result<(), CaptureError> {
+    let source = match inbound {
+        InboundMechanism::Tracepoint => inbound_source::TRACEPOINT,
+        _ => inbound_source::ACCEPT_HOOK,
+    };
+    settings
+        .set(setting::INBOUND_SOURCE, source, 0)
+        .map_err(|source| CaptureError::Map {
+            map: "SETTINGS",
+            source,
+        })
+}
+
 impl Capture {
     /// Loads and attaches everything. On error nothing stays attached.
     pub fn load(
@@ -360,33 +400,21 @@ impl Capture {
         let syn_netns = if netns == 0 { own } else { netns };
         let mut ebpf = load_object(config, &offsets, (netns, own, syn_netns))?;
         let mut settings: Array<MapData, u32> = take_map(&mut ebpf, "SETTINGS")?;
-        let mut watched_map: Array<MapData, u8> = take_map(&mut ebpf, "WATCHED_PORTS")?;
-        for port in ports {
-            watched_map
-                .set(u32::from(*port), port_flags(*port, &config.pod_scope), 0)
-                .map_err(|source| CaptureError::Map {
-                    map: "WATCHED_PORTS",
-                    source,
-                })?;
-        }
+        let watched_map = watched_port_map(&mut ebpf, ports, &config.pod_scope)?;
         // The state-change program carries outbound and listen events on every kernel, so
         // one variant must load: the BTF raw tracepoint where allowed (cheaper per event),
         // else the classic tracepoint.
         let state_hook = attach_state_program(&mut ebpf, &offsets, config.state_hook)?;
 
         let (inbound, kretprobe) = attach_inbound(&mut ebpf, config.attach)?;
-        let source = match inbound {
-            InboundMechanism::Tracepoint => inbound_source::TRACEPOINT,
-            _ => inbound_source::ACCEPT_HOOK,
-        };
-        settings
-            .set(setting::INBOUND_SOURCE, source, 0)
-            .map_err(|source| CaptureError::Map {
-                map: "SETTINGS",
-                source,
-            })?;
+        set_inbound_source(&mut settings, inbound)?;
 
         let syn_attached = attach_syn(&mut ebpf, config.syn_hook, syn_netns)?;
+        let scope_peers = if netns == 0 {
+            Some(scope::ScopePeers::new(take_map(&mut ebpf, "SCOPE_PEERS")?))
+        } else {
+            None
+        };
 
         let ring: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
         let dedup: HashMap<MapData, DedupKey, DedupWindow> = take_map(&mut ebpf, "DEDUP")?;
@@ -412,6 +440,8 @@ impl Capture {
                 watched: ports.clone(),
                 pod_scope: config.pod_scope.clone(),
                 counters,
+                settings,
+                scope_peers,
             },
             CaptureStreams {
                 ring,
@@ -450,6 +480,39 @@ impl Capture {
     /// The watched network namespace's inode, 0 for all.
     pub fn netns(&self) -> u32 {
         self.netns
+    }
+
+    /// Whether the kernel keeps a set of addresses whose connections from a pod are
+    /// judged ([`scope`]): under `--netns all`.
+    pub fn has_scope_peers(&self) -> bool {
+        self.scope_peers.is_some()
+    }
+
+    /// Makes that set `wanted` ([`scope`]); `None` when there is none.
+    pub fn update_scope_peers(
+        &mut self,
+        wanted: impl IntoIterator<Item = std::net::IpAddr>,
+    ) -> Option<Result<scope::ScopeUpdate, CaptureError>> {
+        let scope = self.scope_peers.as_mut()?;
+        Some(scope.replace(&mut self.settings, wanted))
+    }
+
+    /// The kretprobe's instance pool ran out: an `accept()` entered meanwhile is never
+    /// probed, so its connection would have no inbound record. From now on inbound
+    /// connections come from the state tracepoint (complete, without the accepting
+    /// process). Returns whether it switched (only a kretprobe accept hook does).
+    pub fn inbound_from_state_tracepoint(&mut self) -> Result<bool, CaptureError> {
+        if self.inbound != InboundMechanism::Kprobe {
+            return Ok(false);
+        }
+        self.settings
+            .set(setting::INBOUND_SOURCE, inbound_source::TRACEPOINT, 0)
+            .map_err(|source| CaptureError::Map {
+                map: "SETTINGS",
+                source,
+            })?;
+        self.inbound = InboundMechanism::Tracepoint;
+        Ok(true)
     }
 
     pub fn watched_ports(&self) -> &BTreeSet<u16> {

@@ -48,6 +48,11 @@ impl LocalAddresses {
         (obs.netns == 0 || obs.netns == self.netns) && self.is_own(obs.remote.ip())
     }
 
+    /// This namespace's (the node's) own addresses.
+    pub(super) fn all(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.addresses.iter().copied()
+    }
+
     /// Whether `ip` is one of this namespace's (the node's) own addresses.
     pub(super) fn is_own(&self, ip: IpAddr) -> bool {
         self.addresses.contains(&ip)

@@ -211,27 +211,8 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
     );
     let mut inventory = Inventory::default();
     inventory.rescan(&policy.watched_ports());
-    match HostRoot::open(&config.host_root) {
-        RootChoice::Host => {
-            info!(root = %config.host_root.display(), "policy executables resolve in the host's filesystem")
-        }
-        RootChoice::Own(e) => warn!(
-            root = %config.host_root.display(),
-            error = %e,
-            "cannot open the host's root: policy executables resolve in the daemon's own filesystem, where a container has none of the host's (hostPID and CAP_SYS_PTRACE are needed; under AppArmor, a profile that allows reading the host's init)"
-        ),
-    }
-    // Joining the conntrack event group needs CAP_NET_ADMIN: now or never.
-    let conntrack = match ConntrackSocket::open() {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(
-                error = %e,
-                "cannot open the conntrack event socket (CAP_NET_ADMIN is needed at start): connections DNAT-ed from a watched port of a node address (hostPort, externalIPs, NodePort) are not seen"
-            );
-            None
-        }
-    };
+    open_host_root(&config.host_root);
+    let conntrack = open_conntrack();
     let kept = privilege::kept_after_attach();
     privilege::drop_all_but(&kept)?;
     if kept.is_empty() {
@@ -255,6 +236,35 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
         api,
         conntrack,
     })
+}
+
+/// Opens the host's root (`--host-root`) for the policy's executables before the
+/// capability drop, saying where they will resolve.
+fn open_host_root(root: &Path) {
+    match HostRoot::open(root) {
+        RootChoice::Host => {
+            info!(root = %root.display(), "policy executables resolve in the host's filesystem")
+        }
+        RootChoice::Own(e) => warn!(
+            root = %root.display(),
+            error = %e,
+            "cannot open the host's root: policy executables resolve in the daemon's own filesystem, where a container has none of the host's (hostPID and CAP_SYS_PTRACE are needed; under AppArmor, a profile that allows reading the host's init)"
+        ),
+    }
+}
+
+/// The conntrack event socket: joining its group needs CAP_NET_ADMIN, so now or never.
+fn open_conntrack() -> Option<ConntrackSocket> {
+    match ConntrackSocket::open() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(
+                error = %e,
+                "cannot open the conntrack event socket (CAP_NET_ADMIN is needed at start): connections DNAT-ed from a watched port of a node address (hostPort, externalIPs, NodePort) are not seen"
+            );
+            None
+        }
+    }
 }
 
 impl Prepared {

@@ -1,7 +1,7 @@
 //! Observations from the reader to alert records.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeSet, VecDeque},
     net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
@@ -157,6 +157,30 @@ impl Pipeline {
     /// out); later, while a feed relists (a reload naming new labels).
     pub(super) fn identities_blocked(&self) -> bool {
         !self.hold.timed_out && self.waiting_for_identities()
+    }
+
+    /// What a pod's outbound connection must reach to be judged ([`Self::pod_outbound_facts`]):
+    /// this node's addresses, the `kubernetes` Service's, and the nodes' and API servers'
+    /// the cache holds — with the cache's generation of the last two. `None` while records
+    /// still wait for the Kubernetes feeds: until then the kernel passes every such record.
+    pub(super) fn control_plane_addresses(&self) -> Option<(u64, BTreeSet<IpAddr>)> {
+        if !self.all_namespaces || !self.hold.over {
+            return None;
+        }
+        let mut out: BTreeSet<IpAddr> = self.local.all().collect();
+        out.extend(self.kubernetes_service.iter().copied());
+        let generation = self.identities.inspect(|cache| {
+            let (generation, addresses) = cache.control_plane_addresses();
+            out.extend(addresses);
+            generation
+        });
+        Some((generation, out))
+    }
+
+    /// The cache's generation of the nodes' and API servers' addresses.
+    pub(super) fn control_plane_generation(&self) -> u64 {
+        self.identities
+            .inspect(|cache| cache.control_plane_addresses().0)
     }
 
     /// Ends the hold when the feeds synced, the wait ran out or the daemon stops

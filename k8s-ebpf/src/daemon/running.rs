@@ -12,7 +12,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     listeners::Inventory,
@@ -26,6 +26,7 @@ use crate::{
     capture::{
         conntrack::{self, Availability, ConntrackSocket, Flow},
         reader::{Reader, ReaderStats},
+        scope::ScopeUpdate,
         Capture, CaptureStreams, NetnsScope, Observation,
     },
     correlate::{Engine, EngineSettings},
@@ -49,6 +50,9 @@ pub(super) struct Running {
     reader_stats: Arc<ReaderStats>,
     /// Whether conntrack events reach the daemon, checked again every 30 s.
     conntrack: ConntrackWatch,
+    /// The cache's generation of the nodes' and API servers' addresses last given to the
+    /// kernel's pod scope (`None` before the first time).
+    scope_generation: Option<u64>,
     /// What only shutdown uses.
     tasks: Tasks,
 }
@@ -172,6 +176,7 @@ impl Running {
             drops: DropWatch::default(),
             reader_stats,
             conntrack: conntrack_watch,
+            scope_generation: None,
             tasks: Tasks {
                 stop,
                 server,
@@ -244,6 +249,9 @@ impl Running {
                 if self.drops.update(&c, &self.reader_stats, &self.metrics) {
                     self.pipeline.attempts.inbound_lost(Instant::now());
                 }
+                if c.kretprobe_missed > 0 {
+                    self.leave_exhausted_kretprobe(c.kretprobe_missed);
+                }
             }
             Err(e) => warn!(error = %e, "cannot read the kernel counters"),
         }
@@ -251,12 +259,89 @@ impl Running {
         for obs in self.pipeline.host_port_forwards() {
             self.pipeline.emit(&obs, None).await;
         }
-        if self.pipeline.local.refresh_if_stale() {
+        let local_changed = self.pipeline.local.refresh_if_stale();
+        if local_changed {
             self.pipeline
                 .executables
                 .refresh(self.pipeline.engine.policy());
         }
+        self.update_pod_scope(local_changed);
         self.update_readiness();
+    }
+
+    /// The kretprobe missed returns of `inet_csk_accept` (threads parked in `accept()`,
+    /// anyone's, hold its whole instance pool): an accept entered then is never probed and
+    /// its connection would have no inbound record. Inbound connections move to the state
+    /// tracepoint for the rest of the run — complete, without the accepting process.
+    fn leave_exhausted_kretprobe(&mut self, missed: u64) {
+        match self.capture.inbound_from_state_tracepoint() {
+            Ok(true) => {
+                warn!(
+                    missed,
+                    "the kretprobe's instance pool ran out (threads parked in accept()): \
+                     inbound connections now come from the state tracepoint, without the \
+                     accepting process"
+                );
+                self.metrics
+                    .set_attach_mechanism(self.capture.inbound().as_str());
+            }
+            Ok(false) => {}
+            Err(e) => warn!(
+                error = %e,
+                "the kretprobe's instance pool ran out and inbound connections cannot move \
+                 to the state tracepoint: a connection accepted unprobed is reported from \
+                 its SYN as unconfirmed"
+            ),
+        }
+    }
+
+    /// Under `--netns all`: gives the kernel the addresses a pod's outbound connection is
+    /// judged for (the node's, the `kubernetes` Service's, the nodes' and API servers'),
+    /// once records no longer wait for the feeds, and again when the cache's nodes or API
+    /// servers or the node's addresses change. Records to anything else are then dropped
+    /// before the ring (`kernel_events_total{outcome="out_of_scope"}`).
+    fn update_pod_scope(&mut self, local_changed: bool) {
+        if !self.capture.has_scope_peers()
+            || (!local_changed
+                && self.scope_generation == Some(self.pipeline.control_plane_generation()))
+        {
+            return;
+        }
+        let Some((generation, addresses)) = self.pipeline.control_plane_addresses() else {
+            return;
+        };
+        let count = addresses.len();
+        let Some(update) = self.capture.update_scope_peers(addresses) else {
+            return;
+        };
+        match update {
+            Ok(ScopeUpdate::Filtering { added, removed }) => {
+                self.metrics.pod_scope_addresses.set(count as i64);
+                if self.scope_generation.is_none() {
+                    info!(
+                        addresses = count,
+                        "pods' outbound connections to anything but these addresses are now \
+                         dropped in the kernel as out of scope"
+                    );
+                }
+                debug!(added, removed, "pod scope addresses updated");
+            }
+            Ok(ScopeUpdate::TooMany(n)) => {
+                self.metrics.pod_scope_addresses.set(-1);
+                warn!(
+                    addresses = n,
+                    max = k8s_ebpf_common::SCOPE_PEERS_MAX,
+                    "more node and API server addresses than the kernel's pod scope holds: \
+                     every pod's outbound record reaches userspace (and the ring buffer)"
+                );
+            }
+            Err(e) => warn!(
+                error = %e,
+                "cannot update the kernel's pod scope; pods' outbound records still reach \
+                 userspace"
+            ),
+        }
+        self.scope_generation = Some(generation);
     }
 
     /// The policy file changed (a poll) or SIGHUP asked (`forced`). A reload is a start

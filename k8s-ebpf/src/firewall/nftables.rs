@@ -34,6 +34,38 @@ pub fn counter_name(port: u16) -> String {
 pub fn render(resolved: &Resolved, policy: &Policy, options: &Options) -> String {
     let mut out = String::new();
     let w = &mut out;
+    write_header(w, resolved, policy, options);
+    let _ = writeln!(w, "table inet {TABLE} {{}}");
+    let _ = writeln!(w, "delete table inet {TABLE}");
+    let _ = writeln!(w, "table inet {TABLE} {{");
+    for list in &resolved.ports {
+        write_sets(w, list);
+        let _ = writeln!(w, "\tcounter {} {{}}", counter_name(list.port));
+    }
+    let _ = writeln!(w, "\tchain input {{");
+    let _ = writeln!(
+        w,
+        "\t\ttype filter hook input priority filter; policy accept;"
+    );
+    let _ = writeln!(
+        w,
+        "\t\tct state established,related accept comment \"replies and connections already accepted\""
+    );
+    let _ = writeln!(
+        w,
+        "\t\tiif \"lo\" accept comment \"the node itself (loopback and its own addresses)\""
+    );
+    for list in &resolved.ports {
+        write_port_rules(w, list, options);
+    }
+    let _ = writeln!(w, "\t}}");
+    let _ = writeln!(w, "}}");
+    out
+}
+
+/// The comment block on top: what wrote the file, what it does in this mode, what it
+/// could not express and how to remove it.
+fn write_header(w: &mut String, resolved: &Resolved, policy: &Policy, options: &Options) {
     let _ = writeln!(w, "#!/usr/sbin/nft -f");
     let _ = writeln!(
         w,
@@ -82,69 +114,49 @@ pub fn render(resolved: &Resolved, policy: &Policy, options: &Options) -> String
         let _ = writeln!(w, "# NOT EXPRESSED: {}", comment_text(&warning, 400));
     }
     let _ = writeln!(w, "# Remove with: nft delete table inet {TABLE}");
-    let _ = writeln!(w, "table inet {TABLE} {{}}");
-    let _ = writeln!(w, "delete table inet {TABLE}");
-    let _ = writeln!(w, "table inet {TABLE} {{");
-    for list in &resolved.ports {
-        write_sets(w, list);
-        let _ = writeln!(w, "\tcounter {} {{}}", counter_name(list.port));
-    }
-    let _ = writeln!(w, "\tchain input {{");
-    let _ = writeln!(
-        w,
-        "\t\ttype filter hook input priority filter; policy accept;"
+}
+
+/// A port's rules: its allowed sources of each family accepted, the rest counted, logged
+/// and (enforce) dropped.
+fn write_port_rules(w: &mut String, list: &Allowlist, options: &Options) {
+    let why = comment_text(
+        &format!("rule {}: {}", list.rule, origin(list)),
+        COMMENT_MAX,
     );
-    let _ = writeln!(
-        w,
-        "\t\tct state established,related accept comment \"replies and connections already accepted\""
-    );
-    let _ = writeln!(
-        w,
-        "\t\tiif \"lo\" accept comment \"the node itself (loopback and its own addresses)\""
-    );
-    for list in &resolved.ports {
-        let why = comment_text(
-            &format!("rule {}: {}", list.rule, origin(list)),
-            COMMENT_MAX,
-        );
-        for v6 in [false, true] {
-            let (family, name) = (if v6 { "ip6" } else { "ip" }, set_name(list.port, v6));
-            let _ = writeln!(
-                w,
-                "\t\ttcp dport {} {family} saddr @{name} accept comment \"{why}\"",
-                list.port
-            );
-        }
-        // Both modes log to the NFLOG group: under enforce the monitor never sees a dropped
-        // SYN (netfilter's input hook runs before the socket lookup), so the group and the
-        // counter are where blocked attempts show.
-        let log = format!(
-            "log prefix \"k8s-ebpf {}: \" group {}",
-            prefix_text(&list.rule),
-            options.log_group
-        );
-        let verdict = match options.mode {
-            Mode::Audit => log,
-            Mode::Enforce => format!("{log} drop"),
-        };
-        let unexpected = comment_text(
-            &format!(
-                "rule {} ({}): unexpected peer",
-                list.rule,
-                options.mode.as_str()
-            ),
-            COMMENT_MAX,
-        );
+    for v6 in [false, true] {
+        let (family, name) = (if v6 { "ip6" } else { "ip" }, set_name(list.port, v6));
         let _ = writeln!(
             w,
-            "\t\ttcp dport {} counter name \"{}\" {verdict} comment \"{unexpected}\"",
-            list.port,
-            counter_name(list.port)
+            "\t\ttcp dport {} {family} saddr @{name} accept comment \"{why}\"",
+            list.port
         );
     }
-    let _ = writeln!(w, "\t}}");
-    let _ = writeln!(w, "}}");
-    out
+    // Both modes log to the NFLOG group: under enforce the monitor never sees a dropped
+    // SYN (netfilter's input hook runs before the socket lookup), so the group and the
+    // counter are where blocked attempts show.
+    let log = format!(
+        "log prefix \"k8s-ebpf {}: \" group {}",
+        prefix_text(&list.rule),
+        options.log_group
+    );
+    let verdict = match options.mode {
+        Mode::Audit => log,
+        Mode::Enforce => format!("{log} drop"),
+    };
+    let unexpected = comment_text(
+        &format!(
+            "rule {} ({}): unexpected peer",
+            list.rule,
+            options.mode.as_str()
+        ),
+        COMMENT_MAX,
+    );
+    let _ = writeln!(
+        w,
+        "\t\ttcp dport {} counter name \"{}\" {verdict} comment \"{unexpected}\"",
+        list.port,
+        counter_name(list.port)
+    );
 }
 
 /// A rule name as a log prefix: nft expands `$name` inside prefixes (a variable), so only

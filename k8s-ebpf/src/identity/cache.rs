@@ -29,6 +29,8 @@ pub struct IdentityCache {
     pod_by_ip: PodsByIp,
     pod_by_container: HashMap<Box<str>, Arc<PodIdentity>>,
     apiserver: BTreeSet<IpAddr>,
+    /// Bumped whenever the nodes' or the API servers' addresses may have changed.
+    control_plane_generation: u64,
     /// Uids of deleted pods, oldest first (at most [`DELETED_PODS_KEPT`]): their late
     /// updates are ignored.
     deleted_pods: VecDeque<PodUid>,
@@ -165,6 +167,7 @@ impl IdentityCache {
     }
 
     fn reindex_nodes(&mut self) {
+        self.control_plane_generation += 1;
         // Nodes are few (thousands at most) and change rarely: rebuilding is simplest.
         self.node_by_ip.clear();
         self.pod_ranges.clear();
@@ -414,7 +417,17 @@ impl IdentityCache {
         self.reindex_apiserver();
     }
 
+    /// The addresses a lookup names as a node or an API server (what a pod's outbound
+    /// connection must reach to be judged), and a number that changes when they may have.
+    pub fn control_plane_addresses(&self) -> (u64, impl Iterator<Item = IpAddr> + '_) {
+        (
+            self.control_plane_generation,
+            self.node_by_ip.keys().chain(self.apiserver.iter()).copied(),
+        )
+    }
+
     fn reindex_apiserver(&mut self) {
+        self.control_plane_generation += 1;
         self.apiserver = self
             .slices
             .values()

@@ -383,3 +383,45 @@ fn a_pod_stays_while_any_watch_holds_it() {
     c.retain_feeds(1 << LOCAL_PODS);
     assert_eq!(owner(&c, "198.51.100.30"), None);
 }
+
+/// What a pod's outbound connection must reach to be judged (the kernel's pod scope):
+/// exactly the addresses a lookup names as a node or an API server, with a generation
+/// that moves whenever they may have changed, and not when only pods do.
+#[test]
+fn control_plane_addresses_are_what_lookups_call_nodes_and_apiservers() {
+    let mut c = IdentityCache::new("node-a");
+    let addresses = |c: &IdentityCache| {
+        let (generation, all) = c.control_plane_addresses();
+        (generation, all.collect::<BTreeSet<IpAddr>>())
+    };
+    let (g0, none) = addresses(&c);
+    assert!(none.is_empty());
+    c.apply_node(NodeIdentity {
+        name: "node-b".into(),
+        roles: BTreeSet::new(),
+        addresses: vec![ip("192.0.2.20"), ip("2001:db8::20")],
+        pod_cidrs: vec![],
+    });
+    c.apply_slice(
+        ("default".into(), "kubernetes".into()),
+        vec![ip("198.51.100.9")],
+    );
+    let (g1, some) = addresses(&c);
+    assert!(g1 > g0);
+    assert_eq!(
+        some,
+        ["192.0.2.20", "2001:db8::20", "198.51.100.9"]
+            .map(ip)
+            .into()
+    );
+    for a in &some {
+        let id = c.lookup(*a);
+        assert!(id.node.is_some() || id.apiserver, "{a}");
+    }
+    c.apply_pod(pod("monitoring", "prom", "198.51.100.20"));
+    assert_eq!(addresses(&c).0, g1, "a pod is not a control-plane change");
+    c.delete_node("node-b");
+    let (g2, left) = addresses(&c);
+    assert!(g2 > g1);
+    assert_eq!(left, [ip("198.51.100.9")].into());
+}

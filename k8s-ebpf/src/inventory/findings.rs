@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use super::{probe::ProbeResult, Listener, Scope};
-use crate::ports::{self, BindScope, Severity};
+use crate::ports::{self, BindScope, Severity, WatchedPort};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -94,48 +94,60 @@ pub fn evaluate(listener: &Listener, probe: Option<&ProbeResult>) -> Vec<Finding
         ));
     }
     if let Some(p) = probe.filter(|p| p.error.is_none()) {
-        if TLS_PORTS.contains(&listener.port) && !p.tls {
-            out.push(finding(
-                FindingKind::Plaintext,
-                if MUTUAL_TLS_PORTS.contains(&listener.port) {
-                    Severity::Critical
-                } else {
-                    Severity::High
-                },
-                format!("{} answers without TLS on {}", entry.name, p.target),
-            ));
-        }
-        if MUTUAL_TLS_PORTS.contains(&listener.port) && p.tls && !p.client_certificate_requested {
-            out.push(finding(
-                FindingKind::Unauthenticated,
-                Severity::Critical,
-                format!(
-                    "{} accepts TLS clients without a client certificate",
-                    entry.name
-                ),
-            ));
-        }
-        let mut open: BTreeSet<&str> = BTreeSet::new();
-        for &(path, severity) in protected(listener.port) {
-            if p.status(path) == Some(200) {
-                open.insert(path);
-                out.push(finding(
-                    FindingKind::Unauthenticated,
-                    severity,
-                    format!("{}{path} answers 200 without credentials", entry.name),
-                ));
-            }
-        }
-        if listener.port == 10255 && p.status("/pods") == Some(200) {
-            out.push(finding(
-                FindingKind::Unauthenticated,
-                Severity::High,
-                "kubelet-readonly/pods answers 200 without credentials".to_owned(),
-            ));
-        }
+        probe_findings(listener.port, entry, p, &finding, &mut out);
     }
     out.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.kind.cmp(&b.kind)));
     out
+}
+
+/// What a listener's answers to the probe show: plain text where TLS belongs, TLS
+/// without client certificates, and protected paths open without credentials.
+fn probe_findings(
+    port: u16,
+    entry: &WatchedPort,
+    p: &ProbeResult,
+    finding: &impl Fn(FindingKind, Severity, String) -> Finding,
+    out: &mut Vec<Finding>,
+) {
+    if TLS_PORTS.contains(&port) && !p.tls {
+        out.push(finding(
+            FindingKind::Plaintext,
+            if MUTUAL_TLS_PORTS.contains(&port) {
+                Severity::Critical
+            } else {
+                Severity::High
+            },
+            format!("{} answers without TLS on {}", entry.name, p.target),
+        ));
+    }
+    if MUTUAL_TLS_PORTS.contains(&port) && p.tls && !p.client_certificate_requested {
+        out.push(finding(
+            FindingKind::Unauthenticated,
+            Severity::Critical,
+            format!(
+                "{} accepts TLS clients without a client certificate",
+                entry.name
+            ),
+        ));
+    }
+    let mut open: BTreeSet<&str> = BTreeSet::new();
+    for &(path, severity) in protected(port) {
+        if p.status(path) == Some(200) {
+            open.insert(path);
+            out.push(finding(
+                FindingKind::Unauthenticated,
+                severity,
+                format!("{}{path} answers 200 without credentials", entry.name),
+            ));
+        }
+    }
+    if port == 10255 && p.status("/pods") == Some(200) {
+        out.push(finding(
+            FindingKind::Unauthenticated,
+            Severity::High,
+            "kubelet-readonly/pods answers 200 without credentials".to_owned(),
+        ));
+    }
 }
 
 #[cfg(test)]

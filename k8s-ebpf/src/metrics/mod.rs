@@ -78,6 +78,9 @@ pub struct Metrics {
     /// `synced`, `timeout` or `shutdown` as they went out; `overflow`: judged at once, the
     /// hold being full).
     pub sync_hold: IntCounterVec,
+    /// Under `--netns all`: the addresses in the kernel's pod scope; -1 while the kernel
+    /// filter is off.
+    pub pod_scope_addresses: IntGauge,
     /// Conntrack NEW events read, by outcome ([`CONNTRACK_OUTCOMES`]).
     pub conntrack_events: IntCounterVec,
     /// 1 for whether conntrack events reach the daemon (`state`: events, no_conntrack,
@@ -100,26 +103,203 @@ pub const CONNTRACK_OUTCOMES: [&str; 5] = [
 /// `k8s_ebpf_sync_hold_records_total{outcome}` values, created at 0.
 pub const SYNC_HOLD_OUTCOMES: [&str; 5] = ["held", "synced", "timeout", "shutdown", "overflow"];
 
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+/// One metric's name, help text and label names: the table below defines each once.
+struct Definition {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+fn counter_vec(r: &Registry, d: &Definition) -> IntCounterVec {
+    let c =
+        IntCounterVec::new(Opts::new(d.name, d.help), d.labels).expect("valid metric definition");
     r.register(Box::new(c.clone()))
         .expect("metric names are unique");
     c
 }
 
-fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+fn gauge_vec(r: &Registry, d: &Definition) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(d.name, d.help), d.labels).expect("valid metric definition");
     r.register(Box::new(g.clone()))
         .expect("metric names are unique");
     g
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("valid metric definition");
+fn counter(r: &Registry, d: &Definition) -> IntCounter {
+    let c = IntCounter::new(d.name, d.help).expect("valid metric definition");
     r.register(Box::new(c.clone()))
         .expect("metric names are unique");
     c
 }
+
+fn gauge(r: &Registry, d: &Definition) -> IntGauge {
+    let g = IntGauge::new(d.name, d.help).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric names are unique");
+    g
+}
+
+const CONNECTIONS: Definition = Definition {
+    name: "k8s_ebpf_connections_total",
+    help: "Observations on watched ports, by port, direction and policy verdict.",
+    labels: &["port", "direction", "verdict"],
+};
+
+const ALERTS: Definition = Definition {
+    name: "k8s_ebpf_alerts_total",
+    help: "Alerts raised (first sightings and scan declarations; window summaries are not counted), by rule and action.",
+    labels: &["rule", "action"],
+};
+
+const KERNEL_EVENTS: Definition = Definition {
+    name: "k8s_ebpf_kernel_events_total",
+    help: "Kernel-side outcome counters, summed over CPUs.",
+    labels: &["outcome"],
+};
+
+const OUTPUT_DROPPED: Definition = Definition {
+    name: "k8s_ebpf_output_dropped_total",
+    help: "Records dropped because the output queue was full, by record kind.",
+    labels: &["kind"],
+};
+
+const OUTPUT_WRITE_ERRORS: Definition = Definition {
+    name: "k8s_ebpf_output_write_errors_total",
+    help: "Records that could not be written to the output and went to stderr instead.",
+    labels: &[],
+};
+
+const POLICY_RELOADS: Definition = Definition {
+    name: "k8s_ebpf_policy_reloads_total",
+    help: "Policy loads and reloads, by result.",
+    labels: &["result"],
+};
+
+const ATTACH_INFO: Definition = Definition {
+    name: "k8s_ebpf_attach_info",
+    help: "1 for the inbound hook mechanism attached.",
+    labels: &["mechanism"],
+};
+
+const BUILD_INFO: Definition = Definition {
+    name: "k8s_ebpf_build_info",
+    help: "1, labelled with the k8s-ebpf version.",
+    labels: &["version"],
+};
+
+const LISTENERS: Definition = Definition {
+    name: "k8s_ebpf_listeners",
+    help: "Listening sockets on watched ports, by port, component and bind scope.",
+    labels: &["port", "component", "scope"],
+};
+
+const DECODE_ERRORS: Definition = Definition {
+    name: "k8s_ebpf_decode_errors_total",
+    help: "Ring-buffer records that could not be decoded.",
+    labels: &[],
+};
+
+const CORRELATION_EVICTIONS: Definition = Definition {
+    name: "k8s_ebpf_correlation_evictions_total",
+    help: "Correlation entries evicted to stay within their bound, by table.",
+    labels: &["table"],
+};
+
+const KUBERNETES_OBJECTS: Definition = Definition {
+    name: "k8s_ebpf_kubernetes_objects",
+    help: "Kubernetes objects in the identity cache, by resource.",
+    labels: &["resource"],
+};
+
+const KUBERNETES_SYNCED: Definition = Definition {
+    name: "k8s_ebpf_kubernetes_synced",
+    help: "1 while the resource's identity cache is current (listed, no error since).",
+    labels: &["resource"],
+};
+
+const KUBERNETES_LISTS: Definition = Definition {
+    name: "k8s_ebpf_kubernetes_lists_total",
+    help: "Full lists applied to the identity cache (first sync and re-lists), by resource.",
+    labels: &["resource"],
+};
+
+const KUBERNETES_LISTED_OBJECTS: Definition = Definition {
+    name: "k8s_ebpf_kubernetes_listed_objects_total",
+    help: "Objects received in full lists (paginated or streamed), by resource and mode.",
+    labels: &["resource", "mode"],
+};
+
+const KUBERNETES_POD_COVERAGE: Definition = Definition {
+    name: "k8s_ebpf_kubernetes_pod_coverage",
+    help: "1 for which pods the identity cache holds: all, selected (the policy's selectors and this node's), ranges (selected, and any address in a node's podCIDRs counts as a pod).",
+    labels: &["coverage"],
+};
+
+const KUBERNETES_POD_LOOKUPS: Definition = Definition {
+    name: "k8s_ebpf_kubernetes_pod_lookups_total",
+    help: "On-demand lookups of an alert's peer not in the identity cache, by outcome.",
+    labels: &["outcome"],
+};
+
+const SYN_ATTEMPTS: Definition = Definition {
+    name: "k8s_ebpf_syn_attempts_total",
+    help: "SYNs to watched ports, by resolution: completed (the handshake finished: an inbound connection), half_open (a listener, no handshake), refused (nothing listens).",
+    labels: &["resolution"],
+};
+
+const SYN_PENDING: Definition = Definition {
+    name: "k8s_ebpf_syn_pending",
+    help: "SYNs to listening watched ports waiting for their handshake to complete.",
+    labels: &[],
+};
+
+const RING_RECORDS: Definition = Definition {
+    name: "k8s_ebpf_ring_records_total",
+    help: "Records the daemon read from the kernel's ring buffer (equals the kernel's emitted count once caught up).",
+    labels: &[],
+};
+
+const KUBERNETES_API_ERRORS: Definition = Definition {
+    name: "k8s_ebpf_kubernetes_api_errors_total",
+    help: "Kubernetes API errors, by resource and reason.",
+    labels: &["resource", "reason"],
+};
+
+const OUT_OF_SCOPE: Definition = Definition {
+    name: "k8s_ebpf_out_of_scope_total",
+    help: "Records from pods' network namespaces (--netns all) that no rule judges, by reason: pod_inbound (a connection into a pod), pod_listener (a pod listening), pod_outbound (a pod reaching neither a node nor the control plane).",
+    labels: &["reason"],
+};
+
+const CONNECTION_PAIRS: Definition = Definition {
+    name: "k8s_ebpf_connection_pairs_total",
+    help: "Outbound records from a pod to this node's own addresses, by outcome: joined (one record with the node's side of the same connection), client_alone (no node side within the hold: judged alone), client_folded (the node's side was folded in the kernel's dedup window).",
+    labels: &["outcome"],
+};
+
+const SYNC_HOLD: Definition = Definition {
+    name: "k8s_ebpf_sync_hold_records_total",
+    help: "Records held at start while the Kubernetes feeds the policy's selectors need had not synced, by outcome: held (entered the hold), synced, timeout or shutdown (judged when the feeds synced, when the wait ran out: judged by address, or at shutdown), overflow (the hold full: judged at once).",
+    labels: &["outcome"],
+};
+
+const POD_SCOPE_ADDRESSES: Definition = Definition {
+    name: "k8s_ebpf_pod_scope_addresses",
+    help: "Under --netns all: addresses (this node's, the kubernetes Service's, the nodes' and API servers') a pod's outbound connection must reach to be judged; the kernel drops the rest as out of scope. -1 while that filter is off (before the Kubernetes feeds synced, or too many addresses).",
+    labels: &[],
+};
+
+const CONNTRACK_EVENTS: Definition = Definition {
+    name: "k8s_ebpf_conntrack_events_total",
+    help: "Conntrack NEW events (TCP) read from the netfilter netlink socket, by outcome: new (read), forwarded (DNAT-ed from a watched port of a node address: judged), decode_errors, overflows (ENOBUFS: events the kernel dropped), read_errors.",
+    labels: &["outcome"],
+};
+
+const CONNTRACK_INFO: Definition = Definition {
+    name: "k8s_ebpf_conntrack_info",
+    help: "1 for whether conntrack events reach the daemon: events, no_conntrack (not loaded), events_off (net.netfilter.nf_conntrack_events=0), no_socket (CAP_NET_ADMIN missing at start).",
+    labels: &["state"],
+};
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -150,173 +330,49 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let m = Self {
-            connections: counter_vec(
-                &r,
-                "k8s_ebpf_connections_total",
-                "Observations on watched ports, by port, direction and policy verdict.",
-                &["port", "direction", "verdict"],
-            ),
-            alerts: counter_vec(
-                &r,
-                "k8s_ebpf_alerts_total",
-                "Alerts raised (first sightings and scan declarations; window summaries are not counted), by rule and action.",
-                &["rule", "action"],
-            ),
-            kernel_events: counter_vec(
-                &r,
-                "k8s_ebpf_kernel_events_total",
-                "Kernel-side outcome counters, summed over CPUs.",
-                &["outcome"],
-            ),
-            output_dropped: counter_vec(
-                &r,
-                "k8s_ebpf_output_dropped_total",
-                "Records dropped because the output queue was full, by record kind.",
-                &["kind"],
-            ),
-            output_write_errors: counter(
-                &r,
-                "k8s_ebpf_output_write_errors_total",
-                "Records that could not be written to the output and went to stderr instead.",
-            ),
-            policy_reloads: counter_vec(
-                &r,
-                "k8s_ebpf_policy_reloads_total",
-                "Policy loads and reloads, by result.",
-                &["result"],
-            ),
-            attach_info: gauge_vec(
-                &r,
-                "k8s_ebpf_attach_info",
-                "1 for the inbound hook mechanism attached.",
-                &["mechanism"],
-            ),
-            build_info: gauge_vec(
-                &r,
-                "k8s_ebpf_build_info",
-                "1, labelled with the k8s-ebpf version.",
-                &["version"],
-            ),
-            listeners: gauge_vec(
-                &r,
-                "k8s_ebpf_listeners",
-                "Listening sockets on watched ports, by port, component and bind scope.",
-                &["port", "component", "scope"],
-            ),
-            decode_errors: counter(
-                &r,
-                "k8s_ebpf_decode_errors_total",
-                "Ring-buffer records that could not be decoded.",
-            ),
-            correlation_evictions: counter_vec(
-                &r,
-                "k8s_ebpf_correlation_evictions_total",
-                "Correlation entries evicted to stay within their bound, by table.",
-                &["table"],
-            ),
-            kubernetes_objects: gauge_vec(
-                &r,
-                "k8s_ebpf_kubernetes_objects",
-                "Kubernetes objects in the identity cache, by resource.",
-                &["resource"],
-            ),
-            kubernetes_synced: gauge_vec(
-                &r,
-                "k8s_ebpf_kubernetes_synced",
-                "1 while the resource's identity cache is current (listed, no error since).",
-                &["resource"],
-            ),
-            kubernetes_lists: counter_vec(
-                &r,
-                "k8s_ebpf_kubernetes_lists_total",
-                "Full lists applied to the identity cache (first sync and re-lists), by resource.",
-                &["resource"],
-            ),
-            kubernetes_listed_objects: counter_vec(
-                &r,
-                "k8s_ebpf_kubernetes_listed_objects_total",
-                "Objects received in full lists (paginated or streamed), by resource and mode.",
-                &["resource", "mode"],
-            ),
-            kubernetes_pod_coverage: gauge_vec(
-                &r,
-                "k8s_ebpf_kubernetes_pod_coverage",
-                "1 for which pods the identity cache holds: all, selected (the policy's selectors and this node's), ranges (selected, and any address in a node's podCIDRs counts as a pod).",
-                &["coverage"],
-            ),
-            kubernetes_pod_lookups: counter_vec(
-                &r,
-                "k8s_ebpf_kubernetes_pod_lookups_total",
-                "On-demand lookups of an alert's peer not in the identity cache, by outcome.",
-                &["outcome"],
-            ),
-            syn_attempts: counter_vec(
-                &r,
-                "k8s_ebpf_syn_attempts_total",
-                "SYNs to watched ports, by resolution: completed (the handshake finished: an inbound connection), half_open (a listener, no handshake), refused (nothing listens).",
-                &["resolution"],
-            ),
-            syn_pending: {
-                let g = IntGauge::new(
-                    "k8s_ebpf_syn_pending",
-                    "SYNs to listening watched ports waiting for their handshake to complete.",
-                )
-                .expect("valid metric definition");
-                r.register(Box::new(g.clone()))
-                    .expect("metric names are unique");
-                g
-            },
-            ring_records: counter(
-                &r,
-                "k8s_ebpf_ring_records_total",
-                "Records the daemon read from the kernel's ring buffer (equals the kernel's emitted count once caught up).",
-            ),
-            kubernetes_api_errors: counter_vec(
-                &r,
-                "k8s_ebpf_kubernetes_api_errors_total",
-                "Kubernetes API errors, by resource and reason.",
-                &["resource", "reason"],
-            ),
-            out_of_scope: counter_vec(
-                &r,
-                "k8s_ebpf_out_of_scope_total",
-                "Records from pods' network namespaces (--netns all) that no rule judges, by reason: pod_inbound (a connection into a pod), pod_listener (a pod listening), pod_outbound (a pod reaching neither a node nor the control plane).",
-                &["reason"],
-            ),
-            connection_pairs: counter_vec(
-                &r,
-                "k8s_ebpf_connection_pairs_total",
-                "Outbound records from a pod to this node's own addresses, by outcome: joined (one record with the node's side of the same connection), client_alone (no node side within the hold: judged alone), client_folded (the node's side was folded in the kernel's dedup window).",
-                &["outcome"],
-            ),
-            sync_hold: counter_vec(
-                &r,
-                "k8s_ebpf_sync_hold_records_total",
-                "Records held at start while the Kubernetes feeds the policy's selectors need had not synced, by outcome: held (entered the hold), synced, timeout or shutdown (judged when the feeds synced, when the wait ran out: judged by address, or at shutdown), overflow (the hold full: judged at once).",
-                &["outcome"],
-            ),
-            conntrack_events: counter_vec(
-                &r,
-                "k8s_ebpf_conntrack_events_total",
-                "Conntrack NEW events (TCP) read from the netfilter netlink socket, by outcome: new (read), forwarded (DNAT-ed from a watched port of a node address: judged), decode_errors, overflows (ENOBUFS: events the kernel dropped), read_errors.",
-                &["outcome"],
-            ),
-            conntrack_info: gauge_vec(
-                &r,
-                "k8s_ebpf_conntrack_info",
-                "1 for whether conntrack events reach the daemon: events, no_conntrack (not loaded), events_off (net.netfilter.nf_conntrack_events=0), no_socket (CAP_NET_ADMIN missing at start).",
-                &["state"],
-            ),
+            connections: counter_vec(&r, &CONNECTIONS),
+            alerts: counter_vec(&r, &ALERTS),
+            kernel_events: counter_vec(&r, &KERNEL_EVENTS),
+            output_dropped: counter_vec(&r, &OUTPUT_DROPPED),
+            output_write_errors: counter(&r, &OUTPUT_WRITE_ERRORS),
+            policy_reloads: counter_vec(&r, &POLICY_RELOADS),
+            attach_info: gauge_vec(&r, &ATTACH_INFO),
+            build_info: gauge_vec(&r, &BUILD_INFO),
+            listeners: gauge_vec(&r, &LISTENERS),
+            decode_errors: counter(&r, &DECODE_ERRORS),
+            correlation_evictions: counter_vec(&r, &CORRELATION_EVICTIONS),
+            kubernetes_objects: gauge_vec(&r, &KUBERNETES_OBJECTS),
+            kubernetes_synced: gauge_vec(&r, &KUBERNETES_SYNCED),
+            kubernetes_lists: counter_vec(&r, &KUBERNETES_LISTS),
+            kubernetes_listed_objects: counter_vec(&r, &KUBERNETES_LISTED_OBJECTS),
+            kubernetes_pod_coverage: gauge_vec(&r, &KUBERNETES_POD_COVERAGE),
+            kubernetes_pod_lookups: counter_vec(&r, &KUBERNETES_POD_LOOKUPS),
+            syn_attempts: counter_vec(&r, &SYN_ATTEMPTS),
+            syn_pending: gauge(&r, &SYN_PENDING),
+            ring_records: counter(&r, &RING_RECORDS),
+            kubernetes_api_errors: counter_vec(&r, &KUBERNETES_API_ERRORS),
+            out_of_scope: counter_vec(&r, &OUT_OF_SCOPE),
+            connection_pairs: counter_vec(&r, &CONNECTION_PAIRS),
+            sync_hold: counter_vec(&r, &SYNC_HOLD),
+            pod_scope_addresses: gauge(&r, &POD_SCOPE_ADDRESSES),
+            conntrack_events: counter_vec(&r, &CONNTRACK_EVENTS),
+            conntrack_info: gauge_vec(&r, &CONNTRACK_INFO),
             registry: r,
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        // Counters whose label values are known up front exist from the start at 0: a
-        // series that appears only at its first increment is invisible to `increase()`,
-        // so the alert rules (deploy/prometheusrule.yaml) would miss the first drops.
+        m.create_known_series();
+        m.pod_scope_addresses.set(-1);
+        m
+    }
+
+    /// Counters whose label values are known up front exist from the start at 0: a
+    /// series that appears only at its first increment is invisible to `increase()`,
+    /// so the alert rules (deploy/prometheusrule.yaml) would miss the first drops.
+    fn create_known_series(&self) {
         for kind in ["alert", "event"] {
-            m.output_dropped.with_label_values(&[kind]);
+            self.output_dropped.with_label_values(&[kind]);
         }
         for table in [
             "windows",
@@ -326,28 +382,27 @@ impl Metrics {
             "flood_sources",
             "scan_sources",
         ] {
-            m.correlation_evictions.with_label_values(&[table]);
+            self.correlation_evictions.with_label_values(&[table]);
         }
         for result in ["ok", "error"] {
-            m.policy_reloads.with_label_values(&[result]);
+            self.policy_reloads.with_label_values(&[result]);
         }
         for reason in OUT_OF_SCOPE_REASONS {
-            m.out_of_scope.with_label_values(&[reason]);
+            self.out_of_scope.with_label_values(&[reason]);
         }
         for outcome in ["joined", "client_alone", "client_folded"] {
-            m.connection_pairs.with_label_values(&[outcome]);
+            self.connection_pairs.with_label_values(&[outcome]);
         }
         for outcome in SYNC_HOLD_OUTCOMES {
-            m.sync_hold.with_label_values(&[outcome]);
+            self.sync_hold.with_label_values(&[outcome]);
         }
         for outcome in CONNTRACK_OUTCOMES {
-            m.conntrack_events.with_label_values(&[outcome]);
+            self.conntrack_events.with_label_values(&[outcome]);
         }
         // The kernel's per-CPU outcome counters, as `k8s_ebpf_kernel_events_total{outcome}`.
         for outcome in kernel_outcomes() {
-            m.kernel_events.with_label_values(&[outcome]).reset();
+            self.kernel_events.with_label_values(&[outcome]).reset();
         }
-        m
     }
 
     pub fn registry(&self) -> &Registry {

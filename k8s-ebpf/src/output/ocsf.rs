@@ -200,11 +200,27 @@ fn actor(ecs: &Value) -> Option<Value> {
 pub fn from_ecs(ecs: &Value) -> Value {
     let action = str_at(ecs, &["event", "action"]).unwrap_or_default();
     let kind = str_at(ecs, &["event", "kind"]).unwrap_or("alert");
+    let hostname = str_at(ecs, &["host", "hostname"]).unwrap_or_default();
+
+    let mut o = base_event(ecs, kind, hostname);
+    security_control(ecs, kind, &mut o);
+    let (src, dst) = endpoints(ecs, action);
+    if action == "port-scan" {
+        detection_finding(ecs, &mut o, src);
+    } else {
+        network_activity_event(ecs, &mut o, action, src, dst, hostname);
+    }
+    o.insert("unmapped".into(), unmapped(ecs));
+    o.into()
+}
+
+/// The attributes every event carries: metadata, time, severity, message, count, the
+/// window's start and end, the device (this node) and the actor (the local process).
+fn base_event(ecs: &Value, kind: &str, hostname: &str) -> Map<String, Value> {
     let ecs_severity = at(ecs, &["event", "severity"])
         .and_then(Value::as_u64)
         .unwrap_or(0);
     let (sev_id, sev) = severity_id(kind, ecs_severity);
-    let hostname = str_at(ecs, &["host", "hostname"]).unwrap_or_default();
     let time = time_at(ecs, &["@timestamp"]).unwrap_or(Value::from(0));
 
     let mut o = Map::new();
@@ -244,7 +260,11 @@ pub fn from_ecs(ecs: &Value) -> Value {
     if let Some(a) = actor(ecs) {
         o.insert("actor".into(), a);
     }
-    // security_control: the verdict. The daemon observes, it never blocks.
+    o
+}
+
+/// The security_control profile: the verdict. The daemon observes, it never blocks.
+fn security_control(ecs: &Value, kind: &str, o: &mut Map<String, Value>) {
     let alert = kind == "alert";
     o.insert("is_alert".into(), alert.into());
     o.insert("action_id".into(), 3.into());
@@ -265,7 +285,12 @@ pub fn from_ecs(ecs: &Value) -> Value {
         // OCSF's risk_score is an integer; the ECS one is a whole number too.
         o.insert("risk_score".into(), (r.round() as u64).into());
     }
+}
 
+type Endpoint = Option<Map<String, Value>>;
+
+/// The source and destination endpoints, the Kubernetes identity on the side it is about.
+fn endpoints(ecs: &Value, action: &str) -> (Endpoint, Endpoint) {
     let mut src = endpoint(ecs.get("source"));
     let mut dst = endpoint(ecs.get("destination"));
     // The ECS `kubernetes` object is about the source (the remote peer of an inbound
@@ -278,65 +303,73 @@ pub fn from_ecs(ecs: &Value) -> Value {
             _ => {}
         }
     }
+    (src, dst)
+}
 
-    if action == "port-scan" {
-        detection_finding(ecs, &mut o, src);
+/// Every record but a port scan as Network Activity (4001): its activity and status,
+/// the connection, and the endpoints.
+fn network_activity_event(
+    ecs: &Value,
+    o: &mut Map<String, Value>,
+    action: &str,
+    src: Endpoint,
+    dst: Endpoint,
+    hostname: &str,
+) {
+    let (activity_id, activity, failed) = network_activity(action);
+    o.insert("category_uid".into(), 4.into());
+    o.insert("category_name".into(), "Network Activity".into());
+    o.insert("class_uid".into(), 4001.into());
+    o.insert("class_name".into(), "Network Activity".into());
+    o.insert("activity_id".into(), activity_id.into());
+    o.insert("activity_name".into(), activity.into());
+    o.insert("type_uid".into(), (4001 * 100 + activity_id).into());
+    o.insert(
+        "type_name".into(),
+        format!("Network Activity: {activity}").into(),
+    );
+    let (status_id, status) = if failed {
+        (2, "Failure")
     } else {
-        let (activity_id, activity, failed) = network_activity(action);
-        o.insert("category_uid".into(), 4.into());
-        o.insert("category_name".into(), "Network Activity".into());
-        o.insert("class_uid".into(), 4001.into());
-        o.insert("class_name".into(), "Network Activity".into());
-        o.insert("activity_id".into(), activity_id.into());
-        o.insert("activity_name".into(), activity.into());
-        o.insert("type_uid".into(), (4001 * 100 + activity_id).into());
-        o.insert(
-            "type_name".into(),
-            format!("Network Activity: {activity}").into(),
-        );
-        let (status_id, status) = if failed {
-            (2, "Failure")
-        } else {
-            (1, "Success")
-        };
-        o.insert("status_id".into(), status_id.into());
-        o.insert("status".into(), status.into());
-        let (direction_id, direction) = match str_at(ecs, &["network", "direction"]) {
-            Some("ingress") => (1, "Inbound"),
-            Some("egress") => (2, "Outbound"),
-            _ => (0, "Unknown"),
-        };
-        let version_id = match str_at(ecs, &["network", "type"]) {
-            Some("ipv6") => 6,
-            _ => 4,
-        };
-        o.insert(
-            "connection_info".into(),
-            json!({
-                "protocol_name": "tcp",
-                "protocol_num": 6,
-                "protocol_ver_id": version_id,
-                "direction_id": direction_id,
-                "direction": direction,
-            }),
-        );
-        if let Some(s) = src {
-            o.insert("src_endpoint".into(), s.into());
-        }
-        match dst {
-            Some(d) => {
-                o.insert("dst_endpoint".into(), d.into());
-            }
-            // A Network Activity event needs an endpoint; a flood record has no source
-            // address and every record has a destination, but never emit an invalid one.
-            None if !o.contains_key("src_endpoint") => {
-                o.insert("dst_endpoint".into(), json!({ "hostname": hostname }));
-            }
-            None => {}
-        }
+        (1, "Success")
+    };
+    o.insert("status_id".into(), status_id.into());
+    o.insert("status".into(), status.into());
+    o.insert("connection_info".into(), connection_info(ecs));
+    if let Some(s) = src {
+        o.insert("src_endpoint".into(), s.into());
     }
-    o.insert("unmapped".into(), unmapped(ecs));
-    o.into()
+    match dst {
+        Some(d) => {
+            o.insert("dst_endpoint".into(), d.into());
+        }
+        // A Network Activity event needs an endpoint; a flood record has no source
+        // address and every record has a destination, but never emit an invalid one.
+        None if !o.contains_key("src_endpoint") => {
+            o.insert("dst_endpoint".into(), json!({ "hostname": hostname }));
+        }
+        None => {}
+    }
+}
+
+/// TCP, the IP version and the direction of the connection.
+fn connection_info(ecs: &Value) -> Value {
+    let (direction_id, direction) = match str_at(ecs, &["network", "direction"]) {
+        Some("ingress") => (1, "Inbound"),
+        Some("egress") => (2, "Outbound"),
+        _ => (0, "Unknown"),
+    };
+    let version_id = match str_at(ecs, &["network", "type"]) {
+        Some("ipv6") => 6,
+        _ => 4,
+    };
+    json!({
+        "protocol_name": "tcp",
+        "protocol_num": 6,
+        "protocol_ver_id": version_id,
+        "direction_id": direction_id,
+        "direction": direction,
+    })
 }
 
 /// A port scan as a Detection Finding (2004, activity Create): the scanner in the

@@ -82,8 +82,8 @@ use serde_saphyr::Spanned;
 pub use self::error::{PolicyError, PolicyErrors, Position};
 pub use self::profiles::{detect_profile, Profile, ProfileChoice};
 use self::schema::{
-    RawCgroup, RawClients, RawDefaults, RawExecutable, RawExecutableInUnits, RawPeer, RawPods,
-    RawPolicy, RawRule, RawSelector,
+    RawCgroup, RawClients, RawDefaults, RawExecutable, RawExecutableInUnits, RawFlood, RawPeer,
+    RawPods, RawPolicy, RawRule, RawScan, RawSelector,
 };
 use crate::{
     identity::{PeerIdentity, PodIdentity, PodQueries, PodQuery},
@@ -926,16 +926,7 @@ impl Validator {
         origin: &str,
         base: Option<Profile>,
     ) -> Result<Policy, PolicyErrors> {
-        let profile = match &raw.profile {
-            Some(p) => match p.value.parse::<Profile>() {
-                Ok(p) => Some(p.name().to_owned()),
-                Err(m) => {
-                    self.error(pos(p), format!("profile: {m}"));
-                    None
-                }
-            },
-            None => base.map(|b| b.name().to_owned()),
-        };
+        let profile = self.profile(raw.profile.as_ref(), base);
         if raw.version.value != 1 {
             self.error(
                 pos(&raw.version),
@@ -952,8 +943,44 @@ impl Validator {
             .as_ref()
             .and_then(|w| parse_duration(w, "defaults.window", &mut self.errors))
             .unwrap_or(DEFAULT_WINDOW);
-        let scan_raw = defaults.scan.unwrap_or_default();
-        let scan_ports = match &scan_raw.ports {
+        let scan = self.scan(defaults.scan.unwrap_or_default());
+        let flood_sources = self.flood_sources(defaults.flood.as_ref());
+        let flood_lines = self.flood_lines(defaults.flood.as_ref());
+
+        let groups = raw.peers.map(|g| self.groups(g)).unwrap_or_default();
+        let rules = self.rules(raw.rules, &groups);
+
+        if self.errors.is_empty() {
+            Ok(Policy {
+                origin: origin.to_owned(),
+                profile,
+                window,
+                scan,
+                flood_sources,
+                flood_lines,
+                rules,
+            })
+        } else {
+            Err(PolicyErrors::new(origin, self.errors))
+        }
+    }
+
+    /// The distribution profile named in alerts: the file's own, else the one it extends.
+    fn profile(&mut self, raw: Option<&Spanned<String>>, base: Option<Profile>) -> Option<String> {
+        match raw {
+            Some(p) => match p.value.parse::<Profile>() {
+                Ok(p) => Some(p.name().to_owned()),
+                Err(m) => {
+                    self.error(pos(p), format!("profile: {m}"));
+                    None
+                }
+            },
+            None => base.map(|b| b.name().to_owned()),
+        }
+    }
+
+    fn scan(&mut self, raw: RawScan) -> ScanSettings {
+        let ports = match &raw.ports {
             None => DEFAULT_SCAN_PORTS,
             Some(p) => match usize::try_from(p.value) {
                 Ok(n) if (2..=65535).contains(&n) => n,
@@ -966,13 +993,16 @@ impl Validator {
                 }
             },
         };
-        let scan_window = scan_raw
+        let window = raw
             .window
             .as_ref()
             .and_then(|w| parse_duration(w, "defaults.scan.window", &mut self.errors))
             .unwrap_or(DEFAULT_SCAN_WINDOW);
+        ScanSettings { ports, window }
+    }
 
-        let flood_sources = match defaults.flood.as_ref().and_then(|f| f.sources.as_ref()) {
+    fn flood_sources(&mut self, raw: Option<&RawFlood>) -> usize {
+        match raw.and_then(|f| f.sources.as_ref()) {
             None => DEFAULT_FLOOD_SOURCES,
             Some(n) => match usize::try_from(n.value) {
                 Ok(v) if (1..=1_000_000).contains(&v) => v,
@@ -984,8 +1014,11 @@ impl Validator {
                     DEFAULT_FLOOD_SOURCES
                 }
             },
-        };
-        let flood_lines = match defaults.flood.as_ref().and_then(|f| f.lines.as_ref()) {
+        }
+    }
+
+    fn flood_lines(&mut self, raw: Option<&RawFlood>) -> usize {
+        match raw.and_then(|f| f.lines.as_ref()) {
             None => DEFAULT_FLOOD_LINES,
             Some(n) => match usize::try_from(n.value) {
                 Ok(v) if (MIN_FLOOD_LINES..=1_000_000).contains(&v) => v,
@@ -1002,35 +1035,24 @@ impl Validator {
                     DEFAULT_FLOOD_LINES
                 }
             },
-        };
+        }
+    }
 
-        let groups = raw.peers.map(|g| self.groups(g)).unwrap_or_default();
-
+    /// The rules by port; names and ports must be unique.
+    fn rules(
+        &mut self,
+        raw: Vec<RawRule>,
+        groups: &BTreeMap<String, PeerSet>,
+    ) -> BTreeMap<u16, Rule> {
         let mut rules = BTreeMap::new();
         let mut names: BTreeMap<String, Option<Position>> = BTreeMap::new();
         let mut port_seen: BTreeMap<u16, Option<Position>> = BTreeMap::new();
-        for raw_rule in raw.rules {
-            if let Some(rule) = self.rule(raw_rule, &groups, &mut names, &mut port_seen) {
+        for raw_rule in raw {
+            if let Some(rule) = self.rule(raw_rule, groups, &mut names, &mut port_seen) {
                 rules.insert(rule.port, rule);
             }
         }
-
-        if self.errors.is_empty() {
-            Ok(Policy {
-                origin: origin.to_owned(),
-                profile,
-                window,
-                scan: ScanSettings {
-                    ports: scan_ports,
-                    window: scan_window,
-                },
-                flood_sources,
-                flood_lines,
-                rules,
-            })
-        } else {
-            Err(PolicyErrors::new(origin, self.errors))
-        }
+        rules
     }
 
     fn groups(
@@ -1073,71 +1095,10 @@ impl Validator {
         ports_seen: &mut BTreeMap<u16, Option<Position>>,
     ) -> Option<Rule> {
         let mut ok = true;
-        let name = raw.name.value.trim().to_owned();
-        if name.is_empty() {
-            self.error(pos(&raw.name), "rule name is empty");
-            ok = false;
-        } else if let Some(first) = names.get(&name) {
-            self.error(
-                pos(&raw.name),
-                format!("duplicate rule name `{name}`{}", first_at(*first)),
-            );
-            ok = false;
-        } else {
-            names.insert(name.clone(), pos(&raw.name));
-        }
-
-        let port = match u16::try_from(raw.port.value) {
-            Ok(0) | Err(_) => {
-                self.error(
-                    pos(&raw.port),
-                    format!("port must be 1-65535, not {}", raw.port.value),
-                );
-                ok = false;
-                0
-            }
-            Ok(p) => {
-                if let Some(first) = ports_seen.get(&p) {
-                    self.error(
-                        pos(&raw.port),
-                        format!("duplicate rule for port {p}{}", first_at(*first)),
-                    );
-                    ok = false;
-                } else {
-                    ports_seen.insert(p, pos(&raw.port));
-                }
-                p
-            }
-        };
-
-        let mut expected_peers = PeerSet::default();
-        let mut expected_peer_groups = Vec::new();
-        for entry in &raw.expected_peers {
-            match parse_peer(&entry.value) {
-                Ok(PeerEntry::Loopback) => expected_peers.loopback = true,
-                Ok(PeerEntry::Net(n)) => expected_peers.nets.push(n),
-                Ok(PeerEntry::Selector(sel)) => expected_peers.selectors.push(sel),
-                Ok(PeerEntry::Group(g)) => match groups.get(&g) {
-                    Some(set) => {
-                        expected_peers.extend(set);
-                        expected_peer_groups.push(g);
-                    }
-                    None => {
-                        self.error(
-                            pos(entry),
-                            format!("unknown peer group `@{g}` (define it under `peers:`)"),
-                        );
-                        ok = false;
-                    }
-                },
-                Err(m) => {
-                    self.error(pos(entry), m);
-                    ok = false;
-                }
-            }
-        }
-        expected_peers.normalize();
-
+        let name = self.rule_name(&raw.name, names, &mut ok);
+        let port = self.rule_port(&raw.port, ports_seen, &mut ok);
+        let (expected_peers, expected_peer_groups) =
+            self.expected_peers(&raw.expected_peers, groups, &mut ok);
         let expected_clients = self.clients(raw.expected_clients, &mut ok);
 
         let known = ports::lookup(port);
@@ -1163,60 +1124,98 @@ impl Validator {
         })
     }
 
-    fn clients(&mut self, raw: RawClients, ok: &mut bool) -> ExpectedClients {
-        let mut clients = ExpectedClients::default();
-        for e in &raw.executables {
-            let (path, units) = match &e.value {
-                RawExecutable::Path(path) => (path, &[][..]),
-                RawExecutable::InUnits(RawExecutableInUnits { path, units }) => {
-                    if units.is_empty() {
+    /// The rule's name, trimmed; empty or taken ones are errors.
+    fn rule_name(
+        &mut self,
+        raw: &Spanned<String>,
+        names: &mut BTreeMap<String, Option<Position>>,
+        ok: &mut bool,
+    ) -> String {
+        let name = raw.value.trim().to_owned();
+        if name.is_empty() {
+            self.error(pos(raw), "rule name is empty");
+            *ok = false;
+        } else if let Some(first) = names.get(&name) {
+            self.error(
+                pos(raw),
+                format!("duplicate rule name `{name}`{}", first_at(*first)),
+            );
+            *ok = false;
+        } else {
+            names.insert(name.clone(), pos(raw));
+        }
+        name
+    }
+
+    /// The rule's port: 1-65535, one rule a port.
+    fn rule_port(
+        &mut self,
+        raw: &Spanned<i64>,
+        ports_seen: &mut BTreeMap<u16, Option<Position>>,
+        ok: &mut bool,
+    ) -> u16 {
+        match u16::try_from(raw.value) {
+            Ok(0) | Err(_) => {
+                self.error(pos(raw), format!("port must be 1-65535, not {}", raw.value));
+                *ok = false;
+                0
+            }
+            Ok(p) => {
+                if let Some(first) = ports_seen.get(&p) {
+                    self.error(
+                        pos(raw),
+                        format!("duplicate rule for port {p}{}", first_at(*first)),
+                    );
+                    *ok = false;
+                } else {
+                    ports_seen.insert(p, pos(raw));
+                }
+                p
+            }
+        }
+    }
+
+    /// The rule's expected peers with its groups expanded, and the groups' names.
+    fn expected_peers(
+        &mut self,
+        raw: &[Spanned<RawPeer>],
+        groups: &BTreeMap<String, PeerSet>,
+        ok: &mut bool,
+    ) -> (PeerSet, Vec<String>) {
+        let mut expected_peers = PeerSet::default();
+        let mut expected_peer_groups = Vec::new();
+        for entry in raw {
+            match parse_peer(&entry.value) {
+                Ok(PeerEntry::Loopback) => expected_peers.loopback = true,
+                Ok(PeerEntry::Net(n)) => expected_peers.nets.push(n),
+                Ok(PeerEntry::Selector(sel)) => expected_peers.selectors.push(sel),
+                Ok(PeerEntry::Group(g)) => match groups.get(&g) {
+                    Some(set) => {
+                        expected_peers.extend(set);
+                        expected_peer_groups.push(g);
+                    }
+                    None => {
                         self.error(
-                            pos(e),
-                            format!("executable `{path}`: `units` lists no unit (write the path alone to expect it anywhere)"),
+                            pos(entry),
+                            format!("unknown peer group `@{g}` (define it under `peers:`)"),
                         );
                         *ok = false;
                     }
-                    (path, &units[..])
-                }
-            };
-            let path = std::path::Path::new(path.trim());
-            if !path.is_absolute() {
-                self.error(
-                    pos(e),
-                    format!("executable `{}` must be an absolute path", path.display()),
-                );
-                *ok = false;
-                continue;
-            }
-            let mut expected = ExpectedExecutable::anywhere(path);
-            for unit in units {
-                match unit_name(unit) {
-                    Ok(u) => expected.units.push(u.to_owned()),
-                    Err(m) => {
-                        self.error(pos(e), m);
-                        *ok = false;
-                    }
+                },
+                Err(m) => {
+                    self.error(pos(entry), m);
+                    *ok = false;
                 }
             }
-            clients.executables.push(expected);
         }
-        for p in &raw.pods {
-            let RawPods { namespace, labels } = &p.value;
-            if namespace.as_ref().is_some_and(|n| n.trim().is_empty())
-                || labels.keys().any(|k| k.trim().is_empty())
-            {
-                self.error(
-                    pos(p),
-                    "`pods` entry: an empty namespace or label key (leave the namespace out to mean every namespace)",
-                );
-                *ok = false;
-            } else {
-                clients.pods.push((
-                    namespace.as_ref().map(|n| n.trim().to_owned()),
-                    labels.clone(),
-                ));
-            }
-        }
+        expected_peers.normalize();
+        (expected_peers, expected_peer_groups)
+    }
+
+    fn clients(&mut self, raw: RawClients, ok: &mut bool) -> ExpectedClients {
+        let mut clients = ExpectedClients::default();
+        self.executables(&raw.executables, &mut clients, ok);
+        self.pods(&raw.pods, &mut clients, ok);
         for u in &raw.units {
             match unit_name(&u.value) {
                 Ok(unit) => clients.units.push(unit.to_owned()),
@@ -1261,6 +1260,71 @@ impl Validator {
             }
         }
         clients
+    }
+
+    /// `executables`: absolute paths, each alone or with the units it may run in.
+    fn executables(
+        &mut self,
+        raw: &[Spanned<RawExecutable>],
+        clients: &mut ExpectedClients,
+        ok: &mut bool,
+    ) {
+        for e in raw {
+            let (path, units) = match &e.value {
+                RawExecutable::Path(path) => (path, &[][..]),
+                RawExecutable::InUnits(RawExecutableInUnits { path, units }) => {
+                    if units.is_empty() {
+                        self.error(
+                            pos(e),
+                            format!("executable `{path}`: `units` lists no unit (write the path alone to expect it anywhere)"),
+                        );
+                        *ok = false;
+                    }
+                    (path, &units[..])
+                }
+            };
+            let path = std::path::Path::new(path.trim());
+            if !path.is_absolute() {
+                self.error(
+                    pos(e),
+                    format!("executable `{}` must be an absolute path", path.display()),
+                );
+                *ok = false;
+                continue;
+            }
+            let mut expected = ExpectedExecutable::anywhere(path);
+            for unit in units {
+                match unit_name(unit) {
+                    Ok(u) => expected.units.push(u.to_owned()),
+                    Err(m) => {
+                        self.error(pos(e), m);
+                        *ok = false;
+                    }
+                }
+            }
+            clients.executables.push(expected);
+        }
+    }
+
+    /// `pods`: a namespace (or every one) and labels.
+    fn pods(&mut self, raw: &[Spanned<RawPods>], clients: &mut ExpectedClients, ok: &mut bool) {
+        for p in raw {
+            let RawPods { namespace, labels } = &p.value;
+            if namespace.as_ref().is_some_and(|n| n.trim().is_empty())
+                || labels.keys().any(|k| k.trim().is_empty())
+            {
+                self.error(
+                    pos(p),
+                    "`pods` entry: an empty namespace or label key (leave the namespace out to mean every namespace)",
+                );
+                *ok = false;
+            } else {
+                clients.pods.push((
+                    namespace.as_ref().map(|n| n.trim().to_owned()),
+                    labels.clone(),
+                ));
+            }
+        }
     }
 }
 
