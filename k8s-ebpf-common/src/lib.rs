@@ -73,6 +73,13 @@ pub enum HookKind {
     /// Userspace only: found by the scan a policy reload runs for the ports it adds, after
     /// the capability drop (a listener's owner may be unnamed). Never in a kernel record.
     Rescan = 7,
+    /// Userspace only: a connection to a watched port of a node address that netfilter
+    /// DNAT-ed elsewhere (a hostPort, a Service's externalIPs or NodePort), from a
+    /// conntrack NEW event. Never in a kernel record.
+    ConntrackDnat = 8,
+    /// Userspace only: a `hostPort` of a pod on this node, from the Kubernetes API: the
+    /// node's port the CNI portmap plugin forwards to the pod. Never in a kernel record.
+    ApiHostPort = 9,
 }
 
 impl HookKind {

@@ -503,9 +503,17 @@ fn show_profiles(name: Option<&str>) -> anyhow::Result<()> {
 async fn exposure(json: bool, probe: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
     let policy =
         daemon::load_policy(policy).map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
-    let report = k8s_ebpf::inventory::exposure_report(&policy.watched_ports(), probe)
+    let mut report = k8s_ebpf::inventory::exposure_report(&policy.watched_ports(), probe)
         .await
         .context("listing TCP listeners (netlink sock_diag)")?;
+    let node = daemon::node_addresses();
+    match k8s_ebpf::inventory::forwards::scan(
+        |port| policy.rule(port).map(|r| r.name.clone()),
+        |ip| node.contains(&ip),
+    ) {
+        Ok(forwards) => report.forwards = forwards,
+        Err(e) => report.forwards_error = Some(e.to_string()),
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -11,7 +11,7 @@ interface K8sEbpfFields {
   summary?: true;
   component: string;
   ports?: number[];
-  hook?: 'tracepoint' | 'kretprobe' | 'fexit' | 'reset-tracepoint' | 'sock-diag-scan' | 'sk-lookup';
+  hook?: 'tracepoint' | 'kretprobe' | 'fexit' | 'reset-tracepoint' | 'sock-diag-scan' | 'sock-diag-rescan' | 'sk-lookup' | 'conntrack-dnat' | 'kubernetes-hostport';
   cgroup_id?: number;
   netns?: number;
   prefix?: string;
@@ -23,6 +23,7 @@ interface K8sEbpfFields {
   client_netns?: number;
   listener?: { pid: number; name: string };
   profile?: 'kubeadm' | 'eks' | 'gke' | 'aks' | 'k3s';
+  forwarded_to?: string;
 }
 
 /** `kubernetes.*`, the names Elastic's Kubernetes integrations use. */

@@ -23,6 +23,8 @@ use serde_json::Value;
 const NODE_IP: &str = "192.0.2.1";
 const ATTACKER_IP: &str = "198.51.100.7";
 const NODE_NAME: &str = "node-under-test";
+/// A node address whose watched port is forwarded.
+const FORWARDING_IP: &str = "192.0.2.9";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -417,6 +419,27 @@ fn image_runs_with_the_daemonset_security_context() {
         &[&format!("{ATTACKER_IP}/24")],
     );
     let _kubelet = node.listen("0.0.0.0:10250");
+    // A second node address whose 10255 netfilter redirects to a port nobody watches
+    // (a hostPort-like forward): seen only through conntrack, which the DaemonSet's
+    // NET_ADMIN lets the daemon join at start. The table goes with the namespace.
+    node.ip(&["addr", "add", &format!("{FORWARDING_IP}/32"), "dev", "lo"]);
+    attacker.ip(&[
+        "route",
+        "add",
+        &format!("{FORWARDING_IP}/32"),
+        "via",
+        NODE_IP,
+    ]);
+    let _hidden = node.listen("0.0.0.0:8080");
+    let nft = dir.path().join("forward.nft");
+    std::fs::write(
+        &nft,
+        format!(
+            "table ip k8se_forward {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {FORWARDING_IP} tcp dport 10255 dnat to {FORWARDING_IP}:8080\n  }}\n}}\n"
+        ),
+    )
+    .expect("nft rules");
+    integration_tests::run(node.command("nft").arg("-f").arg(&nft));
     let policy = policy_dir(dir.path());
     let manifest_caps: Vec<String> = pod["containers"][0]["securityContext"]["capabilities"]["add"]
         .as_array()
@@ -499,6 +522,9 @@ fn image_runs_with_the_daemonset_security_context() {
         .expect("connect to the kubelet port");
     // Nothing listens on 10255: a refused SYN, seen by the sk_lookup hook (NET_ADMIN).
     let _ = attacker.connect(&format!("{NODE_IP}:10255"));
+    attacker
+        .connect(&format!("{FORWARDING_IP}:10255"))
+        .expect("connect through the forward");
     let deadline = Instant::now() + Duration::from_secs(10);
     let records = loop {
         let r = run.records();
@@ -509,7 +535,13 @@ fn image_runs_with_the_daemonset_security_context() {
                     && r["destination"]["port"] == port
             })
         };
-        if has("unexpected-inbound", 10250) && has("refused-attempt", 10255) {
+        let forwarded = r.iter().any(|r| {
+            r["event"]["action"] == "unexpected-inbound"
+                && r["source"]["ip"] == ATTACKER_IP
+                && r["destination"]["ip"] == FORWARDING_IP
+                && r["k8s_ebpf"]["forwarded_to"] == format!("{FORWARDING_IP}:8080")
+        });
+        if has("unexpected-inbound", 10250) && has("refused-attempt", 10255) && forwarded {
             break r;
         }
         assert!(

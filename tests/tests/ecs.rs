@@ -38,6 +38,7 @@ fn pod() -> Arc<PodIdentity> {
         host_network: false,
         ips: vec!["198.51.100.20".parse().expect("ip")].into(),
         container_ids: vec!["0123456789ab".into()].into(),
+        host_ports: Box::default(),
         finished: false,
     })
 }
@@ -148,6 +149,7 @@ fn observation(action: Action, v6: bool) -> Observation {
         netns: 4_026_531_840,
         count: 1,
         window_summary: false,
+        forwarded_to: None,
     }
 }
 
@@ -232,6 +234,35 @@ fn every_record() -> Vec<Value> {
                             first.k8s_ebpf.client_match = Some("executable");
                         }
                         out.push(json(&first));
+                        // A connection netfilter forwarded (DNAT) from the node's port,
+                        // and the forward itself: from conntrack, no process.
+                        if matches!(
+                            action,
+                            Action::UnexpectedInbound
+                                | Action::AllowedInbound
+                                | Action::ExposedListener
+                        ) {
+                            let mut forwarded = observation(action, v6);
+                            forwarded.hook = HookKind::ConntrackDnat;
+                            forwarded.process = None;
+                            forwarded.local = observation(Action::UnexpectedInbound, v6).local;
+                            forwarded.forwarded_to =
+                                Some("198.51.100.2:8080".parse().expect("address"));
+                            let subject = Subject {
+                                container_id: None,
+                                ..subject
+                            };
+                            out.push(json(&AlertEvent::for_observation(
+                                &forwarded, action, &subject,
+                            )));
+                            // A pod's hostPort, from the API.
+                            if action == Action::ExposedListener {
+                                forwarded.hook = HookKind::ApiHostPort;
+                                out.push(json(&AlertEvent::for_observation(
+                                    &forwarded, action, &subject,
+                                )));
+                            }
+                        }
                         // A pod's connection to this node seen from both ends: the node's
                         // record joined with the client's.
                         if matches!(

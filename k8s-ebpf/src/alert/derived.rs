@@ -172,6 +172,7 @@ impl AlertEvent {
                 client_netns: None,
                 listener: None,
                 profile: None,
+                forwarded_to: None,
             },
         }
     }

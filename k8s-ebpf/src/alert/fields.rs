@@ -259,6 +259,10 @@ pub struct Extension {
     /// interfaces is EKS's default and still an exposure there).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// A connection netfilter forwarded (DNAT: a hostPort, a Service's externalIPs or
+    /// NodePort): where the node's port sent it, `ip:port` (`hook: conntrack-dnat`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarded_to: Option<String>,
 }
 
 /// `k8s_ebpf.listener`: the server process of a connection seen from both ends.

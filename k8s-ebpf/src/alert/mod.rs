@@ -310,13 +310,18 @@ fn message(obs: &Observation, action: Action, subject: &Subject<'_>) -> String {
         Some(k) if obs.kind.is_remote_attempt() => k.peer_label(),
         _ => String::new(),
     };
+    // A forwarded connection: the node's port is a DNAT rule's, not a listener's.
+    let forward = obs
+        .forwarded_to
+        .map(|to| format!(", forwarded (DNAT) to {to}"))
+        .unwrap_or_default();
     match action {
         Action::UnexpectedInbound => format!(
-            "unexpected inbound connection to {what} from {}{peer_name}",
+            "unexpected inbound connection to {what} from {}{peer_name}{forward}",
             obs.remote.ip()
         ),
         Action::AllowedInbound => format!(
-            "expected inbound connection to {what} from {}{peer_name}",
+            "expected inbound connection to {what} from {}{peer_name}{forward}",
             obs.remote.ip()
         ),
         Action::UnexpectedOutbound => format!(
@@ -327,11 +332,17 @@ fn message(obs: &Observation, action: Action, subject: &Subject<'_>) -> String {
         Action::AllowedOutbound => {
             format!("{} connected to {what} on {}", who(), obs.remote.ip())
         }
-        Action::ExposedListener => format!(
-            "{what} is listening on {} (by {}): wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
-            obs.local.ip(),
-            who()
-        ),
+        Action::ExposedListener => match obs.forwarded_to {
+            Some(to) => format!(
+                "{what} on {} is forwarded (DNAT) to {to}: whoever reaches the node's address reaches it, wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
+                obs.local.ip()
+            ),
+            None => format!(
+                "{what} is listening on {} (by {}): wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
+                obs.local.ip(),
+                who()
+            ),
+        },
         Action::RefusedAttempt => format!(
             "refused connection attempt to {what} from {}{peer_name}: nothing listens there",
             obs.remote.ip()
@@ -371,6 +382,7 @@ impl Extension {
             client_netns: None,
             listener: None,
             profile: None,
+            forwarded_to: obs.forwarded_to.map(|to| to.to_string()),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! map to the [`reader`].
 
 pub mod attempts;
+pub mod conntrack;
 pub mod decode;
 mod kretprobe;
 pub mod observation;

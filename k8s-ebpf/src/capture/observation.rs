@@ -71,6 +71,10 @@ pub struct Observation {
     pub count: u64,
     /// True when this is the report of a closed dedup window rather than a live event.
     pub window_summary: bool,
+    /// A connection netfilter forwarded (DNAT) from `local` to this address and port:
+    /// the node's port is exposed by a forward, not by a listener of its own
+    /// ([`HookKind::ConntrackDnat`]). `None` for every other record.
+    pub forwarded_to: Option<SocketAddr>,
 }
 
 impl Observation {
@@ -93,6 +97,8 @@ pub fn hook_name(h: HookKind) -> &'static str {
         HookKind::Scan => "sock-diag-scan",
         HookKind::SkLookup => "sk-lookup",
         HookKind::Rescan => "sock-diag-rescan",
+        HookKind::ConntrackDnat => "conntrack-dnat",
+        HookKind::ApiHostPort => "kubernetes-hostport",
     }
 }
 

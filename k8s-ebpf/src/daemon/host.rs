@@ -79,6 +79,12 @@ const NOT_THE_NODE: &[&str] = &[
     "kube-dummy-if",
 ];
 
+/// The node's own addresses: this network namespace's interfaces' (getifaddrs), without
+/// those of [`NOT_THE_NODE`].
+pub fn node_addresses() -> std::collections::HashSet<std::net::IpAddr> {
+    interface_addresses()
+}
+
 /// The addresses of this network namespace's own interfaces (getifaddrs), without those
 /// of [`NOT_THE_NODE`].
 fn interface_addresses() -> std::collections::HashSet<std::net::IpAddr> {

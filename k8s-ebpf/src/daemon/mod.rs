@@ -39,7 +39,10 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    capture::{AttachMode, Capture, CaptureConfig, CaptureStreams, NetnsScope, StateHook, SynHook},
+    capture::{
+        conntrack::ConntrackSocket, AttachMode, Capture, CaptureConfig, CaptureStreams, NetnsScope,
+        StateHook, SynHook,
+    },
     identity::{self, ApiMode},
     output::{Destination, Format},
     policy::{
@@ -48,6 +51,7 @@ use crate::{
     },
     privilege,
 };
+pub use host::node_addresses;
 use listeners::Inventory;
 use running::Running;
 
@@ -153,6 +157,8 @@ pub struct Prepared {
     streams: CaptureStreams,
     inventory: Inventory,
     api: identity::ApiConfig,
+    /// Conntrack NEW events (forwarded connections); `None` when it could not be opened.
+    conntrack: Option<ConntrackSocket>,
 }
 
 /// The privileged part of start-up, on the calling thread before any other thread exists
@@ -205,16 +211,8 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
     );
     let mut inventory = Inventory::default();
     inventory.rescan(&policy.watched_ports());
-    match HostRoot::open(&config.host_root) {
-        RootChoice::Host => {
-            info!(root = %config.host_root.display(), "policy executables resolve in the host's filesystem")
-        }
-        RootChoice::Own(e) => warn!(
-            root = %config.host_root.display(),
-            error = %e,
-            "cannot open the host's root: policy executables resolve in the daemon's own filesystem, where a container has none of the host's (hostPID and CAP_SYS_PTRACE are needed; under AppArmor, a profile that allows reading the host's init)"
-        ),
-    }
+    open_host_root(&config.host_root);
+    let conntrack = open_conntrack();
     let kept = privilege::kept_after_attach();
     privilege::drop_all_but(&kept)?;
     if kept.is_empty() {
@@ -236,7 +234,37 @@ pub fn prepare(config: DaemonConfig) -> anyhow::Result<Prepared> {
         streams,
         inventory,
         api,
+        conntrack,
     })
+}
+
+/// Opens the host's root (`--host-root`) for the policy's executables before the
+/// capability drop, saying where they will resolve.
+fn open_host_root(root: &Path) {
+    match HostRoot::open(root) {
+        RootChoice::Host => {
+            info!(root = %root.display(), "policy executables resolve in the host's filesystem")
+        }
+        RootChoice::Own(e) => warn!(
+            root = %root.display(),
+            error = %e,
+            "cannot open the host's root: policy executables resolve in the daemon's own filesystem, where a container has none of the host's (hostPID and CAP_SYS_PTRACE are needed; under AppArmor, a profile that allows reading the host's init)"
+        ),
+    }
+}
+
+/// The conntrack event socket: joining its group needs CAP_NET_ADMIN, so now or never.
+fn open_conntrack() -> Option<ConntrackSocket> {
+    match ConntrackSocket::open() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(
+                error = %e,
+                "cannot open the conntrack event socket (CAP_NET_ADMIN is needed at start): connections DNAT-ed from a watched port of a node address (hostPort, externalIPs, NodePort) are not seen"
+            );
+            None
+        }
+    }
 }
 
 impl Prepared {
@@ -249,8 +277,16 @@ impl Prepared {
             streams,
             inventory,
             api,
+            conntrack,
         } = self;
-        run_loop(config, api, policy, capture, streams, inventory).await
+        run_loop(
+            config,
+            api,
+            policy,
+            (capture, streams, conntrack),
+            inventory,
+        )
+        .await
     }
 }
 
@@ -259,13 +295,19 @@ async fn run_loop(
     config: DaemonConfig,
     api: identity::ApiConfig,
     policy: Arc<Policy>,
-    capture: Capture,
-    streams: CaptureStreams,
+    (capture, streams, conntrack): (Capture, CaptureStreams, Option<ConntrackSocket>),
     inventory: Inventory,
 ) -> anyhow::Result<()> {
-    let (mut daemon, mut observations) =
-        Running::start(config, api, policy, capture, streams, inventory).await?;
+    let (mut daemon, mut observations, mut forwards) = Running::start(
+        config,
+        api,
+        policy,
+        (capture, streams, conntrack),
+        inventory,
+    )
+    .await?;
     let mut events = Events::new()?;
+    let mut forwards_open = true;
     loop {
         tokio::select! {
             obs = observations.recv() => match obs {
@@ -274,6 +316,11 @@ async fn run_loop(
                     warn!("the ring-buffer reader stopped");
                     break;
                 }
+            },
+            flow = forwards.recv(), if forwards_open => match flow {
+                Some(flow) => daemon.forwarded(flow).await,
+                // No socket, or its reader stopped (said in its log line and metric).
+                None => forwards_open = false,
             },
             _ = events.handshakes.tick() => daemon.expire_attempts().await,
             _ = events.second.tick() => daemon.every_second().await,
@@ -286,6 +333,9 @@ async fn run_loop(
             _ = events.interrupt.recv() => { info!("SIGINT: stopping"); break; }
         }
     }
+    // The conntrack reader may wait to hand over a flow: with nobody receiving, its send
+    // fails and it ends, instead of holding up the shutdown.
+    drop(forwards);
     daemon.shutdown(observations).await
 }
 

@@ -53,7 +53,13 @@ pub(super) struct Pipeline {
     /// Records waiting at start for the Kubernetes feeds to sync.
     hold: SyncHold,
     metrics: std::sync::Arc<Metrics>,
+    /// The forwards (node address and port, target) already reported as a listener.
+    forwards: std::collections::HashSet<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
+
+/// Forwards reported as listeners at most; past it a new forward's connections are still
+/// judged, the forward itself is not reported again.
+const FORWARDS_MAX: usize = 4096;
 
 /// At start, while the Kubernetes feeds the policy's selectors need have not synced,
 /// records wait (at most `until`, at most [`SyncHold::MAX`] of them) instead of being
@@ -136,6 +142,7 @@ impl Pipeline {
             kubernetes_service,
             hold,
             metrics,
+            forwards: std::collections::HashSet::new(),
         }
     }
 
@@ -229,6 +236,79 @@ impl Pipeline {
         for obs in ready {
             self.route(obs, now).await;
         }
+    }
+
+    /// A connection netfilter forwarded, as an inbound record to the node's port it
+    /// came to: only when that is a watched port of one of the node's addresses (the
+    /// peer is the original source, `forwarded_to` where it went). The first time a
+    /// forward is seen, also the forward itself as a listener on the node's address (it
+    /// takes connections there like one: judged by the rule's `bind`).
+    pub(super) fn forwarded(
+        &mut self,
+        flow: &crate::capture::conntrack::Flow,
+    ) -> Option<(Observation, Option<Observation>)> {
+        let to = flow.forwarded_to()?;
+        let port = flow.destination.port();
+        if self.engine.policy().rule(port).is_none() || !self.local.is_own(flow.destination.ip()) {
+            return None;
+        }
+        let inbound = Observation {
+            kind: EventKind::Inbound,
+            hook: k8s_ebpf_common::HookKind::ConntrackDnat,
+            at: SystemTime::now(),
+            local: flow.destination,
+            remote: flow.source,
+            process: None,
+            netns: self.local.netns,
+            count: 1,
+            window_summary: false,
+            forwarded_to: Some(to),
+        };
+        let first =
+            self.forwards.len() < FORWARDS_MAX && self.forwards.insert((flow.destination, to));
+        let listener = first.then(|| Observation {
+            kind: EventKind::Listen,
+            remote: std::net::SocketAddr::new(flow.destination.ip(), 0),
+            ..inbound.clone()
+        });
+        Some((inbound, listener))
+    }
+
+    /// The `hostPort`s of this node's pods on watched ports (from the API), each once: a
+    /// listener on the node's address (its `hostIP`, else every address) forwarded to
+    /// the pod, judged by the rule's `bind`.
+    pub(super) fn host_port_forwards(&mut self) -> Vec<Observation> {
+        let pods = self.identities.inspect(|c| c.local_host_ports());
+        let mut out = Vec::new();
+        for pod in pods.iter().filter(|p| !p.host_network) {
+            let Some(&ip) = pod.ips.iter().next() else {
+                continue;
+            };
+            for hp in pod.host_ports.iter() {
+                if self.engine.policy().rule(hp.host_port).is_none() {
+                    continue;
+                }
+                let node_ip = hp.host_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+                let local = std::net::SocketAddr::new(node_ip, hp.host_port);
+                let to = std::net::SocketAddr::new(ip, hp.container_port);
+                if self.forwards.len() >= FORWARDS_MAX || !self.forwards.insert((local, to)) {
+                    continue;
+                }
+                out.push(Observation {
+                    kind: EventKind::Listen,
+                    hook: k8s_ebpf_common::HookKind::ApiHostPort,
+                    at: SystemTime::now(),
+                    local,
+                    remote: std::net::SocketAddr::new(node_ip, 0),
+                    process: None,
+                    netns: self.local.netns,
+                    count: 1,
+                    window_summary: false,
+                    forwarded_to: Some(to),
+                });
+            }
+        }
+        out
     }
 
     /// Whether `obs` comes from a pod's network namespace (only under `--netns all`).

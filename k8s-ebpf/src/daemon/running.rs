@@ -24,6 +24,7 @@ use super::{
 };
 use crate::{
     capture::{
+        conntrack::{self, Availability, ConntrackSocket, Flow},
         reader::{Reader, ReaderStats},
         scope::ScopeUpdate,
         Capture, CaptureStreams, NetnsScope, Observation,
@@ -47,11 +48,69 @@ pub(super) struct Running {
     reload: PolicyWatch,
     drops: DropWatch,
     reader_stats: Arc<ReaderStats>,
+    /// Whether conntrack events reach the daemon, checked again every 30 s.
+    conntrack: ConntrackWatch,
     /// The cache's generation of the nodes' and API servers' addresses last given to the
     /// kernel's pod scope (`None` before the first time).
     scope_generation: Option<u64>,
     /// What only shutdown uses.
     tasks: Tasks,
+}
+
+/// Whether forwarded connections can be seen: the socket opened at start, and the
+/// kernel's `nf_conntrack_events` now. A change is logged once and shown in
+/// `k8s_ebpf_conntrack_info`.
+struct ConntrackWatch {
+    socket: bool,
+    state: Option<Availability>,
+    checked_at: Instant,
+}
+
+impl ConntrackWatch {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+    fn new(socket: bool, metrics: &Metrics) -> Self {
+        let mut w = Self {
+            socket,
+            state: None,
+            checked_at: Instant::now(),
+        };
+        w.check(metrics);
+        w
+    }
+
+    fn check(&mut self, metrics: &Metrics) {
+        self.checked_at = Instant::now();
+        let state = if self.socket {
+            conntrack::availability()
+        } else {
+            Availability::NoSocket
+        };
+        if self.state == Some(state) {
+            return;
+        }
+        self.state = Some(state);
+        metrics.set_conntrack_state(state.as_str());
+        if state == Availability::Events {
+            info!(
+                sysctl = conntrack::EVENTS_SYSCTL,
+                "conntrack events: {}",
+                state.explain()
+            );
+        } else {
+            warn!(
+                state = state.as_str(),
+                "conntrack events: {}",
+                state.explain()
+            );
+        }
+    }
+
+    fn check_if_stale(&mut self, metrics: &Metrics) {
+        if self.checked_at.elapsed() >= Self::EVERY {
+            self.check(metrics);
+        }
+    }
 }
 
 /// The tasks started beside the event loop, and the output's ends, for shutdown.
@@ -62,6 +121,8 @@ struct Tasks {
     /// The Kubernetes API feeds.
     watchers: Vec<JoinHandle<()>>,
     reader: JoinHandle<std::io::Result<()>>,
+    /// The conntrack event reader.
+    conntrack: Option<JoinHandle<std::io::Result<()>>>,
     /// Names records' pods from the API before they reach the output.
     naming: Option<JoinHandle<()>>,
     output: AlertSender,
@@ -71,15 +132,15 @@ struct Tasks {
 impl Running {
     /// Serves metrics and health, settles the profile, starts the Kubernetes feeds, opens
     /// the output, starts reading the ring buffer and judges the listeners and
-    /// connections found at start. Returns the daemon and the reader's observations.
+    /// connections found at start. Returns the daemon, the reader's observations and the
+    /// forwarded connections conntrack reports.
     pub(super) async fn start(
         config: DaemonConfig,
         api: identity::ApiConfig,
         policy: Arc<Policy>,
-        mut capture: Capture,
-        streams: CaptureStreams,
+        (mut capture, streams, conntrack): (Capture, CaptureStreams, Option<ConntrackSocket>),
         mut inventory: Inventory,
-    ) -> anyhow::Result<(Self, mpsc::Receiver<Observation>)> {
+    ) -> anyhow::Result<(Self, mpsc::Receiver<Observation>, mpsc::Receiver<Flow>)> {
         let metrics = Arc::new(Metrics::new());
         let readiness = Arc::new(Readiness::new());
         metrics.record_policy_reload(true);
@@ -97,6 +158,11 @@ impl Running {
         let reader_stats = Arc::new(ReaderStats::default());
         let (observations, reader) =
             start_reader(streams, &mut inventory, &reader_stats, stop_rx.clone())?;
+        let conntrack_watch = ConntrackWatch::new(conntrack.is_some(), &metrics);
+        let (forwards_tx, forwards) = mpsc::channel::<Flow>(1024);
+        let conntrack_task = conntrack.map(|socket| {
+            tokio::spawn(socket.run(forwards_tx, Arc::clone(&metrics), stop_rx.clone()))
+        });
 
         let pipeline = Pipeline::new(&config, &policy, records, identities.clone(), &metrics);
         let mut daemon = Running {
@@ -109,12 +175,14 @@ impl Running {
             reload: PolicyWatch::new(config.policy_path.clone(), base),
             drops: DropWatch::default(),
             reader_stats,
+            conntrack: conntrack_watch,
             scope_generation: None,
             tasks: Tasks {
                 stop,
                 server,
                 watchers,
                 reader,
+                conntrack: conntrack_task,
                 naming,
                 output,
                 output_handle,
@@ -122,7 +190,7 @@ impl Running {
         };
         daemon.update_readiness();
         daemon.judge_found_at_start().await;
-        Ok((daemon, observations))
+        Ok((daemon, observations, forwards))
     }
 
     /// The listeners already there: a wide bind on a loopback-only port is an alert at
@@ -145,6 +213,21 @@ impl Running {
         self.pipeline
             .take(obs, &mut self.inventory, &self.metrics)
             .await;
+    }
+
+    /// A connection conntrack saw netfilter forward (DNAT): judged when it came to a
+    /// watched port of a node address.
+    pub(super) async fn forwarded(&mut self, flow: Flow) {
+        if let Some((obs, listener)) = self.pipeline.forwarded(&flow) {
+            self.metrics
+                .conntrack_events
+                .with_label_values(&["forwarded"])
+                .inc();
+            if let Some(listener) = listener {
+                self.pipeline.emit(&listener, None).await;
+            }
+            self.pipeline.emit(&obs, None).await;
+        }
     }
 
     /// SYNs whose handshake did not complete in time, and pods' records whose node side
@@ -171,6 +254,10 @@ impl Running {
                 }
             }
             Err(e) => warn!(error = %e, "cannot read the kernel counters"),
+        }
+        self.conntrack.check_if_stale(&self.metrics);
+        for obs in self.pipeline.host_port_forwards() {
+            self.pipeline.emit(&obs, None).await;
         }
         let local_changed = self.pipeline.local.refresh_if_stale();
         if local_changed {
@@ -323,6 +410,13 @@ impl Running {
             Ok(Err(e)) => warn!(error = %e, "ring-buffer reader failed"),
             Err(e) => warn!(error = %e, "ring-buffer reader panicked"),
             Ok(Ok(())) => {}
+        }
+        if let Some(task) = self.tasks.conntrack {
+            match task.await {
+                Ok(Err(e)) => warn!(error = %e, "conntrack event reader failed"),
+                Err(e) => warn!(error = %e, "conntrack event reader panicked"),
+                Ok(Ok(())) => {}
+            }
         }
         for alert in self.pipeline.engine.close_all(SystemTime::now()) {
             self.pipeline.sender.send(alert).await;

@@ -107,6 +107,16 @@ impl IdentityCache {
     }
 
     /// The pod held under that name.
+    /// This node's pods that publish a port on the node (`hostPort`).
+    pub fn local_host_ports(&self) -> Vec<Arc<PodIdentity>> {
+        self.pods
+            .iter()
+            .filter(|p| !p.host_ports.is_empty() && !p.finished)
+            .filter(|p| p.node_name.as_deref() == Some(self.local_node()))
+            .cloned()
+            .collect()
+    }
+
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<PodIdentity>> {
         self.pods.get(namespace, name).cloned()
     }

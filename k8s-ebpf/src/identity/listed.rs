@@ -65,6 +65,47 @@ struct ListedPodSpec {
     service_account_name: Option<String>,
     node_name: Option<String>,
     host_network: Option<bool>,
+    #[serde(default)]
+    containers: Option<Vec<ListedContainerSpec>>,
+}
+
+/// What the cache reads of a container: its published ports.
+#[derive(Clone, Debug, Default, Deserialize)]
+struct ListedContainerSpec {
+    #[serde(default)]
+    ports: Option<Vec<ListedContainerPort>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListedContainerPort {
+    host_port: Option<i64>,
+    container_port: Option<i64>,
+    #[serde(rename = "hostIP")]
+    host_ip: Option<String>,
+    protocol: Option<String>,
+}
+
+impl ListedContainerPort {
+    /// A TCP port published on the node, when it is one (`hostPort` set, in range).
+    fn host_port(&self) -> Option<super::objects::HostPort> {
+        if !matches!(self.protocol.as_deref(), None | Some("TCP")) {
+            return None;
+        }
+        let host_port = u16::try_from(self.host_port?).ok().filter(|&p| p != 0)?;
+        Some(super::objects::HostPort {
+            host_ip: self
+                .host_ip
+                .as_deref()
+                .and_then(|ip| ip.parse::<IpAddr>().ok())
+                .filter(|ip| !ip.is_unspecified()),
+            host_port,
+            container_port: self
+                .container_port
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(host_port),
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -312,6 +353,14 @@ impl Watched for ListedPod {
             // `containerd://<id>`, `cri-o://<id>`, `docker://<id>`
             .map(|id| Box::from(id.rsplit("://").next().unwrap_or(id)))
             .collect();
+        let host_ports = spec
+            .containers
+            .iter()
+            .flatten()
+            .filter(|_| local)
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(ListedContainerPort::host_port)
+            .collect();
         let strings = &mut r.strings;
         let labels = self
             .metadata
@@ -336,6 +385,7 @@ impl Watched for ListedPod {
             host_network: spec.host_network.unwrap_or(false),
             ips: ips.into_iter().collect(),
             container_ids,
+            host_ports,
             finished: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
         })
     }
@@ -428,6 +478,49 @@ mod tests {
         assert_eq!(p.service_account.as_deref(), Some("prometheus"));
         assert_eq!(p.labels.get("app.kubernetes.io/name"), Some("prometheus"));
         assert!(!p.finished && !p.host_network);
+    }
+
+    /// A local pod's TCP hostPorts are kept (the hostIP when it names one address), UDP
+    /// ones and ports without a hostPort are not; another node's pod keeps none.
+    #[test]
+    fn local_pods_keep_their_tcp_host_ports() {
+        let json = |node: &str| {
+            serde_json::json!({
+                "metadata": {"name": "proxy", "namespace": "web"},
+                "spec": {"nodeName": node, "containers": [
+                    {"name": "a", "ports": [
+                        {"containerPort": 8080, "hostPort": 10255},
+                        {"containerPort": 53, "hostPort": 53, "protocol": "UDP"},
+                        {"containerPort": 9090}]},
+                    {"name": "b", "ports": [
+                        {"containerPort": 2379, "hostPort": 2379, "hostIP": "192.0.2.10",
+                         "protocol": "TCP"},
+                        {"containerPort": 1, "hostPort": 70000}]}]},
+                "status": {"phase": "Running", "podIP": "198.51.100.2"}
+            })
+        };
+        let local: ListedPod = serde_json::from_value(json("node-a")).expect("pod JSON");
+        let p = local.reduce(&mut reducer(LabelKeys::All));
+        assert_eq!(
+            &*p.host_ports,
+            &[
+                super::super::objects::HostPort {
+                    host_ip: None,
+                    host_port: 10255,
+                    container_port: 8080
+                },
+                super::super::objects::HostPort {
+                    host_ip: Some("192.0.2.10".parse().unwrap()),
+                    host_port: 2379,
+                    container_port: 2379
+                },
+            ]
+        );
+        let other: ListedPod = serde_json::from_value(json("node-b")).expect("pod JSON");
+        assert!(other
+            .reduce(&mut reducer(LabelKeys::All))
+            .host_ports
+            .is_empty());
     }
 
     /// What the real API sends and the trimmed type skips (annotations, managedFields,

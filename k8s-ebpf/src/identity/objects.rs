@@ -45,6 +45,15 @@ impl NodeIdentity {
     }
 }
 
+/// A container port published on the node (`ports[].hostPort`, TCP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    /// `hostIP`: the node address it is published on; `None`: every address.
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodIdentity {
     pub namespace: SharedStr,
@@ -64,6 +73,9 @@ pub struct PodIdentity {
     /// Container ids without the runtime prefix (`containerd://`); kept for this node's
     /// pods only.
     pub container_ids: Box<[Box<str>]>,
+    /// TCP `hostPort`s of its containers (this node's pods only): the node's port the
+    /// CNI portmap plugin forwards to the pod.
+    pub host_ports: Box<[HostPort]>,
     /// `Succeeded` or `Failed`: its address may already belong to another pod.
     pub finished: bool,
 }

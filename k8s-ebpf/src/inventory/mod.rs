@@ -7,6 +7,7 @@
 //! (hostPID in a pod) and, for other users' processes, CAP_SYS_PTRACE.
 
 pub mod findings;
+pub mod forwards;
 pub mod probe;
 
 use std::{
@@ -132,6 +133,7 @@ impl Listener {
             netns: 0,
             count: 1,
             window_summary: false,
+            forwarded_to: None,
         }
     }
 }
@@ -280,6 +282,7 @@ pub fn established(ports: &BTreeSet<u16>) -> std::io::Result<Vec<Observation>> {
             netns: 0,
             count: 1,
             window_summary: false,
+            forwarded_to: None,
         });
     }
     Ok(out)
@@ -401,6 +404,8 @@ mod tests {
                 listener,
                 probe: Some(probe),
             }],
+            forwards: Vec::new(),
+            forwards_error: None,
         };
         let text = render_text(&report);
         assert!(
@@ -437,6 +442,12 @@ pub struct Entry {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub listeners: Vec<Entry>,
+    /// Watched ports of a node address netfilter forwards elsewhere, from the conntrack
+    /// table ([`forwards::scan`]).
+    pub forwards: Vec<forwards::Forward>,
+    /// Why the forwards could not be read (no conntrack, no CAP_NET_ADMIN).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwards_error: Option<String>,
 }
 
 pub async fn exposure_report(ports: &BTreeSet<u16>, with_probe: bool) -> std::io::Result<Report> {
@@ -460,7 +471,36 @@ pub async fn exposure_report(ports: &BTreeSet<u16>, with_probe: bool) -> std::io
             probe,
         });
     }
-    Ok(Report { listeners: entries })
+    Ok(Report {
+        listeners: entries,
+        forwards: Vec::new(),
+        forwards_error: None,
+    })
+}
+
+/// The forwards part of the text report: first, since a forwarded port has no listener
+/// of its own to show.
+fn render_forwards(report: &Report, s: &mut String) {
+    use std::fmt::Write as _;
+    if let Some(e) = &report.forwards_error {
+        let _ = writeln!(
+            s,
+            "forwarded ports: not checked ({}): conntrack's table could not be read",
+            crate::terminal::escape(e)
+        );
+    }
+    for f in &report.forwards {
+        let _ = writeln!(
+            s,
+            "FORWARDED {:<24} -> {:<24} {} ({}), {} connection(s) in conntrack\n         [high] {}",
+            f.address.to_string(),
+            f.target.to_string(),
+            f.component,
+            f.rule,
+            f.connections,
+            f.finding
+        );
+    }
 }
 
 /// The report as a table for people. Everything a listener chose (its process name, its
@@ -470,6 +510,7 @@ pub fn render_text(report: &Report) -> String {
 
     use crate::terminal::escape;
     let mut s = String::new();
+    render_forwards(report, &mut s);
     if report.listeners.is_empty() {
         s.push_str("no listeners on watched ports\n");
         return s;

@@ -81,7 +81,24 @@ pub struct Metrics {
     /// Under `--netns all`: the addresses in the kernel's pod scope; -1 while the kernel
     /// filter is off.
     pub pod_scope_addresses: IntGauge,
+    /// Conntrack NEW events read, by outcome ([`CONNTRACK_OUTCOMES`]).
+    pub conntrack_events: IntCounterVec,
+    /// 1 for whether conntrack events reach the daemon (`state`: events, no_conntrack,
+    /// events_off, no_socket).
+    pub conntrack_info: IntGaugeVec,
 }
+
+/// `k8s_ebpf_conntrack_events_total{outcome}` values, created at 0: new (TCP NEW events
+/// read), forwarded (of those, DNAT-ed from a watched port of a node address: judged),
+/// decode_errors, overflows (ENOBUFS: the socket's buffer overflowed and the kernel
+/// dropped events), read_errors.
+pub const CONNTRACK_OUTCOMES: [&str; 5] = [
+    "new",
+    "forwarded",
+    "decode_errors",
+    "overflows",
+    "read_errors",
+];
 
 /// `k8s_ebpf_sync_hold_records_total{outcome}` values, created at 0.
 pub const SYNC_HOLD_OUTCOMES: [&str; 5] = ["held", "synced", "timeout", "shutdown", "overflow"];
@@ -272,6 +289,18 @@ const POD_SCOPE_ADDRESSES: Definition = Definition {
     labels: &[],
 };
 
+const CONNTRACK_EVENTS: Definition = Definition {
+    name: "k8s_ebpf_conntrack_events_total",
+    help: "Conntrack NEW events (TCP) read from the netfilter netlink socket, by outcome: new (read), forwarded (DNAT-ed from a watched port of a node address: judged), decode_errors, overflows (ENOBUFS: events the kernel dropped), read_errors.",
+    labels: &["outcome"],
+};
+
+const CONNTRACK_INFO: Definition = Definition {
+    name: "k8s_ebpf_conntrack_info",
+    help: "1 for whether conntrack events reach the daemon: events, no_conntrack (not loaded), events_off (net.netfilter.nf_conntrack_events=0), no_socket (CAP_NET_ADMIN missing at start).",
+    labels: &["state"],
+};
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -326,6 +355,8 @@ impl Metrics {
             connection_pairs: counter_vec(&r, &CONNECTION_PAIRS),
             sync_hold: counter_vec(&r, &SYNC_HOLD),
             pod_scope_addresses: gauge(&r, &POD_SCOPE_ADDRESSES),
+            conntrack_events: counter_vec(&r, &CONNTRACK_EVENTS),
+            conntrack_info: gauge_vec(&r, &CONNTRACK_INFO),
             registry: r,
         };
         m.build_info
@@ -365,6 +396,9 @@ impl Metrics {
         for outcome in SYNC_HOLD_OUTCOMES {
             self.sync_hold.with_label_values(&[outcome]);
         }
+        for outcome in CONNTRACK_OUTCOMES {
+            self.conntrack_events.with_label_values(&[outcome]);
+        }
         // The kernel's per-CPU outcome counters, as `k8s_ebpf_kernel_events_total{outcome}`.
         for outcome in kernel_outcomes() {
             self.kernel_events.with_label_values(&[outcome]).reset();
@@ -399,6 +433,12 @@ impl Metrics {
         }
         self.syn_pending
             .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    }
+
+    /// Marks `state` as whether conntrack events reach the daemon (and no other).
+    pub fn set_conntrack_state(&self, state: &str) {
+        self.conntrack_info.reset();
+        self.conntrack_info.with_label_values(&[state]).set(1);
     }
 
     /// Marks `mechanism` as the attached inbound hook (and no other).

@@ -1,0 +1,125 @@
+//! Watched ports of a node address that netfilter forwards elsewhere (a pod's
+//! `hostPort`, a Service's `externalIPs` or NodePort): from the conntrack table, the
+//! connections it holds now that were DNAT-ed from such a port.
+//!
+//! This sees a forward once something used it (conntrack keeps an established TCP
+//! connection for days, a closed one for minutes); a forward nobody has used yet is not in
+//! the table. The Kubernetes API's view (hostPorts, externalIPs, NodePorts) is not read
+//! here.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use serde::Serialize;
+
+use crate::capture::conntrack::Flow;
+
+/// At most this many forwarded connections are read from the table.
+const DUMP_LIMIT: usize = 100_000;
+
+/// One watched port of a node address and where netfilter sends it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Forward {
+    pub port: u16,
+    /// The node's address and watched port the peers asked for.
+    pub address: SocketAddr,
+    /// Where netfilter sent them (the reply tuple's source).
+    pub target: SocketAddr,
+    /// Where the forward was learnt: `conntrack` (connections through it in the table).
+    pub source: &'static str,
+    /// The policy rule that judges the port.
+    pub rule: String,
+    pub component: &'static str,
+    /// Connections through it in the table now.
+    pub connections: usize,
+    pub finding: String,
+}
+
+/// The forwards `flows` show for watched ports (`rule_of`: the name of the rule that
+/// judges a port, `None` for a port not watched) on `is_node` addresses, one per
+/// (address, target), sorted.
+pub fn forwards_of(
+    flows: &[Flow],
+    rule_of: impl Fn(u16) -> Option<String>,
+    is_node: impl Fn(std::net::IpAddr) -> bool,
+) -> Vec<Forward> {
+    let mut seen: BTreeMap<(SocketAddr, SocketAddr), usize> = BTreeMap::new();
+    for f in flows {
+        let Some(target) = f.forwarded_to() else {
+            continue;
+        };
+        if rule_of(f.destination.port()).is_some() && is_node(f.destination.ip()) {
+            *seen.entry((f.destination, target)).or_default() += 1;
+        }
+    }
+    seen.into_iter()
+        .map(|((address, target), connections)| {
+            let port = address.port();
+            let rule = rule_of(port).unwrap_or_default();
+            let component = crate::ports::lookup(port).map_or("unknown", |p| p.component);
+            Forward {
+                port,
+                address,
+                target,
+                source: "conntrack",
+                finding: format!(
+                    "{component} port {port} of a node address is forwarded (DNAT) to {target}: \
+                     whoever reaches {address} reaches {target}, whatever listens on the node \
+                     (a hostPort, a Service's externalIPs or a NodePort)"
+                ),
+                rule,
+                component,
+                connections,
+            }
+        })
+        .collect()
+}
+
+/// The forwards in this network namespace's conntrack table now, as [`forwards_of`].
+pub fn scan(
+    rule_of: impl Fn(u16) -> Option<String>,
+    is_node: impl Fn(std::net::IpAddr) -> bool,
+) -> std::io::Result<Vec<Forward>> {
+    let flows = crate::capture::conntrack::dump_forwarded(DUMP_LIMIT)?;
+    Ok(forwards_of(&flows, rule_of, is_node))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(source: &str, destination: &str, reply: &str) -> Flow {
+        Flow {
+            source: source.parse().unwrap(),
+            destination: destination.parse().unwrap(),
+            reply_source: reply.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn forwards_of_watched_node_ports_grouped_by_target() {
+        let rule_of = |port: u16| match port {
+            10250 => Some("kubelet".to_owned()),
+            10255 => Some("kubelet-readonly".to_owned()),
+            _ => None,
+        };
+        let node = |ip: std::net::IpAddr| ip.to_string() == "192.0.2.10";
+        let flows = [
+            flow("203.0.113.7:1", "192.0.2.10:10255", "198.51.100.2:8080"),
+            flow("203.0.113.8:2", "192.0.2.10:10255", "198.51.100.2:8080"),
+            // Not forwarded.
+            flow("203.0.113.8:3", "192.0.2.10:10250", "192.0.2.10:10250"),
+            // Not a watched port.
+            flow("203.0.113.8:4", "192.0.2.10:8081", "198.51.100.2:8080"),
+            // Not a node address (a ClusterIP).
+            flow("203.0.113.8:5", "10.96.0.1:10250", "198.51.100.3:10250"),
+        ];
+        let found = forwards_of(&flows, rule_of, node);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        let f = &found[0];
+        assert_eq!(f.port, 10255);
+        assert_eq!(f.target, "198.51.100.2:8080".parse().unwrap());
+        assert_eq!(f.connections, 2);
+        assert_eq!(f.rule, "kubelet-readonly");
+        assert_eq!(f.source, "conntrack");
+    }
+}

@@ -1,0 +1,516 @@
+//! Exposure by forwarding: a node's watched port DNAT-ed to a pod, as the CNI portmap
+//! plugin installs a `hostPort` (or kube-proxy a Service's externalIPs or a NodePort).
+//! The SYN is rewritten in PREROUTING and forwarded: it never looks for a listener in the
+//! node's namespace, so only conntrack sees it. Real namespaces, a real nftables NAT
+//! table (created here, deleted on drop), real connections through it.
+
+use std::{process::Command, time::Duration};
+
+use integration_tests::{daemon::Daemon, daemon_bin, link, privileged, run, wait_for, NetNs};
+use serde_json::Value;
+
+const NODE: &str = "192.0.2.10";
+const STRANGER: &str = "192.0.2.20";
+const FRIEND: &str = "192.0.2.30";
+const POD: &str = "198.51.100.2";
+
+/// An nftables table in a namespace, deleted when dropped (the namespace's deletion
+/// would take it too; this also covers a test that panics before that).
+struct NftTable {
+    ns: String,
+    family: &'static str,
+    name: &'static str,
+}
+
+impl NftTable {
+    fn load(ns: &NetNs, family: &'static str, name: &'static str, body: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("rules.nft");
+        std::fs::write(&file, format!("table {family} {name} {{\n{body}\n}}\n")).expect("rules");
+        let table = Self {
+            ns: ns.name.clone(),
+            family,
+            name,
+        };
+        run(ns.command("nft").arg("-f").arg(&file));
+        table
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nft", "delete", "table"])
+            .args([self.family, self.name])
+            .output();
+    }
+}
+
+/// The node, a pod behind it, a stranger and a friend on the node's network.
+struct Lab {
+    node: NetNs,
+    pod: NetNs,
+    stranger: NetNs,
+    friend: NetNs,
+}
+
+fn lab() -> Lab {
+    let node = NetNs::new("node");
+    let pod = NetNs::new("pod");
+    let stranger = NetNs::new("stranger");
+    let friend = NetNs::new("friend");
+    // One bridge-less /24 per link: the node's address on the stranger's link.
+    link(
+        &node,
+        &[&format!("{NODE}/24")],
+        &stranger,
+        &[&format!("{STRANGER}/24")],
+    );
+    link(
+        &node,
+        &["192.0.2.11/32"],
+        &friend,
+        &[&format!("{FRIEND}/32")],
+    );
+    link(&node, &["198.51.100.1/24"], &pod, &[&format!("{POD}/24")]);
+    pod.ip(&["route", "add", "default", "via", "198.51.100.1"]);
+    friend.ip(&[
+        "route",
+        "add",
+        &format!("{NODE}/32"),
+        "dev",
+        &iface_of(&friend),
+    ]);
+    run(node
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"]));
+    Lab {
+        node,
+        pod,
+        stranger,
+        friend,
+    }
+}
+
+/// The name of the one veth end in `ns`.
+fn iface_of(ns: &NetNs) -> String {
+    let out = run(ns
+        .command("ip")
+        .args(["-o", "link", "show", "type", "veth"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(':')
+        .nth(1)
+        .and_then(|s| s.trim().split('@').next())
+        .unwrap_or_else(|| panic!("no veth in {}: {text}", ns.name))
+        .to_owned()
+}
+
+/// What the CNI portmap plugin installs for `hostPort: HOST` → the pod's `TARGET`: DNAT
+/// in prerouting (and output, for the node's own connections).
+fn portmap(node: &NetNs, rules: &[(u16, &str)]) -> NftTable {
+    let dnat: String = rules
+        .iter()
+        .map(|(port, to)| format!("    tcp dport {port} dnat to {to}\n"))
+        .collect();
+    NftTable::load(
+        node,
+        "ip",
+        "k8se_portmap",
+        &format!(
+            "  chain prerouting {{\n    type nat hook prerouting priority dstnat;\n{dnat}  }}\n  chain output {{\n    type nat hook output priority -100;\n{dnat}  }}"
+        ),
+    )
+}
+
+fn alerts<'a>(records: &'a [Value], port: u16) -> impl Iterator<Item = &'a Value> + 'a {
+    records
+        .iter()
+        .filter(move |r| r["event"]["kind"] == "alert" && r["destination"]["port"] == port)
+}
+
+fn connect(from: &NetNs, to: &str) {
+    from.connect(to)
+        .unwrap_or_else(|e| panic!("{} → {to}: {e}", from.name));
+}
+
+/// On main (05641c2) nothing at all was written for a stranger reaching a pod through
+/// the node's 10255: no record, no `exposure` entry.
+#[test]
+fn a_stranger_through_a_host_port_alerts_naming_the_forward() {
+    if !privileged("a_stranger_through_a_host_port_alerts_naming_the_forward") {
+        return;
+    }
+    let lab = lab();
+    let _listener = lab.pod.listen(&format!("{POD}:8080"));
+    let _nat = portmap(&lab.node, &[(10255, &format!("{POD}:8080"))]);
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    connect(&lab.stranger, &format!("{NODE}:10255"));
+    let records = daemon.wait_records(
+        "an alert for the stranger's connection through the forward, and one for the forward",
+        Duration::from_secs(10),
+        |r| {
+            alerts(r, 10255).any(|a| a["source"]["ip"] == STRANGER)
+                && alerts(r, 10255).any(|a| a["event"]["action"] == "exposed-listener")
+        },
+    );
+    // The forward itself: 10255 should not be served at all (`bind: none`), and a
+    // forward serves it on the node's address.
+    let forward = alerts(&records, 10255)
+        .find(|a| a["event"]["action"] == "exposed-listener")
+        .unwrap();
+    assert_eq!(forward["destination"]["ip"], NODE, "{forward}");
+    assert_eq!(
+        forward["k8s_ebpf"]["forwarded_to"],
+        format!("{POD}:8080"),
+        "{forward}"
+    );
+    assert_eq!(forward["k8s_ebpf"]["hook"], "conntrack-dnat", "{forward}");
+    assert!(
+        forward["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("is forwarded (DNAT) to {POD}:8080"))),
+        "{forward}"
+    );
+    let alert = alerts(&records, 10255)
+        .find(|a| a["source"]["ip"] == STRANGER)
+        .unwrap();
+    assert_eq!(alert["event"]["action"], "unexpected-inbound", "{alert}");
+    assert_eq!(alert["destination"]["ip"], NODE, "{alert}");
+    assert_eq!(alert["rule"]["name"], "kubelet-readonly", "{alert}");
+    assert_eq!(alert["k8s_ebpf"]["hook"], "conntrack-dnat", "{alert}");
+    assert_eq!(
+        alert["k8s_ebpf"]["forwarded_to"],
+        format!("{POD}:8080"),
+        "{alert}"
+    );
+    assert_eq!(alert["k8s_ebpf"]["netns"], lab.node.inode(), "{alert}");
+    assert!(
+        alert["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("forwarded (DNAT) to {POD}:8080"))),
+        "{alert}"
+    );
+    // Counted, and the state said.
+    wait_for("the forwarded count", Duration::from_secs(5), || {
+        daemon.metric("k8s_ebpf_conntrack_events_total{outcome=\"forwarded\"}") >= 1.0
+    });
+    assert!(daemon.metric("k8s_ebpf_conntrack_events_total{outcome=\"new\"}") >= 1.0);
+    assert_eq!(
+        daemon.metric("k8s_ebpf_conntrack_info{state=\"events\"}"),
+        1.0
+    );
+    assert_eq!(
+        daemon.metric("k8s_ebpf_conntrack_events_total{outcome=\"decode_errors\"}"),
+        0.0
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}\n{}", daemon.stderr());
+}
+
+/// A peer the rule expects, through the same forward: an allowed event (seen), no alert.
+#[test]
+fn an_expected_peer_through_the_forward_is_not_an_alert() {
+    if !privileged("an_expected_peer_through_the_forward_is_not_an_alert") {
+        return;
+    }
+    let lab = lab();
+    let _listener = lab.pod.listen(&format!("{POD}:8080"));
+    let _nat = portmap(&lab.node, &[(10250, &format!("{POD}:8080"))]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version: 1\nrules:\n  - name: kubelet\n    port: 10250\n    expected_peers: [loopback, {FRIEND}/32]\n"
+        ),
+    )
+    .expect("policy");
+    let mut daemon = Daemon::start(
+        &lab.node,
+        &["--policy", policy.to_str().unwrap(), "--log-allowed"],
+    );
+    connect(&lab.friend, &format!("{NODE}:10250"));
+    connect(&lab.stranger, &format!("{NODE}:10250"));
+    let records = daemon.wait_records(
+        "the friend allowed and the stranger alerted, both through the forward",
+        Duration::from_secs(10),
+        |r| {
+            r.iter()
+                .any(|e| e["event"]["action"] == "allowed-inbound" && e["source"]["ip"] == FRIEND)
+                && alerts(r, 10250).any(|a| a["source"]["ip"] == STRANGER)
+        },
+    );
+    let allowed = records
+        .iter()
+        .find(|e| e["event"]["action"] == "allowed-inbound" && e["source"]["ip"] == FRIEND)
+        .unwrap();
+    assert_eq!(allowed["k8s_ebpf"]["forwarded_to"], format!("{POD}:8080"));
+    assert!(
+        !alerts(&records, 10250).any(|a| a["source"]["ip"] == FRIEND),
+        "the expected peer alerted: {records:#?}"
+    );
+    // The kubelet may serve every address (`bind: any`): the forward is no finding.
+    assert!(
+        !alerts(&records, 10250).any(|a| a["event"]["action"] == "exposed-listener"),
+        "{records:#?}"
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// The attacker's view: hide the listener on a port nobody watches (8080, on the node
+/// itself) and expose it through a watched one with a local redirect; and a forward of
+/// an unwatched port beside it stays silent (it exposes nothing the policy names).
+#[test]
+fn a_redirect_to_an_unwatched_local_port_still_alerts_and_unwatched_forwards_do_not() {
+    if !privileged(
+        "a_redirect_to_an_unwatched_local_port_still_alerts_and_unwatched_forwards_do_not",
+    ) {
+        return;
+    }
+    let lab = lab();
+    let _hidden = lab.node.listen("0.0.0.0:8080");
+    let _pod = lab.pod.listen(&format!("{POD}:8080"));
+    let _nat = portmap(
+        &lab.node,
+        &[
+            (10249, &format!("{NODE}:8080")),
+            (8081, &format!("{POD}:8080")),
+        ],
+    );
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    connect(&lab.stranger, &format!("{NODE}:8081"));
+    connect(&lab.stranger, &format!("{NODE}:10249"));
+    let records = daemon.wait_records(
+        "an alert for the redirected port",
+        Duration::from_secs(10),
+        |r| alerts(r, 10249).any(|a| a["source"]["ip"] == STRANGER),
+    );
+    let alert = alerts(&records, 10249).next().unwrap();
+    assert_eq!(
+        alert["k8s_ebpf"]["forwarded_to"],
+        format!("{NODE}:8080"),
+        "{alert}"
+    );
+    assert_eq!(alert["k8s_ebpf"]["hook"], "conntrack-dnat", "{alert}");
+    // Give a late record for 8081 the time the 10249 one needed, then look.
+    std::thread::sleep(Duration::from_secs(2));
+    let records = daemon.records();
+    assert!(
+        !records
+            .iter()
+            .any(|r| r["destination"]["port"] == 8081 || r["destination"]["port"] == 8080),
+        "an unwatched port was reported: {records:#?}"
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// Conntrack events turned off in the node's namespace: said once in a warning and a
+/// metric; the daemon runs on and still judges what it sees directly.
+#[test]
+fn conntrack_events_off_is_said_and_the_daemon_runs_on() {
+    if !privileged("conntrack_events_off_is_said_and_the_daemon_runs_on") {
+        return;
+    }
+    let lab = lab();
+    let _nat = portmap(&lab.node, &[(10255, &format!("{POD}:8080"))]);
+    run(lab
+        .node
+        .command("sysctl")
+        .args(["-qw", "net.netfilter.nf_conntrack_events=0"]));
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    assert_eq!(
+        daemon.metric("k8s_ebpf_conntrack_info{state=\"events_off\"}"),
+        1.0
+    );
+    let warnings = daemon
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("nf_conntrack_events is 0"))
+        .count();
+    assert_eq!(warnings, 1, "{}", daemon.stderr());
+    // Still judging: a stranger on a port the node itself serves.
+    let _kubelet = lab.node.listen(&format!("{NODE}:10250"));
+    connect(&lab.stranger, &format!("{NODE}:10250"));
+    daemon.wait_records(
+        "the direct connection still judged",
+        Duration::from_secs(10),
+        |r| alerts(r, 10250).any(|a| a["source"]["ip"] == STRANGER),
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// `k8s-ebpf exposure` names a watched port of a node address that conntrack shows
+/// forwarded: the port, the target and where it comes from.
+#[test]
+fn exposure_reports_a_forwarded_watched_port() {
+    if !privileged("exposure_reports_a_forwarded_watched_port") {
+        return;
+    }
+    let lab = lab();
+    let _listener = lab.pod.listen(&format!("{POD}:8080"));
+    let _nat = portmap(&lab.node, &[(10255, &format!("{POD}:8080"))]);
+    connect(&lab.stranger, &format!("{NODE}:10255"));
+    let out = run(lab
+        .node
+        .command(daemon_bin().to_str().unwrap())
+        .args(["exposure", "--json"]));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let forwards = report["forwards"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no forwards in {report:#}"));
+    let f = forwards
+        .iter()
+        .find(|f| f["port"] == 10255)
+        .unwrap_or_else(|| panic!("10255 not among the forwards: {report:#}"));
+    assert_eq!(f["address"], format!("{NODE}:10255"), "{f}");
+    assert_eq!(f["target"], format!("{POD}:8080"), "{f}");
+    assert_eq!(f["source"], "conntrack", "{f}");
+    assert_eq!(f["rule"], "kubelet-readonly", "{f}");
+    let text = run(lab
+        .node
+        .command(daemon_bin().to_str().unwrap())
+        .arg("exposure"));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("{NODE}:10255")) && text.contains(&format!("{POD}:8080")),
+        "{text}"
+    );
+}
+
+/// Events the kernel could not queue (the daemon stopped while 20,000 connections were
+/// made) are counted as overflows, and the daemon goes on seeing forwards afterwards.
+#[test]
+fn lost_conntrack_events_are_counted_and_the_daemon_goes_on() {
+    if !privileged("lost_conntrack_events_are_counted_and_the_daemon_goes_on") {
+        return;
+    }
+    let lab = lab();
+    let _listener = lab.pod.listen(&format!("{POD}:8080"));
+    let _nat = portmap(&lab.node, &[(10255, &format!("{POD}:8080"))]);
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    daemon.signal(libc::SIGSTOP);
+    // 20,000 short connections on the node's loopback (tracked: the namespace has NAT
+    // rules), each a NEW event, while nobody reads: past the socket's 4 MiB buffer the
+    // kernel drops them.
+    let churn = lab.node.command("python3").args([
+        "-c",
+        "import socket\n\
+         l=socket.socket(); l.bind(('127.0.0.1',9000)); l.listen(4096)\n\
+         for i in range(20000):\n\
+         \x20   c=socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\\x01\\0\\0\\0\\0\\0\\0\\0')\n\
+         \x20   c.connect(('127.0.0.1',9000)); a,_=l.accept(); a.close(); c.close()\n",
+    ]).output();
+    daemon.signal(libc::SIGCONT);
+    let churn = churn.expect("python3");
+    assert!(
+        churn.status.success(),
+        "{}",
+        String::from_utf8_lossy(&churn.stderr)
+    );
+    wait_for("the overflow counted", Duration::from_secs(10), || {
+        daemon.metric("k8s_ebpf_conntrack_events_total{outcome=\"overflows\"}") >= 1.0
+    });
+    connect(&lab.stranger, &format!("{NODE}:10255"));
+    daemon.wait_records(
+        "the stranger through the forward, after the overflow",
+        Duration::from_secs(10),
+        |r| alerts(r, 10255).any(|a| a["source"]["ip"] == STRANGER),
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// From the API, before any connection: a pod on this node publishing `hostPort: 10255`
+/// is the node's 10255 forwarded to the pod (the rule says 10255 should not be served),
+/// named with where it comes from (`kubernetes-hostport`) and the target; a hostPort on
+/// an unwatched port and another node's pod are not.
+#[test]
+fn a_host_port_from_the_api_is_reported_before_any_connection() {
+    if !privileged("a_host_port_from_the_api_is_reported_before_any_connection") {
+        return;
+    }
+    use integration_tests::fakeapi::{pod, FakeApi};
+    let node = NetNs::new("node");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let api = FakeApi::start(&node, dir.path());
+    let with_ports = |mut p: Value, node_name: &str, ports: Value| {
+        p["spec"]["nodeName"] = node_name.into();
+        p["spec"]["containers"][0]["ports"] = ports;
+        p
+    };
+    api.call(
+        "pods/apply",
+        Some(with_ports(
+            pod(
+                "web",
+                "readonly-proxy",
+                POD,
+                serde_json::json!({}),
+                "default",
+            ),
+            "node-a",
+            serde_json::json!([
+                {"containerPort": 8080, "hostPort": 10255, "protocol": "TCP"},
+                {"containerPort": 9000, "hostPort": 9000}
+            ]),
+        )),
+    );
+    api.call(
+        "pods/apply",
+        Some(with_ports(
+            pod(
+                "web",
+                "elsewhere",
+                "198.51.100.3",
+                serde_json::json!({}),
+                "default",
+            ),
+            "node-b",
+            serde_json::json!([{"containerPort": 8080, "hostPort": 10249}]),
+        )),
+    );
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut daemon = Daemon::start(
+        &node,
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--hostname",
+            "node-a",
+        ],
+    );
+    let records = daemon.wait_records(
+        "the hostPort reported as a forward",
+        Duration::from_secs(15),
+        |r| {
+            r.iter()
+                .any(|a| a["k8s_ebpf"]["hook"] == "kubernetes-hostport")
+        },
+    );
+    let found: Vec<&Value> = records
+        .iter()
+        .filter(|a| a["k8s_ebpf"]["hook"] == "kubernetes-hostport")
+        .collect();
+    let alert = found[0];
+    assert_eq!(alert["event"]["action"], "exposed-listener", "{alert}");
+    assert_eq!(alert["destination"]["port"], 10255, "{alert}");
+    assert_eq!(alert["destination"]["ip"], "0.0.0.0", "{alert}");
+    assert_eq!(
+        alert["k8s_ebpf"]["forwarded_to"],
+        format!("{POD}:8080"),
+        "{alert}"
+    );
+    // Another second for any other forward to show; none may.
+    std::thread::sleep(Duration::from_secs(2));
+    let records = daemon.records();
+    let forwards: Vec<&Value> = records
+        .iter()
+        .filter(|a| a["k8s_ebpf"]["hook"] == "kubernetes-hostport")
+        .collect();
+    assert_eq!(forwards.len(), 1, "{forwards:#?}");
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
