@@ -392,16 +392,16 @@ fn lost_conntrack_events_are_counted_and_the_daemon_goes_on() {
     let _nat = portmap(&lab.node, &[(10255, &format!("{POD}:8080"))]);
     let mut daemon = Daemon::start(&lab.node, &[]);
     daemon.signal(libc::SIGSTOP);
-    // 20,000 short connections on the node's loopback (tracked: the namespace has NAT
-    // rules), each a NEW event, while nobody reads: past the socket's 4 MiB buffer the
-    // kernel drops them.
+    // 20,000 short connections to a watched port on the node's loopback (tracked: the
+    // namespace has NAT rules; the socket's filter keeps watched ports' events), each a
+    // NEW event, while nobody reads: past the socket's 4 MiB buffer the kernel drops them.
     let churn = lab.node.command("python3").args([
         "-c",
         "import socket\n\
-         l=socket.socket(); l.bind(('127.0.0.1',9000)); l.listen(4096)\n\
+         l=socket.socket(); l.bind(('127.0.0.1',10259)); l.listen(4096)\n\
          for i in range(20000):\n\
          \x20   c=socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\\x01\\0\\0\\0\\0\\0\\0\\0')\n\
-         \x20   c.connect(('127.0.0.1',9000)); a,_=l.accept(); a.close(); c.close()\n",
+         \x20   c.connect(('127.0.0.1',10259)); a,_=l.accept(); a.close(); c.close()\n",
     ]).output();
     daemon.signal(libc::SIGCONT);
     let churn = churn.expect("python3");
@@ -513,4 +513,54 @@ fn a_host_port_from_the_api_is_reported_before_any_connection() {
     assert_eq!(forwards.len(), 1, "{forwards:#?}");
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
+}
+
+/// The attacker's view (issue 25's rule for every bounded resource): on a node with NAT
+/// rules every new connection is a conntrack event, and reading each costs the daemon
+/// microseconds. Connections to ports nobody watches — a pod hammering a Service, the
+/// node's own traffic — must not cost it anything, nor fill the socket's buffer ahead of
+/// a watched port's event: the socket's filter drops them in the kernel. On 0e96379 each
+/// of them reached the daemon (`conntrack_events_total{outcome="new"}` grew by 5,000).
+#[test]
+fn connections_to_unwatched_ports_never_reach_the_daemon() {
+    if !privileged("connections_to_unwatched_ports_never_reach_the_daemon") {
+        return;
+    }
+    const CHURN: u32 = 5000;
+    let lab = lab();
+    let _listener = lab.pod.listen(&format!("{POD}:8080"));
+    let _nat = portmap(&lab.node, &[(10255, &format!("{POD}:8080"))]);
+    let mut daemon = Daemon::start(&lab.node, &[]);
+    let new = |d: &Daemon| d.metric("k8s_ebpf_conntrack_events_total{outcome=\"new\"}");
+    let before = new(&daemon);
+    let churn = run(lab.node.command("python3").args([
+        "-c",
+        "import socket,sys\n\
+         l=socket.socket(); l.bind(('127.0.0.1',9000)); l.listen(4096)\n\
+         for i in range(int(sys.argv[1])):\n\
+         \x20   c=socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\\x01\\0\\0\\0\\0\\0\\0\\0')\n\
+         \x20   c.connect(('127.0.0.1',9000)); a,_=l.accept(); a.close(); c.close()\n",
+        &CHURN.to_string(),
+    ]));
+    assert!(
+        churn.status.success(),
+        "{}",
+        String::from_utf8_lossy(&churn.stderr)
+    );
+    connect(&lab.stranger, &format!("{NODE}:10255"));
+    daemon.wait_records(
+        "the stranger through the forward, after the churn",
+        Duration::from_secs(10),
+        |r| alerts(r, 10255).any(|a| a["source"]["ip"] == STRANGER),
+    );
+    // Counters are published every second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = new(&daemon);
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+    eprintln!("conntrack events read: {before} → {after} for {CHURN} connections to 9000 and one to 10255");
+    assert!(
+        after >= before + 1.0 && after <= before + 10.0,
+        "only the watched port's event reaches the daemon: {before} → {after}"
+    );
 }

@@ -18,7 +18,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, BorrowedFd},
     sync::Arc,
 };
 
@@ -36,6 +36,7 @@ use tokio::{
 };
 use tracing::warn;
 
+use super::conntrack_filter::PortFilter;
 use crate::metrics::Metrics;
 
 /// `NFNLGRP_CONNTRACK_NEW` (include/uapi/linux/netfilter/nfnetlink.h).
@@ -284,6 +285,13 @@ impl ConntrackSocket {
         }
         socket.set_non_blocking(true)?;
         Ok(Self { socket })
+    }
+
+    /// A handle on this socket's in-kernel port filter ([`PortFilter`]).
+    pub fn port_filter(&self) -> std::io::Result<PortFilter> {
+        // SAFETY: the socket's descriptor is open for the duration of the call (the
+        // handle keeps its own duplicate).
+        PortFilter::new(unsafe { BorrowedFd::borrow_raw(self.socket.as_raw_fd()) })
     }
 
     /// Reads events until `stop`, sending each TCP flow DNAT-ed somewhere (a forward)

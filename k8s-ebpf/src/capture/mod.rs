@@ -4,6 +4,7 @@
 
 pub mod attempts;
 pub mod conntrack;
+pub mod conntrack_filter;
 pub mod decode;
 mod kretprobe;
 pub mod observation;

@@ -3,6 +3,7 @@
 //! shutdown.
 
 use std::{
+    collections::BTreeSet,
     sync::Arc,
     time::{Instant, SystemTime},
 };
@@ -25,6 +26,7 @@ use super::{
 use crate::{
     capture::{
         conntrack::{self, Availability, ConntrackSocket, Flow},
+        conntrack_filter::{self, Filtering, PortFilter},
         reader::{Reader, ReaderStats},
         scope::ScopeUpdate,
         Capture, CaptureStreams, NetnsScope, Observation,
@@ -64,19 +66,51 @@ struct ConntrackWatch {
     socket: bool,
     state: Option<Availability>,
     checked_at: Instant,
+    /// The socket's in-kernel filter: only the watched ports' TCP events reach the daemon.
+    filter: Option<PortFilter>,
 }
 
 impl ConntrackWatch {
     const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
-    fn new(socket: bool, metrics: &Metrics) -> Self {
+    fn new(socket: Option<&ConntrackSocket>, ports: &BTreeSet<u16>, metrics: &Metrics) -> Self {
+        let filter = socket.and_then(|s| {
+            s.port_filter()
+                .map_err(
+                    |e| warn!(error = %e, "cannot keep a handle on the conntrack socket's filter"),
+                )
+                .ok()
+        });
         let mut w = Self {
-            socket,
+            socket: socket.is_some(),
             state: None,
             checked_at: Instant::now(),
+            filter,
         };
+        w.set_ports(ports);
         w.check(metrics);
         w
+    }
+
+    /// Filters the events in the kernel to the TCP connections to `ports`.
+    fn set_ports(&self, ports: &BTreeSet<u16>) {
+        let Some(filter) = &self.filter else {
+            return;
+        };
+        match filter.set(ports) {
+            Ok(Filtering::WatchedPorts) => {}
+            Ok(Filtering::Off) => warn!(
+                ports = ports.len(),
+                max = conntrack_filter::MAX_PORTS,
+                "too many watched ports for the conntrack socket's filter: every new \
+                 connection's event reaches the daemon"
+            ),
+            Err(e) => warn!(
+                error = %e,
+                "cannot filter conntrack events in the kernel: every new connection's event \
+                 reaches the daemon"
+            ),
+        }
     }
 
     fn check(&mut self, metrics: &Metrics) {
@@ -158,7 +192,8 @@ impl Running {
         let reader_stats = Arc::new(ReaderStats::default());
         let (observations, reader) =
             start_reader(streams, &mut inventory, &reader_stats, stop_rx.clone())?;
-        let conntrack_watch = ConntrackWatch::new(conntrack.is_some(), &metrics);
+        let conntrack_watch =
+            ConntrackWatch::new(conntrack.as_ref(), &policy.watched_ports(), &metrics);
         let (forwards_tx, forwards) = mpsc::channel::<Flow>(1024);
         let conntrack_task = conntrack.map(|socket| {
             tokio::spawn(socket.run(forwards_tx, Arc::clone(&metrics), stop_rx.clone()))
@@ -361,6 +396,8 @@ impl Running {
             .executables
             .refresh(self.pipeline.engine.policy());
         keep_policy_labels(&self.identities, self.pipeline.engine.policy());
+        self.conntrack
+            .set_ports(&self.pipeline.engine.policy().watched_ports());
         let added: std::collections::BTreeSet<u16> = self
             .pipeline
             .engine
