@@ -162,15 +162,16 @@ pub struct DedupKey {
 }
 
 /// Value of the dedup map: when the current window started, how many events it saw, and
-/// the remote port of the last one (SYN records: a second lookup of the same connection,
-/// the final ACK of a SYN-cookie handshake or a retransmitted SYN, is not counted again).
+/// the remote ports of the last four (SYN records: a second lookup of the same
+/// connection, the final ACK of a SYN-cookie handshake or a retransmitted SYN, is not
+/// counted again, even when a few of the peer's next SYNs overtook it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DedupWindow {
     pub start_ns: u64,
     pub count: u64,
-    pub last_remote_port: u16,
-    pub _pad: [u8; 6],
+    /// Newest first; 0 is no port.
+    pub recent_ports: [u16; 4],
 }
 
 /// Indexes of the per-CPU counter array. Every event on a watched port ends in exactly one
@@ -205,8 +206,8 @@ pub mod counter {
     /// Of `RINGBUF_FULL`: completed inbound connections lost. While it grows, a SYN whose
     /// handshake seems not to have completed may have completed.
     pub const INBOUND_LOST: u32 = 10;
-    /// Of `DEDUPLICATED`: a listener lookup from the same peer and port as the last SYN in
-    /// its open window: the same connection looked up again (the final ACK of a SYN-cookie
+    /// Of `DEDUPLICATED`: a listener lookup from the same peer and port as one of the last
+    /// four SYNs in its open window: the same connection looked up again (the final ACK of a SYN-cookie
     /// handshake, a retransmitted SYN), not another attempt; the window does not count it.
     pub const REPEATED: u32 = 11;
     pub const COUNT: u32 = 12;

@@ -346,8 +346,8 @@ mod programs {
 
     /// Whether the event falls into an open window (and is counted there).
     #[inline(always)]
-    /// A SYN from the peer's last remote port is that attempt's connection looked up
-    /// again (the final ACK of a SYN-cookie handshake, or a retransmitted SYN): folded,
+    /// A SYN from one of the peer's last four remote ports is that attempt's connection
+    /// looked up again (the final ACK of a SYN-cookie handshake, or a retransmitted SYN): folded,
     /// not counted as an attempt.
     fn fold_into_open_window(key: &DedupKey, now: u64, window: u64, remote_port: u16) -> bool {
         if let Some(slot) = DEDUP.get_ptr_mut(key) {
@@ -355,11 +355,16 @@ mod programs {
             if now.wrapping_sub(slot.start_ns) < window {
                 count(counter::DEDUPLICATED);
                 if key.kind == EventKind::Syn as u32 {
-                    if slot.last_remote_port == remote_port {
+                    let p = &mut slot.recent_ports;
+                    if p[0] == remote_port
+                        || p[1] == remote_port
+                        || p[2] == remote_port
+                        || p[3] == remote_port
+                    {
                         count(counter::REPEATED);
                         return true;
                     }
-                    slot.last_remote_port = remote_port;
+                    *p = [remote_port, p[0], p[1], p[2]];
                 }
                 add_atomic(&mut slot.count);
                 return true;
@@ -384,14 +389,13 @@ mod programs {
             let prev = (slot.count.min(u64::from(u32::MAX)) as u32, slot.start_ns);
             slot.start_ns = now;
             slot.count = 1;
-            slot.last_remote_port = remote_port;
+            slot.recent_ports = [remote_port, 0, 0, 0];
             return Some(prev);
         }
         let fresh = DedupWindow {
             start_ns: now,
             count: 1,
-            last_remote_port: remote_port,
-            _pad: [0; 6],
+            recent_ports: [remote_port, 0, 0, 0],
         };
         // By reference on purpose: passing the value makes LLVM keep another copy on the
         // stack, and the verifier's combined limit (512 bytes over the call chain) is then

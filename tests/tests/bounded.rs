@@ -520,7 +520,7 @@ fn a_probe_right_after_a_server_restart_is_half_open_not_refused() {
 /// and then the final ACK of each handshake finds no request socket and looks the
 /// listener up again — the lookup the SYN hook watches. On main before this test each
 /// cookie handshake was two attempts in the kernel's counts and in the SYN window the
-/// alert summarises. Now the ACK from the peer's last source port is the same attempt
+/// alert summarises. Now the ACK from one of the peer's last four source ports is the same attempt
 /// (`repeated`): three connections are three attempts, all completed, none half-open.
 /// `net.ipv4.tcp_syncookies = 2` makes the node's namespace send cookies for every SYN.
 #[test]

@@ -413,6 +413,15 @@ fn lost_conntrack_events_are_counted_and_the_daemon_goes_on() {
     wait_for("the overflow counted", Duration::from_secs(10), || {
         daemon.metric("k8s_ebpf_conntrack_events_total{outcome=\"overflows\"}") >= 1.0
     });
+    // Until the daemon has read what the buffer kept, the kernel still drops new events
+    // (netlink marks the socket congested until its queue is empty): wait for the count
+    // of events read to stand still, then connect.
+    let mut last = -1.0;
+    wait_for("the backlog read", Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = daemon.metric("k8s_ebpf_conntrack_events_total{outcome=\"new\"}");
+        std::mem::replace(&mut last, now) == now
+    });
     connect(&lab.stranger, &format!("{NODE}:10255"));
     daemon.wait_records(
         "the stranger through the forward, after the overflow",

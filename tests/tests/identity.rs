@@ -524,7 +524,8 @@ fn a_kubeconfig_readable_only_with_capabilities_is_used() {
 /// Under `--netns all`, from a pod's own namespace: a connection to another node or an
 /// API server endpoint (known only through the API) is a control-plane event and judged;
 /// the monitoring pod scraping that node's kubelet is expected (the rule expects it as a
-/// peer); a connection to an address the cluster does not know is out of scope, counted.
+/// peer); a connection to an address the cluster does not know is out of scope, dropped
+/// and counted in the kernel.
 #[test]
 fn pods_reaching_other_nodes_are_judged_through_the_api() {
     if !privileged("pods_reaching_other_nodes_are_judged_through_the_api") {
@@ -557,7 +558,13 @@ fn pods_reaching_other_nodes_are_judged_through_the_api() {
     );
     let out_of_scope =
         |d: &Daemon| d.metric("k8s_ebpf_out_of_scope_total{reason=\"pod_outbound\"}");
+    // Once the feeds have synced the kernel knows the nodes' and API servers' addresses
+    // and drops a pod's connection to anything else itself.
+    integration_tests::wait_for("the kernel's pod scope", Duration::from_secs(10), || {
+        daemon.metric("k8s_ebpf_pod_scope_addresses") >= 1.0
+    });
     let before = out_of_scope(&daemon);
+    let kernel_before = daemon.kernel_events("out_of_scope");
     // Nothing answers at these addresses: the connect is seen when it starts.
     let attempt = |ns: &NetNs, to: &str| {
         let _ = ns.connect(to);
@@ -581,9 +588,16 @@ fn pods_reaching_other_nodes_are_judged_through_the_api() {
             })
         },
     );
-    assert!(
-        out_of_scope(&daemon) > before,
-        "the unknown destination not counted"
+    // Counters are published every second.
+    integration_tests::wait_for(
+        "the unknown destination counted in the kernel",
+        Duration::from_secs(5),
+        || daemon.kernel_events("out_of_scope") > kernel_before,
+    );
+    assert_eq!(
+        out_of_scope(&daemon),
+        before,
+        "the unknown destination reached userspace"
     );
     daemon.stop();
     let records = daemon.records();
