@@ -28,6 +28,9 @@ pub struct IdentityCache {
     node_by_ip: HashMap<IpAddr, Arc<NodeIdentity>>,
     pod_by_ip: PodsByIp,
     pod_by_container: HashMap<Box<str>, Arc<PodIdentity>>,
+    /// This node's pods that publish host ports, by (namespace, name): read every second
+    /// for forwards, so not found by walking every cached pod.
+    host_port_pods: HashMap<ObjectKey, Arc<PodIdentity>>,
     apiserver: BTreeSet<IpAddr>,
     /// Bumped whenever the nodes' or the API servers' addresses may have changed.
     control_plane_generation: u64,
@@ -109,10 +112,9 @@ impl IdentityCache {
     /// The pod held under that name.
     /// This node's pods that publish a port on the node (`hostPort`).
     pub fn local_host_ports(&self) -> Vec<Arc<PodIdentity>> {
-        self.pods
-            .iter()
-            .filter(|p| !p.host_ports.is_empty() && !p.finished)
-            .filter(|p| p.node_name.as_deref() == Some(self.local_node()))
+        self.host_port_pods
+            .values()
+            .filter(|p| !p.finished)
             .cloned()
             .collect()
     }
@@ -260,6 +262,7 @@ impl IdentityCache {
         self.pods = PodsByName::with_capacity(pods.len());
         self.pod_by_ip = PodsByIp::with_capacity(pods.len());
         self.pod_by_container.clear();
+        self.host_port_pods.clear();
         // Owners last: each listed address goes to the last pod applied that lists it.
         let (owned, others): (Vec<_>, Vec<_>) = pods
             .into_iter()
@@ -291,6 +294,12 @@ impl IdentityCache {
             for id in pod.container_ids.iter() {
                 self.pod_by_container.insert(id.clone(), Arc::clone(pod));
             }
+            if !pod.host_ports.is_empty() {
+                self.host_port_pods.insert(
+                    (pod.namespace.to_string(), pod.name.to_string()),
+                    Arc::clone(pod),
+                );
+            }
         }
     }
 
@@ -309,6 +318,14 @@ impl IdentityCache {
             {
                 self.pod_by_container.remove(id);
             }
+        }
+        let key = (pod.namespace.to_string(), pod.name.to_string());
+        if self
+            .host_port_pods
+            .get(&key)
+            .is_some_and(|p| Arc::ptr_eq(p, pod))
+        {
+            self.host_port_pods.remove(&key);
         }
     }
 
