@@ -80,6 +80,13 @@ pub enum HookKind {
     /// Userspace only: a `hostPort` of a pod on this node, from the Kubernetes API: the
     /// node's port the CNI portmap plugin forwards to the pod. Never in a kernel record.
     ApiHostPort = 9,
+    /// Userspace only: a Service's `externalIPs` entry that is an address of this node, from
+    /// the Kubernetes API: kube-proxy DNATs the node's port to the Service (CVE-2020-8554's
+    /// mechanism). Never in a kernel record.
+    ApiExternalIp = 10,
+    /// Userspace only: a Service's `nodePort` (every node address), from the Kubernetes API.
+    /// Never in a kernel record.
+    ApiNodePort = 11,
 }
 
 impl HookKind {

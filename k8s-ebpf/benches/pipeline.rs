@@ -197,7 +197,7 @@ fn pipeline(c: &mut Criterion) {
                     netns: 4_026_532_000 + i as u32,
                     count: 1,
                     window_summary: false,
-                    forwarded_to: None,
+                    forward: None,
                 };
                 let server = Observation {
                     kind: EventKind::Inbound,

@@ -407,7 +407,7 @@ mod tests {
             netns: 0,
             count: 1,
             window_summary: false,
-            forwarded_to: None,
+            forward: None,
         }
     }
 

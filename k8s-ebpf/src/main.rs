@@ -70,6 +70,13 @@ enum Command {
         /// Watched ports from this policy (default: the embedded policy's).
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// This node's name in the Kubernetes API (its pods' hostPorts are read).
+        #[arg(long, default_value_t = daemon::default_hostname())]
+        hostname: String,
+        /// Where the pods' hostPorts and the Services' externalIPs and NodePorts that
+        /// forward this node's watched ports are read from.
+        #[command(flatten)]
+        kubernetes: KubernetesArgs,
     },
     /// Watch for a while, then write a policy that expects everything seen (the base
     /// policy widened by each peer, client process and listener it would have alerted on).
@@ -402,7 +409,12 @@ async fn one_shot(command: Command) -> anyhow::Result<()> {
             json,
             probe,
             policy,
-        } => exposure(json, probe, policy.as_deref()).await,
+            hostname,
+            kubernetes,
+        } => {
+            let mode = kubernetes.mode();
+            exposure(json, probe, policy.as_deref(), (&mode, &hostname)).await
+        }
         Command::Learn(args) => learn(args).await,
         Command::Capture(args) => capture(args).await,
         Command::Firewall(args) => write_firewall(args).await,
@@ -500,7 +512,12 @@ fn show_profiles(name: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn exposure(json: bool, probe: bool, policy: Option<&std::path::Path>) -> anyhow::Result<()> {
+async fn exposure(
+    json: bool,
+    probe: bool,
+    policy: Option<&std::path::Path>,
+    (mode, node_name): (&ApiMode, &str),
+) -> anyhow::Result<()> {
     let policy =
         daemon::load_policy(policy).map_err(|e| UsageError(format!("invalid policy:\n{e}")))?;
     let mut report = k8s_ebpf::inventory::exposure_report(&policy.watched_ports(), probe)
@@ -513,6 +530,10 @@ async fn exposure(json: bool, probe: bool, policy: Option<&std::path::Path>) -> 
     ) {
         Ok(forwards) => report.forwards = forwards,
         Err(e) => report.forwards_error = Some(e.to_string()),
+    }
+    match published_forwards(mode, node_name, &policy, &node).await {
+        Ok(forwards) => report.forwards.extend(forwards),
+        Err(e) => report.published_error = Some(e),
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -644,6 +665,38 @@ async fn write_firewall(args: FirewallArgs) -> anyhow::Result<()> {
         None => print!("{text}"),
     }
     Ok(())
+}
+
+/// The forwards of this node's watched ports the API's objects publish (hostPorts,
+/// externalIPs, NodePorts), or why they could not be read.
+#[cfg(feature = "kubernetes")]
+async fn published_forwards(
+    mode: &ApiMode,
+    node_name: &str,
+    policy: &Policy,
+    node: &std::collections::HashSet<std::net::IpAddr>,
+) -> Result<Vec<k8s_ebpf::inventory::forwards::Forward>, String> {
+    if matches!(mode, ApiMode::Off) {
+        return Err("--no-kubernetes".to_owned());
+    }
+    let api = identity::load(mode)?;
+    let published = identity::published(&api, node_name).await?;
+    Ok(identity::published_forwards(
+        &published.pods,
+        &published.services,
+        |port| policy.rule(port).map(|r| r.name.clone()),
+        |ip| node.contains(&ip),
+    ))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn published_forwards(
+    _: &ApiMode,
+    _: &str,
+    _: &Policy,
+    _: &std::collections::HashSet<std::net::IpAddr>,
+) -> Result<Vec<k8s_ebpf::inventory::forwards::Forward>, String> {
+    Err("this build has no Kubernetes support".to_owned())
 }
 
 /// One read of the API for the policy's selectors.

@@ -165,7 +165,7 @@ mod tests {
             netns: 1,
             count: 1,
             window_summary: false,
-            forwarded_to: None,
+            forward: None,
         };
         let unknown = KubernetesFields::from_peer(&PeerIdentity::default());
         let subject = Subject {

@@ -327,7 +327,7 @@ rules:
             netns: 4026531840,
             count: 1,
             window_summary: false,
-            forwarded_to: None,
+            forward: None,
         }
     }
 

@@ -11,7 +11,7 @@ interface K8sEbpfFields {
   summary?: true;
   component: string;
   ports?: number[];
-  hook?: 'tracepoint' | 'kretprobe' | 'fexit' | 'reset-tracepoint' | 'sock-diag-scan' | 'sock-diag-rescan' | 'sk-lookup' | 'conntrack-dnat' | 'kubernetes-hostport';
+  hook?: 'tracepoint' | 'kretprobe' | 'fexit' | 'reset-tracepoint' | 'sock-diag-scan' | 'sock-diag-rescan' | 'sk-lookup' | 'conntrack-dnat' | 'kubernetes-hostport' | 'kubernetes-externalip' | 'kubernetes-nodeport';
   cgroup_id?: number;
   netns?: number;
   prefix?: string;
@@ -24,6 +24,12 @@ interface K8sEbpfFields {
   listener?: { pid: number; name: string };
   profile?: 'kubeadm' | 'eks' | 'gke' | 'aks' | 'k3s';
   forwarded_to?: string;
+  forwarded_by?: {
+    via: 'hostPort' | 'externalIPs' | 'NodePort';
+    kind: 'Pod' | 'Service';
+    namespace: string;
+    name: string;
+  };
 }
 
 /** `kubernetes.*`, the names Elastic's Kubernetes integrations use. */

@@ -266,3 +266,38 @@ fn bad_command_lines_and_policies_exit_64() {
         assert!(!err.trim().is_empty(), "{args:?} printed no reason");
     }
 }
+
+/// Where the policy's executables resolve is a metric, not only the start's warning: a
+/// `--host-root` that cannot be opened gives 0 (every client expected by executable alone
+/// would be looked up in the daemon's own filesystem: in a container, unexpected), one
+/// that opens 1 (the test's own root stands in for the host's init: this machine's PID 1
+/// may be out of ptrace's reach). On ccf0c01 only a log line said it.
+#[test]
+fn where_policy_executables_resolve_is_a_metric() {
+    if !privileged("where_policy_executables_resolve_is_a_metric") {
+        return;
+    }
+    let node = NetNs::new("node");
+    let own_root = format!("/proc/{}/root", std::process::id());
+    let cases: [(&[&str], f64); 2] = [
+        (&["--host-root", "/nonexistent-k8s-ebpf-root"], 0.0),
+        (&["--host-root", &own_root], 1.0),
+    ];
+    for (args, want) in cases {
+        let mut daemon = Daemon::start(&node, args);
+        assert_eq!(
+            daemon.metric("k8s_ebpf_executables_host_root"),
+            want,
+            "{args:?}:\n{}",
+            daemon.stderr()
+        );
+        assert_eq!(
+            daemon.stderr().contains("cannot open the host's root"),
+            want == 0.0,
+            "{args:?}:\n{}",
+            daemon.stderr()
+        );
+        let (status, _) = daemon.stop();
+        assert!(status.success(), "{status}");
+    }
+}

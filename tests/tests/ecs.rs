@@ -15,7 +15,10 @@ use std::{
 use integration_tests::ecs::{assert_ecs, type_check};
 use k8s_ebpf::{
     alert::{Action, AlertEvent, KubernetesFields, PortScan, Subject},
-    capture::{EventKind, ExeId, HookKind, Observation, ProcessInfo},
+    capture::{
+        observation::{ForwardOrigin, Forwarded},
+        EventKind, ExeId, HookKind, Observation, ProcessInfo,
+    },
     identity::{NodeIdentity, PeerIdentity, PodIdentity},
     ports::Severity,
     verdict::ClientSide,
@@ -149,7 +152,7 @@ fn observation(action: Action, v6: bool) -> Observation {
         netns: 4_026_531_840,
         count: 1,
         window_summary: false,
-        forwarded_to: None,
+        forward: None,
     }
 }
 
@@ -246,8 +249,9 @@ fn every_record() -> Vec<Value> {
                             forwarded.hook = HookKind::ConntrackDnat;
                             forwarded.process = None;
                             forwarded.local = observation(Action::UnexpectedInbound, v6).local;
-                            forwarded.forwarded_to =
-                                Some("198.51.100.2:8080".parse().expect("address"));
+                            let to = "198.51.100.2:8080".parse().expect("address");
+                            forwarded.forward =
+                                Some(std::sync::Arc::new(Forwarded { to, by: None }));
                             let subject = Subject {
                                 container_id: None,
                                 ..subject
@@ -255,12 +259,27 @@ fn every_record() -> Vec<Value> {
                             out.push(json(&AlertEvent::for_observation(
                                 &forwarded, action, &subject,
                             )));
-                            // A pod's hostPort, from the API.
+                            // A pod's hostPort, a Service's externalIPs or NodePort,
+                            // from the API.
                             if action == Action::ExposedListener {
-                                forwarded.hook = HookKind::ApiHostPort;
-                                out.push(json(&AlertEvent::for_observation(
-                                    &forwarded, action, &subject,
-                                )));
+                                for (hook, via, kind) in [
+                                    (HookKind::ApiHostPort, "hostPort", "Pod"),
+                                    (HookKind::ApiExternalIp, "externalIPs", "Service"),
+                                    (HookKind::ApiNodePort, "NodePort", "Service"),
+                                ] {
+                                    forwarded.hook = hook;
+                                    let by = Some(ForwardOrigin {
+                                        via,
+                                        kind,
+                                        namespace: "web".into(),
+                                        name: "proxy".into(),
+                                    });
+                                    forwarded.forward =
+                                        Some(std::sync::Arc::new(Forwarded { to, by }));
+                                    out.push(json(&AlertEvent::for_observation(
+                                        &forwarded, action, &subject,
+                                    )));
+                                }
                             }
                         }
                         // A pod's connection to this node seen from both ends: the node's

@@ -512,6 +512,24 @@ fn a_host_port_from_the_api_is_reported_before_any_connection() {
         format!("{POD}:8080"),
         "{alert}"
     );
+    // Named: the pod it goes to, and the object that publishes it.
+    assert_eq!(
+        alert["kubernetes"]["pod"]["name"], "readonly-proxy",
+        "{alert}"
+    );
+    assert_eq!(alert["kubernetes"]["namespace"], "web", "{alert}");
+    assert_eq!(
+        alert["k8s_ebpf"]["forwarded_by"],
+        serde_json::json!({"via": "hostPort", "kind": "Pod", "namespace": "web",
+                           "name": "readonly-proxy"}),
+        "{alert}"
+    );
+    assert!(
+        alert["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("by pod web/readonly-proxy's hostPort")),
+        "{alert}"
+    );
     // Another second for any other forward to show; none may.
     std::thread::sleep(Duration::from_secs(2));
     let records = daemon.records();
@@ -522,6 +540,208 @@ fn a_host_port_from_the_api_is_reported_before_any_connection() {
     assert_eq!(forwards.len(), 1, "{forwards:#?}");
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
+}
+
+/// A Service as kube-proxy reads it: `externalIPs` and ports with their `nodePort`s.
+fn service(name: &str, external_ips: &[&str], ports: &[(u16, Option<u16>)]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|&(port, node_port)| match node_port {
+            Some(n) => serde_json::json!({"port": port, "targetPort": 8080, "nodePort": n}),
+            None => serde_json::json!({"port": port, "targetPort": 8080}),
+        })
+        .collect();
+    serde_json::json!({
+        "metadata": {"namespace": "default", "name": name, "uid": format!("svc-{name}")},
+        "spec": {"type": if ports.iter().any(|p| p.get("nodePort").is_some()) {
+                     "NodePort" } else { "ClusterIP" },
+                 "clusterIP": "10.96.0.20", "externalIPs": external_ips, "ports": ports}
+    })
+}
+
+fn forward_records(records: &[Value]) -> Vec<&Value> {
+    records
+        .iter()
+        .filter(|a| {
+            a["k8s_ebpf"]["hook"]
+                .as_str()
+                .is_some_and(|h| h == "kubernetes-externalip" || h == "kubernetes-nodeport")
+        })
+        .collect()
+}
+
+/// CVE-2020-8554's mechanism, from the API before any connection: a Service whose
+/// `externalIPs` holds this node's address on a watched port (10255, `bind: none`) makes
+/// kube-proxy forward the node's port to the Service; a `nodePort` on a watched port
+/// (10249, loopback-only) the same on every address. Each is an `exposed-listener` naming
+/// the port, the target (the cluster IP) and the Service. Not reported: an external IP
+/// that is not this node's, a node port nobody watches. The attacker's view: a Service
+/// made while the daemon runs (the watch, not the start's list) is reported too. On
+/// ccf0c01 the daemon did not read Services: none of these was reported.
+#[test]
+fn services_external_ips_and_node_ports_from_the_api_are_reported() {
+    if !privileged("services_external_ips_and_node_ports_from_the_api_are_reported") {
+        return;
+    }
+    use integration_tests::fakeapi::FakeApi;
+    let lab = lab();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let api = FakeApi::start(&lab.node, dir.path());
+    api.call(
+        "services/apply",
+        Some(service("hijack", &[NODE, "203.0.113.9"], &[(10255, None)])),
+    );
+    api.call(
+        "services/apply",
+        Some(service(
+            "metrics",
+            &[],
+            &[(80, Some(10249)), (81, Some(30080))],
+        )),
+    );
+    api.call(
+        "services/apply",
+        Some(service("elsewhere", &["203.0.113.9"], &[(10257, None)])),
+    );
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut daemon = Daemon::start(
+        &lab.node,
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--hostname",
+            "node-a",
+        ],
+    );
+    let records = daemon.wait_records(
+        "the external IP and the node port reported as forwards",
+        Duration::from_secs(15),
+        |r| forward_records(r).len() >= 2,
+    );
+    let found = forward_records(&records);
+    let ext = found
+        .iter()
+        .find(|a| a["k8s_ebpf"]["hook"] == "kubernetes-externalip")
+        .unwrap_or_else(|| panic!("no external IP forward: {found:#?}"));
+    assert_eq!(ext["event"]["action"], "exposed-listener", "{ext}");
+    assert_eq!(ext["destination"]["ip"], NODE, "{ext}");
+    assert_eq!(ext["destination"]["port"], 10255, "{ext}");
+    assert_eq!(ext["k8s_ebpf"]["forwarded_to"], "10.96.0.20:10255", "{ext}");
+    assert_eq!(
+        ext["k8s_ebpf"]["forwarded_by"],
+        serde_json::json!({"via": "externalIPs", "kind": "Service", "namespace": "default",
+                           "name": "hijack"}),
+        "{ext}"
+    );
+    assert!(
+        ext["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("by service default/hijack's externalIPs")),
+        "{ext}"
+    );
+    let np = found
+        .iter()
+        .find(|a| a["k8s_ebpf"]["hook"] == "kubernetes-nodeport")
+        .unwrap_or_else(|| panic!("no node port forward: {found:#?}"));
+    assert_eq!(np["event"]["action"], "exposed-listener", "{np}");
+    assert_eq!(np["destination"]["ip"], "0.0.0.0", "{np}");
+    assert_eq!(np["destination"]["port"], 10249, "{np}");
+    assert_eq!(np["k8s_ebpf"]["forwarded_to"], "10.96.0.20:80", "{np}");
+    assert_eq!(np["k8s_ebpf"]["forwarded_by"]["name"], "metrics", "{np}");
+
+    // Made while it runs: seen through the watch.
+    api.call(
+        "services/apply",
+        Some(service("late", &[NODE], &[(10257, None)])),
+    );
+    let records = daemon.wait_records(
+        "the Service made while running reported",
+        Duration::from_secs(10),
+        |r| {
+            forward_records(r)
+                .iter()
+                .any(|a| a["k8s_ebpf"]["forwarded_by"]["name"] == "late")
+        },
+    );
+    let late = forward_records(&records)
+        .into_iter()
+        .find(|a| a["k8s_ebpf"]["forwarded_by"]["name"] == "late")
+        .unwrap();
+    assert_eq!(late["destination"]["port"], 10257, "{late}");
+    assert_eq!(late["destination"]["ip"], NODE, "{late}");
+    // Two more seconds for anything else to show; nothing may (no 203.0.113.9, no 30080).
+    std::thread::sleep(Duration::from_secs(2));
+    let records = daemon.records();
+    let found = forward_records(&records);
+    assert_eq!(found.len(), 3, "{found:#?}");
+    assert_eq!(
+        daemon.metric("k8s_ebpf_kubernetes_objects{resource=\"services\"}"),
+        4.0
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}\n{}", daemon.stderr());
+}
+
+/// `k8s-ebpf exposure` reads the same from the API, before any connection: this node's
+/// pods' hostPorts and the Services' externalIPs (this node's) and NodePorts on watched
+/// ports, each with the object that publishes it. Without an API it says it did not read
+/// them. On ccf0c01 `exposure` listed only what conntrack showed: nothing here.
+#[test]
+fn exposure_reads_forwards_from_the_api() {
+    if !privileged("exposure_reads_forwards_from_the_api") {
+        return;
+    }
+    use integration_tests::fakeapi::{pod, FakeApi};
+    let lab = lab();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let api = FakeApi::start(&lab.node, dir.path());
+    let mut p = pod(
+        "web",
+        "readonly-proxy",
+        POD,
+        serde_json::json!({}),
+        "default",
+    );
+    p["spec"]["nodeName"] = "node-a".into();
+    p["spec"]["containers"][0]["ports"] =
+        serde_json::json!([{"containerPort": 8080, "hostPort": 10255}]);
+    api.call("pods/apply", Some(p));
+    api.call(
+        "services/apply",
+        Some(service("hijack", &[NODE], &[(6443, None)])),
+    );
+    let kubeconfig = dir.path().join("kubeconfig");
+    let exposure = |extra: &[&str]| -> Value {
+        let out = run(lab
+            .node
+            .command(daemon_bin().to_str().unwrap())
+            .args(["exposure", "--json", "--hostname", "node-a"])
+            .args(extra));
+        serde_json::from_slice(&out.stdout).expect("JSON report")
+    };
+    let report = exposure(&["--kubeconfig", kubeconfig.to_str().expect("utf-8")]);
+    assert!(report.get("published_error").is_none(), "{report:#}");
+    let forwards = report["forwards"].as_array().expect("forwards");
+    let by = |via: &str| {
+        forwards
+            .iter()
+            .find(|f| f["origin"]["via"] == via)
+            .unwrap_or_else(|| panic!("no {via} forward: {report:#}"))
+    };
+    let hp = by("hostPort");
+    assert_eq!(hp["address"], "0.0.0.0:10255", "{hp}");
+    assert_eq!(hp["target"], format!("{POD}:8080"), "{hp}");
+    assert_eq!(hp["source"], "kubernetes", "{hp}");
+    assert_eq!(hp["origin"]["name"], "readonly-proxy", "{hp}");
+    assert_eq!(hp["rule"], "kubelet-readonly", "{hp}");
+    let ext = by("externalIPs");
+    assert_eq!(ext["address"], format!("{NODE}:6443"), "{ext}");
+    assert_eq!(ext["target"], "10.96.0.20:6443", "{ext}");
+    assert_eq!(ext["origin"]["name"], "hijack", "{ext}");
+    assert_eq!(forwards.len(), 2, "{report:#}");
+    // Without the API: said, not silently empty.
+    let report = exposure(&["--no-kubernetes"]);
+    assert_eq!(report["published_error"], "--no-kubernetes", "{report:#}");
 }
 
 /// The attacker's view (issue 25's rule for every bounded resource): on a node with NAT

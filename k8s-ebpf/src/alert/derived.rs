@@ -173,6 +173,7 @@ impl AlertEvent {
                 listener: None,
                 profile: None,
                 forwarded_to: None,
+                forwarded_by: None,
             },
         }
     }

@@ -263,6 +263,11 @@ pub struct Extension {
     /// NodePort): where the node's port sent it, `ip:port` (`hook: conntrack-dnat`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forwarded_to: Option<String>,
+    /// With `forwarded_to`, from the Kubernetes API: the object that publishes the
+    /// forward (`via`: `hostPort`, `externalIPs` or `NodePort`; `kind`: `Pod` or
+    /// `Service`; `namespace`, `name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarded_by: Option<crate::capture::observation::ForwardOrigin>,
 }
 
 /// `k8s_ebpf.listener`: the server process of a connection seen from both ends.

@@ -312,7 +312,7 @@ fn message(obs: &Observation, action: Action, subject: &Subject<'_>) -> String {
     };
     // A forwarded connection: the node's port is a DNAT rule's, not a listener's.
     let forward = obs
-        .forwarded_to
+        .forwarded_to()
         .map(|to| format!(", forwarded (DNAT) to {to}"))
         .unwrap_or_default();
     match action {
@@ -332,10 +332,14 @@ fn message(obs: &Observation, action: Action, subject: &Subject<'_>) -> String {
         Action::AllowedOutbound => {
             format!("{} connected to {what} on {}", who(), obs.remote.ip())
         }
-        Action::ExposedListener => match obs.forwarded_to {
+        Action::ExposedListener => match obs.forwarded_to() {
             Some(to) => format!(
-                "{what} on {} is forwarded (DNAT) to {to}: whoever reaches the node's address reaches it, wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
-                obs.local.ip()
+                "{what} on {} is forwarded (DNAT) to {to}{}: whoever reaches the node's address reaches it, wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
+                obs.local.ip(),
+                obs.forwarded_by()
+                    .as_ref()
+                    .map(|o| format!(" by {}", o.describe()))
+                    .unwrap_or_default()
             ),
             None => format!(
                 "{what} is listening on {} (by {}): wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
@@ -382,7 +386,8 @@ impl Extension {
             client_netns: None,
             listener: None,
             profile: None,
-            forwarded_to: obs.forwarded_to.map(|to| to.to_string()),
+            forwarded_to: obs.forwarded_to().map(|to| to.to_string()),
+            forwarded_by: obs.forwarded_by().cloned(),
         }
     }
 }

@@ -351,7 +351,7 @@ mod tests {
             netns: 7,
             count: 1,
             window_summary: false,
-            forwarded_to: None,
+            forward: None,
         }
     }
 

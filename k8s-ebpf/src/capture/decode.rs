@@ -99,7 +99,7 @@ pub fn decode(record: &ConnRecord, clock: &Clock) -> Result<Observation, DecodeE
         netns: record.netns,
         count: 1,
         window_summary: false,
-        forwarded_to: None,
+        forward: None,
     })
 }
 

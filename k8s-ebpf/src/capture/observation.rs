@@ -1,7 +1,7 @@
 //! The decoded, kernel-independent form of a capture record: what the rest of the
 //! daemon (policy, correlation, outputs) sees.
 
-use std::{net::SocketAddr, time::SystemTime};
+use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
 pub use k8s_ebpf_common::{EventKind, HookKind};
 
@@ -71,13 +71,57 @@ pub struct Observation {
     pub count: u64,
     /// True when this is the report of a closed dedup window rather than a live event.
     pub window_summary: bool,
-    /// A connection netfilter forwarded (DNAT) from `local` to this address and port:
-    /// the node's port is exposed by a forward, not by a listener of its own
-    /// ([`HookKind::ConntrackDnat`]). `None` for every other record.
-    pub forwarded_to: Option<SocketAddr>,
+    /// A connection or a port netfilter forwards (DNAT) from `local` elsewhere: the
+    /// node's port is exposed by a forward, not by a listener of its own
+    /// ([`HookKind::ConntrackDnat`], the `Api…` hooks). `None` for every other record
+    /// (shared, so a record stays small for the many that have none).
+    pub forward: Option<Arc<Forwarded>>,
+}
+
+/// Where a forward sends the node's port, and who publishes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forwarded {
+    pub to: SocketAddr,
+    /// When the Kubernetes API says which object publishes the forward (a pod's
+    /// hostPort, a Service's externalIPs or NodePort).
+    pub by: Option<ForwardOrigin>,
+}
+
+/// The Kubernetes object that publishes a forward of a node's port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ForwardOrigin {
+    /// `hostPort`, `externalIPs` or `NodePort`: the field that publishes it.
+    pub via: &'static str,
+    /// `Pod` or `Service`.
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ForwardOrigin {
+    /// `pod NS/NAME's hostPort`, `service NS/NAME's externalIPs`, …
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {}/{}'s {}",
+            self.kind.to_ascii_lowercase(),
+            self.namespace,
+            self.name,
+            self.via
+        )
+    }
 }
 
 impl Observation {
+    /// Where a forward sent it ([`Observation::forward`]).
+    pub fn forwarded_to(&self) -> Option<SocketAddr> {
+        self.forward.as_ref().map(|f| f.to)
+    }
+
+    /// The object that publishes the forward, when the API said.
+    pub fn forwarded_by(&self) -> Option<&ForwardOrigin> {
+        self.forward.as_ref().and_then(|f| f.by.as_ref())
+    }
+
     /// The watched port this observation is about.
     pub fn watched_port(&self) -> u16 {
         match self.kind {
@@ -99,6 +143,8 @@ pub fn hook_name(h: HookKind) -> &'static str {
         HookKind::Rescan => "sock-diag-rescan",
         HookKind::ConntrackDnat => "conntrack-dnat",
         HookKind::ApiHostPort => "kubernetes-hostport",
+        HookKind::ApiExternalIp => "kubernetes-externalip",
+        HookKind::ApiNodePort => "kubernetes-nodeport",
     }
 }
 

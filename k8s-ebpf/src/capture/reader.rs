@@ -403,7 +403,7 @@ fn listener_observation(key: &ListenKey, at: std::time::SystemTime) -> Observati
         netns: key.netns,
         count: 1,
         window_summary: false,
-        forwarded_to: None,
+        forward: None,
     }
 }
 
@@ -438,6 +438,6 @@ fn synthesise(key: &DedupKey, at: std::time::SystemTime) -> Observation {
         netns: key.netns,
         count: 0,
         window_summary: true,
-        forwarded_to: None,
+        forward: None,
     }
 }

@@ -16,6 +16,7 @@ use super::{
 use crate::{
     capture::{
         attempts::Attempts,
+        observation::Forwarded,
         pairs::{Paired, Pairs},
         Observation, ProcessInfo,
     },
@@ -262,7 +263,7 @@ impl Pipeline {
             netns: self.local.netns,
             count: 1,
             window_summary: false,
-            forwarded_to: Some(to),
+            forward: Some(std::sync::Arc::new(Forwarded { to, by: None })),
         };
         let first =
             self.forwards.len() < FORWARDS_MAX && self.forwards.insert((flow.destination, to));
@@ -274,39 +275,49 @@ impl Pipeline {
         Some((inbound, listener))
     }
 
-    /// The `hostPort`s of this node's pods on watched ports (from the API), each once: a
-    /// listener on the node's address (its `hostIP`, else every address) forwarded to
-    /// the pod, judged by the rule's `bind`.
-    pub(super) fn host_port_forwards(&mut self) -> Vec<Observation> {
-        let pods = self.identities.inspect(|c| c.local_host_ports());
+    /// The watched ports of this node that the API's objects forward elsewhere (this
+    /// node's pods' hostPorts, Services' externalIPs on a node address and NodePorts),
+    /// each once: a listener on the node's address (every address when the forward is on
+    /// all of them), forwarded to the target, judged by the rule's `bind`.
+    pub(super) fn published_forwards(&mut self) -> Vec<Observation> {
+        let (pods, services) = self
+            .identities
+            .inspect(|c| (c.local_host_ports(), c.node_port_services()));
+        if pods.is_empty() && services.is_empty() {
+            return Vec::new();
+        }
+        let policy = self.engine.policy();
+        let found = crate::identity::published_forwards(
+            &pods,
+            &services,
+            |port| policy.rule(port).map(|r| r.name.clone()),
+            |ip| self.local.is_own(ip),
+        );
         let mut out = Vec::new();
-        for pod in pods.iter().filter(|p| !p.host_network) {
-            let Some(&ip) = pod.ips.iter().next() else {
+        for f in found {
+            if self.forwards.len() >= FORWARDS_MAX || !self.forwards.insert((f.address, f.target)) {
                 continue;
-            };
-            for hp in pod.host_ports.iter() {
-                if self.engine.policy().rule(hp.host_port).is_none() {
-                    continue;
-                }
-                let node_ip = hp.host_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-                let local = std::net::SocketAddr::new(node_ip, hp.host_port);
-                let to = std::net::SocketAddr::new(ip, hp.container_port);
-                if self.forwards.len() >= FORWARDS_MAX || !self.forwards.insert((local, to)) {
-                    continue;
-                }
-                out.push(Observation {
-                    kind: EventKind::Listen,
-                    hook: k8s_ebpf_common::HookKind::ApiHostPort,
-                    at: SystemTime::now(),
-                    local,
-                    remote: std::net::SocketAddr::new(node_ip, 0),
-                    process: None,
-                    netns: self.local.netns,
-                    count: 1,
-                    window_summary: false,
-                    forwarded_to: Some(to),
-                });
             }
+            let Some(origin) = f.origin else { continue };
+            out.push(Observation {
+                kind: EventKind::Listen,
+                hook: match origin.via {
+                    "hostPort" => k8s_ebpf_common::HookKind::ApiHostPort,
+                    "externalIPs" => k8s_ebpf_common::HookKind::ApiExternalIp,
+                    _ => k8s_ebpf_common::HookKind::ApiNodePort,
+                },
+                at: SystemTime::now(),
+                local: f.address,
+                remote: std::net::SocketAddr::new(f.address.ip(), 0),
+                process: None,
+                netns: self.local.netns,
+                count: 1,
+                window_summary: false,
+                forward: Some(std::sync::Arc::new(Forwarded {
+                    to: f.target,
+                    by: Some(origin),
+                })),
+            });
         }
         out
     }
@@ -417,6 +428,7 @@ impl Pipeline {
             matches!(obs.kind, EventKind::Outbound | EventKind::Listen),
         );
         let (container, pod) = self.container_and_pod(facts.cgroup.as_ref());
+        let pod = pod.or_else(|| self.forward_target_pod(obs));
         let peer = self.identities.peer_of(obs);
         let executable = obs
             .process
@@ -479,6 +491,15 @@ impl Pipeline {
 
     /// The container id a process's cgroup holds in the pod hierarchy, and its pod when
     /// the API lists that container in the pod whose cgroup it is in.
+    /// A forward of the node's port (no listener of its own): the pod it sends them to,
+    /// when the target is a pod's address, is the record's pod.
+    fn forward_target_pod(&self, obs: &Observation) -> Option<std::sync::Arc<PodIdentity>> {
+        let to = obs
+            .forwarded_to()
+            .filter(|_| obs.kind == EventKind::Listen)?;
+        self.identities.lookup(to.ip())?.pod
+    }
+
     fn container_and_pod<'c>(
         &self,
         cgroup: Option<&'c CgroupPlace>,

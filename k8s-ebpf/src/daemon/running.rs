@@ -55,6 +55,9 @@ pub(super) struct Running {
     /// The cache's generation of the nodes' and API servers' addresses last given to the
     /// kernel's pod scope (`None` before the first time).
     scope_generation: Option<u64>,
+    /// The kretprobe's pool ran out and moving inbound records to the state tracepoint
+    /// failed: said once (it is retried every second).
+    kretprobe_switch_failed: bool,
     /// What only shutdown uses.
     tasks: Tasks,
 }
@@ -187,6 +190,9 @@ impl Running {
             start_identities(&config, &api, &policy, &metrics, &stop_rx).await;
         let (output, output_handle, records, naming) = open_output(&config, &metrics, &identities)?;
         metrics.set_attach_mechanism(capture.inbound().as_str());
+        metrics.executables_host_root.set(i64::from(
+            crate::policy::executables::resolves_in_host_root(),
+        ));
         readiness.set_attached(true);
 
         let reader_stats = Arc::new(ReaderStats::default());
@@ -212,6 +218,7 @@ impl Running {
             reader_stats,
             conntrack: conntrack_watch,
             scope_generation: None,
+            kretprobe_switch_failed: false,
             tasks: Tasks {
                 stop,
                 server,
@@ -291,7 +298,7 @@ impl Running {
             Err(e) => warn!(error = %e, "cannot read the kernel counters"),
         }
         self.conntrack.check_if_stale(&self.metrics);
-        for obs in self.pipeline.host_port_forwards() {
+        for obs in self.pipeline.published_forwards() {
             self.pipeline.emit(&obs, None).await;
         }
         let local_changed = self.pipeline.local.refresh_if_stale();
@@ -321,12 +328,16 @@ impl Running {
                     .set_attach_mechanism(self.capture.inbound().as_str());
             }
             Ok(false) => {}
-            Err(e) => warn!(
-                error = %e,
-                "the kretprobe's instance pool ran out and inbound connections cannot move \
-                 to the state tracepoint: a connection accepted unprobed is reported from \
-                 its SYN as unconfirmed"
-            ),
+            Err(e) if !self.kretprobe_switch_failed => {
+                self.kretprobe_switch_failed = true;
+                warn!(
+                    error = %e,
+                    "the kretprobe's instance pool ran out and inbound connections cannot \
+                     move to the state tracepoint (retried every second, said once): a \
+                     connection accepted unprobed is reported from its SYN as unconfirmed"
+                );
+            }
+            Err(_) => {}
         }
     }
 

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use super::{
     pod_index::{PodsByIp, PodsByName},
     Coverage, NodeIdentity, ObjectKey, PeerIdentity, PodIdentity, PodUid, Resource,
+    ServiceForwards,
 };
 
 /// The cache proper. Updated by the watchers, read by the daemon for every judged
@@ -31,6 +32,8 @@ pub struct IdentityCache {
     /// This node's pods that publish host ports, by (namespace, name): read every second
     /// for forwards, so not found by walking every cached pod.
     host_port_pods: HashMap<ObjectKey, Arc<PodIdentity>>,
+    /// Services that publish node ports (externalIPs, NodePorts), by (namespace, name).
+    services: HashMap<ObjectKey, Arc<ServiceForwards>>,
     apiserver: BTreeSet<IpAddr>,
     /// Bumped whenever the nodes' or the API servers' addresses may have changed.
     control_plane_generation: u64,
@@ -119,6 +122,35 @@ impl IdentityCache {
             .collect()
     }
 
+    /// Services that publish node ports (externalIPs, NodePorts).
+    pub fn node_port_services(&self) -> Vec<Arc<ServiceForwards>> {
+        self.services.values().cloned().collect()
+    }
+
+    /// Adds or replaces a Service; `None` (it publishes no node port any more) removes it.
+    pub fn apply_service(&mut self, key: ObjectKey, service: Option<ServiceForwards>) {
+        match service {
+            Some(s) => {
+                self.services.insert(key, Arc::new(s));
+            }
+            None => {
+                self.services.remove(&key);
+            }
+        }
+    }
+
+    pub fn delete_service(&mut self, key: &ObjectKey) {
+        self.services.remove(key);
+    }
+
+    /// Replaces every Service (a full list).
+    pub fn replace_services(&mut self, services: Vec<(ObjectKey, Option<ServiceForwards>)>) {
+        self.services = services
+            .into_iter()
+            .filter_map(|(k, s)| Some((k, Arc::new(s?))))
+            .collect();
+    }
+
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<PodIdentity>> {
         self.pods.get(namespace, name).cloned()
     }
@@ -145,6 +177,7 @@ impl IdentityCache {
             Resource::Nodes => self.nodes.len(),
             Resource::Pods => self.pods.len(),
             Resource::EndpointSlices => self.slices.len(),
+            Resource::Services => self.services.len(),
         }
     }
 

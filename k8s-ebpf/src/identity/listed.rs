@@ -9,7 +9,7 @@ use std::{borrow::Cow, collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Node, Pod},
+        core::v1::{Node, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -20,7 +20,7 @@ use tracing::warn;
 
 use super::{
     FeedId, IdentityCache, Interner, LabelKeys, LabelSets, Labels, NodeIdentity, ObjectKey,
-    PodIdentity, PodUid,
+    PodIdentity, PodUid, ServiceForwards, ServicePort,
 };
 
 /// The metadata the cache uses; the rest of `metadata` is skipped while parsing.
@@ -450,6 +450,60 @@ impl Watched for EndpointSlice {
     }
 }
 
+/// A Service as far as it publishes TCP ports on nodes: its external IPs and node
+/// ports. `None` when it publishes none (most Services), or has no cluster IP to name as
+/// the target (headless: kube-proxy forwards nothing for it).
+fn service_forwards(svc: Service) -> Option<ServiceForwards> {
+    let spec = svc.spec?;
+    let cluster_ip = spec.cluster_ip.as_deref()?.parse::<IpAddr>().ok()?;
+    let external_ips: Box<[IpAddr]> = spec
+        .external_ips
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let ports: Box<[ServicePort]> = spec
+        .ports
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| matches!(p.protocol.as_deref(), None | Some("TCP")))
+        .filter_map(|p| {
+            Some(ServicePort {
+                port: u16::try_from(p.port).ok()?,
+                node_port: p
+                    .node_port
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|&n| n != 0),
+            })
+        })
+        .collect();
+    let publishes = !external_ips.is_empty() || ports.iter().any(|p| p.node_port.is_some());
+    publishes.then(|| ServiceForwards {
+        namespace: svc.metadata.namespace.unwrap_or_default().into_boxed_str(),
+        name: svc.metadata.name.unwrap_or_default().into_boxed_str(),
+        cluster_ip,
+        external_ips,
+        ports,
+    })
+}
+
+impl Watched for Service {
+    type Reduced = (ObjectKey, Option<ServiceForwards>);
+    fn reduce(self, _: &mut Reducer) -> Self::Reduced {
+        let key = (self.namespace().unwrap_or_default(), self.name_any());
+        (key, service_forwards(self))
+    }
+    fn apply(cache: &mut IdentityCache, (key, service): Self::Reduced, _: FeedId) {
+        cache.apply_service(key, service);
+    }
+    fn delete(cache: &mut IdentityCache, obj: &Self, _: FeedId) {
+        cache.delete_service(&(obj.namespace().unwrap_or_default(), obj.name_any()));
+    }
+    fn replace(cache: &mut IdentityCache, items: Vec<Self::Reduced>, _: FeedId) {
+        cache.replace_services(items);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,5 +722,49 @@ mod tests {
         .expect("slice JSON");
         let (_, addresses) = s.reduce(&mut reducer(LabelKeys::All));
         assert_eq!(addresses, vec!["192.0.2.10".parse::<IpAddr>().expect("ip")]);
+    }
+
+    /// A Service is kept for its external IPs and node ports (TCP), not otherwise; a
+    /// headless one names no target.
+    #[test]
+    fn services_reduce_to_the_node_ports_they_publish() {
+        let svc = |spec: serde_json::Value| -> Option<ServiceForwards> {
+            let s: Service = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "s", "namespace": "web"}, "spec": spec
+            }))
+            .expect("service JSON");
+            service_forwards(s)
+        };
+        let ext = svc(serde_json::json!({
+            "clusterIP": "10.96.0.20", "externalIPs": ["192.0.2.10", "bogus"],
+            "ports": [{"port": 10250, "targetPort": 8080},
+                      {"port": 53, "protocol": "UDP"}]
+        }))
+        .expect("kept for its external IP");
+        assert_eq!(
+            &*ext.external_ips,
+            &["192.0.2.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            &*ext.ports,
+            &[ServicePort {
+                port: 10250,
+                node_port: None
+            }]
+        );
+        let np = svc(serde_json::json!({
+            "type": "NodePort", "clusterIP": "10.96.0.21",
+            "ports": [{"port": 80, "nodePort": 10255}]
+        }))
+        .expect("kept for its node port");
+        assert_eq!(np.ports[0].node_port, Some(10255));
+        assert!(
+            svc(serde_json::json!({"clusterIP": "10.96.0.22", "ports": [{"port": 80}]})).is_none()
+        );
+        assert!(svc(
+            serde_json::json!({"clusterIP": "None", "externalIPs": ["192.0.2.10"],
+                                       "ports": [{"port": 80}]})
+        )
+        .is_none());
     }
 }

@@ -1,9 +1,10 @@
 //! Who an address is in the cluster: an IP → identity cache fed by the Kubernetes API.
 //!
-//! Three kinds of object are kept, each reduced to the few fields the policy and the
+//! Four kinds of object are kept, each reduced to the few fields the policy and the
 //! alerts use: Nodes (name, roles, InternalIPs), Pods (namespace, name, labels, service
-//! account, node, IPs, container ids) and the addresses behind the `kubernetes` Service
-//! (its EndpointSlices: the API servers). [`watch`] keeps them current from list and watch
+//! account, node, IPs, container ids, this node's hostPorts), the addresses behind the
+//! `kubernetes` Service (its EndpointSlices: the API servers), and Services that publish
+//! node ports (externalIPs, NodePorts). [`watch`] keeps them current from list and watch
 //! calls; the cache itself is a plain data structure, testable without a cluster.
 //!
 //! Sized for a cluster's worth of pods (150,000 at Kubernetes' documented limits): strings
@@ -28,7 +29,8 @@
 //! shared [`Identities`] the pipeline looks peers up in),
 //! `query` (which pods to ask the API for: identity's own request types, which the
 //! policy fills from its selectors), `snapshot` (one read of nodes, pods and API servers,
-//! for `k8s-ebpf firewall`), `api` (whether and how the API is reached), `local` (a local
+//! for `k8s-ebpf firewall`), `published` (the node's watched ports hostPorts and
+//! Services forward elsewhere), `api` (whether and how the API is reached), `local` (a local
 //! process's system unit or pod container, from its cgroup), and,
 //! with the `kubernetes` feature, `client`, `listed` (what is read from the API),
 //! [`watch`] (the feeds) and `lookups` (pods looked up on demand by address).
@@ -46,6 +48,7 @@ mod local;
 mod lookups;
 mod objects;
 mod pod_index;
+mod published;
 mod query;
 mod snapshot;
 #[cfg(test)]
@@ -60,6 +63,7 @@ pub use self::{
     handle::*,
     local::{CgroupPlace, CgroupView, PodContainer},
     objects::*,
+    published::published_forwards,
     query::*,
     snapshot::*,
 };

@@ -54,6 +54,27 @@ pub struct HostPort {
     pub container_port: u16,
 }
 
+/// A Service that publishes TCP ports on nodes, reduced to that: its `externalIPs`
+/// (kube-proxy DNATs them to the Service on every node) and its `nodePort`s (every node
+/// address). Only Services with one or the other are kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceForwards {
+    pub namespace: Box<str>,
+    pub name: Box<str>,
+    /// `spec.clusterIP`: where the node sends them (then on to an endpoint).
+    pub cluster_ip: IpAddr,
+    pub external_ips: Box<[IpAddr]>,
+    pub ports: Box<[ServicePort]>,
+}
+
+/// One TCP port of a Service: `port` on the cluster IP (and the external IPs), and the
+/// `nodePort` when it has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodIdentity {
     pub namespace: SharedStr,
@@ -407,9 +428,14 @@ pub enum Resource {
     Nodes,
     Pods,
     EndpointSlices,
+    /// Services that publish node ports ([`ServiceForwards`]): no peer's identity depends
+    /// on them, so they are not in [`Resource::ALL`].
+    Services,
 }
 
 impl Resource {
+    /// The kinds a peer's identity depends on: records wait for them at start, and
+    /// readiness needs them synced.
     pub const ALL: [Resource; 3] = [Self::Nodes, Self::Pods, Self::EndpointSlices];
 
     pub fn as_str(self) -> &'static str {
@@ -417,6 +443,7 @@ impl Resource {
             Self::Nodes => "nodes",
             Self::Pods => "pods",
             Self::EndpointSlices => "endpointslices",
+            Self::Services => "services",
         }
     }
 }

@@ -6,8 +6,8 @@
 use std::{net::IpAddr, sync::Arc};
 
 #[cfg(feature = "kubernetes")]
-pub use self::read::snapshot;
-use super::{NodeIdentity, PodIdentity};
+pub use self::read::{published, snapshot};
+use super::{NodeIdentity, PodIdentity, ServiceForwards};
 
 /// What the API said at one moment.
 #[derive(Clone, Debug, Default)]
@@ -19,11 +19,21 @@ pub struct ClusterSnapshot {
     pub apiservers: Vec<IpAddr>,
 }
 
+/// What publishes ports of this node elsewhere, as the API has it now (`k8s-ebpf
+/// exposure`; [`super::published_forwards`] turns it into forwards).
+#[derive(Clone, Debug, Default)]
+pub struct PublishedSnapshot {
+    /// This node's pods with a `hostPort`.
+    pub pods: Vec<Arc<PodIdentity>>,
+    /// Services with `externalIPs` or NodePorts.
+    pub services: Vec<Arc<ServiceForwards>>,
+}
+
 #[cfg(feature = "kubernetes")]
 mod read {
     use std::{net::IpAddr, sync::Arc, time::Duration};
 
-    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
     use kube::{api::ListParams, Api};
 
     use super::{
@@ -35,7 +45,7 @@ mod read {
             },
             ApiConfig, LabelKeys, PodQueries,
         },
-        ClusterSnapshot,
+        ClusterSnapshot, PublishedSnapshot,
     };
 
     /// How long the whole read may take.
@@ -48,16 +58,50 @@ mod read {
         queries: &PodQueries,
         label_keys: LabelKeys,
     ) -> Result<ClusterSnapshot, String> {
-        let Some(source) = source(config) else {
-            return Err(
-                "no Kubernetes API configured (in-cluster, $KUBECONFIG, ~/.kube/config \
-                    or --kubeconfig)"
-                    .to_owned(),
-            );
-        };
+        let source = configured(config)?;
         tokio::time::timeout(SNAPSHOT_TIMEOUT, read(&source, queries, label_keys))
             .await
             .map_err(|_| format!("the Kubernetes API did not answer within {SNAPSHOT_TIMEOUT:?}"))?
+    }
+
+    /// Reads the pods on `node` (their hostPorts) and the Services that publish node
+    /// ports, or says why it could not.
+    pub async fn published(config: &ApiConfig, node: &str) -> Result<PublishedSnapshot, String> {
+        let source = configured(config)?;
+        tokio::time::timeout(SNAPSHOT_TIMEOUT, read_published(&source, node))
+            .await
+            .map_err(|_| format!("the Kubernetes API did not answer within {SNAPSHOT_TIMEOUT:?}"))?
+    }
+
+    fn configured(config: &ApiConfig) -> Result<ApiSource, String> {
+        source(config).ok_or_else(|| {
+            "no Kubernetes API configured (in-cluster, $KUBECONFIG, ~/.kube/config or \
+             --kubeconfig)"
+                .to_owned()
+        })
+    }
+
+    async fn read_published(source: &ApiSource, node: &str) -> Result<PublishedSnapshot, String> {
+        let client = client(source).await.map_err(|e| format!("{e:#}"))?;
+        let mut reducer = Reducer::new(node, Arc::new(LabelKeys::Only(Default::default())));
+        let pods = Api::<ListedPod>::all(client.clone())
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+            .map_err(|e| format!("cannot list this node's pods (needs `list` on pods): {e}"))?
+            .items
+            .into_iter()
+            .map(|p| p.reduce(&mut reducer))
+            .filter(|p| !p.finished && !p.host_ports.is_empty())
+            .collect();
+        let services = Api::<Service>::all(client)
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| format!("cannot list services (needs `list` on services): {e}"))?
+            .items
+            .into_iter()
+            .filter_map(|s| s.reduce(&mut reducer).1.map(Arc::new))
+            .collect();
+        Ok(PublishedSnapshot { pods, services })
     }
 
     async fn read(

@@ -1,6 +1,6 @@
 //! Keeps [`Identities`] current from the Kubernetes API with kube-runtime watchers: one
 //! list-then-watch loop per resource (Nodes, Pods, the `kubernetes` Service's
-//! EndpointSlices).
+//! EndpointSlices, and Services for the node ports they publish).
 //!
 //! kube-runtime does the protocol work: it lists, watches from the list's
 //! resourceVersion, re-lists when the server answers 410 Gone (an expired
@@ -21,7 +21,7 @@ use std::{
 };
 
 use futures_util::{FutureExt as _, StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     runtime::{
         watcher::{self, Event},
@@ -73,8 +73,8 @@ pub async fn start(
     }
 }
 
-/// Starts the watchers: Nodes, the `kubernetes` Service's EndpointSlices, and the pod
-/// watches [`watch_pods`] keeps to the plan; they run until `stop` turns true.
+/// Starts the watchers: Nodes, the `kubernetes` Service's EndpointSlices, Services, and
+/// the pod watches [`watch_pods`] keeps to the plan; they run until `stop` turns true.
 pub fn spawn(
     client: Client,
     identities: Identities,
@@ -105,7 +105,7 @@ pub fn spawn(
             stop.clone(),
         )),
         tokio::spawn(watch_pods(
-            client,
+            client.clone(),
             Context {
                 identities: identities.clone(),
                 metrics: Arc::clone(&metrics),
@@ -117,6 +117,17 @@ pub fn spawn(
             Feed::of(Resource::EndpointSlices),
             slices,
             slice_config,
+            Context {
+                identities: identities.clone(),
+                metrics: Arc::clone(&metrics),
+                streaming: Arc::clone(&streaming),
+            },
+            stop.clone(),
+        )),
+        tokio::spawn(run(
+            Feed::of(Resource::Services),
+            Api::<Service>::all(client),
+            watcher::Config::default(),
             Context {
                 identities,
                 metrics,

@@ -2,16 +2,16 @@
 //! `hostPort`, a Service's `externalIPs` or NodePort): from the conntrack table, the
 //! connections it holds now that were DNAT-ed from such a port.
 //!
-//! This sees a forward once something used it (conntrack keeps an established TCP
+//! The table shows a forward once something used it (conntrack keeps an established TCP
 //! connection for days, a closed one for minutes); a forward nobody has used yet is not in
-//! the table. The Kubernetes API's view (hostPorts, externalIPs, NodePorts) is not read
-//! here.
+//! it. The Kubernetes API's view (hostPorts, externalIPs, NodePorts: the forwards the
+//! node will apply) is read by `identity::published` into the same [`Forward`].
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::Serialize;
 
-use crate::capture::conntrack::Flow;
+use crate::capture::{conntrack::Flow, observation::ForwardOrigin};
 
 /// At most this many forwarded connections are read from the table.
 const DUMP_LIMIT: usize = 100_000;
@@ -24,14 +24,56 @@ pub struct Forward {
     pub address: SocketAddr,
     /// Where netfilter sent them (the reply tuple's source).
     pub target: SocketAddr,
-    /// Where the forward was learnt: `conntrack` (connections through it in the table).
+    /// Where the forward was learnt: `conntrack` (connections through it in the table)
+    /// or `kubernetes` (an object in the API publishes it: see `origin`).
     pub source: &'static str,
+    /// From the API: the object that publishes it (a pod's hostPort, a Service's
+    /// externalIPs or NodePort).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<ForwardOrigin>,
     /// The policy rule that judges the port.
     pub rule: String,
     pub component: &'static str,
-    /// Connections through it in the table now.
+    /// Connections through it in the conntrack table now (0 for the API's).
     pub connections: usize,
     pub finding: String,
+}
+
+impl Forward {
+    /// A forward of `address` (a watched port of a node address) to `target`, judged by
+    /// the policy rule named `rule`.
+    pub fn new(
+        address: SocketAddr,
+        target: SocketAddr,
+        origin: Option<ForwardOrigin>,
+        rule: String,
+        connections: usize,
+    ) -> Self {
+        let port = address.port();
+        let component = crate::ports::lookup(port).map_or("unknown", |p| p.component);
+        let by = match &origin {
+            Some(o) => format!(" by {}", o.describe()),
+            None => " (a hostPort, a Service's externalIPs or a NodePort)".to_owned(),
+        };
+        Forward {
+            port,
+            address,
+            target,
+            source: if origin.is_some() {
+                "kubernetes"
+            } else {
+                "conntrack"
+            },
+            finding: format!(
+                "{component} port {port} of a node address is forwarded (DNAT) to {target}{by}: \
+                 whoever reaches {address} reaches {target}, whatever listens on the node"
+            ),
+            origin,
+            rule,
+            component,
+            connections,
+        }
+    }
 }
 
 /// The forwards `flows` show for watched ports (`rule_of`: the name of the rule that
@@ -53,23 +95,8 @@ pub fn forwards_of(
     }
     seen.into_iter()
         .map(|((address, target), connections)| {
-            let port = address.port();
-            let rule = rule_of(port).unwrap_or_default();
-            let component = crate::ports::lookup(port).map_or("unknown", |p| p.component);
-            Forward {
-                port,
-                address,
-                target,
-                source: "conntrack",
-                finding: format!(
-                    "{component} port {port} of a node address is forwarded (DNAT) to {target}: \
-                     whoever reaches {address} reaches {target}, whatever listens on the node \
-                     (a hostPort, a Service's externalIPs or a NodePort)"
-                ),
-                rule,
-                component,
-                connections,
-            }
+            let rule = rule_of(address.port()).unwrap_or_default();
+            Forward::new(address, target, None, rule, connections)
         })
         .collect()
 }

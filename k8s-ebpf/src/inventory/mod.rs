@@ -133,7 +133,7 @@ impl Listener {
             netns: 0,
             count: 1,
             window_summary: false,
-            forwarded_to: None,
+            forward: None,
         }
     }
 }
@@ -282,7 +282,7 @@ pub fn established(ports: &BTreeSet<u16>) -> std::io::Result<Vec<Observation>> {
             netns: 0,
             count: 1,
             window_summary: false,
-            forwarded_to: None,
+            forward: None,
         });
     }
     Ok(out)
@@ -406,6 +406,7 @@ mod tests {
             }],
             forwards: Vec::new(),
             forwards_error: None,
+            published_error: None,
         };
         let text = render_text(&report);
         assert!(
@@ -448,6 +449,10 @@ pub struct Report {
     /// Why the forwards could not be read (no conntrack, no CAP_NET_ADMIN).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forwards_error: Option<String>,
+    /// Why the forwards the Kubernetes API publishes (hostPorts, externalIPs, NodePorts)
+    /// could not be read (no API configured, no permission, no answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published_error: Option<String>,
 }
 
 pub async fn exposure_report(ports: &BTreeSet<u16>, with_probe: bool) -> std::io::Result<Report> {
@@ -475,6 +480,7 @@ pub async fn exposure_report(ports: &BTreeSet<u16>, with_probe: bool) -> std::io
         listeners: entries,
         forwards: Vec::new(),
         forwards_error: None,
+        published_error: None,
     })
 }
 
@@ -489,16 +495,26 @@ fn render_forwards(report: &Report, s: &mut String) {
             crate::terminal::escape(e)
         );
     }
-    for f in &report.forwards {
+    if let Some(e) = &report.published_error {
         let _ = writeln!(
             s,
-            "FORWARDED {:<24} -> {:<24} {} ({}), {} connection(s) in conntrack\n         [high] {}",
+            "forwarded ports from the Kubernetes API: not read ({})",
+            crate::terminal::escape(e)
+        );
+    }
+    for f in &report.forwards {
+        let seen = match &f.origin {
+            Some(o) => format!("published by {}", crate::terminal::escape(&o.describe())),
+            None => format!("{} connection(s) in conntrack", f.connections),
+        };
+        let _ = writeln!(
+            s,
+            "FORWARDED {:<24} -> {:<24} {} ({}), {seen}\n         [high] {}",
             f.address.to_string(),
             f.target.to_string(),
             f.component,
             f.rule,
-            f.connections,
-            f.finding
+            crate::terminal::escape(&f.finding)
         );
     }
 }

@@ -81,6 +81,8 @@ pub struct Metrics {
     /// Under `--netns all`: the addresses in the kernel's pod scope; -1 while the kernel
     /// filter is off.
     pub pod_scope_addresses: IntGauge,
+    /// 1 when the policy's executables resolve in the host's root, 0 in the daemon's own.
+    pub executables_host_root: IntGauge,
     /// Conntrack NEW events read, by outcome ([`CONNTRACK_OUTCOMES`]).
     pub conntrack_events: IntCounterVec,
     /// 1 for whether conntrack events reach the daemon (`state`: events, no_conntrack,
@@ -289,6 +291,12 @@ const POD_SCOPE_ADDRESSES: Definition = Definition {
     labels: &[],
 };
 
+const EXECUTABLES_HOST_ROOT: Definition = Definition {
+    name: "k8s_ebpf_executables_host_root",
+    help: "1 when the policy's expected_clients executables resolve in the host's filesystem (--host-root opened at start); 0 when they resolve in the daemon's own, where a container has none of the host's binaries and every client expected by executable alone is unexpected.",
+    labels: &[],
+};
+
 const CONNTRACK_EVENTS: Definition = Definition {
     name: "k8s_ebpf_conntrack_events_total",
     help: "Conntrack NEW events (TCP) read from the netfilter netlink socket, by outcome: new (read), forwarded (DNAT-ed from a watched port of a node address: judged), decode_errors, overflows (ENOBUFS: events the kernel dropped), read_errors.",
@@ -355,6 +363,7 @@ impl Metrics {
             connection_pairs: counter_vec(&r, &CONNECTION_PAIRS),
             sync_hold: counter_vec(&r, &SYNC_HOLD),
             pod_scope_addresses: gauge(&r, &POD_SCOPE_ADDRESSES),
+            executables_host_root: gauge(&r, &EXECUTABLES_HOST_ROOT),
             conntrack_events: counter_vec(&r, &CONNTRACK_EVENTS),
             conntrack_info: gauge_vec(&r, &CONNTRACK_INFO),
             registry: r,

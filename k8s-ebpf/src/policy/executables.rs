@@ -93,6 +93,11 @@ impl HostRoot {
     }
 }
 
+/// Whether policy paths resolve in the host's root ([`HostRoot::open`] succeeded).
+pub fn resolves_in_host_root() -> bool {
+    matches!(HOST_ROOT.get(), Some(Some(_)))
+}
+
 /// The identity of the file at policy path `path`: in the host's root when
 /// [`HostRoot::open`] succeeded, else in this process's own.
 fn identity_of(path: &Path) -> std::io::Result<ExeId> {
