@@ -207,6 +207,77 @@ fn a_stranger_through_a_host_port_alerts_naming_the_forward() {
     assert!(status.success(), "{status}\n{}", daemon.stderr());
 }
 
+/// IPv6 too: an `ip6` DNAT rule node [2001:db8::10]:10255 → pod [2001:db8:1::2]:8080. A
+/// stranger through it alerts naming the forward, and the forward itself is reported;
+/// the socket's in-kernel filter, which walks the same attributes for both families, lets
+/// the IPv6 event through.
+#[test]
+fn a_stranger_through_an_ipv6_forward_alerts() {
+    if !privileged("a_stranger_through_an_ipv6_forward_alerts") {
+        return;
+    }
+    const NODE6: &str = "2001:db8::10";
+    const STRANGER6: &str = "2001:db8::20";
+    const POD6: &str = "2001:db8:1::2";
+    let node = NetNs::new("node");
+    let pod = NetNs::new("pod");
+    let stranger = NetNs::new("stranger");
+    // No duplicate address detection on the links to come: their link-local addresses
+    // (neighbour discovery's source) would stay tentative for the first seconds.
+    for ns in [&node, &pod, &stranger] {
+        run(ns
+            .command("sysctl")
+            .args(["-qw", "net.ipv6.conf.default.accept_dad=0"]));
+    }
+    link(
+        &node,
+        &[&format!("{NODE6}/64")],
+        &stranger,
+        &[&format!("{STRANGER6}/64")],
+    );
+    link(&node, &["2001:db8:1::1/64"], &pod, &[&format!("{POD6}/64")]);
+    pod.ip(&["-6", "route", "add", "default", "via", "2001:db8:1::1"]);
+    run(node
+        .command("sysctl")
+        .args(["-qw", "net.ipv6.conf.all.forwarding=1"]));
+    let _listener = pod.listen(&format!("[{POD6}]:8080"));
+    let _nat = NftTable::load(
+        &node,
+        "ip6",
+        "k8se_portmap6",
+        &format!(
+            "  chain prerouting {{\n    type nat hook prerouting priority dstnat;\n    tcp dport 10255 dnat to [{POD6}]:8080\n  }}"
+        ),
+    );
+    let mut daemon = Daemon::start(&node, &[]);
+    connect(&stranger, &format!("[{NODE6}]:10255"));
+    let records = daemon.wait_records(
+        "an alert for the stranger's connection through the IPv6 forward",
+        Duration::from_secs(10),
+        |r| {
+            alerts(r, 10255).any(|a| a["source"]["ip"] == STRANGER6)
+                && alerts(r, 10255).any(|a| a["event"]["action"] == "exposed-listener")
+        },
+    );
+    let alert = alerts(&records, 10255)
+        .find(|a| a["source"]["ip"] == STRANGER6)
+        .unwrap();
+    assert_eq!(alert["event"]["action"], "unexpected-inbound", "{alert}");
+    assert_eq!(alert["destination"]["ip"], NODE6, "{alert}");
+    assert_eq!(alert["k8s_ebpf"]["hook"], "conntrack-dnat", "{alert}");
+    assert_eq!(
+        alert["k8s_ebpf"]["forwarded_to"],
+        format!("[{POD6}]:8080"),
+        "{alert}"
+    );
+    let forward = alerts(&records, 10255)
+        .find(|a| a["event"]["action"] == "exposed-listener")
+        .unwrap();
+    assert_eq!(forward["destination"]["ip"], NODE6, "{forward}");
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}\n{}", daemon.stderr());
+}
+
 /// A peer the rule expects, through the same forward: an allowed event (seen), no alert.
 #[test]
 fn an_expected_peer_through_the_forward_is_not_an_alert() {
