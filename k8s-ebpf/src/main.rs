@@ -58,7 +58,9 @@ enum Command {
         json: bool,
     },
     /// The TCP listeners on watched ports right now (this network namespace), their
-    /// owners and bind scope, and findings where they are weaker than the hardened default.
+    /// owners and bind scope, and findings where they are weaker than the hardened default;
+    /// and the watched ports of this node forwarded elsewhere (conntrack's table, and the
+    /// Kubernetes API's hostPorts, externalIPs and NodePorts).
     Exposure {
         /// One JSON document instead of a table.
         #[arg(long)]

@@ -87,52 +87,37 @@ pub fn spawn(
         identities.clone(),
         Arc::clone(&metrics),
     )));
-    let streaming = Arc::new(AtomicBool::new(true));
     let nodes = Api::<ListedNode>::all(client.clone());
     let slices = Api::<EndpointSlice>::namespaced(client.clone(), APISERVER_NAMESPACE);
     let slice_config = watcher::Config::default()
         .labels(&format!("kubernetes.io/service-name={APISERVER_SERVICE}"));
+    let services = Api::<Service>::all(client.clone());
+    let cx = Context {
+        identities,
+        metrics,
+        streaming: Arc::new(AtomicBool::new(true)),
+    };
     vec![
         tokio::spawn(run(
             Feed::of(Resource::Nodes),
             nodes,
             watcher::Config::default(),
-            Context {
-                identities: identities.clone(),
-                metrics: Arc::clone(&metrics),
-                streaming: Arc::clone(&streaming),
-            },
+            cx.clone(),
             stop.clone(),
         )),
-        tokio::spawn(watch_pods(
-            client.clone(),
-            Context {
-                identities: identities.clone(),
-                metrics: Arc::clone(&metrics),
-                streaming: Arc::clone(&streaming),
-            },
-            stop.clone(),
-        )),
+        tokio::spawn(watch_pods(client, cx.clone(), stop.clone())),
         tokio::spawn(run(
             Feed::of(Resource::EndpointSlices),
             slices,
             slice_config,
-            Context {
-                identities: identities.clone(),
-                metrics: Arc::clone(&metrics),
-                streaming: Arc::clone(&streaming),
-            },
+            cx.clone(),
             stop.clone(),
         )),
         tokio::spawn(run(
             Feed::of(Resource::Services),
-            Api::<Service>::all(client),
+            services,
             watcher::Config::default(),
-            Context {
-                identities,
-                metrics,
-                streaming,
-            },
+            cx,
             stop,
         )),
     ]
