@@ -753,6 +753,71 @@ fn services_external_ips_and_node_ports_from_the_api_are_reported() {
     assert!(status.success(), "{status}\n{}", daemon.stderr());
 }
 
+/// A ClusterRole without `services` (one from before the daemon read them): the 403 is
+/// counted and said with the fix, the daemon stays ready (no peer's identity depends on
+/// Services) and reports what it can (a pod's hostPort).
+#[test]
+fn a_forbidden_services_watch_is_said_and_the_daemon_stays_ready() {
+    if !privileged("a_forbidden_services_watch_is_said_and_the_daemon_stays_ready") {
+        return;
+    }
+    use integration_tests::fakeapi::{pod, FakeApi};
+    let lab = lab();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let api = FakeApi::start(&lab.node, dir.path());
+    api.call(
+        "services/forbid",
+        Some(serde_json::json!({"forbidden": true})),
+    );
+    api.call(
+        "services/apply",
+        Some(service("hijack", &[NODE], &[(10255, None)])),
+    );
+    let mut p = pod(
+        "web",
+        "readonly-proxy",
+        POD,
+        serde_json::json!({}),
+        "default",
+    );
+    p["spec"]["nodeName"] = "node-a".into();
+    p["spec"]["containers"][0]["ports"] =
+        serde_json::json!([{"containerPort": 8080, "hostPort": 10255}]);
+    api.call("pods/apply", Some(p));
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut daemon = Daemon::start(
+        &lab.node,
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--hostname",
+            "node-a",
+        ],
+    );
+    daemon.wait_records("the hostPort reported", Duration::from_secs(15), |r| {
+        r.iter()
+            .any(|a| a["k8s_ebpf"]["hook"] == "kubernetes-hostport")
+    });
+    wait_for("the 403 counted", Duration::from_secs(5), || {
+        daemon.metric(
+            "k8s_ebpf_kubernetes_api_errors_total{reason=\"forbidden\",resource=\"services\"}",
+        ) >= 1.0
+    });
+    assert_eq!(daemon.get("/readyz").expect("readyz").0, 200);
+    assert_eq!(
+        daemon.metric("k8s_ebpf_kubernetes_synced{resource=\"services\"}"),
+        0.0
+    );
+    let log = daemon.stderr();
+    assert!(
+        log.contains("403 Forbidden") && log.contains("grant list and watch on services"),
+        "{log}"
+    );
+    assert!(forward_records(&daemon.records()).is_empty());
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
 /// `k8s-ebpf exposure` reads the same from the API, before any connection: this node's
 /// pods' hostPorts and the Services' externalIPs (this node's) and NodePorts on watched
 /// ports, each with the object that publishes it. Without an API it says it did not read

@@ -18,6 +18,7 @@
 //! addresses and a local process), [`listeners`] (the listener inventory), [`reload`]
 //! (policy changes), [`losses`] (the kernel's loss counters).
 
+mod forwards;
 mod host;
 mod listeners;
 mod losses;

@@ -16,7 +16,6 @@ use super::{
 use crate::{
     capture::{
         attempts::Attempts,
-        observation::Forwarded,
         pairs::{Paired, Pairs},
         Observation, ProcessInfo,
     },
@@ -35,7 +34,7 @@ use k8s_ebpf_common::EventKind;
 /// about its sides, judged and correlated, sent out.
 pub(super) struct Pipeline {
     pub(super) sender: RecordSender,
-    identities: Identities,
+    pub(super) identities: Identities,
     pub(super) engine: Engine,
     /// This namespace's own addresses (refreshed every 30 s).
     pub(super) local: LocalAddresses,
@@ -54,13 +53,9 @@ pub(super) struct Pipeline {
     /// Records waiting at start for the Kubernetes feeds to sync.
     hold: SyncHold,
     metrics: std::sync::Arc<Metrics>,
-    /// The forwards (node address and port, target) already reported as a listener.
-    forwards: std::collections::HashSet<(std::net::SocketAddr, std::net::SocketAddr)>,
+    /// Forwards already reported as listeners: conntrack's and the API's.
+    pub(super) forwards: super::forwards::ReportedForwards,
 }
-
-/// Forwards reported as listeners at most; past it a new forward's connections are still
-/// judged, the forward itself is not reported again.
-const FORWARDS_MAX: usize = 4096;
 
 /// At start, while the Kubernetes feeds the policy's selectors need have not synced,
 /// records wait (at most `until`, at most [`SyncHold::MAX`] of them) instead of being
@@ -143,7 +138,7 @@ impl Pipeline {
             kubernetes_service,
             hold,
             metrics,
-            forwards: std::collections::HashSet::new(),
+            forwards: super::forwards::ReportedForwards::default(),
         }
     }
 
@@ -239,89 +234,6 @@ impl Pipeline {
         }
     }
 
-    /// A connection netfilter forwarded, as an inbound record to the node's port it
-    /// came to: only when that is a watched port of one of the node's addresses (the
-    /// peer is the original source, `forwarded_to` where it went). The first time a
-    /// forward is seen, also the forward itself as a listener on the node's address (it
-    /// takes connections there like one: judged by the rule's `bind`).
-    pub(super) fn forwarded(
-        &mut self,
-        flow: &crate::capture::conntrack::Flow,
-    ) -> Option<(Observation, Option<Observation>)> {
-        let to = flow.forwarded_to()?;
-        let port = flow.destination.port();
-        if self.engine.policy().rule(port).is_none() || !self.local.is_own(flow.destination.ip()) {
-            return None;
-        }
-        let inbound = Observation {
-            kind: EventKind::Inbound,
-            hook: k8s_ebpf_common::HookKind::ConntrackDnat,
-            at: SystemTime::now(),
-            local: flow.destination,
-            remote: flow.source,
-            process: None,
-            netns: self.local.netns,
-            count: 1,
-            window_summary: false,
-            forward: Some(std::sync::Arc::new(Forwarded { to, by: None })),
-        };
-        let first =
-            self.forwards.len() < FORWARDS_MAX && self.forwards.insert((flow.destination, to));
-        let listener = first.then(|| Observation {
-            kind: EventKind::Listen,
-            remote: std::net::SocketAddr::new(flow.destination.ip(), 0),
-            ..inbound.clone()
-        });
-        Some((inbound, listener))
-    }
-
-    /// The watched ports of this node that the API's objects forward elsewhere (this
-    /// node's pods' hostPorts, Services' externalIPs on a node address and NodePorts),
-    /// each once: a listener on the node's address (every address when the forward is on
-    /// all of them), forwarded to the target, judged by the rule's `bind`.
-    pub(super) fn published_forwards(&mut self) -> Vec<Observation> {
-        let (pods, services) = self
-            .identities
-            .inspect(|c| (c.local_host_ports(), c.node_port_services()));
-        if pods.is_empty() && services.is_empty() {
-            return Vec::new();
-        }
-        let policy = self.engine.policy();
-        let found = crate::identity::published_forwards(
-            &pods,
-            &services,
-            |port| policy.rule(port).map(|r| r.name.clone()),
-            |ip| self.local.is_own(ip),
-        );
-        let mut out = Vec::new();
-        for f in found {
-            if self.forwards.len() >= FORWARDS_MAX || !self.forwards.insert((f.address, f.target)) {
-                continue;
-            }
-            let Some(origin) = f.origin else { continue };
-            out.push(Observation {
-                kind: EventKind::Listen,
-                hook: match origin.via {
-                    "hostPort" => k8s_ebpf_common::HookKind::ApiHostPort,
-                    "externalIPs" => k8s_ebpf_common::HookKind::ApiExternalIp,
-                    _ => k8s_ebpf_common::HookKind::ApiNodePort,
-                },
-                at: SystemTime::now(),
-                local: f.address,
-                remote: std::net::SocketAddr::new(f.address.ip(), 0),
-                process: None,
-                netns: self.local.netns,
-                count: 1,
-                window_summary: false,
-                forward: Some(std::sync::Arc::new(Forwarded {
-                    to: f.target,
-                    by: Some(origin),
-                })),
-            });
-        }
-        out
-    }
-
     /// Whether `obs` comes from a pod's network namespace (only under `--netns all`).
     fn in_pod_netns(&self, obs: &Observation) -> bool {
         // The node's namespace unknown (its inode unreadable): nothing is a pod's.
@@ -394,6 +306,8 @@ impl Pipeline {
         }
         let c = m.correlation_evictions.with_label_values(&["pairs"]);
         c.inc_by(stats.recent_evicted.saturating_sub(c.get()));
+        let c = m.correlation_evictions.with_label_values(&["forwards"]);
+        c.inc_by(self.forwards.evicted.saturating_sub(c.get()));
     }
 
     /// Judges `obs` (or holds it while the feeds sync at start); `client`: the client's

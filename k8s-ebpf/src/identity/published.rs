@@ -22,12 +22,14 @@ pub fn published_forwards(
     rule_of: impl Fn(u16) -> Option<String>,
     is_node: impl Fn(IpAddr) -> bool,
 ) -> Vec<Forward> {
+    // Only watched ports are collected: the many NodePorts in 30000-32767 cost nothing.
+    let watched = |port: u16| rule_of(port).is_some();
     let mut found: BTreeSet<(SocketAddr, SocketAddr, ForwardOrigin)> = BTreeSet::new();
     for pod in pods.iter().filter(|p| !p.host_network && !p.finished) {
         let Some(&ip) = pod.ips.iter().next() else {
             continue;
         };
-        for hp in pod.host_ports.iter() {
+        for hp in pod.host_ports.iter().filter(|hp| watched(hp.host_port)) {
             // No hostIP: every address of the node.
             let node_ip = hp.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
             found.insert((
@@ -40,7 +42,7 @@ pub fn published_forwards(
     for svc in services {
         for p in svc.ports.iter() {
             let target = SocketAddr::new(svc.cluster_ip, p.port);
-            if let Some(node_port) = p.node_port {
+            if let Some(node_port) = p.node_port.filter(|&n| watched(n)) {
                 // kube-proxy's default: every address of the node.
                 found.insert((
                     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), node_port),
@@ -48,7 +50,8 @@ pub fn published_forwards(
                     origin("NodePort", "Service", &svc.namespace, &svc.name),
                 ));
             }
-            for &ip in svc.external_ips.iter().filter(|&&ip| is_node(ip)) {
+            let external = svc.external_ips.iter().filter(|_| watched(p.port));
+            for &ip in external.filter(|&&ip| is_node(ip)) {
                 found.insert((
                     SocketAddr::new(ip, p.port),
                     target,

@@ -697,8 +697,10 @@ fn explain(resource: Resource, reason: &str) -> String {
         Resource::EndpointSlices => "discovery.k8s.io",
         _ => "\"\" (core)",
     };
-    let consequence =
-        "until it recovers (retrying with backoff) the identities of this kind stay as last seen and new ones resolve as unknown";
+    let consequence = match resource {
+        Resource::Services => "until it recovers (retrying with backoff) the node ports Services publish (externalIPs, NodePorts) stay as last seen and new ones go unreported until a connection uses them",
+        _ => "until it recovers (retrying with backoff) the identities of this kind stay as last seen and new ones resolve as unknown",
+    };
     match reason {
         "forbidden" => format!(
             "the Kubernetes API refused to list/watch {what} (403 Forbidden): grant list and watch on {what} in API group {group} to the daemon's service account (deploy/base/clusterrole.yaml); {consequence}"

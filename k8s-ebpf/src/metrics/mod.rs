@@ -387,6 +387,7 @@ impl Metrics {
             "windows",
             "scan_peers",
             "pairs",
+            "forwards",
             "flood_prefixes",
             "flood_sources",
             "scan_sources",
