@@ -534,7 +534,10 @@ async fn exposure(
         Err(e) => report.forwards_error = Some(e.to_string()),
     }
     match published_forwards(mode, node_name, &policy, &node).await {
-        Ok(forwards) => report.forwards.extend(forwards),
+        Ok(published) => {
+            let seen = std::mem::take(&mut report.forwards);
+            report.forwards = k8s_ebpf::inventory::forwards::merge(seen, published);
+        }
         Err(e) => report.published_error = Some(e),
     }
     if json {

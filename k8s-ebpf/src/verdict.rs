@@ -210,6 +210,9 @@ pub fn judge_rule(rule: &Rule, obs: &Observation, client: &ClientContext<'_>) ->
         EventKind::Syn | EventKind::HalfOpen => unexpected(Finding::HalfOpenAttempt),
         EventKind::Outbound if client_expected(rule, obs, client) => Verdict::Expected,
         EventKind::Outbound => unexpected(Finding::UnexpectedOutbound),
+        // A Kubernetes object publishing the node's port elsewhere takes it from whatever
+        // listens there, whatever the rule's `bind` allows: a finding on any watched port.
+        EventKind::Listen if obs.forwarded_by().is_some() => unexpected(Finding::ExposedListener),
         EventKind::Listen if bind_allowed(rule.bind, obs.local.ip()) => Verdict::Expected,
         EventKind::Listen => unexpected(Finding::ExposedListener),
         EventKind::ListenClose => Verdict::Expected,

@@ -16,7 +16,7 @@ use integration_tests::ecs::{assert_ecs, type_check};
 use k8s_ebpf::{
     alert::{Action, AlertEvent, KubernetesFields, PortScan, Subject},
     capture::{
-        observation::{ForwardOrigin, Forwarded},
+        observation::{ForwardOrigin, ForwardVia, Forwarded},
         EventKind, ExeId, HookKind, Observation, ProcessInfo,
     },
     identity::{NodeIdentity, PeerIdentity, PodIdentity},
@@ -262,18 +262,13 @@ fn every_record() -> Vec<Value> {
                             // A pod's hostPort, a Service's externalIPs or NodePort,
                             // from the API.
                             if action == Action::ExposedListener {
-                                for (hook, via, kind) in [
-                                    (HookKind::ApiHostPort, "hostPort", "Pod"),
-                                    (HookKind::ApiExternalIp, "externalIPs", "Service"),
-                                    (HookKind::ApiNodePort, "NodePort", "Service"),
+                                for via in [
+                                    ForwardVia::HostPort,
+                                    ForwardVia::ExternalIps,
+                                    ForwardVia::NodePort,
                                 ] {
-                                    forwarded.hook = hook;
-                                    let by = Some(ForwardOrigin {
-                                        via,
-                                        kind,
-                                        namespace: "web".into(),
-                                        name: "proxy".into(),
-                                    });
+                                    forwarded.hook = via.hook();
+                                    let by = Some(ForwardOrigin::new(via, "web", "proxy"));
                                     forwarded.forward =
                                         Some(std::sync::Arc::new(Forwarded { to, by }));
                                     out.push(json(&AlertEvent::for_observation(

@@ -753,6 +753,107 @@ fn services_external_ips_and_node_ports_from_the_api_are_reported() {
     assert!(status.success(), "{status}\n{}", daemon.stderr());
 }
 
+/// A connection through a forward the API publishes (a hostPort, with the portmap DNAT
+/// rule it makes): the inbound alert names the pod's hostPort, and the forward is
+/// reported once, from the API — conntrack's first sight of it adds no second
+/// `exposed-listener`. An externalIPs entry on the kubelet's 10250 (`bind: any`) is a
+/// finding too: the Service takes the kubelet's port. On 554ca70 the forward was reported
+/// twice, the connection did not name the pod, and 10250 gave nothing.
+#[test]
+fn a_connection_through_a_published_forward_names_it_and_it_is_reported_once() {
+    if !privileged("a_connection_through_a_published_forward_names_it_and_it_is_reported_once") {
+        return;
+    }
+    use integration_tests::fakeapi::{pod, FakeApi};
+    let lab = lab();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let api = FakeApi::start(&lab.node, dir.path());
+    let mut p = pod(
+        "web",
+        "readonly-proxy",
+        POD,
+        serde_json::json!({}),
+        "default",
+    );
+    p["spec"]["nodeName"] = "node-a".into();
+    p["spec"]["containers"][0]["ports"] =
+        serde_json::json!([{"containerPort": 8080, "hostPort": 10255, "hostIP": NODE}]);
+    api.call("pods/apply", Some(p));
+    api.call(
+        "services/apply",
+        Some(service("kubelet-hijack", &[NODE], &[(10250, None)])),
+    );
+    let _listener = lab.pod.listen(&format!("{POD}:8080"));
+    let _nat = portmap(&lab.node, &[(10255, &format!("{POD}:8080"))]);
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut daemon = Daemon::start(
+        &lab.node,
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--hostname",
+            "node-a",
+        ],
+    );
+    daemon.wait_records(
+        "the hostPort and the external IP reported from the API",
+        Duration::from_secs(15),
+        |r| {
+            r.iter()
+                .any(|a| a["k8s_ebpf"]["hook"] == "kubernetes-hostport")
+                && r.iter()
+                    .any(|a| a["k8s_ebpf"]["hook"] == "kubernetes-externalip")
+        },
+    );
+    connect(&lab.stranger, &format!("{NODE}:10255"));
+    let records = daemon.wait_records(
+        "the stranger's connection through the hostPort",
+        Duration::from_secs(10),
+        |r| alerts(r, 10255).any(|a| a["source"]["ip"] == STRANGER),
+    );
+    let alert = alerts(&records, 10255)
+        .find(|a| a["source"]["ip"] == STRANGER)
+        .unwrap();
+    assert_eq!(alert["k8s_ebpf"]["hook"], "conntrack-dnat", "{alert}");
+    assert_eq!(
+        alert["k8s_ebpf"]["forwarded_by"]["via"], "hostPort",
+        "{alert}"
+    );
+    assert_eq!(
+        alert["k8s_ebpf"]["forwarded_by"]["name"], "readonly-proxy",
+        "{alert}"
+    );
+    assert!(
+        alert["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("by pod web/readonly-proxy's hostPort")),
+        "{alert}"
+    );
+    let hijack = records
+        .iter()
+        .find(|a| a["k8s_ebpf"]["hook"] == "kubernetes-externalip")
+        .unwrap();
+    assert_eq!(hijack["event"]["kind"], "alert", "{hijack}");
+    assert_eq!(hijack["event"]["action"], "exposed-listener", "{hijack}");
+    assert_eq!(hijack["destination"]["port"], 10250, "{hijack}");
+    assert!(
+        hijack["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not the node's own listener")),
+        "{hijack}"
+    );
+    // A second for any other forward record to show; none may.
+    std::thread::sleep(Duration::from_secs(1));
+    let records = daemon.records();
+    let listeners: Vec<&Value> = alerts(&records, 10255)
+        .filter(|a| a["event"]["action"] == "exposed-listener")
+        .collect();
+    assert_eq!(listeners.len(), 1, "{listeners:#?}");
+    assert_eq!(listeners[0]["k8s_ebpf"]["hook"], "kubernetes-hostport");
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}\n{}", daemon.stderr());
+}
+
 /// A ClusterRole without `services` (one from before the daemon read them): the 403 is
 /// counted and said with the fix, the daemon stays ready (no peer's identity depends on
 /// Services) and reports what it can (a pod's hostPort).
@@ -846,16 +947,32 @@ fn exposure_reads_forwards_from_the_api() {
         "services/apply",
         Some(service("hijack", &[NODE], &[(6443, None)])),
     );
+    api.call(
+        "nodes/apply",
+        Some(serde_json::json!({
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": NODE}]}
+        })),
+    );
     let kubeconfig = dir.path().join("kubeconfig");
+    let kc = kubeconfig.to_str().expect("utf-8");
     let exposure = |extra: &[&str]| -> Value {
         let out = run(lab
             .node
             .command(daemon_bin().to_str().unwrap())
-            .args(["exposure", "--json", "--hostname", "node-a"])
+            .args(["exposure", "--json"])
             .args(extra));
         serde_json::from_slice(&out.stdout).expect("JSON report")
     };
-    let report = exposure(&["--kubeconfig", kubeconfig.to_str().expect("utf-8")]);
+    // A --hostname the API does not know: said, not an empty list.
+    let report = exposure(&["--kubeconfig", kc, "--hostname", "node-z"]);
+    assert!(
+        report["published_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no node named node-z")),
+        "{report:#}"
+    );
+    let report = exposure(&["--kubeconfig", kc, "--hostname", "node-a"]);
     assert!(report.get("published_error").is_none(), "{report:#}");
     let forwards = report["forwards"].as_array().expect("forwards");
     let by = |via: &str| {
@@ -875,6 +992,24 @@ fn exposure_reads_forwards_from_the_api() {
     assert_eq!(ext["target"], "10.96.0.20:6443", "{ext}");
     assert_eq!(ext["origin"]["name"], "hijack", "{ext}");
     assert_eq!(forwards.len(), 2, "{report:#}");
+    // Used once: one entry, with the connection and the object.
+    let _listener = lab.pod.listen(&format!("{POD}:8080"));
+    let _nat = portmap(&lab.node, &[(10255, &format!("{POD}:8080"))]);
+    connect(&lab.stranger, &format!("{NODE}:10255"));
+    let report = exposure(&["--kubeconfig", kc, "--hostname", "node-a"]);
+    let forwards = report["forwards"].as_array().expect("forwards");
+    let on_10255: Vec<&Value> = forwards.iter().filter(|f| f["port"] == 10255).collect();
+    assert_eq!(on_10255.len(), 1, "{report:#}");
+    assert_eq!(
+        on_10255[0]["address"],
+        format!("{NODE}:10255"),
+        "{report:#}"
+    );
+    assert_eq!(on_10255[0]["source"], "conntrack", "{report:#}");
+    assert_eq!(
+        on_10255[0]["origin"]["name"], "readonly-proxy",
+        "{report:#}"
+    );
     // Without the API: said, not silently empty.
     let report = exposure(&["--no-kubernetes"]);
     assert_eq!(report["published_error"], "--no-kubernetes", "{report:#}");

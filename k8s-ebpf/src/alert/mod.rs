@@ -311,10 +311,11 @@ fn message(obs: &Observation, action: Action, subject: &Subject<'_>) -> String {
         _ => String::new(),
     };
     // A forwarded connection: the node's port is a DNAT rule's, not a listener's.
-    let forward = obs
-        .forwarded_to()
-        .map(|to| format!(", forwarded (DNAT) to {to}"))
-        .unwrap_or_default();
+    let forward = match (obs.forwarded_to(), obs.forwarded_by()) {
+        (Some(to), Some(by)) => format!(", forwarded (DNAT) to {to} by {}", by.describe()),
+        (Some(to), None) => format!(", forwarded (DNAT) to {to}"),
+        (None, _) => String::new(),
+    };
     match action {
         Action::UnexpectedInbound => format!(
             "unexpected inbound connection to {what} from {}{peer_name}{forward}",
@@ -332,16 +333,17 @@ fn message(obs: &Observation, action: Action, subject: &Subject<'_>) -> String {
         Action::AllowedOutbound => {
             format!("{} connected to {what} on {}", who(), obs.remote.ip())
         }
-        Action::ExposedListener => match obs.forwarded_to() {
-            Some(to) => format!(
-                "{what} on {} is forwarded (DNAT) to {to}{}: whoever reaches the node's address reaches it, wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
+        Action::ExposedListener => match (obs.forwarded_to(), obs.forwarded_by()) {
+            (Some(to), Some(by)) => format!(
+                "{what} on {} is forwarded (DNAT) to {to} by {}: whoever reaches the node's address there reaches {to}, not the node's own listener",
                 obs.local.ip(),
-                obs.forwarded_by()
-                    .as_ref()
-                    .map(|o| format!(" by {}", o.describe()))
-                    .unwrap_or_default()
+                by.describe()
             ),
-            None => format!(
+            (Some(to), None) => format!(
+                "{what} on {} is forwarded (DNAT) to {to}: whoever reaches the node's address reaches it, wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
+                obs.local.ip()
+            ),
+            (None, _) => format!(
                 "{what} is listening on {} (by {}): wider than the policy's `bind` allows (loopback-only, or a port that should be off)",
                 obs.local.ip(),
                 who()

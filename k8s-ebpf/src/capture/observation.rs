@@ -90,15 +90,61 @@ pub struct Forwarded {
 /// The Kubernetes object that publishes a forward of a node's port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ForwardOrigin {
-    /// `hostPort`, `externalIPs` or `NodePort`: the field that publishes it.
-    pub via: &'static str,
+    /// The field that publishes it.
+    pub via: ForwardVia,
     /// `Pod` or `Service`.
     pub kind: &'static str,
     pub namespace: String,
     pub name: String,
 }
 
+/// Which field of a Kubernetes object publishes a node's port elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum ForwardVia {
+    /// A pod's `ports[].hostPort` (the CNI portmap plugin's DNAT).
+    #[serde(rename = "hostPort")]
+    HostPort,
+    /// A Service's `externalIPs` (kube-proxy's DNAT).
+    #[serde(rename = "externalIPs")]
+    ExternalIps,
+    /// A Service's `ports[].nodePort` (kube-proxy's DNAT).
+    #[serde(rename = "NodePort")]
+    NodePort,
+}
+
+impl ForwardVia {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HostPort => "hostPort",
+            Self::ExternalIps => "externalIPs",
+            Self::NodePort => "NodePort",
+        }
+    }
+
+    /// The record's hook: where the forward was learnt.
+    pub fn hook(self) -> HookKind {
+        match self {
+            Self::HostPort => HookKind::ApiHostPort,
+            Self::ExternalIps => HookKind::ApiExternalIp,
+            Self::NodePort => HookKind::ApiNodePort,
+        }
+    }
+}
+
 impl ForwardOrigin {
+    /// The object that publishes `via`, in `namespace`.
+    pub fn new(via: ForwardVia, namespace: &str, name: &str) -> Self {
+        Self {
+            via,
+            kind: match via {
+                ForwardVia::HostPort => "Pod",
+                ForwardVia::ExternalIps | ForwardVia::NodePort => "Service",
+            },
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
     /// `pod NS/NAME's hostPort`, `service NS/NAME's externalIPs`, …
     pub fn describe(&self) -> String {
         format!(
@@ -106,7 +152,7 @@ impl ForwardOrigin {
             self.kind.to_ascii_lowercase(),
             self.namespace,
             self.name,
-            self.via
+            self.via.as_str()
         )
     }
 }

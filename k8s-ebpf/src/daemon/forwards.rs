@@ -59,6 +59,20 @@ impl ReportedForwards {
         true
     }
 
+    /// The object that publishes the forward a connection went through to `target` from
+    /// `address`: the same target, on that address or on every address of its family.
+    fn published_origin(&self, address: SocketAddr, target: SocketAddr) -> Option<&ForwardOrigin> {
+        self.published
+            .iter()
+            .find(|((a, t), _)| {
+                *t == target
+                    && a.port() == address.port()
+                    && (a.ip() == address.ip()
+                        || (a.ip().is_unspecified() && a.is_ipv4() == address.is_ipv4()))
+            })
+            .map(|(_, origin)| origin)
+    }
+
     /// Replaces what the API publishes with `now`; returns what is new in it.
     fn published_now(&mut self, now: BTreeSet<(Key, ForwardOrigin)>) -> Vec<(Key, ForwardOrigin)> {
         let new = now.difference(&self.published).cloned().collect();
@@ -70,15 +84,21 @@ impl ReportedForwards {
 impl Pipeline {
     /// A connection netfilter forwarded, as an inbound record to the node's port it
     /// came to: only when that is a watched port of one of the node's addresses (the
-    /// peer is the original source, `forwarded_to` where it went). The first time a
-    /// forward is seen, also the forward itself as a listener on the node's address (it
-    /// takes connections there like one: judged by the rule's `bind`).
+    /// peer is the original source, `forwarded_to` where it went, `forwarded_by` the
+    /// object when the API publishes that forward). The first time a forward the API does
+    /// not publish is seen, also the forward itself as a listener on the node's address
+    /// (it takes connections there like one: judged by the rule's `bind`); one the API
+    /// publishes was reported when it appeared there.
     pub(super) fn forwarded(&mut self, flow: &Flow) -> Option<(Observation, Option<Observation>)> {
         let to = flow.forwarded_to()?;
         let port = flow.destination.port();
         if self.engine.policy().rule(port).is_none() || !self.local.is_own(flow.destination.ip()) {
             return None;
         }
+        let by = self
+            .forwards
+            .published_origin(flow.destination, to)
+            .cloned();
         let inbound = Observation {
             kind: EventKind::Inbound,
             hook: HookKind::ConntrackDnat,
@@ -89,15 +109,15 @@ impl Pipeline {
             netns: self.local.netns,
             count: 1,
             window_summary: false,
-            forward: Some(Arc::new(Forwarded { to, by: None })),
+            forward: Some(Arc::new(Forwarded { to, by: by.clone() })),
         };
-        let listener = self
-            .forwards
-            .first_seen((flow.destination, to))
-            .then(|| Observation {
-                kind: EventKind::Listen,
-                remote: SocketAddr::new(flow.destination.ip(), 0),
-                ..inbound.clone()
+        let listener =
+            (by.is_none() && self.forwards.first_seen((flow.destination, to))).then(|| {
+                Observation {
+                    kind: EventKind::Listen,
+                    remote: SocketAddr::new(flow.destination.ip(), 0),
+                    ..inbound.clone()
+                }
             });
         Some((inbound, listener))
     }
@@ -127,11 +147,7 @@ impl Pipeline {
             .into_iter()
             .map(|((address, target), origin)| Observation {
                 kind: EventKind::Listen,
-                hook: match origin.via {
-                    "hostPort" => HookKind::ApiHostPort,
-                    "externalIPs" => HookKind::ApiExternalIp,
-                    _ => HookKind::ApiNodePort,
-                },
+                hook: origin.via.hook(),
                 at: SystemTime::now(),
                 local: address,
                 remote: SocketAddr::new(address.ip(), 0),
@@ -151,6 +167,7 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::observation::ForwardVia;
 
     fn key(i: usize) -> Key {
         let port = u16::try_from(i % 60_000).unwrap() + 1;
@@ -183,12 +200,7 @@ mod tests {
     /// The API's forwards are reported when they appear, and again when they come back.
     #[test]
     fn published_forwards_are_new_when_they_appear() {
-        let origin = ForwardOrigin {
-            via: "externalIPs",
-            kind: "Service",
-            namespace: "default".into(),
-            name: "s".into(),
-        };
+        let origin = ForwardOrigin::new(ForwardVia::ExternalIps, "default", "s");
         let mut r = ReportedForwards::default();
         let one: BTreeSet<_> = [(key(1), origin.clone())].into();
         assert_eq!(r.published_now(one.clone()).len(), 1);
@@ -198,5 +210,15 @@ mod tests {
         );
         assert!(r.published_now(BTreeSet::new()).is_empty());
         assert_eq!(r.published_now(one).len(), 1, "back: new again");
+        // A connection through it names it: on its address, or on every address.
+        let (address, target) = key(1);
+        assert_eq!(r.published_origin(address, target), Some(&origin));
+        let other = SocketAddr::new("198.51.100.9".parse().unwrap(), 8080);
+        assert_eq!(r.published_origin(address, other), None);
+        let everywhere = ("0.0.0.0:10255".parse().unwrap(), target);
+        r.published_now([(everywhere, origin.clone())].into());
+        assert_eq!(r.published_origin(address, target), Some(&origin));
+        let v6 = "[2001:db8::10]:10255".parse().unwrap();
+        assert_eq!(r.published_origin(v6, target), None, "another family");
     }
 }

@@ -403,8 +403,6 @@ impl Pipeline {
         (to_control_plane, local_peer)
     }
 
-    /// The container id a process's cgroup holds in the pod hierarchy, and its pod when
-    /// the API lists that container in the pod whose cgroup it is in.
     /// A forward of the node's port (no listener of its own): the pod it sends them to,
     /// when the target is a pod's address, is the record's pod.
     fn forward_target_pod(&self, obs: &Observation) -> Option<std::sync::Arc<PodIdentity>> {
@@ -414,6 +412,8 @@ impl Pipeline {
         self.identities.lookup(to.ip())?.pod
     }
 
+    /// The container id a process's cgroup holds in the pod hierarchy, and its pod when
+    /// the API lists that container in the pod whose cgroup it is in.
     fn container_and_pod<'c>(
         &self,
         cgroup: Option<&'c CgroupPlace>,

@@ -56,8 +56,8 @@ pub(super) struct Running {
     /// kernel's pod scope (`None` before the first time).
     scope_generation: Option<u64>,
     /// The kretprobe's pool ran out and moving inbound records to the state tracepoint
-    /// failed: said once (it is retried every second).
-    kretprobe_switch_failed: bool,
+    /// failed with this: said once per different error (it is retried every second).
+    kretprobe_switch_error: Option<String>,
     /// What only shutdown uses.
     tasks: Tasks,
 }
@@ -218,7 +218,7 @@ impl Running {
             reader_stats,
             conntrack: conntrack_watch,
             scope_generation: None,
-            kretprobe_switch_failed: false,
+            kretprobe_switch_error: None,
             tasks: Tasks {
                 stop,
                 server,
@@ -328,16 +328,19 @@ impl Running {
                     .set_attach_mechanism(self.capture.inbound().as_str());
             }
             Ok(false) => {}
-            Err(e) if !self.kretprobe_switch_failed => {
-                self.kretprobe_switch_failed = true;
-                warn!(
-                    error = %e,
-                    "the kretprobe's instance pool ran out and inbound connections cannot \
-                     move to the state tracepoint (retried every second, said once): a \
-                     connection accepted unprobed is reported from its SYN as unconfirmed"
-                );
+            Err(e) => {
+                let error = format!("{e:#}");
+                if self.kretprobe_switch_error.as_deref() != Some(error.as_str()) {
+                    warn!(
+                        error = %error,
+                        "the kretprobe's instance pool ran out and inbound connections cannot \
+                         move to the state tracepoint (retried every second, said once per \
+                         error): a connection accepted unprobed is reported from its SYN as \
+                         unconfirmed"
+                    );
+                    self.kretprobe_switch_error = Some(error);
+                }
             }
-            Err(_) => {}
         }
     }
 

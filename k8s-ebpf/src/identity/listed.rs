@@ -455,12 +455,22 @@ impl Watched for EndpointSlice {
 /// the target (headless: kube-proxy forwards nothing for it).
 fn service_forwards(svc: Service) -> Option<ServiceForwards> {
     let spec = svc.spec?;
-    let cluster_ip = spec.cluster_ip.as_deref()?.parse::<IpAddr>().ok()?;
+    let mut listed = spec.cluster_ips.unwrap_or_default();
+    if listed.is_empty() {
+        listed.extend(spec.cluster_ip);
+    }
+    // "None" (headless) parses as no address.
+    let cluster_ips: Box<[IpAddr]> = listed.iter().filter_map(|ip| ip.parse().ok()).collect();
+    if cluster_ips.is_empty() {
+        return None;
+    }
     let external_ips: Box<[IpAddr]> = spec
         .external_ips
         .unwrap_or_default()
         .iter()
-        .filter_map(|ip| ip.parse().ok())
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        // `::ffff:192.0.2.10` is the node's 192.0.2.10.
+        .map(|ip| ip.to_canonical())
         .collect();
     let ports: Box<[ServicePort]> = spec
         .ports
@@ -481,7 +491,7 @@ fn service_forwards(svc: Service) -> Option<ServiceForwards> {
     publishes.then(|| ServiceForwards {
         namespace: svc.metadata.namespace.unwrap_or_default().into_boxed_str(),
         name: svc.metadata.name.unwrap_or_default().into_boxed_str(),
-        cluster_ip,
+        cluster_ips,
         external_ips,
         ports,
     })
@@ -736,7 +746,7 @@ mod tests {
             service_forwards(s)
         };
         let ext = svc(serde_json::json!({
-            "clusterIP": "10.96.0.20", "externalIPs": ["192.0.2.10", "bogus"],
+            "clusterIP": "10.96.0.20", "externalIPs": ["::ffff:192.0.2.10", "bogus"],
             "ports": [{"port": 10250, "targetPort": 8080},
                       {"port": 53, "protocol": "UDP"}]
         }))
@@ -754,10 +764,12 @@ mod tests {
         );
         let np = svc(serde_json::json!({
             "type": "NodePort", "clusterIP": "10.96.0.21",
+            "clusterIPs": ["10.96.0.21", "fd00:10:96::21"],
             "ports": [{"port": 80, "nodePort": 10255}]
         }))
         .expect("kept for its node port");
         assert_eq!(np.ports[0].node_port, Some(10255));
+        assert_eq!(np.cluster_ips.len(), 2, "both families");
         assert!(
             svc(serde_json::json!({"clusterIP": "10.96.0.22", "ports": [{"port": 80}]})).is_none()
         );

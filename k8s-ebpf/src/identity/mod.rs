@@ -29,7 +29,7 @@
 //! shared [`Identities`] the pipeline looks peers up in),
 //! `query` (which pods to ask the API for: identity's own request types, which the
 //! policy fills from its selectors), `snapshot` (one read of nodes, pods and API servers,
-//! for `k8s-ebpf firewall`), `published` (the node's watched ports hostPorts and
+//! for `k8s-ebpf firewall`; of this node's pods and the Services, for `exposure`), `published` (the node's watched ports hostPorts and
 //! Services forward elsewhere), `api` (whether and how the API is reached), `local` (a local
 //! process's system unit or pod container, from its cgroup), and,
 //! with the `kubernetes` feature, `client`, `listed` (what is read from the API),

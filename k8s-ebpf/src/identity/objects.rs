@@ -61,8 +61,9 @@ pub struct HostPort {
 pub struct ServiceForwards {
     pub namespace: Box<str>,
     pub name: Box<str>,
-    /// `spec.clusterIP`: where the node sends them (then on to an endpoint).
-    pub cluster_ip: IpAddr,
+    /// `spec.clusterIPs` (one per family; a dual-stack Service has two): where the node
+    /// sends them, then on to an endpoint.
+    pub cluster_ips: Box<[IpAddr]>,
     pub external_ips: Box<[IpAddr]>,
     pub ports: Box<[ServicePort]>,
 }

@@ -83,6 +83,17 @@ mod read {
 
     async fn read_published(source: &ApiSource, node: &str) -> Result<PublishedSnapshot, String> {
         let client = client(source).await.map_err(|e| format!("{e:#}"))?;
+        // A name the API does not know would list no pods and look like none with hostPorts.
+        Api::<ListedNode>::all(client.clone())
+            .get_opt(node)
+            .await
+            .map_err(|e| format!("cannot read node {node} (needs `get` on nodes): {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "no node named {node} in the Kubernetes API: --hostname (default $NODE_NAME, \
+                     else the host name) must be this node's name there"
+                )
+            })?;
         let mut reducer = Reducer::new(node, Arc::new(LabelKeys::Only(Default::default())));
         let pods = Api::<ListedPod>::all(client.clone())
             .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))

@@ -101,6 +101,48 @@ pub fn forwards_of(
         .collect()
 }
 
+/// Conntrack's forwards and the API's as one list, sorted: a conntrack forward the API
+/// publishes (the same target, on its address or on every address of its family) is
+/// one entry with the connections and the `origin`; the API's others follow as they are.
+pub fn merge(conntrack: Vec<Forward>, published: Vec<Forward>) -> Vec<Forward> {
+    let covers = |api: &Forward, seen: &Forward| {
+        api.target == seen.target
+            && api.port == seen.port
+            && (api.address.ip() == seen.address.ip()
+                || (api.address.ip().is_unspecified()
+                    && api.address.is_ipv4() == seen.address.is_ipv4()))
+    };
+    let mut used = vec![false; published.len()];
+    let mut out: Vec<Forward> = conntrack
+        .into_iter()
+        .map(|seen| {
+            let Some(i) = published.iter().position(|api| covers(api, &seen)) else {
+                return seen;
+            };
+            used[i] = true;
+            let origin = published[i].origin.clone();
+            let mut f = Forward::new(
+                seen.address,
+                seen.target,
+                origin,
+                seen.rule,
+                seen.connections,
+            );
+            f.source = "conntrack";
+            f
+        })
+        .collect();
+    out.extend(
+        published
+            .into_iter()
+            .zip(used)
+            .filter(|(_, used)| !used)
+            .map(|(f, _)| f),
+    );
+    out.sort_by_key(|f| (f.port, f.address, f.target));
+    out
+}
+
 /// The forwards in this network namespace's conntrack table now, as [`forwards_of`].
 pub fn scan(
     rule_of: impl Fn(u16) -> Option<String>,
@@ -148,5 +190,46 @@ mod tests {
         assert_eq!(f.connections, 2);
         assert_eq!(f.rule, "kubelet-readonly");
         assert_eq!(f.source, "conntrack");
+    }
+
+    /// A forward seen in conntrack that the API publishes is one entry naming the object;
+    /// the API's others are listed too.
+    #[test]
+    fn conntrack_and_api_forwards_merge_into_one_list() {
+        use crate::capture::observation::{ForwardOrigin, ForwardVia};
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let seen = vec![Forward::new(
+            at("192.0.2.10:10255"),
+            at("198.51.100.2:8080"),
+            None,
+            "kubelet-readonly".into(),
+            3,
+        )];
+        let origin = ForwardOrigin::new(ForwardVia::HostPort, "web", "proxy");
+        let api = vec![
+            Forward::new(
+                at("0.0.0.0:10255"),
+                at("198.51.100.2:8080"),
+                Some(origin.clone()),
+                "kubelet-readonly".into(),
+                0,
+            ),
+            Forward::new(
+                at("0.0.0.0:10249"),
+                at("10.96.0.20:80"),
+                Some(ForwardOrigin::new(ForwardVia::NodePort, "default", "np")),
+                "kube-proxy-metrics".into(),
+                0,
+            ),
+        ];
+        let merged = merge(seen, api);
+        assert_eq!(merged.len(), 2, "{merged:#?}");
+        assert_eq!(merged[0].port, 10249);
+        let one = &merged[1];
+        assert_eq!(
+            (one.source, one.connections, one.origin.as_ref()),
+            ("conntrack", 3, Some(&origin))
+        );
+        assert_eq!(one.address, at("192.0.2.10:10255"));
     }
 }
