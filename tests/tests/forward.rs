@@ -503,6 +503,47 @@ fn lost_conntrack_events_are_counted_and_the_daemon_goes_on() {
     assert!(status.success(), "{status}");
 }
 
+/// The fake API in the node's namespace, for a daemon or `exposure` that names this node
+/// `node-a` there.
+struct ApiLab {
+    api: integration_tests::fakeapi::FakeApi,
+    dir: tempfile::TempDir,
+}
+
+impl ApiLab {
+    fn start(node: &NetNs) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let api = integration_tests::fakeapi::FakeApi::start(node, dir.path());
+        Self { api, dir }
+    }
+
+    fn kubeconfig(&self) -> String {
+        self.dir
+            .path()
+            .join("kubeconfig")
+            .to_str()
+            .expect("utf-8")
+            .to_owned()
+    }
+
+    /// `k8s-ebpf run` on the default policy, reading this API as node `node-a`.
+    fn daemon(&self, node: &NetNs) -> Daemon {
+        Daemon::start(
+            node,
+            &["--kubeconfig", &self.kubeconfig(), "--hostname", "node-a"],
+        )
+    }
+
+    /// A pod `web/NAME` at `ip` on `node_name`, its container publishing `ports`.
+    fn pod(&self, name: &str, ip: &str, node_name: &str, ports: Value) {
+        let mut p =
+            integration_tests::fakeapi::pod("web", name, ip, serde_json::json!({}), "default");
+        p["spec"]["nodeName"] = node_name.into();
+        p["spec"]["containers"][0]["ports"] = ports;
+        self.api.call("pods/apply", Some(p));
+    }
+}
+
 /// From the API, before any connection: a pod on this node publishing `hostPort: 10255`
 /// is the node's 10255 forwarded to the pod (the rule says 10255 should not be served),
 /// named with where it comes from (`kubernetes-hostport`) and the target; a hostPort on
@@ -512,56 +553,24 @@ fn a_host_port_from_the_api_is_reported_before_any_connection() {
     if !privileged("a_host_port_from_the_api_is_reported_before_any_connection") {
         return;
     }
-    use integration_tests::fakeapi::{pod, FakeApi};
     let node = NetNs::new("node");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let api = FakeApi::start(&node, dir.path());
-    let with_ports = |mut p: Value, node_name: &str, ports: Value| {
-        p["spec"]["nodeName"] = node_name.into();
-        p["spec"]["containers"][0]["ports"] = ports;
-        p
-    };
-    api.call(
-        "pods/apply",
-        Some(with_ports(
-            pod(
-                "web",
-                "readonly-proxy",
-                POD,
-                serde_json::json!({}),
-                "default",
-            ),
-            "node-a",
-            serde_json::json!([
-                {"containerPort": 8080, "hostPort": 10255, "protocol": "TCP"},
-                {"containerPort": 9000, "hostPort": 9000}
-            ]),
-        )),
+    let lab = ApiLab::start(&node);
+    lab.pod(
+        "readonly-proxy",
+        POD,
+        "node-a",
+        serde_json::json!([
+            {"containerPort": 8080, "hostPort": 10255, "protocol": "TCP"},
+            {"containerPort": 9000, "hostPort": 9000}
+        ]),
     );
-    api.call(
-        "pods/apply",
-        Some(with_ports(
-            pod(
-                "web",
-                "elsewhere",
-                "198.51.100.3",
-                serde_json::json!({}),
-                "default",
-            ),
-            "node-b",
-            serde_json::json!([{"containerPort": 8080, "hostPort": 10249}]),
-        )),
+    lab.pod(
+        "elsewhere",
+        "198.51.100.3",
+        "node-b",
+        serde_json::json!([{"containerPort": 8080, "hostPort": 10249}]),
     );
-    let kubeconfig = dir.path().join("kubeconfig");
-    let mut daemon = Daemon::start(
-        &node,
-        &[
-            "--kubeconfig",
-            kubeconfig.to_str().expect("utf-8"),
-            "--hostname",
-            "node-a",
-        ],
-    );
+    let mut daemon = lab.daemon(&node);
     let records = daemon.wait_records(
         "the hostPort reported as a forward",
         Duration::from_secs(15),
@@ -654,10 +663,9 @@ fn services_external_ips_and_node_ports_from_the_api_are_reported() {
     if !privileged("services_external_ips_and_node_ports_from_the_api_are_reported") {
         return;
     }
-    use integration_tests::fakeapi::FakeApi;
     let lab = lab();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let api = FakeApi::start(&lab.node, dir.path());
+    let api_lab = ApiLab::start(&lab.node);
+    let api = &api_lab.api;
     api.call(
         "services/apply",
         Some(service("hijack", &[NODE, "203.0.113.9"], &[(10255, None)])),
@@ -674,16 +682,7 @@ fn services_external_ips_and_node_ports_from_the_api_are_reported() {
         "services/apply",
         Some(service("elsewhere", &["203.0.113.9"], &[(10257, None)])),
     );
-    let kubeconfig = dir.path().join("kubeconfig");
-    let mut daemon = Daemon::start(
-        &lab.node,
-        &[
-            "--kubeconfig",
-            kubeconfig.to_str().expect("utf-8"),
-            "--hostname",
-            "node-a",
-        ],
-    );
+    let mut daemon = api_lab.daemon(&lab.node);
     let records = daemon.wait_records(
         "the external IP and the node port reported as forwards",
         Duration::from_secs(15),
@@ -764,37 +763,21 @@ fn a_connection_through_a_published_forward_names_it_and_it_is_reported_once() {
     if !privileged("a_connection_through_a_published_forward_names_it_and_it_is_reported_once") {
         return;
     }
-    use integration_tests::fakeapi::{pod, FakeApi};
     let lab = lab();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let api = FakeApi::start(&lab.node, dir.path());
-    let mut p = pod(
-        "web",
+    let api_lab = ApiLab::start(&lab.node);
+    api_lab.pod(
         "readonly-proxy",
         POD,
-        serde_json::json!({}),
-        "default",
+        "node-a",
+        serde_json::json!([{"containerPort": 8080, "hostPort": 10255, "hostIP": NODE}]),
     );
-    p["spec"]["nodeName"] = "node-a".into();
-    p["spec"]["containers"][0]["ports"] =
-        serde_json::json!([{"containerPort": 8080, "hostPort": 10255, "hostIP": NODE}]);
-    api.call("pods/apply", Some(p));
-    api.call(
+    api_lab.api.call(
         "services/apply",
         Some(service("kubelet-hijack", &[NODE], &[(10250, None)])),
     );
     let _listener = lab.pod.listen(&format!("{POD}:8080"));
     let _nat = portmap(&lab.node, &[(10255, &format!("{POD}:8080"))]);
-    let kubeconfig = dir.path().join("kubeconfig");
-    let mut daemon = Daemon::start(
-        &lab.node,
-        &[
-            "--kubeconfig",
-            kubeconfig.to_str().expect("utf-8"),
-            "--hostname",
-            "node-a",
-        ],
-    );
+    let mut daemon = api_lab.daemon(&lab.node);
     daemon.wait_records(
         "the hostPort and the external IP reported from the API",
         Duration::from_secs(15),
@@ -862,39 +845,23 @@ fn a_forbidden_services_watch_is_said_and_the_daemon_stays_ready() {
     if !privileged("a_forbidden_services_watch_is_said_and_the_daemon_stays_ready") {
         return;
     }
-    use integration_tests::fakeapi::{pod, FakeApi};
     let lab = lab();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let api = FakeApi::start(&lab.node, dir.path());
-    api.call(
+    let api_lab = ApiLab::start(&lab.node);
+    api_lab.api.call(
         "services/forbid",
         Some(serde_json::json!({"forbidden": true})),
     );
-    api.call(
+    api_lab.api.call(
         "services/apply",
         Some(service("hijack", &[NODE], &[(10255, None)])),
     );
-    let mut p = pod(
-        "web",
+    api_lab.pod(
         "readonly-proxy",
         POD,
-        serde_json::json!({}),
-        "default",
+        "node-a",
+        serde_json::json!([{"containerPort": 8080, "hostPort": 10255}]),
     );
-    p["spec"]["nodeName"] = "node-a".into();
-    p["spec"]["containers"][0]["ports"] =
-        serde_json::json!([{"containerPort": 8080, "hostPort": 10255}]);
-    api.call("pods/apply", Some(p));
-    let kubeconfig = dir.path().join("kubeconfig");
-    let mut daemon = Daemon::start(
-        &lab.node,
-        &[
-            "--kubeconfig",
-            kubeconfig.to_str().expect("utf-8"),
-            "--hostname",
-            "node-a",
-        ],
-    );
+    let mut daemon = api_lab.daemon(&lab.node);
     daemon.wait_records("the hostPort reported", Duration::from_secs(15), |r| {
         r.iter()
             .any(|a| a["k8s_ebpf"]["hook"] == "kubernetes-hostport")
@@ -928,34 +895,27 @@ fn exposure_reads_forwards_from_the_api() {
     if !privileged("exposure_reads_forwards_from_the_api") {
         return;
     }
-    use integration_tests::fakeapi::{pod, FakeApi};
     let lab = lab();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let api = FakeApi::start(&lab.node, dir.path());
-    let mut p = pod(
-        "web",
+    let api_lab = ApiLab::start(&lab.node);
+    api_lab.pod(
         "readonly-proxy",
         POD,
-        serde_json::json!({}),
-        "default",
+        "node-a",
+        serde_json::json!([{"containerPort": 8080, "hostPort": 10255}]),
     );
-    p["spec"]["nodeName"] = "node-a".into();
-    p["spec"]["containers"][0]["ports"] =
-        serde_json::json!([{"containerPort": 8080, "hostPort": 10255}]);
-    api.call("pods/apply", Some(p));
-    api.call(
+    api_lab.api.call(
         "services/apply",
         Some(service("hijack", &[NODE], &[(6443, None)])),
     );
-    api.call(
+    api_lab.api.call(
         "nodes/apply",
         Some(serde_json::json!({
             "metadata": {"name": "node-a"},
             "status": {"addresses": [{"type": "InternalIP", "address": NODE}]}
         })),
     );
-    let kubeconfig = dir.path().join("kubeconfig");
-    let kc = kubeconfig.to_str().expect("utf-8");
+    let kc = api_lab.kubeconfig();
+    let kc = kc.as_str();
     let exposure = |extra: &[&str]| -> Value {
         let out = run(lab
             .node
