@@ -755,9 +755,11 @@ fn services_external_ips_and_node_ports_from_the_api_are_reported() {
 /// A connection through a forward the API publishes (a hostPort, with the portmap DNAT
 /// rule it makes): the inbound alert names the pod's hostPort, and the forward is
 /// reported once, from the API — conntrack's first sight of it adds no second
-/// `exposed-listener`. An externalIPs entry on the kubelet's 10250 (`bind: any`) is a
-/// finding too: the Service takes the kubelet's port. On 554ca70 the forward was reported
-/// twice, the connection did not name the pod, and 10250 gave nothing.
+/// `exposed-listener`; the same for a Service's external IP (conntrack shows the endpoint
+/// kube-proxy chose, the API the cluster IP). An externalIPs entry on the kubelet's 10250
+/// (`bind: any`) is a finding too: the Service takes the kubelet's port. On 554ca70 the
+/// forward was reported twice, the connection did not name the pod, and 10250 gave
+/// nothing.
 #[test]
 fn a_connection_through_a_published_forward_names_it_and_it_is_reported_once() {
     if !privileged("a_connection_through_a_published_forward_names_it_and_it_is_reported_once") {
@@ -775,8 +777,20 @@ fn a_connection_through_a_published_forward_names_it_and_it_is_reported_once() {
         "services/apply",
         Some(service("kubelet-hijack", &[NODE], &[(10250, None)])),
     );
+    api_lab.api.call(
+        "services/apply",
+        Some(service("scheduler-hijack", &[NODE], &[(10259, None)])),
+    );
     let _listener = lab.pod.listen(&format!("{POD}:8080"));
-    let _nat = portmap(&lab.node, &[(10255, &format!("{POD}:8080"))]);
+    // The portmap plugin's rule for the hostPort, and one as kube-proxy's for the
+    // Service's external IP (to its endpoint, the pod).
+    let _nat = portmap(
+        &lab.node,
+        &[
+            (10255, &format!("{POD}:8080")),
+            (10259, &format!("{POD}:8080")),
+        ],
+    );
     let mut daemon = api_lab.daemon(&lab.node);
     daemon.wait_records(
         "the hostPort and the external IP reported from the API",
@@ -789,10 +803,14 @@ fn a_connection_through_a_published_forward_names_it_and_it_is_reported_once() {
         },
     );
     connect(&lab.stranger, &format!("{NODE}:10255"));
+    connect(&lab.stranger, &format!("{NODE}:10259"));
     let records = daemon.wait_records(
-        "the stranger's connection through the hostPort",
+        "the stranger's connections through the hostPort and the external IP",
         Duration::from_secs(10),
-        |r| alerts(r, 10255).any(|a| a["source"]["ip"] == STRANGER),
+        |r| {
+            alerts(r, 10255).any(|a| a["source"]["ip"] == STRANGER)
+                && alerts(r, 10259).any(|a| a["source"]["ip"] == STRANGER)
+        },
     );
     let alert = alerts(&records, 10255)
         .find(|a| a["source"]["ip"] == STRANGER)
@@ -825,14 +843,33 @@ fn a_connection_through_a_published_forward_names_it_and_it_is_reported_once() {
             .is_some_and(|m| m.contains("not the node's own listener")),
         "{hijack}"
     );
+    // Through the Service's external IP: named by the Service, sent to its endpoint.
+    let through = alerts(&records, 10259)
+        .find(|a| a["source"]["ip"] == STRANGER)
+        .unwrap();
+    assert_eq!(through["k8s_ebpf"]["hook"], "conntrack-dnat", "{through}");
+    assert_eq!(
+        through["k8s_ebpf"]["forwarded_to"],
+        format!("{POD}:8080"),
+        "{through}"
+    );
+    assert_eq!(
+        through["k8s_ebpf"]["forwarded_by"]["name"], "scheduler-hijack",
+        "{through}"
+    );
     // A second for any other forward record to show; none may.
     std::thread::sleep(Duration::from_secs(1));
     let records = daemon.records();
-    let listeners: Vec<&Value> = alerts(&records, 10255)
-        .filter(|a| a["event"]["action"] == "exposed-listener")
-        .collect();
-    assert_eq!(listeners.len(), 1, "{listeners:#?}");
-    assert_eq!(listeners[0]["k8s_ebpf"]["hook"], "kubernetes-hostport");
+    for (port, hook) in [
+        (10255, "kubernetes-hostport"),
+        (10259, "kubernetes-externalip"),
+    ] {
+        let listeners: Vec<&Value> = alerts(&records, port)
+            .filter(|a| a["event"]["action"] == "exposed-listener")
+            .collect();
+        assert_eq!(listeners.len(), 1, "{port}: {listeners:#?}");
+        assert_eq!(listeners[0]["k8s_ebpf"]["hook"], hook, "{port}");
+    }
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}\n{}", daemon.stderr());
 }

@@ -21,7 +21,7 @@ use k8s_ebpf_common::{EventKind, HookKind};
 use super::pipeline::Pipeline;
 use crate::capture::{
     conntrack::Flow,
-    observation::{ForwardOrigin, Forwarded},
+    observation::{ForwardOrigin, ForwardVia, Forwarded},
     Observation,
 };
 
@@ -60,12 +60,14 @@ impl ReportedForwards {
     }
 
     /// The object that publishes the forward a connection went through to `target` from
-    /// `address`: the same target, on that address or on every address of its family.
+    /// `address`: one on that address or on every address of its family, to the same
+    /// target — or, for a Service, to any: the API names its cluster IP, conntrack the
+    /// endpoint kube-proxy chose.
     fn published_origin(&self, address: SocketAddr, target: SocketAddr) -> Option<&ForwardOrigin> {
         self.published
             .iter()
-            .find(|((a, t), _)| {
-                *t == target
+            .find(|((a, t), origin)| {
+                (*t == target || origin.via != ForwardVia::HostPort)
                     && a.port() == address.port()
                     && (a.ip() == address.ip()
                         || (a.ip().is_unspecified() && a.is_ipv4() == address.is_ipv4()))
@@ -167,7 +169,6 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::observation::ForwardVia;
 
     fn key(i: usize) -> Key {
         let port = u16::try_from(i % 60_000).unwrap() + 1;
@@ -200,7 +201,7 @@ mod tests {
     /// The API's forwards are reported when they appear, and again when they come back.
     #[test]
     fn published_forwards_are_new_when_they_appear() {
-        let origin = ForwardOrigin::new(ForwardVia::ExternalIps, "default", "s");
+        let origin = ForwardOrigin::new(ForwardVia::HostPort, "web", "proxy");
         let mut r = ReportedForwards::default();
         let one: BTreeSet<_> = [(key(1), origin.clone())].into();
         assert_eq!(r.published_now(one.clone()).len(), 1);
@@ -220,5 +221,12 @@ mod tests {
         assert_eq!(r.published_origin(address, target), Some(&origin));
         let v6 = "[2001:db8::10]:10255".parse().unwrap();
         assert_eq!(r.published_origin(v6, target), None, "another family");
+        // A pod's hostPort to another target is not this forward; a Service's is (its
+        // endpoint, where the API names the cluster IP).
+        assert_eq!(r.published_origin(address, other), None);
+        let service = ForwardOrigin::new(ForwardVia::ExternalIps, "default", "s");
+        let cluster_ip = SocketAddr::new("10.96.0.20".parse().unwrap(), 10255);
+        r.published_now([((address, cluster_ip), service.clone())].into());
+        assert_eq!(r.published_origin(address, other), Some(&service));
     }
 }
