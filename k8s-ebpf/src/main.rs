@@ -690,7 +690,8 @@ async fn published_forwards(
         &published.pods,
         &published.services,
         |port| policy.rule(port).map(|r| r.name.clone()),
-        |ip| node.contains(&ip),
+        // Other hosts' addresses are not read here: interception is the daemon's.
+        (|ip| node.contains(&ip), |_| None),
     ))
 }
 

@@ -29,6 +29,7 @@ interface K8sEbpfFields {
     kind: 'Pod' | 'Service';
     namespace: string;
     name: string;
+    intercepts?: string;
   };
 }
 

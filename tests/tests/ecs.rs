@@ -275,6 +275,15 @@ fn every_record() -> Vec<Value> {
                                         &forwarded, action, &subject,
                                     )));
                                 }
+                                // Another host's address in externalIPs: interception.
+                                let mut by =
+                                    ForwardOrigin::new(ForwardVia::ExternalIps, "web", "mitm");
+                                by.intercepts = Some("the API server".into());
+                                forwarded.forward =
+                                    Some(std::sync::Arc::new(Forwarded { to, by: Some(by) }));
+                                out.push(json(&AlertEvent::for_observation(
+                                    &forwarded, action, &subject,
+                                )));
                             }
                         }
                         // A pod's connection to this node seen from both ends: the node's

@@ -654,8 +654,11 @@ fn forward_records(records: &[Value]) -> Vec<&Value> {
 /// `externalIPs` holds this node's address on a watched port (10255, `bind: none`) makes
 /// kube-proxy forward the node's port to the Service; a `nodePort` on a watched port
 /// (10249, loopback-only) the same on every address. Each is an `exposed-listener` naming
-/// the port, the target (the cluster IP) and the Service. Not reported: an external IP
-/// that is not this node's, a node port nobody watches. The attacker's view: a Service
+/// the port, the target (the cluster IP) and the Service. An external IP that is another
+/// node's address (cp-2's, on 6443) intercepts this node's connections to that node's API
+/// server: reported naming cp-2 (none of this was reported on 16a3fde). Not reported: an
+/// external IP of a host the cluster does not know, a node port nobody watches. The
+/// attacker's view: a Service
 /// made while the daemon runs (the watch, not the start's list) is reported too. On
 /// ccf0c01 the daemon did not read Services: none of these was reported.
 #[test]
@@ -682,16 +685,45 @@ fn services_external_ips_and_node_ports_from_the_api_are_reported() {
         "services/apply",
         Some(service("elsewhere", &["203.0.113.9"], &[(10257, None)])),
     );
+    // Another node's address: this node's connections to its API server are intercepted.
+    api.call(
+        "nodes/apply",
+        Some(serde_json::json!({
+            "metadata": {"name": "cp-2"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.50"}]}
+        })),
+    );
+    api.call(
+        "services/apply",
+        Some(service("mitm", &["192.0.2.50"], &[(6443, None)])),
+    );
     let mut daemon = api_lab.daemon(&lab.node);
     let records = daemon.wait_records(
-        "the external IP and the node port reported as forwards",
+        "the external IPs and the node port reported as forwards",
         Duration::from_secs(15),
-        |r| forward_records(r).len() >= 2,
+        |r| forward_records(r).len() >= 3,
+    );
+    let mitm = forward_records(&records)
+        .into_iter()
+        .find(|a| a["k8s_ebpf"]["forwarded_by"]["name"] == "mitm")
+        .unwrap_or_else(|| panic!("no interception: {records:#?}"));
+    assert_eq!(mitm["event"]["action"], "exposed-listener", "{mitm}");
+    assert_eq!(mitm["destination"]["ip"], "192.0.2.50", "{mitm}");
+    assert_eq!(mitm["destination"]["port"], 6443, "{mitm}");
+    assert_eq!(
+        mitm["k8s_ebpf"]["forwarded_by"]["intercepts"], "node cp-2",
+        "{mitm}"
+    );
+    assert!(
+        mitm["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("of node cp-2 (192.0.2.50) is intercepted on this node")),
+        "{mitm}"
     );
     let found = forward_records(&records);
     let ext = found
         .iter()
-        .find(|a| a["k8s_ebpf"]["hook"] == "kubernetes-externalip")
+        .find(|a| a["k8s_ebpf"]["forwarded_by"]["name"] == "hijack")
         .unwrap_or_else(|| panic!("no external IP forward: {found:#?}"));
     assert_eq!(ext["event"]["action"], "exposed-listener", "{ext}");
     assert_eq!(ext["destination"]["ip"], NODE, "{ext}");
@@ -743,10 +775,10 @@ fn services_external_ips_and_node_ports_from_the_api_are_reported() {
     std::thread::sleep(Duration::from_secs(2));
     let records = daemon.records();
     let found = forward_records(&records);
-    assert_eq!(found.len(), 3, "{found:#?}");
+    assert_eq!(found.len(), 4, "{found:#?}");
     assert_eq!(
         daemon.metric("k8s_ebpf_kubernetes_objects{resource=\"services\"}"),
-        4.0
+        5.0
     );
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}\n{}", daemon.stderr());

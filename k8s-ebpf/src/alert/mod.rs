@@ -334,6 +334,12 @@ fn message(obs: &Observation, action: Action, subject: &Subject<'_>) -> String {
             format!("{} connected to {what} on {}", who(), obs.remote.ip())
         }
         Action::ExposedListener => match (obs.forwarded_to(), obs.forwarded_by()) {
+            (Some(to), Some(by)) if by.intercepts.is_some() => format!(
+                "{what} of {} ({}) is intercepted on this node by {}: kube-proxy here sends connections to it to {to} instead",
+                by.intercepts.as_deref().unwrap_or_default(),
+                obs.local.ip(),
+                by.describe()
+            ),
             (Some(to), Some(by)) => format!(
                 "{what} on {} is forwarded (DNAT) to {to} by {}: whoever reaches the node's address there reaches {to}, not the node's own listener",
                 obs.local.ip(),

@@ -96,6 +96,11 @@ pub struct ForwardOrigin {
     pub kind: &'static str,
     pub namespace: String,
     pub name: String,
+    /// An `externalIPs` entry that is another cluster host's address (`the API server`,
+    /// `node NAME`): this node's connections to that host's port go to the Service
+    /// instead (CVE-2020-8554's interception).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intercepts: Option<String>,
 }
 
 /// Which field of a Kubernetes object publishes a node's port elsewhere.
@@ -142,6 +147,7 @@ impl ForwardOrigin {
             },
             namespace: namespace.to_owned(),
             name: name.to_owned(),
+            intercepts: None,
         }
     }
 

@@ -137,7 +137,17 @@ impl Pipeline {
             &pods,
             &services,
             |port| policy.rule(port).map(|r| r.name.clone()),
-            |ip| self.local.is_own(ip),
+            (
+                |ip| self.local.is_own(ip),
+                |ip| {
+                    let peer = self.identities.lookup(ip)?;
+                    match (peer.apiserver, &peer.node) {
+                        (true, _) => Some("the API server".to_owned()),
+                        (false, Some(node)) => Some(format!("node {}", node.name)),
+                        (false, None) => None,
+                    }
+                },
+            ),
         );
         let now = found
             .into_iter()

@@ -8,6 +8,12 @@
 //! per family (to its address of that family; a `hostIP` names one family), a dual-stack
 //! Service's node port one per cluster IP, and an external IP goes to the cluster IP of
 //! its family (kube-proxy ignores one of a family the Service does not have).
+//!
+//! An `externalIPs` entry that is another cluster host's address — the API server's,
+//! another node's — exposes no port of this node, but kube-proxy here sends this node's
+//! and its pods' connections to that host's port to the Service instead; the eBPF hooks
+//! see the original destination, so they look normal. Reported as a forward of that
+//! address with `intercepts` naming the host.
 
 use std::{
     collections::BTreeSet,
@@ -23,13 +29,14 @@ use crate::{
 
 /// The forwards of watched ports (`rule_of`: the rule judging a port, `None` when it is
 /// not watched) that `pods` (this node's, with hostPorts) and `services` publish on this
-/// node (`is_node`: an address of this node), each (address, target, object) once,
+/// node (`is_node`: an address of this node; `cluster_host`: what another host's address
+/// is — `the API server`, `node NAME` — or `None`), each (address, target, object) once,
 /// sorted.
 pub fn published_forwards(
     pods: &[Arc<PodIdentity>],
     services: &[Arc<ServiceForwards>],
     rule_of: impl Fn(u16) -> Option<String>,
-    is_node: impl Fn(IpAddr) -> bool,
+    (is_node, cluster_host): (impl Fn(IpAddr) -> bool, impl Fn(IpAddr) -> Option<String>),
 ) -> Vec<Forward> {
     // Only watched ports are collected: the many NodePorts in 30000-32767 cost nothing.
     let watched = |port: u16| rule_of(port).is_some();
@@ -50,7 +57,7 @@ pub fn published_forwards(
         }
     }
     for svc in services {
-        service_forwards(svc, &watched, &is_node, &mut found);
+        service_forwards(svc, &watched, (&is_node, &cluster_host), &mut found);
     }
     found
         .into_iter()
@@ -65,7 +72,7 @@ pub fn published_forwards(
 fn service_forwards(
     svc: &ServiceForwards,
     watched: &impl Fn(u16) -> bool,
-    is_node: &impl Fn(IpAddr) -> bool,
+    (is_node, cluster_host): (&impl Fn(IpAddr) -> bool, &impl Fn(IpAddr) -> Option<String>),
     found: &mut BTreeSet<(SocketAddr, SocketAddr, ForwardOrigin)>,
 ) {
     for p in svc.ports.iter() {
@@ -83,12 +90,17 @@ fn service_forwards(
                 continue;
             }
             let external = svc.external_ips.iter().copied();
-            for ip in external.filter(|ip| ip.is_ipv4() == cluster_ip.is_ipv4() && is_node(*ip)) {
-                found.insert((
-                    SocketAddr::new(ip, p.port),
-                    target,
-                    ForwardOrigin::new(ForwardVia::ExternalIps, &svc.namespace, &svc.name),
-                ));
+            for ip in external.filter(|ip| ip.is_ipv4() == cluster_ip.is_ipv4()) {
+                let mut origin =
+                    ForwardOrigin::new(ForwardVia::ExternalIps, &svc.namespace, &svc.name);
+                if !is_node(ip) {
+                    // Another host's address: intercepted here, or nothing we know of.
+                    let Some(host) = cluster_host(ip) else {
+                        continue;
+                    };
+                    origin.intercepts = Some(host);
+                }
+                found.insert((SocketAddr::new(ip, p.port), target, origin));
             }
         }
     }
@@ -113,6 +125,10 @@ mod tests {
             10255 => Some("kubelet-readonly".to_owned()),
             _ => None,
         }
+    }
+
+    fn no_host(_: IpAddr) -> Option<String> {
+        None
     }
 
     fn node(ip: IpAddr) -> bool {
@@ -189,7 +205,7 @@ mod tests {
                 &[(80, Some(10255)), (81, Some(30001))],
             ),
         ];
-        let found = published_forwards(&pods, &services, rule_of, node);
+        let found = published_forwards(&pods, &services, rule_of, (node, no_host));
         assert_eq!(
             seen(&found),
             [
@@ -235,7 +251,7 @@ mod tests {
             &["2001:db8::10"],
             &[(10250, Some(10255))],
         )];
-        let found = published_forwards(&pods, &services, rule_of, node);
+        let found = published_forwards(&pods, &services, rule_of, (node, no_host));
         assert_eq!(
             seen(&found),
             [
@@ -266,6 +282,27 @@ mod tests {
                     "externalIPs"
                 ),
             ]
+        );
+    }
+
+    /// An external IP that is the API server's address intercepts this node's connections
+    /// to it: reported, naming the host; an unknown address is not.
+    #[test]
+    fn an_external_ip_of_the_api_server_intercepts() {
+        let services = [svc(
+            "mitm",
+            &["10.96.0.20"],
+            &["192.0.2.1", "203.0.113.9"],
+            &[(10250, None)],
+        )];
+        let host =
+            |ip: IpAddr| (ip.to_string() == "192.0.2.1").then(|| "the API server".to_owned());
+        let found = published_forwards(&[], &services, rule_of, (node, host));
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].address, "192.0.2.1:10250".parse().unwrap());
+        assert_eq!(
+            found[0].origin.as_ref().unwrap().intercepts.as_deref(),
+            Some("the API server")
         );
     }
 }
