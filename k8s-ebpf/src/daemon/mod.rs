@@ -14,9 +14,10 @@
 //!
 //! The files, in the order a record meets them: this one (configuration, the privileged
 //! start, the event loop), [`running`] (start-up, one step per kind of event, shutdown),
-//! [`pipeline`] (an observation to alert records), [`host`] (what the node says about its
-//! addresses and a local process), [`listeners`] (the listener inventory), [`reload`]
-//! (policy changes), [`losses`] (the kernel's loss counters).
+//! [`pipeline`] (an observation to alert records), [`forwards`] (forwards of the node's
+//! watched ports, from conntrack and the API, as records), [`host`] (what the node says
+//! about its addresses and a local process), [`listeners`] (the listener inventory),
+//! [`reload`] (policy changes), [`losses`] (the kernel's loss counters).
 
 mod forwards;
 mod host;
