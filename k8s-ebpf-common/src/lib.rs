@@ -265,15 +265,15 @@ pub struct ListenKey {
     pub addr: [u8; 16],
 }
 
-/// Value of the listener table. `opened - closed` is the number of sockets listening on
-/// the key (kept with atomic adds). The kernel reports only the changes between none and
+/// Value of the listener table. `sockets` is the number of sockets listening on the key,
+/// kept with atomic adds in one field (never below zero: a close the table cannot match
+/// with a listen it counted is undone). The kernel reports only the changes between none and
 /// some, at most one record per key and fold interval; userspace reconciles the final
 /// state of a key whose last change was folded (`changed_ns > emitted_ns`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ListenState {
-    pub opened: u64,
-    pub closed: u64,
+    pub sockets: i64,
     /// When the last none ↔ some change happened (reported or folded).
     pub changed_ns: u64,
     /// When the last record for this key was written.
@@ -282,7 +282,7 @@ pub struct ListenState {
 
 impl ListenState {
     pub const fn listening(&self) -> bool {
-        self.opened > self.closed
+        self.sockets > 0
     }
 }
 

@@ -112,8 +112,7 @@ mod programs {
 
     /// A listener-table entry before its first event.
     static NO_LISTENER: ListenState = ListenState {
-        opened: 0,
-        closed: 0,
+        sockets: 0,
         changed_ns: 0,
         emitted_ns: 0,
     };
@@ -242,28 +241,40 @@ mod programs {
             None => {
                 // From read-only global data, not the stack: [`observe`]'s frame has to fit
                 // the verifier's 512-byte limit with the `tp_btf` program's on 5.10 and 6.1.
-                if LISTENERS.insert(&key, &NO_LISTENER, 0).is_err() {
-                    count(counter::DEDUP_UPDATE_ERRORS);
-                    return true;
-                }
+                // Only if still absent: another CPU's first event on the key may have
+                // inserted it a moment ago, and replacing that entry would lose its count.
+                let inserted = LISTENERS.insert(&key, &NO_LISTENER, u64::from(BPF_NOEXIST));
                 match LISTENERS.get_ptr_mut(&key) {
                     Some(slot) => slot,
-                    None => return true,
+                    None => {
+                        if inserted.is_err() {
+                            count(counter::DEDUP_UPDATE_ERRORS);
+                        }
+                        return true;
+                    }
                 }
             }
         };
         let state = unsafe { &mut *slot };
+        // One counter, changed only by atomic adds and read once after this event's own
+        // add: every value it takes is the number of sockets counted so far, never below
+        // zero while each close follows its own listen. Two counters read one after the
+        // other could be caught between another CPU's listen and close, and a correction
+        // written back over a concurrent add would leave a closed port listening forever.
         if ev.kind == EventKind::Listen {
-            add_atomic(&mut state.opened);
-            if state.opened.wrapping_sub(state.closed) != 1 {
+            add_signed(&mut state.sockets, 1);
+            if read_count(&state.sockets) != 1 {
                 return false;
             }
         } else {
-            add_atomic(&mut state.closed);
-            if state.closed > state.opened {
-                // A listener from before the table knew the key (or an evicted key).
-                state.closed = state.opened;
-            } else if state.opened != state.closed {
+            add_signed(&mut state.sockets, -1);
+            let left = read_count(&state.sockets);
+            if left < 0 {
+                // A listener the table never counted (open before the daemon seeded the
+                // key, or an evicted key): undo this close's own decrement, so the count
+                // stays what the table knows, and report the port closed.
+                add_signed(&mut state.sockets, 1);
+            } else if left != 0 {
                 return false;
             }
         }
@@ -327,6 +338,20 @@ mod programs {
     fn add_atomic(count: &mut u64) {
         // SAFETY: `count` is a valid, aligned u64 in map memory for this program run.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1) };
+    }
+
+    /// A listener count moved by `delta` while other CPUs may move it too.
+    #[inline(always)]
+    fn add_signed(count: &mut i64, delta: i64) {
+        // SAFETY: `count` is a valid, aligned i64 in map memory for this program run.
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(count, delta) };
+    }
+
+    /// One load of a counter other CPUs add to (not merged with or split from other loads).
+    #[inline(always)]
+    fn read_count(count: &i64) -> i64 {
+        // SAFETY: `count` is a valid, aligned i64 in map memory for this program run.
+        unsafe { core::ptr::read_volatile(count) }
     }
 
     /// The dedup key of an event: everything its verdict depends on.

@@ -23,6 +23,15 @@ const ATTACKERS: [&str; 3] = ["192.0.2.66", "192.0.2.67", "192.0.2.68"];
 /// Processes that churn listeners until dropped (or their own time limit).
 struct Churners(Vec<Child>);
 
+impl Churners {
+    /// Whether every churner has exited (each stops on its own time limit).
+    fn finished(&mut self) -> bool {
+        self.0
+            .iter_mut()
+            .all(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+}
+
 impl Drop for Churners {
     fn drop(&mut self) {
         for c in &mut self.0 {
@@ -201,6 +210,62 @@ fn listener_churn_on_the_node_is_folded_and_the_inventory_stays_exact() {
         "the closed listener gone from the inventory",
         Duration::from_secs(5),
         || daemon.metric(gauge) == 0.0,
+    );
+    let (status, _) = daemon.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// Technique: unprivileged processes open and close a listener on the node's kubelet
+/// read-only port as fast as they can, on both CPUs at once, and then stop. On 4a773d3
+/// the kernel's listener table kept two counters (opened, closed), read one after the
+/// other and corrected by a plain write: a close caught between another CPU's listen and
+/// close could lose a count, and the port then read as listening for good (seen in CI:
+/// the churn test's gauge never went back to 0) — a closed port the monitor takes for
+/// open, where a stranger's SYN is no refused attempt. Now one counter moved only by
+/// atomic adds: after every round the port reads closed, and a SYN to it is refused.
+#[test]
+fn a_churned_port_reads_closed_once_the_churn_stops() {
+    if !privileged("a_churned_port_reads_closed_once_the_churn_stops") {
+        return;
+    }
+    let node = NetNs::new("node");
+    let attacker = NetNs::new("attack");
+    link(
+        &node,
+        &[&format!("{NODE}/24")],
+        &attacker,
+        &[&format!("{}/24", ATTACKERS[0])],
+    );
+    let mut daemon = Daemon::start(&node, &[]);
+    let gauge = "k8s_ebpf_listeners{component=\"kubelet\",port=\"10255\",scope=\"any\"}";
+    for round in 1..=3 {
+        let folded_before = daemon.kernel_events("deduplicated");
+        let mut churners = churn(&node, "0.0.0.0:10255", 4, 3, false);
+        wait_for("the churners to finish", Duration::from_secs(20), || {
+            churners.finished()
+        });
+        let folded = daemon.kernel_events("deduplicated") - folded_before;
+        eprintln!("round {round}: {folded} listener events folded");
+        assert!(
+            folded > 1_000.0,
+            "round {round}: the churn was too slow to mean anything"
+        );
+        wait_for(
+            &format!("round {round}: the churned port closed in the inventory"),
+            Duration::from_secs(5),
+            || daemon.metric(gauge) == 0.0,
+        );
+    }
+    // Past the recent-close interval, where the kernel's table is asked as well.
+    std::thread::sleep(Duration::from_millis(3_500));
+    assert!(
+        attacker.connect(&format!("{NODE}:10255")).is_err(),
+        "nothing listens on 10255"
+    );
+    daemon.wait_records(
+        "the stranger's refused attempt",
+        Duration::from_secs(10),
+        |r| alert_from(r, "refused-attempt", ATTACKERS[0], 10255),
     );
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");

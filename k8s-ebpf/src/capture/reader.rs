@@ -118,7 +118,7 @@ impl Reader {
         for (address, count) in sockets {
             let key = listen_key(netns, address);
             let state = ListenState {
-                opened: count,
+                sockets: i64::try_from(count).unwrap_or(i64::MAX),
                 ..ListenState::default()
             };
             // Only where the kernel has not seen the key yet: its own counts are exact.
